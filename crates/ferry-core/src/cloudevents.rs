@@ -1,0 +1,367 @@
+//! CloudEvents 1.0 mapping of a [`Message`] (DESIGN.md §3).
+//!
+//! Binary content mode: the attributes travel as protocol headers with a binding-specific
+//! prefix (`ce-` for NATS and HTTP, `ce_` for Kafka, `cloudEvents:` for AMQP) and the payload
+//! is the body, untouched. Structured mode (files, stdout) is one JSON object per line.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::message::{CONTENT_TYPE_HEADER, Headers, Message, default_partition_key};
+
+pub const SPEC_VERSION: &str = "1.0";
+
+/// Extension attribute names ferry adds to every event.
+pub mod ext {
+    pub const AGGREGATE_TYPE: &str = "aggregatetype";
+    pub const AGGREGATE_VERSION: &str = "aggregateversion";
+    pub const PARTITION_KEY: &str = "partitionkey";
+    pub const SEQUENCE: &str = "sequence";
+}
+
+/// How the CloudEvents `source` attribute is made.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Source {
+    /// `ferry://<aggregate_type>`.
+    #[default]
+    PerAggregateType,
+    /// The same configured URI for every event.
+    Fixed(String),
+}
+
+impl Source {
+    pub fn for_message<'a>(&'a self, message: &Message) -> Cow<'a, str> {
+        match self {
+            Self::PerAggregateType => Cow::Owned(format!("ferry://{}", message.aggregate_type)),
+            Self::Fixed(uri) => Cow::Borrowed(uri),
+        }
+    }
+}
+
+/// RFC 3339 with microseconds, the `time` attribute's form.
+pub fn format_time(time: &DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// The context attributes of `message` in binary mode, without prefix, in a fixed order.
+/// `datacontenttype` is not among them: bindings carry it as their own content-type header.
+pub fn binary_attributes<'a>(
+    message: &'a Message,
+    source: &'a Source,
+) -> [(&'static str, Cow<'a, str>); 10] {
+    [
+        ("specversion", Cow::Borrowed(SPEC_VERSION)),
+        ("id", Cow::Owned(message.id.to_string())),
+        ("source", source.for_message(message)),
+        ("type", Cow::Borrowed(&message.event_type)),
+        ("subject", Cow::Borrowed(&message.aggregate_id)),
+        ("time", Cow::Owned(format_time(&message.created_at))),
+        (ext::AGGREGATE_TYPE, Cow::Borrowed(&message.aggregate_type)),
+        (
+            ext::AGGREGATE_VERSION,
+            Cow::Owned(message.version.to_string()),
+        ),
+        (ext::PARTITION_KEY, Cow::Borrowed(&message.partition_key)),
+        (ext::SEQUENCE, Cow::Owned(message.sequence.to_string())),
+    ]
+}
+
+/// The user headers to send beside the CloudEvents attributes (all but `content-type`).
+pub fn user_headers(message: &Message) -> impl Iterator<Item = (&str, &str)> {
+    message
+        .headers
+        .iter()
+        .filter(|(name, _)| !name.eq_ignore_ascii_case(CONTENT_TYPE_HEADER))
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+}
+
+#[derive(Serialize)]
+struct Structured<'a> {
+    specversion: &'static str,
+    id: Uuid,
+    source: Cow<'a, str>,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    subject: &'a str,
+    time: String,
+    datacontenttype: &'a str,
+    aggregatetype: &'a str,
+    aggregateversion: u64,
+    partitionkey: &'a str,
+    sequence: i64,
+    #[serde(skip_serializing_if = "Headers::is_empty")]
+    headers: Headers,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+/// One structured-mode JSON object, without a trailing newline. A JSON payload is embedded
+/// as `data` (validated, not re-serialised); anything else goes in `data_base64`.
+pub fn to_structured_json(message: &Message, source: &Source) -> String {
+    let content_type = message.content_type();
+    let json_data = is_json(content_type)
+        .then(|| std::str::from_utf8(&message.payload).ok())
+        .flatten()
+        .and_then(|text| serde_json::from_str::<&RawValue>(text).ok());
+    let data_base64 = json_data
+        .is_none()
+        .then(|| base64::engine::general_purpose::STANDARD.encode(&message.payload));
+    let event = Structured {
+        specversion: SPEC_VERSION,
+        id: message.id,
+        source: source.for_message(message),
+        event_type: &message.event_type,
+        subject: &message.aggregate_id,
+        time: format_time(&message.created_at),
+        datacontenttype: content_type,
+        aggregatetype: &message.aggregate_type,
+        aggregateversion: message.version,
+        partitionkey: &message.partition_key,
+        sequence: message.sequence,
+        headers: user_headers(message)
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect(),
+        data: json_data,
+        data_base64,
+    };
+    serde_json::to_string(&event).expect("a structured event always serialises")
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
+}
+
+/// A message as a consumer received it from any sink, rebuilt from CloudEvents attributes:
+/// what the inbox needs to apply it exactly once and in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    pub id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub version: u64,
+    pub event_type: String,
+    pub partition_key: String,
+    pub payload: Bytes,
+    /// Headers that are not CloudEvents attributes (trace context, user headers).
+    pub headers: Headers,
+    pub time: Option<DateTime<Utc>>,
+}
+
+/// Why a received event could not be turned into a [`ReceivedMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("the CloudEvents attribute {0:?} is missing")]
+    Missing(&'static str),
+    #[error("the CloudEvents attribute {name:?} has an invalid value {value:?}")]
+    Invalid { name: &'static str, value: String },
+    #[error("the structured event is not valid JSON: {0}")]
+    Json(String),
+}
+
+const BINARY_PREFIXES: [&str; 4] = ["ce-", "ce_", "cloudEvents:", "cloudEvents_"];
+
+impl ReceivedMessage {
+    /// Rebuilds a message from binary-mode headers of any binding (`ce-id`, `ce_id`,
+    /// `cloudEvents:id`, case-insensitive) and the body.
+    pub fn from_binary<'h>(
+        headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+        payload: Bytes,
+    ) -> Result<Self, DecodeError> {
+        let mut attributes = Headers::new();
+        let mut others = Headers::new();
+        for (name, value) in headers {
+            let attribute = BINARY_PREFIXES.iter().find_map(|prefix| {
+                name.get(..prefix.len())
+                    .filter(|head| head.eq_ignore_ascii_case(prefix))
+                    .map(|_| &name[prefix.len()..])
+            });
+            match attribute {
+                Some(attr) => attributes.insert(attr.to_ascii_lowercase(), value.to_owned()),
+                None => others.insert(name.to_ascii_lowercase(), value.to_owned()),
+            };
+        }
+        Self::from_attributes(attributes, others, payload)
+    }
+
+    /// Rebuilds a message from one structured-mode JSON object (a line of the file sink).
+    pub fn from_structured_json(line: &str) -> Result<Self, DecodeError> {
+        let mut object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(line).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let payload = match (object.remove("data"), object.remove("data_base64")) {
+            (Some(data), _) => Bytes::from(data.to_string()),
+            (None, Some(serde_json::Value::String(encoded))) => {
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.as_bytes())
+                    .map(Bytes::from)
+                    .map_err(|_| DecodeError::Invalid {
+                        name: "data_base64",
+                        value: encoded,
+                    })?
+            }
+            _ => Bytes::new(),
+        };
+        let headers = match object.remove("headers") {
+            Some(value) => {
+                serde_json::from_value(value).map_err(|e| DecodeError::Json(e.to_string()))?
+            }
+            None => Headers::new(),
+        };
+        let attributes = object
+            .into_iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, text)
+            })
+            .collect();
+        Self::from_attributes(attributes, headers, payload)
+    }
+
+    fn from_attributes(
+        mut attributes: Headers,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<Self, DecodeError> {
+        let mut take = |name: &'static str| attributes.remove(name).ok_or(DecodeError::Missing(name));
+        let id_text = take("id")?;
+        let id = Uuid::parse_str(&id_text).map_err(|_| DecodeError::Invalid {
+            name: "id",
+            value: id_text,
+        })?;
+        let event_type = take("type")?;
+        let aggregate_id = take("subject")?;
+        let aggregate_type = take(ext::AGGREGATE_TYPE)?;
+        let version_text = take(ext::AGGREGATE_VERSION)?;
+        let version = version_text.parse().map_err(|_| DecodeError::Invalid {
+            name: ext::AGGREGATE_VERSION,
+            value: version_text,
+        })?;
+        let partition_key = take(ext::PARTITION_KEY)
+            .unwrap_or_else(|_| default_partition_key(&aggregate_type, &aggregate_id));
+        let time = take("time")
+            .ok()
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        Ok(Self {
+            id,
+            aggregate_type,
+            aggregate_id,
+            version,
+            event_type,
+            partition_key,
+            payload,
+            headers,
+            time,
+        })
+    }
+}
+
+impl From<Message> for ReceivedMessage {
+    fn from(m: Message) -> Self {
+        Self {
+            id: m.id,
+            aggregate_type: m.aggregate_type,
+            aggregate_id: m.aggregate_id,
+            version: m.version,
+            event_type: m.event_type,
+            partition_key: m.partition_key,
+            payload: m.payload,
+            headers: m.headers,
+            time: Some(m.created_at),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(payload: &'static [u8], content_type: Option<&str>) -> Message {
+        let mut headers = Headers::new();
+        headers.insert("traceparent".into(), "00-abc-def-01".into());
+        if let Some(ct) = content_type {
+            headers.insert(CONTENT_TYPE_HEADER.into(), ct.into());
+        }
+        Message {
+            id: Uuid::now_v7(),
+            aggregate_type: "order".into(),
+            aggregate_id: "42".into(),
+            version: 3,
+            event_type: "order.paid".into(),
+            payload: Bytes::from_static(payload),
+            headers,
+            partition_key: "order/42".into(),
+            partition: 5,
+            created_at: Utc::now(),
+            sequence: 77,
+        }
+    }
+
+    #[test]
+    fn binary_round_trip_through_any_prefix() {
+        let m = sample(br#"{"total":10}"#, None);
+        let source = Source::default();
+        for prefix in BINARY_PREFIXES {
+            let headers: Vec<(String, String)> = binary_attributes(&m, &source)
+                .into_iter()
+                .map(|(n, v)| (format!("{prefix}{n}"), v.into_owned()))
+                .chain(user_headers(&m).map(|(n, v)| (n.to_owned(), v.to_owned())))
+                .collect();
+            let received = ReceivedMessage::from_binary(
+                headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+                m.payload.clone(),
+            )
+            .expect("decodes");
+            assert_eq!(received.id, m.id);
+            assert_eq!(received.version, 3);
+            assert_eq!(received.aggregate_type, "order");
+            assert_eq!(received.aggregate_id, "42");
+            assert_eq!(received.partition_key, "order/42");
+            assert_eq!(received.headers.get("traceparent").map(String::as_str), Some("00-abc-def-01"));
+        }
+    }
+
+    #[test]
+    fn structured_embeds_json_and_encodes_the_rest() {
+        let source = Source::Fixed("urn:shop".into());
+        let json = to_structured_json(&sample(br#"{"total":10}"#, None), &source);
+        assert!(json.contains(r#""data":{"total":10}"#), "{json}");
+        assert!(json.contains(r#""source":"urn:shop""#));
+        let received = ReceivedMessage::from_structured_json(&json).expect("decodes");
+        assert_eq!(&received.payload[..], br#"{"total":10}"#);
+
+        let binary = sample(&[0, 159, 146, 150], Some("application/octet-stream"));
+        let json = to_structured_json(&binary, &source);
+        assert!(json.contains("data_base64"), "{json}");
+        let received = ReceivedMessage::from_structured_json(&json).expect("decodes");
+        assert_eq!(received.payload, binary.payload);
+        assert_eq!(received.version, 3);
+
+        let broken = sample(b"{not json", None);
+        assert!(to_structured_json(&broken, &source).contains("data_base64"));
+    }
+
+    #[test]
+    fn missing_attributes_are_named() {
+        let err = ReceivedMessage::from_binary([("ce-type", "x")], Bytes::new()).unwrap_err();
+        assert_eq!(err, DecodeError::Missing("id"));
+        let err = ReceivedMessage::from_binary(
+            [("ce-id", "nope"), ("ce-type", "x")],
+            Bytes::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, DecodeError::Invalid { name: "id", .. }));
+    }
+}

@@ -1,0 +1,90 @@
+//! The consumer inbox: apply each message exactly once and never a stale version (G4).
+
+use crate::cloudevents::ReceivedMessage;
+use crate::store::StoreError;
+
+/// The inbox's verdict on a received message, recorded in the consumer's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// New id with a version above the last applied one: run the handler.
+    Apply {
+        /// The aggregate's last applied version before this one (0 if none). A value other
+        /// than `version - 1` means versions were skipped (they can no longer be applied).
+        previous_version: u64,
+    },
+    /// This id was processed before.
+    Duplicate,
+    /// A new id whose version is at or below the last applied one for its aggregate.
+    Stale { last_applied_version: u64 },
+}
+
+/// What [`process`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Processed<T> {
+    /// The handler ran and returned this.
+    Applied { output: T, previous_version: u64 },
+    /// Skipped: the id was seen before.
+    Duplicate,
+    /// Skipped: the aggregate is already at a newer or equal version.
+    Stale { last_applied_version: u64 },
+}
+
+impl<T> Processed<T> {
+    pub fn is_applied(&self) -> bool {
+        matches!(self, Self::Applied { .. })
+    }
+}
+
+/// A failure of [`process`]; either way the caller must roll back.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError<E> {
+    #[error("inbox: {0}")]
+    Store(#[from] StoreError),
+    #[error("handler failed")]
+    Handler(#[source] E),
+}
+
+/// The consumer-side record of processed ids and applied versions, kept in the consumer's
+/// own transaction `Tx` so that the record and the handler's effects commit together.
+pub trait Inbox<Tx: Send>: Sync {
+    /// Records `message` in `tx` and says whether to apply it. Inserting the id and
+    /// advancing the aggregate's version happen in `tx`: if the caller rolls back, the
+    /// message counts as never seen.
+    fn admit(
+        &self,
+        tx: &mut Tx,
+        message: &ReceivedMessage,
+    ) -> impl Future<Output = Result<Admission, StoreError>> + Send;
+}
+
+/// Admits `message` through `inbox` and, if it is new and current, runs `handler` in the
+/// same transaction. The caller commits `tx` on `Ok` and rolls back on `Err`.
+///
+/// A free function rather than a trait method so that the returned future is `Send`
+/// whenever the handler's is (stable Rust cannot yet bound an async closure's future).
+pub async fn process<Tx, I, T, E>(
+    inbox: &I,
+    tx: &mut Tx,
+    message: &ReceivedMessage,
+    handler: impl AsyncFnOnce(&mut Tx, &ReceivedMessage) -> Result<T, E>,
+) -> Result<Processed<T>, ProcessError<E>>
+where
+    Tx: Send,
+    I: Inbox<Tx>,
+{
+    match inbox.admit(tx, message).await? {
+        Admission::Apply { previous_version } => {
+            let output = handler(tx, message).await.map_err(ProcessError::Handler)?;
+            Ok(Processed::Applied {
+                output,
+                previous_version,
+            })
+        }
+        Admission::Duplicate => Ok(Processed::Duplicate),
+        Admission::Stale {
+            last_applied_version,
+        } => Ok(Processed::Stale {
+            last_applied_version,
+        }),
+    }
+}

@@ -1,0 +1,24 @@
+//! ferry's core: the message model, the contracts every store, lease backend, sink and
+//! inbox implements, and the relay loop that drives them.
+//!
+//! Architecture invariant: this crate has no database or broker driver and does no I/O of
+//! its own; drivers live in the `ferry` crate behind cargo features.
+
+pub mod backoff;
+pub mod cloudevents;
+pub mod inbox;
+pub mod lease;
+pub mod message;
+pub mod partition;
+pub mod relay;
+pub mod sink;
+pub mod store;
+
+pub use cloudevents::{ReceivedMessage, Source};
+pub use inbox::{Admission, Inbox, ProcessError, Processed};
+pub use lease::{Lease, LeaseStore, Takeover};
+pub use message::{Enqueued, Headers, InvalidMessage, Message, NewMessage};
+pub use partition::partition_for;
+pub use relay::{Relay, RelayConfig, RelayError, RelayStats};
+pub use sink::{Delivery, ReconcileRequest, Sink, SinkError};
+pub use store::{OutboxStore, PartitionStatus, StoreError, Wakers};

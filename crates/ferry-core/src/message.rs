@@ -1,0 +1,221 @@
+//! The message as it lives in the outbox and travels to the broker (DESIGN.md §3).
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// Headers carried with a message: trace context (`traceparent`), `content-type`, user headers.
+pub type Headers = BTreeMap<String, String>;
+
+/// The header whose value becomes the CloudEvents `datacontenttype`.
+pub const CONTENT_TYPE_HEADER: &str = "content-type";
+
+/// Content type assumed when a message carries no `content-type` header.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
+
+/// A message stored in the outbox, with every field the store assigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// UUID v7 made by the producer: the dedup key everywhere.
+    pub id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// Per-aggregate counter: 1, 2, 3, … in commit order.
+    pub version: u64,
+    pub event_type: String,
+    /// Opaque bytes, passed through untouched.
+    pub payload: Bytes,
+    pub headers: Headers,
+    /// What order is kept by; defaults to `aggregate_type/aggregate_id`.
+    pub partition_key: String,
+    /// `partition_for(partition_key, P)`.
+    pub partition: u32,
+    /// Set by the store's clock.
+    pub created_at: DateTime<Utc>,
+    /// Store-assigned position inside the outbox; the order key within a partition.
+    pub sequence: i64,
+}
+
+impl Message {
+    /// The payload's media type: the `content-type` header, else JSON.
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get(CONTENT_TYPE_HEADER)
+            .map_or(DEFAULT_CONTENT_TYPE, String::as_str)
+    }
+}
+
+/// What an application hands to `enqueue`: the store fills in the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: Bytes,
+    pub headers: Headers,
+    /// Overrides the default partition key `aggregate_type/aggregate_id`.
+    pub partition_key: Option<String>,
+    /// Overrides the generated UUID v7 (for replays that keep original ids).
+    pub id: Option<Uuid>,
+}
+
+impl NewMessage {
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload: payload.into(),
+            headers: Headers::new(),
+            partition_key: None,
+            id: None,
+        }
+    }
+
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
+    /// The partition key this message is ordered by.
+    pub fn partition_key(&self) -> String {
+        self.partition_key
+            .clone()
+            .unwrap_or_else(|| default_partition_key(&self.aggregate_type, &self.aggregate_id))
+    }
+
+    /// Checks everything a store would otherwise reject half-way, so that a bad message
+    /// fails before any statement runs and the caller's transaction stays usable.
+    pub fn validate(&self, max_payload_bytes: usize) -> Result<(), InvalidMessage> {
+        for (field, value) in [
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+            ("event_type", &self.event_type),
+        ] {
+            if value.is_empty() {
+                return Err(InvalidMessage::Empty { field });
+            }
+            if value.len() > MAX_NAME_BYTES {
+                return Err(InvalidMessage::TooLong {
+                    field,
+                    len: value.len(),
+                });
+            }
+        }
+        if self.partition_key.as_deref() == Some("") {
+            return Err(InvalidMessage::Empty {
+                field: "partition_key",
+            });
+        }
+        if self.payload.len() > max_payload_bytes {
+            return Err(InvalidMessage::PayloadTooLarge {
+                size: self.payload.len(),
+                limit: max_payload_bytes,
+            });
+        }
+        for (name, value) in &self.headers {
+            let valid_name = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b':' && b != b'"');
+            if !valid_name {
+                return Err(InvalidMessage::HeaderName { name: name.clone() });
+            }
+            if value.contains(['\r', '\n']) {
+                return Err(InvalidMessage::HeaderValue { name: name.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest aggregate type, aggregate id or event type accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// `aggregate_type/aggregate_id`, the partition key unless the producer sets one.
+pub fn default_partition_key(aggregate_type: &str, aggregate_id: &str) -> String {
+    format!("{aggregate_type}/{aggregate_id}")
+}
+
+/// Why a [`NewMessage`] was refused before it reached the store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidMessage {
+    #[error("{field} must not be empty")]
+    Empty { field: &'static str },
+    #[error("{field} is {len} bytes long; the limit is {MAX_NAME_BYTES}")]
+    TooLong { field: &'static str, len: usize },
+    #[error(
+        "payload is {size} bytes; the limit is {limit} (raise producer.max_payload_bytes or send a reference to the data instead)"
+    )]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error(
+        "header name {name:?} is not allowed: use visible ASCII without ':' or quotes, e.g. \"traceparent\""
+    )]
+    HeaderName { name: String },
+    #[error("header {name:?} has a line break in its value")]
+    HeaderValue { name: String },
+}
+
+/// What the store assigned to an enqueued message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: Uuid,
+    pub version: u64,
+    pub partition: u32,
+    pub sequence: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_partition_key_joins_type_and_id() {
+        let m = NewMessage::new("order", "42", "order.paid", "{}");
+        assert_eq!(m.partition_key(), "order/42");
+        assert_eq!(m.with_partition_key("tenant-7").partition_key(), "tenant-7");
+    }
+
+    #[test]
+    fn validate_names_the_problem() {
+        let ok = NewMessage::new("order", "42", "order.paid", vec![0u8; 10]);
+        assert_eq!(ok.validate(10), Ok(()));
+        assert_eq!(
+            ok.validate(9),
+            Err(InvalidMessage::PayloadTooLarge {
+                size: 10,
+                limit: 9
+            })
+        );
+        let empty = NewMessage::new("", "42", "x", "");
+        assert_eq!(
+            empty.validate(10),
+            Err(InvalidMessage::Empty {
+                field: "aggregate_type"
+            })
+        );
+        let bad_header = NewMessage::new("a", "1", "x", "").with_header("bad:name", "v");
+        assert!(matches!(
+            bad_header.validate(10),
+            Err(InvalidMessage::HeaderName { .. })
+        ));
+        let bad_value = NewMessage::new("a", "1", "x", "").with_header("h", "a\r\nb");
+        assert!(matches!(
+            bad_value.validate(10),
+            Err(InvalidMessage::HeaderValue { .. })
+        ));
+    }
+}

@@ -1,0 +1,139 @@
+//! The outbox store contract: where messages wait until the relay has published them.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::lease::Lease;
+use crate::message::Message;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error from a store (outbox or leases).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The lease's epoch is no longer current (expired or granted to another relay): the
+    /// statement changed nothing. Never retried with the same lease.
+    #[error("partition {partition} is fenced: lease epoch {epoch} is no longer current")]
+    Fenced { partition: u32, epoch: i64 },
+    /// The store could not be reached or failed transiently; retry with backoff.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// ferry's tables are missing or from another version.
+    #[error("{0} (run `ferry migrate --config <file>` first)")]
+    Schema(String),
+    /// Anything else the store rejected; not retried.
+    #[error("store error: {0}")]
+    Other(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// What `ferry status` shows for one partition.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    /// The relay holding an unexpired lease, if any.
+    pub owner: Option<String>,
+    pub epoch: i64,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Unpublished messages.
+    pub backlog: u64,
+    /// Age of the oldest unpublished message, in seconds.
+    pub oldest_unpublished_age_secs: Option<f64>,
+    /// Why the partition is not moving, when the sink rejected a message for good.
+    pub blocked_reason: Option<String>,
+}
+
+/// One wake-up flag per partition; a wake before the wait is kept (coalescing), so no
+/// notification is lost between a fetch that found nothing and the wait that follows.
+#[derive(Debug)]
+pub struct Wakers {
+    partitions: Vec<Notify>,
+}
+
+impl Wakers {
+    pub fn new(partitions: u32) -> Self {
+        Self {
+            partitions: (0..partitions).map(|_| Notify::new()).collect(),
+        }
+    }
+
+    /// Wakes the worker of `partition` (ignored if out of range).
+    pub fn wake(&self, partition: u32) {
+        if let Some(notify) = self.partitions.get(partition as usize) {
+            notify.notify_one();
+        }
+    }
+
+    /// Wakes every partition: after a reconnect, when notifications may have been missed.
+    pub fn wake_all(&self) {
+        self.partitions.iter().for_each(Notify::notify_one);
+    }
+
+    /// Resolves at the next wake of `partition` (or at once if one is pending).
+    pub async fn wait(&self, partition: u32) {
+        match self.partitions.get(partition as usize) {
+            Some(notify) => notify.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Where messages wait to be published.
+///
+/// Contract:
+/// - `fetch` returns the unpublished messages of one partition in ascending `sequence`,
+///   reading committed data only. It keeps no cursor: a message whose transaction commits
+///   late, with a lower sequence than one already published, is returned by the next fetch.
+/// - `mark_published` marks (or deletes, per the store's retention) exactly the given ids,
+///   in one statement that also checks that `lease` is still current; if it is not, it
+///   changes nothing and returns [`StoreError::Fenced`]. Marking an id twice is harmless.
+/// - Calls for different partitions may run concurrently; the relay never runs two calls
+///   for the same partition at once.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
+    /// The number of partitions P, fixed when the outbox was created.
+    async fn partitions(&self) -> Result<u32, StoreError>;
+
+    /// Up to `limit` unpublished messages of `partition`, oldest sequence first.
+    async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<Message>, StoreError>;
+
+    /// Marks `ids` published under `lease`, and records `checkpoint` (a sink position below
+    /// which no unmarked message of this partition can be) when given. Returns how many
+    /// rows changed.
+    async fn mark_published(
+        &self,
+        lease: &Lease,
+        ids: &[Uuid],
+        checkpoint: Option<u64>,
+    ) -> Result<u64, StoreError>;
+
+    /// Records (or, with `None`, clears) why the partition cannot move, for `status`.
+    async fn set_blocked(&self, lease: &Lease, reason: Option<&str>) -> Result<(), StoreError>;
+
+    /// Runs until an error, waking partitions when new messages commit. Stores without
+    /// notifications keep the default, and the relay polls.
+    async fn watch(&self, wakers: &Wakers) -> Result<(), StoreError> {
+        let _ = wakers;
+        std::future::pending().await
+    }
+
+    /// Per-partition owner, backlog and health.
+    async fn status(&self) -> Result<Vec<PartitionStatus>, StoreError>;
+
+    /// Deletes published messages kept for longer than the retention; returns how many.
+    async fn purge_published(&self) -> Result<u64, StoreError>;
+
+    /// How long the store keeps published rows (zero: deleted when marked).
+    fn retention(&self) -> Duration;
+}
