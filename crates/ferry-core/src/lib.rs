@@ -17,7 +17,7 @@ pub mod store;
 pub use cloudevents::{ReceivedMessage, Source};
 pub use inbox::{Admission, Inbox, ProcessError, Processed};
 pub use lease::{Lease, LeaseStore, Takeover};
-pub use message::{Enqueued, Headers, InvalidMessage, Message, NewMessage};
+pub use message::{EnqueueError, Enqueued, Headers, InvalidMessage, Message, NewMessage};
 pub use partition::partition_for;
 pub use relay::{Relay, RelayConfig, RelayError, RelayStats};
 pub use sink::{Delivery, ReconcileRequest, Sink, SinkError};

@@ -169,6 +169,17 @@ pub enum InvalidMessage {
     HeaderValue { name: String },
 }
 
+/// Why `enqueue` failed. On [`EnqueueError::Invalid`] no statement ran, so the caller's
+/// transaction is still usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnqueueError {
+    #[error("invalid message: {0}")]
+    Invalid(#[from] InvalidMessage),
+    #[error("enqueue failed: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// What the store assigned to an enqueued message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enqueued {
