@@ -82,7 +82,7 @@ impl Default for StoreSettings {
 pub(crate) struct OutboxRow {
     pub(crate) sequence: i64,
     pub(crate) id: Uuid,
-    pub(crate) partition_no: i64,
+    pub(crate) partition_no: i32,
     pub(crate) aggregate_type: String,
     pub(crate) aggregate_id: String,
     pub(crate) version: i64,

@@ -1,0 +1,102 @@
+//! The consumer inbox on PostgreSQL.
+
+use sqlx::{Postgres, Transaction};
+
+use ferry_core::inbox::{Admission, Inbox, ProcessError, Processed, process};
+use ferry_core::{ReceivedMessage, StoreError};
+
+use super::queries;
+use crate::sql::{TablePrefix, store_error};
+
+/// Records processed ids and applied versions for one named consumer, in the consumer's
+/// own transaction (tables created by `ferry migrate`).
+#[derive(Debug, Clone)]
+pub struct PgInbox {
+    consumer: String,
+    record: String,
+    last_version: String,
+    advance: String,
+}
+
+impl PgInbox {
+    /// `consumer` names the subscriber: consumers sharing a database keep separate records.
+    pub fn new(consumer: impl Into<String>, prefix: &TablePrefix) -> Self {
+        Self {
+            consumer: consumer.into(),
+            record: prefix.render(queries::INBOX_RECORD),
+            last_version: prefix.render(queries::INBOX_LAST_VERSION),
+            advance: prefix.render(queries::INBOX_ADVANCE),
+        }
+    }
+
+    /// Applies `message` with `handler` exactly once and only if newer than the last
+    /// applied version of its aggregate; see [`ferry_core::inbox::process`].
+    pub async fn process<'c, T, E>(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        message: &ReceivedMessage,
+        handler: impl AsyncFnOnce(&mut Transaction<'c, Postgres>, &ReceivedMessage) -> Result<T, E>,
+    ) -> Result<Processed<T>, ProcessError<E>> {
+        process(self, tx, message, handler).await
+    }
+}
+
+impl<'c> Inbox<Transaction<'c, Postgres>> for PgInbox {
+    async fn admit(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        message: &ReceivedMessage,
+    ) -> Result<Admission, StoreError> {
+        let version = i64::try_from(message.version)
+            .map_err(|_| StoreError::Other("message version exceeds i64".into()))?;
+        let recorded: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.record.as_str()))
+            .bind(&self.consumer)
+            .bind(message.id)
+            .bind(&message.aggregate_type)
+            .bind(&message.aggregate_id)
+            .bind(version)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_error)?;
+        if recorded.is_none() {
+            return Ok(Admission::Duplicate);
+        }
+        let last: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.last_version.as_str()))
+            .bind(&self.consumer)
+            .bind(&message.aggregate_type)
+            .bind(&message.aggregate_id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_error)?;
+        let last = last.unwrap_or(0);
+        if last >= version {
+            return Ok(Admission::Stale {
+                last_applied_version: last as u64,
+            });
+        }
+        let advanced: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.advance.as_str()))
+            .bind(&self.consumer)
+            .bind(&message.aggregate_type)
+            .bind(&message.aggregate_id)
+            .bind(version)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_error)?;
+        if advanced.is_none() {
+            // Another consumer instance applied a newer version between our read and write.
+            let last: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(self.last_version.as_str()))
+                .bind(&self.consumer)
+                .bind(&message.aggregate_type)
+                .bind(&message.aggregate_id)
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(store_error)?;
+            return Ok(Admission::Stale {
+                last_applied_version: last as u64,
+            });
+        }
+        Ok(Admission::Apply {
+            previous_version: last as u64,
+        })
+    }
+}
