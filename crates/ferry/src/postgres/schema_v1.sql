@@ -36,7 +36,7 @@ CREATE TABLE {p}leases (
     partition_no   integer PRIMARY KEY,
     owner          text,
     epoch          bigint NOT NULL DEFAULT 0,
-    expires_at     timestamptz NOT NULL DEFAULT '-infinity',
+    expires_at     timestamptz NOT NULL DEFAULT 'epoch',
     clean          boolean NOT NULL DEFAULT true,
     checkpoint     bigint,
     blocked_reason text
