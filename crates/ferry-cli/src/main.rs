@@ -1,1 +1,175 @@
-fn main() {}
+//! The `ferry` command: a thin layer over the `ferry` library.
+
+mod bench;
+mod config;
+mod demo;
+mod wiring;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Transactional outbox relay: no loss, no duplicates in effect, no reordering per key"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "FERRY_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or upgrade ferry's tables and functions (idempotent).
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the relay until SIGTERM or SIGINT.
+    Relay {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show each partition's owner, epoch, backlog, oldest unpublished age and blocked reason.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run an order service, the relay and an inbox consumer on embedded SQLite.
+    Demo(demo::DemoArgs),
+    /// Produce, relay and consume messages, and print throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story; its logs would drown it.
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_json, default_level);
+    match run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `FERRY_LOG` (e.g. `ferry=debug`), else `default_level`.
+fn init_logging(json: bool, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate { config } => {
+            let config = Config::load(&config)?;
+            let store = wiring::Store::open(&config).await?;
+            store.migrate(config.outbox.partitions).await?;
+            println!(
+                "migrated: {} partitions, table prefix {:?}",
+                config.outbox.partitions, config.outbox.table_prefix
+            );
+            Ok(())
+        }
+        Command::Relay { config } => {
+            let config = Config::load(&config)?;
+            let shutdown = shutdown_on_signal()?;
+            let Some(store) =
+                wiring::retry_until_ready("store", &shutdown, || wiring::Store::open(&config))
+                    .await?
+            else {
+                return Ok(());
+            };
+            let Some(sink) =
+                wiring::retry_until_ready("sink", &shutdown, || wiring::open_sink(&config.sink))
+                    .await?
+            else {
+                return Ok(());
+            };
+            let relay =
+                ferry::Relay::new(store.outbox(), store.leases(), sink, config.relay_config());
+            relay.run(shutdown).await.context("relay stopped")
+        }
+        Command::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let store = wiring::Store::open(&config).await?;
+            let status = store.outbox().status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+fn print_status(status: &[ferry::PartitionStatus]) {
+    println!(
+        "{:>9}  {:<28} {:>6} {:>9} {:>12}  blocked",
+        "partition", "owner", "epoch", "backlog", "oldest_secs"
+    );
+    for p in status {
+        println!(
+            "{:>9}  {:<28} {:>6} {:>9} {:>12}  {}",
+            p.partition,
+            p.owner.as_deref().unwrap_or("-"),
+            p.epoch,
+            p.backlog,
+            p.oldest_unpublished_age_secs
+                .map_or_else(|| "-".into(), |a| format!("{a:.1}")),
+            p.blocked_reason.as_deref().unwrap_or("-"),
+        );
+    }
+    let backlog: u64 = status.iter().map(|p| p.backlog).sum();
+    let blocked = status.iter().filter(|p| p.blocked_reason.is_some()).count();
+    println!("total backlog {backlog}, {blocked} partition(s) blocked");
+}
+
+/// A token cancelled by the first SIGTERM or SIGINT.
+fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutdown requested: finishing in-flight batches and releasing leases");
+        cancel.cancel();
+    });
+    Ok(token)
+}

@@ -1,0 +1,5 @@
+pub(crate) async fn run(_a: BenchArgs) -> anyhow::Result<()> {
+    Ok(())
+}
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Starts the services ferry's tests use, if they are not already up, and waits for them.
+# Idempotent: a running service is left alone. Addresses come from the same env vars the
+# tests read (see .env.example); only local services are started.
+set -euo pipefail
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  local name=$1 port=$2
+  for _ in $(seq 1 60); do
+    port_open "$port" && return 0
+    sleep 0.5
+  done
+  echo "services: $name did not come up on 127.0.0.1:$port" >&2
+  return 1
+}
+
+ensure_postgres() {
+  port_open 5432 && return 0
+  echo "services: starting PostgreSQL"
+  if ! command -v pg_ctlcluster >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
+  wait_port PostgreSQL 5432
+}
+
+ensure_nats() {
+  port_open 4222 && return 0
+  echo "services: starting NATS with JetStream"
+  if [ ! -x /usr/sbin/nats-server ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+  fi
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_port NATS 4222
+}
+
+ensure_postgres
+ensure_nats

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# ferry's whole test suite, from a fresh machine: starts PostgreSQL and NATS if they are
+# down, makes a clean test database, installs cargo-nextest if missing, runs every test
+# (unit, integration against the real services, crash and fencing end-to-end tests).
+# Idempotent; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/services.sh
+
+export FERRY_TEST_PG_URL=${FERRY_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/ferry_test}
+export FERRY_TEST_NATS_URL=${FERRY_TEST_NATS_URL:-nats://127.0.0.1:4222}
+# Tests leave their tables behind on failure; start each run from an empty database.
+db=${FERRY_TEST_PG_URL##*/}
+psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" \
+  -c "CREATE DATABASE \"$db\""
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+cargo nextest run --workspace --all-features --profile ci "$@"
