@@ -1,0 +1,218 @@
+//! [`OutboxStore`] for SQLite: what the relay reads, marks and reports.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::DateTime;
+use ferry_core::{Lease, Message, OutboxStore, PartitionStatus, StoreError};
+use tracing::{debug, info};
+use uuid::Uuid;
+
+use super::{SqliteOutbox, sqlite_error};
+use crate::sql::OutboxRow;
+
+/// Rows deleted per purge statement: each statement holds the write lock, and producers
+/// wait for it, so a large purge runs as many short ones.
+const PURGE_BATCH: i64 = 5000;
+
+#[derive(sqlx::FromRow)]
+struct StatusRow {
+    partition_no: i64,
+    owner: Option<String>,
+    epoch: i64,
+    expires_at: i64,
+    blocked_reason: Option<String>,
+    backlog: i64,
+    oldest_age_secs: Option<f64>,
+}
+
+#[async_trait]
+impl OutboxStore for SqliteOutbox {
+    async fn partitions(&self) -> Result<u32, StoreError> {
+        self.partition_count().await
+    }
+
+    async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let rows: Vec<OutboxRow> = sqlx::query_as(self.queries.fetch.clone())
+            .bind(i64::from(partition))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sqlite_error)?;
+        rows.into_iter().map(Message::try_from).collect()
+    }
+
+    /// Checks the lease and marks in one `BEGIN IMMEDIATE` transaction: the check takes
+    /// the write lock, so no grant can come between it and the mark (G5).
+    async fn mark_published(
+        &self,
+        lease: &Lease,
+        ids: &[Uuid],
+        checkpoint: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let q = &self.queries;
+        let checkpoint = checkpoint
+            .map(|c| {
+                i64::try_from(c).map_err(|_| {
+                    StoreError::Other(
+                        format!("checkpoint {c} is beyond what the lease table holds").into(),
+                    )
+                })
+            })
+            .transpose()?;
+        let partition = i64::from(lease.partition);
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(sqlite_error)?;
+        let held = sqlx::query(q.check_lease.clone())
+            .bind(partition)
+            .bind(lease.epoch)
+            .bind(&lease.owner)
+            .bind(checkpoint)
+            .execute(&mut *tx)
+            .await
+            .map_err(sqlite_error)?
+            .rows_affected();
+        if held == 0 {
+            // Dropping `tx` rolls back; nothing was changed anyway.
+            return Err(fenced(lease));
+        }
+        let statement = if self.settings.retention.is_zero() {
+            &q.delete_published
+        } else {
+            &q.mark_published
+        };
+        let marked = sqlx::query(statement.clone())
+            .bind(partition)
+            .bind(hex_id_array(ids))
+            .execute(&mut *tx)
+            .await
+            .map_err(sqlite_error)?
+            .rows_affected();
+        tx.commit().await.map_err(sqlite_error)?;
+        debug!(
+            partition = lease.partition,
+            epoch = lease.epoch,
+            requested = ids.len(),
+            marked,
+            checkpoint,
+            "marked published"
+        );
+        Ok(marked)
+    }
+
+    async fn set_blocked(&self, lease: &Lease, reason: Option<&str>) -> Result<(), StoreError> {
+        let changed = sqlx::query(self.queries.set_blocked.clone())
+            .bind(i64::from(lease.partition))
+            .bind(lease.epoch)
+            .bind(&lease.owner)
+            .bind(reason)
+            .execute(&self.pool)
+            .await
+            .map_err(sqlite_error)?
+            .rows_affected();
+        if changed == 0 {
+            return Err(fenced(lease));
+        }
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<Vec<PartitionStatus>, StoreError> {
+        let rows: Vec<StatusRow> = sqlx::query_as(self.queries.status.clone())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sqlite_error)?;
+        rows.into_iter()
+            .map(|row| {
+                let corrupt = |what: &str| {
+                    StoreError::Other(format!("lease row {}: {what}", row.partition_no).into())
+                };
+                Ok(PartitionStatus {
+                    partition: u32::try_from(row.partition_no)
+                        .map_err(|_| corrupt("partition out of range"))?,
+                    lease_expires_at: row
+                        .owner
+                        .as_ref()
+                        .and_then(|_| DateTime::from_timestamp_millis(row.expires_at)),
+                    owner: row.owner,
+                    epoch: row.epoch,
+                    backlog: u64::try_from(row.backlog).map_err(|_| corrupt("negative backlog"))?,
+                    // A clock step back can make a fresh row look younger than zero.
+                    oldest_unpublished_age_secs: row.oldest_age_secs.map(|age| age.max(0.0)),
+                    blocked_reason: row.blocked_reason,
+                })
+            })
+            .collect()
+    }
+
+    async fn purge_published(&self) -> Result<u64, StoreError> {
+        let retention = self.settings.retention;
+        let modifier = format!("-{:.3} seconds", retention.as_secs_f64());
+        let mut purged = 0;
+        loop {
+            let deleted = sqlx::query(self.queries.purge_published.clone())
+                .bind(&modifier)
+                .bind(PURGE_BATCH)
+                .execute(&self.pool)
+                .await
+                .map_err(sqlite_error)?
+                .rows_affected();
+            purged += deleted;
+            if deleted < PURGE_BATCH as u64 {
+                break;
+            }
+        }
+        if purged > 0 {
+            info!(
+                purged,
+                retention_secs = retention.as_secs(),
+                "purged published messages"
+            );
+        }
+        Ok(purged)
+    }
+
+    fn retention(&self) -> Duration {
+        self.settings.retention
+    }
+}
+
+pub(super) fn fenced(lease: &Lease) -> StoreError {
+    StoreError::Fenced {
+        partition: lease.partition,
+        epoch: lease.epoch,
+    }
+}
+
+/// `["<32 hex digits>", …]`, which the mark statements turn back into 16-byte ids with
+/// `json_each` and `unhex`: one bound value, so one cached statement for any batch size
+/// and no limit on the number of bound variables.
+fn hex_id_array(ids: &[Uuid]) -> String {
+    let mut json = String::with_capacity(2 + ids.len() * 35);
+    json.push('[');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(json, "\"{}\"", id.simple());
+    }
+    json.push(']');
+    json
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_id_array_is_json() {
+        let ids = [Uuid::nil(), Uuid::max()];
+        let parsed: Vec<String> = serde_json::from_str(&hex_id_array(&ids)).expect("valid JSON");
+        assert_eq!(parsed, ["0".repeat(32), "f".repeat(32)]);
+        assert_eq!(hex_id_array(&[]), "[]");
+    }
+}
