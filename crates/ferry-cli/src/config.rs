@@ -153,11 +153,11 @@ impl Config {
     pub(crate) fn validate(&self) -> anyhow::Result<()> {
         TablePrefix::new(self.outbox.table_prefix.clone()).context("outbox.table_prefix")?;
         let outbox = &self.outbox;
-        if !(1..=ferry::postgres::MAX_PARTITIONS).contains(&outbox.partitions) {
+        if !(1..=ferry::sql::MAX_PARTITIONS).contains(&outbox.partitions) {
             bail!(
                 "outbox.partitions = {} is out of range: use 1 to {}",
                 outbox.partitions,
-                ferry::postgres::MAX_PARTITIONS
+                ferry::sql::MAX_PARTITIONS
             );
         }
         if outbox.max_payload_bytes == 0 {
@@ -186,15 +186,15 @@ impl Config {
                 relay.retry_initial_ms
             );
         }
-        if let Some(id) = &relay.relay_id {
-            if id.trim().is_empty() {
-                bail!("relay.relay_id must not be empty (leave it out for <hostname>-<pid>)");
-            }
+        if let Some(id) = &relay.relay_id
+            && id.trim().is_empty()
+        {
+            bail!("relay.relay_id must not be empty (leave it out for <hostname>-<pid>)");
         }
-        if let StoreConfig::Postgres { pool_size, .. } = &self.store {
-            if !(2..=200).contains(pool_size) {
-                bail!("store.pool_size = {pool_size} is out of range: use 2 to 200");
-            }
+        if let StoreConfig::Postgres { pool_size, .. } = &self.store
+            && !(2..=200).contains(pool_size)
+        {
+            bail!("store.pool_size = {pool_size} is out of range: use 2 to 200");
         }
         if let SinkConfig::Nats(nats) = &self.sink {
             nats.validate().context("sink")?;

@@ -234,7 +234,8 @@ impl ReceivedMessage {
         headers: Headers,
         payload: Bytes,
     ) -> Result<Self, DecodeError> {
-        let mut take = |name: &'static str| attributes.remove(name).ok_or(DecodeError::Missing(name));
+        let mut take =
+            |name: &'static str| attributes.remove(name).ok_or(DecodeError::Missing(name));
         let id_text = take("id")?;
         let id = Uuid::parse_str(&id_text).map_err(|_| DecodeError::Invalid {
             name: "id",
@@ -329,7 +330,10 @@ mod tests {
             assert_eq!(received.aggregate_type, "order");
             assert_eq!(received.aggregate_id, "42");
             assert_eq!(received.partition_key, "order/42");
-            assert_eq!(received.headers.get("traceparent").map(String::as_str), Some("00-abc-def-01"));
+            assert_eq!(
+                received.headers.get("traceparent").map(String::as_str),
+                Some("00-abc-def-01")
+            );
         }
     }
 
@@ -357,11 +361,8 @@ mod tests {
     fn missing_attributes_are_named() {
         let err = ReceivedMessage::from_binary([("ce-type", "x")], Bytes::new()).unwrap_err();
         assert_eq!(err, DecodeError::Missing("id"));
-        let err = ReceivedMessage::from_binary(
-            [("ce-id", "nope"), ("ce-type", "x")],
-            Bytes::new(),
-        )
-        .unwrap_err();
+        let err = ReceivedMessage::from_binary([("ce-id", "nope"), ("ce-type", "x")], Bytes::new())
+            .unwrap_err();
         assert!(matches!(err, DecodeError::Invalid { name: "id", .. }));
     }
 }

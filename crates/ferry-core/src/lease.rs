@@ -47,8 +47,12 @@ pub trait LeaseStore: Send + Sync + 'static {
     async fn heartbeat(&self, relay: &str, ttl: Duration) -> Result<usize, StoreError>;
 
     /// Takes up to `max` partitions that are free or whose lease expired.
-    async fn acquire(&self, relay: &str, max: usize, ttl: Duration)
-    -> Result<Vec<Lease>, StoreError>;
+    async fn acquire(
+        &self,
+        relay: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> Result<Vec<Lease>, StoreError>;
 
     /// Extends `leases` by `ttl`; returns the partitions still held.
     async fn renew(&self, leases: &[Lease], ttl: Duration) -> Result<Vec<u32>, StoreError>;

@@ -206,10 +206,7 @@ mod tests {
         assert_eq!(ok.validate(10), Ok(()));
         assert_eq!(
             ok.validate(9),
-            Err(InvalidMessage::PayloadTooLarge {
-                size: 10,
-                limit: 9
-            })
+            Err(InvalidMessage::PayloadTooLarge { size: 10, limit: 9 })
         );
         let empty = NewMessage::new("", "42", "x", "");
         assert_eq!(

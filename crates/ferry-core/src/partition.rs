@@ -36,6 +36,9 @@ mod tests {
         for i in 0..16_000 {
             counts[partition_for(&format!("order/{i}"), 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (700..1300).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (700..1300).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

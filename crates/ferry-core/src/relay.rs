@@ -96,7 +96,9 @@ pub struct Relay {
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,7 +163,10 @@ impl Relay {
         Ok(())
     }
 
-    async fn wait_for_store(&self, shutdown: &CancellationToken) -> Result<Option<u32>, RelayError> {
+    async fn wait_for_store(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<u32>, RelayError> {
         let mut backoff = self.config.backoff();
         loop {
             match self.store.partitions().await {
@@ -223,16 +228,24 @@ impl Relay {
         if active.len() > fair_share {
             active.sort_unstable();
             for partition in active.split_off(fair_share) {
-                info!(partition, live, fair_share, "handing partition over to rebalance");
+                info!(
+                    partition,
+                    live, fair_share, "handing partition over to rebalance"
+                );
                 workers[&partition].stop.cancel();
             }
         } else if active.len() < fair_share {
             let wanted = fair_share - active.len();
-            match self.leases.acquire(&self.config.relay_id, wanted, ttl).await {
+            match self
+                .leases
+                .acquire(&self.config.relay_id, wanted, ttl)
+                .await
+            {
                 Ok(granted) => {
                     for lease in granted {
                         info!(partition = lease.partition, epoch = lease.epoch, takeover = ?lease.takeover, "partition acquired");
-                        let handle = self.spawn_worker(lease, partitions, round_started + ttl, wakers);
+                        let handle =
+                            self.spawn_worker(lease, partitions, round_started + ttl, wakers);
                         workers.insert(handle.lease.partition, handle);
                     }
                 }
@@ -240,7 +253,9 @@ impl Relay {
             }
         }
         let owned = workers.values().filter(|w| !w.join.is_finished()).count();
-        self.stats.owned_partitions.store(owned as u64, Ordering::Relaxed);
+        self.stats
+            .owned_partitions
+            .store(owned as u64, Ordering::Relaxed);
     }
 
     fn spawn_worker(
@@ -279,7 +294,10 @@ impl Relay {
         let give_up_at = Instant::now() + self.config.shutdown_timeout;
         for (partition, mut worker) in workers {
             if timeout_at(give_up_at, &mut worker.join).await.is_err() {
-                warn!(partition, "abandoning the in-flight batch unmarked at shutdown");
+                warn!(
+                    partition,
+                    "abandoning the in-flight batch unmarked at shutdown"
+                );
                 worker.join.abort();
                 if let Err(err) = self.leases.release(&worker.lease, false).await {
                     warn!(partition, error = %err, "failed to release lease; it will expire");
@@ -298,7 +316,9 @@ async fn watch_store(store: Arc<dyn OutboxStore>, wakers: Arc<Wakers>, mut backo
         let delay = backoff.next_delay();
         match result {
             Ok(()) => backoff.reset(),
-            Err(err) => warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "wake-up listener failed; polling meanwhile"),
+            Err(err) => {
+                warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "wake-up listener failed; polling meanwhile")
+            }
         }
         sleep(delay).await;
     }
@@ -342,8 +362,8 @@ impl LeaseDeadline {
     }
 
     fn is_valid(&self) -> bool {
-        let deadline = self.origin
-            + Duration::from_nanos(self.nanos_after_origin.load(Ordering::Acquire));
+        let deadline =
+            self.origin + Duration::from_nanos(self.nanos_after_origin.load(Ordering::Acquire));
         Instant::now() < deadline
     }
 }
@@ -401,7 +421,11 @@ impl Worker {
             }
             Err(Interrupted::LeaseLost) => {
                 self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
-                info!(partition, epoch = self.lease.epoch, "stopped: lease no longer held");
+                info!(
+                    partition,
+                    epoch = self.lease.epoch,
+                    "stopped: lease no longer held"
+                );
             }
         }
     }
@@ -490,7 +514,9 @@ impl Worker {
                     } else {
                         let reason = format!(
                             "message {} (sequence {}) rejected: {}",
-                            message.id, message.sequence, error_chain(&err)
+                            message.id,
+                            message.sequence,
+                            error_chain(&err)
                         );
                         error!(partition, message_id = %message.id, error = %err, "partition blocked: the sink rejects a message; nothing after it is sent until it passes or an operator removes it");
                         self.set_blocked(Some(&reason)).await;
@@ -525,7 +551,11 @@ impl Worker {
     async fn mark(&self, ids: &[Uuid], checkpoint: Option<u64>) -> Result<(), Interrupted> {
         let mut backoff = self.config.backoff();
         loop {
-            match self.store.mark_published(&self.lease, ids, checkpoint).await {
+            match self
+                .store
+                .mark_published(&self.lease, ids, checkpoint)
+                .await
+            {
                 Ok(marked) => {
                     self.stats.marked.fetch_add(marked, Ordering::Relaxed);
                     return Ok(());
@@ -572,7 +602,11 @@ impl Worker {
             match self.sink.reconcile(request).await {
                 Ok(ids) if ids.is_empty() => return Ok(()),
                 Ok(ids) => {
-                    info!(partition, found = ids.len(), "reconciled: already in the broker, marking instead of re-sending");
+                    info!(
+                        partition,
+                        found = ids.len(),
+                        "reconciled: already in the broker, marking instead of re-sending"
+                    );
                     self.stats
                         .reconciled
                         .fetch_add(ids.len() as u64, Ordering::Relaxed);

@@ -100,11 +100,13 @@ impl TryFrom<OutboxRow> for Message {
     type Error = StoreError;
 
     fn try_from(row: OutboxRow) -> Result<Self, StoreError> {
-        let corrupt = |what: &str| StoreError::Other(format!("outbox row {}: {what}", row.id).into());
+        let corrupt =
+            |what: &str| StoreError::Other(format!("outbox row {}: {what}", row.id).into());
         Ok(Message {
             id: row.id,
             version: u64::try_from(row.version).map_err(|_| corrupt("negative version"))?,
-            partition: u32::try_from(row.partition_no).map_err(|_| corrupt("partition out of range"))?,
+            partition: u32::try_from(row.partition_no)
+                .map_err(|_| corrupt("partition out of range"))?,
             aggregate_type: row.aggregate_type,
             aggregate_id: row.aggregate_id,
             event_type: row.event_type,
@@ -143,16 +145,36 @@ pub(crate) fn store_error(err: sqlx::Error) -> StoreError {
     }
 }
 
-/// PostgreSQL class 08 (connection), 57P0x (shutdown), 40001/40P01 (serialization,
-/// deadlock), 53xxx (resources); SQLite BUSY (5) and LOCKED (6).
+/// PostgreSQL SQLSTATEs (always five characters): class 08 (connection), 57P0x
+/// (shutdown), 40001/40P01 (serialization, deadlock), 53xxx (resources). SQLite result
+/// codes (numbers): BUSY (5) and LOCKED (6), including their extended forms such as
+/// `SQLITE_BUSY_SNAPSHOT` (517), whose low byte is the primary code.
 fn is_transient_code(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("57P0")
-        || code.starts_with("53")
-        || code == "40001"
-        || code == "40P01"
-        || code == "5"
-        || code == "6"
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    if code.len() == 5 {
+        return code.starts_with("08")
+            || code.starts_with("57P0")
+            || code.starts_with("53")
+            || code == "40001"
+            || code == "40P01";
+    }
+    code.parse::<i32>()
+        .is_ok_and(|c| matches!(c & 0xff, SQLITE_BUSY | SQLITE_LOCKED))
+}
+
+/// Most partitions an outbox may have.
+pub const MAX_PARTITIONS: u32 = 4096;
+
+/// Refuses a partition count outside 1..=[`MAX_PARTITIONS`] before anything is created.
+pub(crate) fn check_partitions(partitions: u32) -> Result<(), StoreError> {
+    if (1..=MAX_PARTITIONS).contains(&partitions) {
+        Ok(())
+    } else {
+        Err(StoreError::Other(
+            format!("partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}").into(),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -160,13 +182,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn transient_codes_of_both_databases() {
+        for code in [
+            "08006", "57P01", "53300", "40001", "40P01", "5", "6", "517", "262",
+        ] {
+            assert!(is_transient_code(code), "{code}");
+        }
+        for code in ["23505", "42P01", "19", "2067", "1555"] {
+            assert!(!is_transient_code(code), "{code}");
+        }
+    }
+
+    #[test]
     fn prefix_accepts_identifiers_only() {
         assert!(TablePrefix::new("ferry_").is_ok());
         assert!(TablePrefix::new("_t1_").is_ok());
-        for bad in ["", "1abc", "Ferry", "a-b", "a;drop table x", &"a".repeat(41)] {
+        for bad in [
+            "",
+            "1abc",
+            "Ferry",
+            "a-b",
+            "a;drop table x",
+            &"a".repeat(41),
+        ] {
             assert!(TablePrefix::new(bad).is_err(), "{bad:?}");
         }
-        let p = TablePrefix::new("x_").unwrap();
-        assert_eq!(p.render("SELECT * FROM {p}outbox"), "SELECT * FROM x_outbox");
+        let p = TablePrefix::new("x_").expect("valid prefix");
+        assert_eq!(
+            p.render("SELECT * FROM {p}outbox"),
+            "SELECT * FROM x_outbox"
+        );
     }
 }

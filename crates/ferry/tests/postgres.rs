@@ -11,8 +11,8 @@ use ferry::file::{FileSink, FileSinkConfig};
 use ferry::postgres::{PgInbox, PgOutbox};
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::{
-    EnqueueError, InvalidMessage, LeaseStore, NewMessage, OutboxStore, Processed,
-    ReceivedMessage, Relay, RelayConfig, StoreError, Takeover, partition_for,
+    EnqueueError, InvalidMessage, LeaseStore, NewMessage, OutboxStore, Processed, ReceivedMessage,
+    Relay, RelayConfig, StoreError, Takeover, partition_for,
 };
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,10 @@ fn pg_url() -> String {
 
 /// A fresh outbox with a unique prefix, migrated with `partitions`.
 async fn outbox_with(partitions: u32, retention: Duration) -> PgOutbox {
-    let prefix = format!("t{}_", uuid::Uuid::now_v7().simple().to_string()[20..].to_owned());
+    let prefix = format!(
+        "t{}_",
+        uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()
+    );
     let settings = StoreSettings {
         table_prefix: TablePrefix::new(prefix).unwrap(),
         max_payload_bytes: 1024,
@@ -44,8 +47,13 @@ fn order_event(id: &str, event: &str) -> NewMessage {
 }
 
 async fn count(outbox: &PgOutbox, table: &str) -> i64 {
-    let sql = outbox.table_prefix().render(&format!("SELECT count(*) FROM {{p}}{table}"));
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(outbox.pool()).await.unwrap()
+    let sql = outbox
+        .table_prefix()
+        .render(&format!("SELECT count(*) FROM {{p}}{table}"));
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -71,9 +79,13 @@ async fn missing_tables_point_to_migrate() {
 
 #[tokio::test]
 async fn unreachable_database_is_a_retryable_error_naming_the_cause() {
-    let err = PgOutbox::connect("postgres://postgres@127.0.0.1:1/test", 2, StoreSettings::default())
-        .await
-        .unwrap_err();
+    let err = PgOutbox::connect(
+        "postgres://postgres@127.0.0.1:1/test",
+        2,
+        StoreSettings::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.is_retryable(), "{err}");
 }
 
@@ -81,12 +93,18 @@ async fn unreachable_database_is_a_retryable_error_naming_the_cause() {
 async fn g1_rolled_back_transaction_leaves_no_message() {
     let outbox = outbox().await;
     let mut tx = outbox.pool().begin().await.unwrap();
-    outbox.enqueue(&mut tx, order_event("1", "order.created")).await.unwrap();
+    outbox
+        .enqueue(&mut tx, order_event("1", "order.created"))
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     assert_eq!(count(&outbox, "outbox").await, 0);
 
     let mut tx = outbox.pool().begin().await.unwrap();
-    let enqueued = outbox.enqueue(&mut tx, order_event("1", "order.created")).await.unwrap();
+    let enqueued = outbox
+        .enqueue(&mut tx, order_event("1", "order.created"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(count(&outbox, "outbox").await, 1);
     // The rolled-back write did not consume a version either.
@@ -122,16 +140,29 @@ async fn g3_concurrent_writers_of_one_aggregate_get_versions_in_commit_order() {
     let partition = partition_for("order/hot", 4);
     let rows = outbox.fetch(partition, 1000).await.unwrap();
     let versions: Vec<u64> = rows.iter().map(|m| m.version).collect();
-    assert_eq!(versions, (1..=90).collect::<Vec<_>>(), "sequence order must equal version order");
+    assert_eq!(
+        versions,
+        (1..=90).collect::<Vec<_>>(),
+        "sequence order must equal version order"
+    );
 }
 
 #[tokio::test]
 async fn sql_enqueue_function_matches_the_rust_api() {
     let outbox = outbox_with(16, Duration::ZERO).await;
     let function = outbox.table_prefix().render("{p}enqueue");
-    let keys = ["order/1", "order/42", "customer/élodie", "tenant-7", "", "x/日本"];
+    let keys = [
+        "order/1",
+        "order/42",
+        "customer/élodie",
+        "tenant-7",
+        "",
+        "x/日本",
+    ];
     for (n, key) in keys.iter().enumerate().filter(|(_, k)| !k.is_empty()) {
-        let sql = format!("SELECT * FROM {function}('invoice', $1, 'invoice.sent', '{{\"n\": 1}}'::jsonb, '{{}}'::jsonb, $2)");
+        let sql = format!(
+            "SELECT * FROM {function}('invoice', $1, 'invoice.sent', '{{\"n\": 1}}'::jsonb, '{{}}'::jsonb, $2)"
+        );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(n.to_string())
             .bind(key)
@@ -139,15 +170,27 @@ async fn sql_enqueue_function_matches_the_rust_api() {
             .await
             .unwrap();
         let partition: i32 = row.get("message_partition");
-        assert_eq!(partition as u32, partition_for(key, 16), "partition of {key:?}");
+        assert_eq!(
+            partition as u32,
+            partition_for(key, 16),
+            "partition of {key:?}"
+        );
         let id: uuid::Uuid = row.get("message_id");
         assert_eq!(id.get_version_num(), 7, "SQL ids are UUID v7");
     }
     // Default key and versions interleave with the Rust API on the same aggregate.
-    let sql = format!("SELECT message_version FROM {function}('order', '9', 'order.created', '{{}}'::jsonb)");
-    let v1: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(outbox.pool()).await.unwrap();
+    let sql = format!(
+        "SELECT message_version FROM {function}('order', '9', 'order.created', '{{}}'::jsonb)"
+    );
+    let v1: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap();
     let mut tx = outbox.pool().begin().await.unwrap();
-    let v2 = outbox.enqueue(&mut tx, order_event("9", "order.paid")).await.unwrap();
+    let v2 = outbox
+        .enqueue(&mut tx, order_event("9", "order.paid"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!((v1, v2.version), (1, 2));
     assert_eq!(v2.partition, partition_for("order/9", 16));
@@ -158,15 +201,27 @@ async fn invalid_message_is_refused_and_the_transaction_stays_usable() {
     let outbox = outbox().await;
     let mut tx = outbox.pool().begin().await.unwrap();
     let err = outbox
-        .enqueue(&mut tx, NewMessage::new("order", "1", "order.created", vec![b'x'; 2000]))
+        .enqueue(
+            &mut tx,
+            NewMessage::new("order", "1", "order.created", vec![b'x'; 2000]),
+        )
         .await
         .unwrap_err();
     assert!(
-        matches!(err, EnqueueError::Invalid(InvalidMessage::PayloadTooLarge { size: 2000, limit: 1024 })),
+        matches!(
+            err,
+            EnqueueError::Invalid(InvalidMessage::PayloadTooLarge {
+                size: 2000,
+                limit: 1024
+            })
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("max_payload_bytes"), "{err}");
-    outbox.enqueue(&mut tx, order_event("1", "order.created")).await.unwrap();
+    outbox
+        .enqueue(&mut tx, order_event("1", "order.created"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(count(&outbox, "outbox").await, 1);
 }
@@ -175,31 +230,94 @@ async fn invalid_message_is_refused_and_the_transaction_stays_usable() {
 async fn g5_mark_is_fenced_after_the_lease_is_taken_over() {
     let outbox = outbox_with(1, Duration::ZERO).await;
     let mut tx = outbox.pool().begin().await.unwrap();
-    let enqueued = outbox.enqueue(&mut tx, order_event("1", "order.created")).await.unwrap();
+    let enqueued = outbox
+        .enqueue(&mut tx, order_event("1", "order.created"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
-    let first = outbox.acquire("relay-a", 1, Duration::from_secs(1)).await.unwrap().remove(0);
+    let first = outbox
+        .acquire("relay-a", 1, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!((first.epoch, &first.takeover), (1, &Takeover::Clean));
-    assert!(outbox.acquire("relay-b", 1, Duration::from_secs(1)).await.unwrap().is_empty());
+    assert!(
+        outbox
+            .acquire("relay-b", 1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let second = outbox.acquire("relay-b", 1, Duration::from_secs(10)).await.unwrap().remove(0);
+    let second = outbox
+        .acquire("relay-b", 1, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(second.epoch, 2);
-    assert!(matches!(second.takeover, Takeover::Unclean { .. }), "{:?}", second.takeover);
+    assert!(
+        matches!(second.takeover, Takeover::Unclean { .. }),
+        "{:?}",
+        second.takeover
+    );
 
-    let err = outbox.mark_published(&first, &[enqueued.id], Some(5)).await.unwrap_err();
-    assert!(matches!(err, StoreError::Fenced { partition: 0, epoch: 1 }), "{err}");
-    assert_eq!(count(&outbox, "outbox").await, 1, "a fenced mark changes nothing");
-    assert!(outbox.renew(&[first.clone()], Duration::from_secs(10)).await.unwrap().is_empty());
+    let err = outbox
+        .mark_published(&first, &[enqueued.id], Some(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Fenced {
+                partition: 0,
+                epoch: 1
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        count(&outbox, "outbox").await,
+        1,
+        "a fenced mark changes nothing"
+    );
+    assert!(
+        outbox
+            .renew(std::slice::from_ref(&first), Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
-    assert_eq!(outbox.mark_published(&second, &[enqueued.id], Some(5)).await.unwrap(), 1);
+    assert_eq!(
+        outbox
+            .mark_published(&second, &[enqueued.id], Some(5))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(count(&outbox, "outbox").await, 0);
     outbox.release(&second, true).await.unwrap();
-    let third = outbox.acquire("relay-c", 1, Duration::from_secs(10)).await.unwrap().remove(0);
+    let third = outbox
+        .acquire("relay-c", 1, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!((third.epoch, &third.takeover), (3, &Takeover::Clean));
     outbox.release(&third, false).await.unwrap();
-    let fourth = outbox.acquire("relay-c", 1, Duration::from_secs(10)).await.unwrap().remove(0);
+    let fourth = outbox
+        .acquire("relay-c", 1, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .remove(0);
     assert!(
-        matches!(fourth.takeover, Takeover::Unclean { checkpoint: Some(5), .. }),
+        matches!(
+            fourth.takeover,
+            Takeover::Unclean {
+                checkpoint: Some(5),
+                ..
+            }
+        ),
         "an unclean release hands the checkpoint on: {:?}",
         fourth.takeover
     );
@@ -208,24 +326,68 @@ async fn g5_mark_is_fenced_after_the_lease_is_taken_over() {
 #[tokio::test]
 async fn heartbeat_counts_live_relays() {
     let outbox = outbox().await;
-    assert_eq!(outbox.heartbeat("a", Duration::from_secs(10)).await.unwrap(), 1);
-    assert_eq!(outbox.heartbeat("b", Duration::from_secs(10)).await.unwrap(), 2);
-    assert_eq!(outbox.heartbeat("a", Duration::from_secs(10)).await.unwrap(), 2);
+    assert_eq!(
+        outbox
+            .heartbeat("a", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        outbox
+            .heartbeat("b", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        outbox
+            .heartbeat("a", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        2
+    );
     outbox.leave("b").await.unwrap();
-    assert_eq!(outbox.heartbeat("a", Duration::from_secs(10)).await.unwrap(), 1);
+    assert_eq!(
+        outbox
+            .heartbeat("a", Duration::from_secs(10))
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn g6_retention_keeps_published_rows_until_purged() {
     let outbox = outbox_with(1, Duration::from_secs(1)).await;
     let mut tx = outbox.pool().begin().await.unwrap();
-    let enqueued = outbox.enqueue(&mut tx, order_event("1", "order.created")).await.unwrap();
+    let enqueued = outbox
+        .enqueue(&mut tx, order_event("1", "order.created"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let lease = outbox.acquire("r", 1, Duration::from_secs(10)).await.unwrap().remove(0);
-    assert_eq!(outbox.mark_published(&lease, &[enqueued.id], None).await.unwrap(), 1);
-    assert!(outbox.fetch(0, 10).await.unwrap().is_empty(), "published rows are not fetched again");
+    let lease = outbox
+        .acquire("r", 1, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        outbox
+            .mark_published(&lease, &[enqueued.id], None)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(
+        outbox.fetch(0, 10).await.unwrap().is_empty(),
+        "published rows are not fetched again"
+    );
     assert_eq!(count(&outbox, "outbox").await, 1, "kept for replay");
-    assert_eq!(outbox.purge_published().await.unwrap(), 0, "not yet past retention");
+    assert_eq!(
+        outbox.purge_published().await.unwrap(),
+        0,
+        "not yet past retention"
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(outbox.purge_published().await.unwrap(), 1);
     assert_eq!(count(&outbox, "outbox").await, 0);
@@ -235,11 +397,20 @@ async fn g6_retention_keeps_published_rows_until_purged() {
 async fn status_shows_owner_backlog_and_blocked_reason() {
     let outbox = outbox_with(2, Duration::ZERO).await;
     let mut tx = outbox.pool().begin().await.unwrap();
-    let e = outbox.enqueue(&mut tx, order_event("1", "order.created")).await.unwrap();
+    let e = outbox
+        .enqueue(&mut tx, order_event("1", "order.created"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let leases = outbox.acquire("relay-x", 2, Duration::from_secs(10)).await.unwrap();
+    let leases = outbox
+        .acquire("relay-x", 2, Duration::from_secs(10))
+        .await
+        .unwrap();
     let lease = leases.iter().find(|l| l.partition == e.partition).unwrap();
-    outbox.set_blocked(lease, Some("message too large")).await.unwrap();
+    outbox
+        .set_blocked(lease, Some("message too large"))
+        .await
+        .unwrap();
     let status = outbox.status().await.unwrap();
     let p = &status[e.partition as usize];
     assert_eq!(p.owner.as_deref(), Some("relay-x"));
@@ -254,13 +425,19 @@ async fn status_shows_owner_backlog_and_blocked_reason() {
 async fn relay_into_file(outbox: &PgOutbox, expected: usize) -> Vec<ReceivedMessage> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.jsonl");
-    let sink = FileSink::open(&FileSinkConfig { path: path.clone(), source: None }).await.unwrap();
+    let sink = FileSink::open(&FileSinkConfig {
+        path: path.clone(),
+        source: None,
+    })
+    .await
+    .unwrap();
     let store = Arc::new(outbox.clone());
     let mut config = RelayConfig::new("file-relay");
     config.poll_interval = Duration::from_millis(50);
     config.lease_ttl = Duration::from_secs(3);
     let stop = CancellationToken::new();
-    let relay = tokio::spawn(Relay::new(store.clone(), store, Arc::new(sink), config).run(stop.clone()));
+    let relay =
+        tokio::spawn(Relay::new(store.clone(), store, Arc::new(sink), config).run(stop.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let events = loop {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -283,9 +460,15 @@ async fn g2_a_late_commit_with_a_lower_sequence_is_still_published() {
     let outbox = outbox_with(1, Duration::ZERO).await;
     // The early transaction takes the lower sequence and stays open.
     let mut early = outbox.pool().begin().await.unwrap();
-    let held = outbox.enqueue(&mut early, order_event("early", "order.created")).await.unwrap();
+    let held = outbox
+        .enqueue(&mut early, order_event("early", "order.created"))
+        .await
+        .unwrap();
     let mut late = outbox.pool().begin().await.unwrap();
-    let committed_first = outbox.enqueue(&mut late, order_event("late", "order.created")).await.unwrap();
+    let committed_first = outbox
+        .enqueue(&mut late, order_event("late", "order.created"))
+        .await
+        .unwrap();
     late.commit().await.unwrap();
     assert!(held.sequence < committed_first.sequence);
 
@@ -297,7 +480,10 @@ async fn g2_a_late_commit_with_a_lower_sequence_is_still_published() {
     early.commit().await.unwrap();
     let events = publisher.await.unwrap();
     let ids: HashSet<_> = events.iter().map(|e| e.id).collect();
-    assert!(ids.contains(&held.id), "the late-committed lower sequence was lost");
+    assert!(
+        ids.contains(&held.id),
+        "the late-committed lower sequence was lost"
+    );
     assert!(ids.contains(&committed_first.id));
     assert_eq!(events.len(), 2, "nothing published twice");
     assert_eq!(count(&outbox, "outbox").await, 0);
@@ -309,7 +495,13 @@ async fn relay_publishes_every_aggregate_in_version_order() {
     for round in 0..5 {
         let mut tx = outbox.pool().begin().await.unwrap();
         for agg in 0..40 {
-            outbox.enqueue(&mut tx, order_event(&agg.to_string(), &format!("step{round}"))).await.unwrap();
+            outbox
+                .enqueue(
+                    &mut tx,
+                    order_event(&agg.to_string(), &format!("step{round}")),
+                )
+                .await
+                .unwrap();
         }
         tx.commit().await.unwrap();
     }
@@ -317,7 +509,10 @@ async fn relay_publishes_every_aggregate_in_version_order() {
     assert_eq!(events.len(), 200);
     let mut per_aggregate: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for e in &events {
-        per_aggregate.entry(e.aggregate_id.clone()).or_default().push(e.version);
+        per_aggregate
+            .entry(e.aggregate_id.clone())
+            .or_default()
+            .push(e.version);
     }
     for (agg, versions) in per_aggregate {
         assert_eq!(versions, vec![1, 2, 3, 4, 5], "aggregate {agg}");
@@ -328,10 +523,12 @@ async fn inbox_fixture() -> (PgOutbox, PgInbox, String) {
     let outbox = outbox().await;
     let inbox = PgInbox::new("billing", outbox.table_prefix());
     let table = outbox.table_prefix().render("{p}effects");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (id uuid PRIMARY KEY, version bigint)")))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {table} (id uuid PRIMARY KEY, version bigint)"
+    )))
+    .execute(outbox.pool())
+    .await
+    .unwrap();
     (outbox, inbox, table)
 }
 
@@ -384,30 +581,70 @@ async fn g4_inbox_skips_duplicate_ids_and_stale_versions() {
     let (outbox, inbox, table) = inbox_fixture().await;
     let v1 = received("1", 1);
     let v2 = received("1", 2);
-    assert_eq!(apply(&outbox, &inbox, &table, &v1, false).await.unwrap(), Processed::Applied { output: (), previous_version: 0 });
-    assert_eq!(apply(&outbox, &inbox, &table, &v2, false).await.unwrap(), Processed::Applied { output: (), previous_version: 1 });
-    assert_eq!(apply(&outbox, &inbox, &table, &v2, false).await.unwrap(), Processed::Duplicate);
+    assert_eq!(
+        apply(&outbox, &inbox, &table, &v1, false).await.unwrap(),
+        Processed::Applied {
+            output: (),
+            previous_version: 0
+        }
+    );
+    assert_eq!(
+        apply(&outbox, &inbox, &table, &v2, false).await.unwrap(),
+        Processed::Applied {
+            output: (),
+            previous_version: 1
+        }
+    );
+    assert_eq!(
+        apply(&outbox, &inbox, &table, &v2, false).await.unwrap(),
+        Processed::Duplicate
+    );
     let replayed_old = received("1", 1);
     assert_eq!(
-        apply(&outbox, &inbox, &table, &replayed_old, false).await.unwrap(),
-        Processed::Stale { last_applied_version: 2 }
+        apply(&outbox, &inbox, &table, &replayed_old, false)
+            .await
+            .unwrap(),
+        Processed::Stale {
+            last_applied_version: 2
+        }
     );
     // Another aggregate is independent; a gap is reported through previous_version.
     assert_eq!(
-        apply(&outbox, &inbox, &table, &received("2", 3), false).await.unwrap(),
-        Processed::Applied { output: (), previous_version: 0 }
+        apply(&outbox, &inbox, &table, &received("2", 3), false)
+            .await
+            .unwrap(),
+        Processed::Applied {
+            output: (),
+            previous_version: 0
+        }
     );
-    assert_eq!(count(&outbox, "effects").await, 3, "the handler ran once per applied message");
+    assert_eq!(
+        count(&outbox, "effects").await,
+        3,
+        "the handler ran once per applied message"
+    );
 }
 
 #[tokio::test]
 async fn g4_handler_effects_and_inbox_record_roll_back_together() {
     let (outbox, inbox, table) = inbox_fixture().await;
     let message = received("1", 1);
-    let err = apply(&outbox, &inbox, &table, &message, true).await.unwrap_err();
+    let err = apply(&outbox, &inbox, &table, &message, true)
+        .await
+        .unwrap_err();
     assert!(matches!(err, ferry::ProcessError::Handler(_)));
     assert_eq!(count(&outbox, "effects").await, 0);
-    assert_eq!(count(&outbox, "inbox").await, 0, "the inbox record rolled back with the handler");
-    assert!(apply(&outbox, &inbox, &table, &message, false).await.unwrap().is_applied(), "a redelivery applies it");
+    assert_eq!(
+        count(&outbox, "inbox").await,
+        0,
+        "the inbox record rolled back with the handler"
+    );
+    assert!(
+        apply(&outbox, &inbox, &table, &message, false)
+            .await
+            .unwrap()
+            .is_applied(),
+        "a redelivery applies it"
+    );
     assert_eq!(count(&outbox, "effects").await, 1);
 }

@@ -40,14 +40,19 @@ pub struct FileSink {
 
 impl std::fmt::Debug for FileSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileSink").field("target", &self.target).finish_non_exhaustive()
+        f.debug_struct("FileSink")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
     }
 }
 
 impl FileSink {
     /// Opens the configured output (appending; the file is created if missing).
     pub async fn open(config: &FileSinkConfig) -> Result<Self, SinkError> {
-        let source = config.source.clone().map_or(Source::PerAggregateType, Source::Fixed);
+        let source = config
+            .source
+            .clone()
+            .map_or(Source::PerAggregateType, Source::Fixed);
         if config.path == Path::new("-") {
             return Ok(Self {
                 output: Mutex::new(Output::Stdout(tokio::io::stdout())),
@@ -61,8 +66,11 @@ impl FileSink {
             .open(&config.path)
             .await
             .map_err(|e| {
-                SinkError::permanent(format!("cannot open {} for appending", config.path.display()))
-                    .with_source(e)
+                SinkError::permanent(format!(
+                    "cannot open {} for appending",
+                    config.path.display()
+                ))
+                .with_source(e)
             })?;
         Ok(Self {
             output: Mutex::new(Output::File(file)),

@@ -36,10 +36,7 @@ pub const MAX_ACKS_IN_FLIGHT_LIMIT: usize = 1 << 20;
 ///   before the publish counts as failed and is retried.
 /// - `source`: the CloudEvents `source` of every event; unset means
 ///   `ferry://<aggregate_type>`.
-/// - `credentials_file`: a NATS `.creds` file (JWT and NKey seed); unset means none. Not
-///   supported by this build yet: async-nats is compiled without its `nkeys` feature, so
-///   setting it is a validation error that says so (use `token`, or `user:password@` in
-///   `url`, meanwhile).
+/// - `credentials_file`: a NATS `.creds` file (JWT and NKey seed); unset means none.
 /// - `token`: a NATS auth token; unset means none. Never logged or serialised.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -166,12 +163,13 @@ impl NatsSinkConfig {
                  or left unset for ferry://<aggregate_type>",
             ));
         }
-        if let Some(path) = &self.credentials_file {
+        if let Some(path) = &self.credentials_file
+            && !path.is_file()
+        {
             return Err(InvalidNatsConfig::new(
                 "credentials_file",
                 format!(
-                    "{} cannot be used: this build of ferry has no NKey support (async-nats \
-                     without its `nkeys` feature); use token, or user:password@ in url",
+                    "{} is not a readable file (a NATS .creds file)",
                     path.display()
                 ),
             ));
@@ -319,7 +317,7 @@ mod tests {
             "source"
         );
         let creds = NatsSinkConfig {
-            credentials_file: Some("x.creds".into()),
+            credentials_file: Some("/nonexistent/x.creds".into()),
             ..base()
         };
         assert_eq!(key_of(&creds), "credentials_file");

@@ -96,6 +96,15 @@ impl NatsSink {
         if let Some(token) = &config.token {
             options = options.token(secrecy::ExposeSecret::expose_secret(token).to_owned());
         }
+        if let Some(path) = &config.credentials_file {
+            options = options.credentials_file(path).await.map_err(|err| {
+                SinkError::permanent(format!(
+                    "cannot load nats credentials from {}",
+                    path.display()
+                ))
+                .with_source(err)
+            })?;
+        }
         let client = options
             .connect(checked.servers)
             .await

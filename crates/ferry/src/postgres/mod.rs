@@ -17,15 +17,14 @@ use ferry_core::{
     StoreError, Takeover, Wakers,
 };
 
-use crate::sql::{OUTBOX_COLUMNS, OutboxRow, StoreSettings, TablePrefix, store_error};
+use crate::sql::{
+    OUTBOX_COLUMNS, OutboxRow, StoreSettings, TablePrefix, check_partitions, store_error,
+};
 
 pub use inbox::PgInbox;
 
 /// The schema version this code reads and writes.
 pub const SCHEMA_VERSION: i64 = 1;
-
-/// Most partitions an outbox may have.
-pub const MAX_PARTITIONS: u32 = 4096;
 
 /// Migrations in order; entry `i` brings the schema to version `i + 1`.
 const MIGRATIONS: [&str; 1] = [include_str!("schema_v1.sql")];
@@ -127,12 +126,7 @@ impl PgOutbox {
     /// lock so that concurrent `migrate` runs do not race. `partitions` is fixed the first
     /// time; a different value later is refused.
     pub async fn migrate(&self, partitions: u32) -> Result<(), StoreError> {
-        if !(1..=MAX_PARTITIONS).contains(&partitions) {
-            return Err(StoreError::Other(
-                format!("partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}")
-                    .into(),
-            ));
-        }
+        check_partitions(partitions)?;
         let prefix = &self.settings.table_prefix;
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -153,14 +147,16 @@ impl PgOutbox {
         .await
         .map_err(store_error)?;
         let lookup = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-        let current: i64 = lookup("schema_version").and_then(|v| v.parse().ok()).unwrap_or(0);
-        if let Some(existing) = lookup("partitions") {
-            if existing != partitions.to_string() {
-                return Err(StoreError::Schema(format!(
-                    "the outbox {prefix}outbox was created with {existing} partitions; the count is fixed at set-up (set partitions = {existing})",
-                    prefix = prefix.as_str()
-                )));
-            }
+        let current: i64 = lookup("schema_version")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if let Some(existing) = lookup("partitions")
+            && existing != partitions.to_string()
+        {
+            return Err(StoreError::Schema(format!(
+                "the outbox {prefix}outbox was created with {existing} partitions; the count is fixed at set-up (set partitions = {existing})",
+                prefix = prefix.as_str()
+            )));
         }
         if current > SCHEMA_VERSION {
             return Err(StoreError::Schema(format!(
@@ -175,7 +171,11 @@ impl PgOutbox {
                 .execute(&mut *tx)
                 .await
                 .map_err(store_error)?;
-            tracing::info!(version = index + 1, prefix = prefix.as_str(), "applied schema migration");
+            tracing::info!(
+                version = index + 1,
+                prefix = prefix.as_str(),
+                "applied schema migration"
+            );
         }
         sqlx::query(sqlx::AssertSqlSafe(prefix.render(
             "INSERT INTO {p}meta (key, value) VALUES ('schema_version', $1), ('partitions', $2) \
@@ -413,14 +413,15 @@ impl LeaseStore for PgOutbox {
         };
         let partitions: Vec<i32> = leases.iter().map(|l| l.partition as i32).collect();
         let epochs: Vec<i64> = leases.iter().map(|l| l.epoch).collect();
-        let renewed: Vec<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.statements.renew.as_str()))
-            .bind(&partitions)
-            .bind(&epochs)
-            .bind(owner)
-            .bind(secs(ttl))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(store_error)?;
+        let renewed: Vec<i32> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(self.statements.renew.as_str()))
+                .bind(&partitions)
+                .bind(&epochs)
+                .bind(owner)
+                .bind(secs(ttl))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
         Ok(renewed.into_iter().map(|p| p as u32).collect())
     }
 

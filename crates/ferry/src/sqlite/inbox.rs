@@ -7,8 +7,8 @@ use sqlx::{Sqlite, Transaction};
 use tracing::debug;
 
 use super::queries::InboxQueries;
-use super::sqlite_error;
 use crate::sql::TablePrefix;
+use crate::sql::store_error;
 
 /// The inbox of one consumer (a name shared by all its instances) in tables
 /// `<prefix>inbox` and `<prefix>inbox_versions`, which [`SqliteOutbox::migrate`] creates
@@ -70,7 +70,7 @@ impl<'c> Inbox<Transaction<'c, Sqlite>> for SqliteInbox {
             .bind(version)
             .execute(&mut **tx)
             .await
-            .map_err(sqlite_error)?
+            .map_err(store_error)?
             .rows_affected();
         if inserted == 0 {
             debug!(consumer = %self.consumer, message_id = %message.id, "duplicate message skipped");
@@ -82,7 +82,7 @@ impl<'c> Inbox<Transaction<'c, Sqlite>> for SqliteInbox {
             .bind(&message.aggregate_id)
             .fetch_optional(&mut **tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         let last = match last {
             None => 0,
             Some(last) => u64::try_from(last).map_err(|_| {
@@ -114,7 +114,7 @@ impl<'c> Inbox<Transaction<'c, Sqlite>> for SqliteInbox {
             .bind(version)
             .execute(&mut **tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         Ok(Admission::Apply {
             previous_version: last,
         })

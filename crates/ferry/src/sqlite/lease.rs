@@ -8,7 +8,8 @@ use ferry_core::{Lease, LeaseStore, StoreError, Takeover};
 use sqlx::SqliteConnection;
 use tracing::{debug, warn};
 
-use super::{SqliteOutbox, millis, sqlite_error};
+use super::{SqliteOutbox, millis};
+use crate::sql::store_error;
 
 /// A lease row as it was before a grant: what decides the takeover kind.
 #[derive(sqlx::FromRow)]
@@ -55,7 +56,7 @@ impl SqliteOutbox {
         sqlx::query_scalar(self.queries.now.clone())
             .fetch_one(conn)
             .await
-            .map_err(sqlite_error)
+            .map_err(store_error)
     }
 }
 
@@ -68,7 +69,7 @@ impl LeaseStore for SqliteOutbox {
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         let now = self.now_ms(&mut tx).await?;
         sqlx::query(q.heartbeat.clone())
             .bind(relay)
@@ -76,19 +77,19 @@ impl LeaseStore for SqliteOutbox {
             .bind(ttl)
             .execute(&mut *tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         sqlx::query(q.forget_relays.clone())
             .bind(now)
             .bind(ttl)
             .execute(&mut *tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         let live: i64 = sqlx::query_scalar(q.live_relays.clone())
             .bind(now)
             .fetch_one(&mut *tx)
             .await
-            .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
         Ok(usize::try_from(live).unwrap_or(1).max(1))
     }
 
@@ -108,14 +109,14 @@ impl LeaseStore for SqliteOutbox {
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         let now = self.now_ms(&mut tx).await?;
         let free: Vec<FreeLease> = sqlx::query_as(q.free_leases.clone())
             .bind(now)
             .bind(i64::try_from(max).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         if free.is_empty() {
             return Ok(Vec::new());
         }
@@ -126,8 +127,8 @@ impl LeaseStore for SqliteOutbox {
             .bind(serde_json::Value::from(partitions).to_string())
             .fetch_all(&mut *tx)
             .await
-            .map_err(sqlite_error)?;
-        tx.commit().await.map_err(sqlite_error)?;
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
         let epochs: HashMap<i64, i64> = granted.into_iter().collect();
         let mut leases = Vec::with_capacity(free.len());
         for row in &free {
@@ -164,7 +165,7 @@ impl LeaseStore for SqliteOutbox {
             .bind(millis(ttl))
             .fetch_all(&self.pool)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         Ok(renewed
             .into_iter()
             .filter_map(|partition| u32::try_from(partition).ok())
@@ -179,7 +180,7 @@ impl LeaseStore for SqliteOutbox {
             .bind(clean)
             .execute(&self.pool)
             .await
-            .map_err(sqlite_error)?
+            .map_err(store_error)?
             .rows_affected();
         if released == 0 {
             // Already granted to another relay: nothing of ours left to give up.
@@ -197,7 +198,7 @@ impl LeaseStore for SqliteOutbox {
             .bind(relay)
             .execute(&self.pool)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         Ok(())
     }
 }

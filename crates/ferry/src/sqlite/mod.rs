@@ -27,15 +27,11 @@ use sqlx::{Sqlite, SqliteConnection, SqliteExecutor, SqlitePool, Transaction};
 use tracing::{debug, info};
 use uuid::Uuid;
 
-use crate::sql::{StoreSettings, TablePrefix, store_error};
+use crate::sql::{MAX_PARTITIONS, StoreSettings, TablePrefix, check_partitions, store_error};
 
 pub use inbox::SqliteInbox;
 
 use queries::{META_PARTITIONS, META_SCHEMA_VERSION, Queries, SCHEMA_VERSION};
-
-/// The most partitions an outbox can have: one lease row each, and a relay's lease round
-/// touches all it holds.
-pub const MAX_PARTITIONS: u32 = 4096;
 
 /// How long a connection waits for the write lock before failing with `SQLITE_BUSY`
 /// (which is retryable).
@@ -59,7 +55,7 @@ impl SqliteOutbox {
     /// loss) and foreign keys on.
     pub async fn connect(url: &str, settings: StoreSettings) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(sqlite_error)?
+            .map_err(store_error)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(BUSY_TIMEOUT)
@@ -68,7 +64,7 @@ impl SqliteOutbox {
         let pool = SqlitePoolOptions::new()
             .connect_with(options)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         debug!(
             url,
             prefix = settings.table_prefix.as_str(),
@@ -99,27 +95,22 @@ impl SqliteOutbox {
     }
 
     /// Creates or upgrades ferry's tables, with `partitions` partitions (1 to
-    /// [`MAX_PARTITIONS`]). Idempotent: pending schema versions are applied in one
+    /// [`MAX_PARTITIONS`](crate::sql::MAX_PARTITIONS)). Idempotent: pending schema versions are applied in one
     /// transaction, so a failure leaves the previous version intact. The partition count is
     /// fixed at set-up, because it decides which partition (and so which ordered stream)
     /// every key's messages are in; asking for another count later is refused.
     pub async fn migrate(&self, partitions: u32) -> Result<(), StoreError> {
-        if !(1..=MAX_PARTITIONS).contains(&partitions) {
-            return Err(StoreError::Other(
-                format!("partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}")
-                    .into(),
-            ));
-        }
+        check_partitions(partitions)?;
         let q = &self.queries;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         sqlx::query(q.create_meta.clone())
             .execute(&mut *tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         let current = read_meta_number(&mut *tx, q, META_SCHEMA_VERSION)
             .await?
             .unwrap_or(0);
@@ -144,7 +135,7 @@ impl SqliteOutbox {
             sqlx::raw_sql(migration.clone())
                 .execute(&mut *tx)
                 .await
-                .map_err(sqlite_error)?;
+                .map_err(store_error)?;
             info!(version = index + 1, "applied sqlite schema migration");
         }
         // Every partition has a lease row; inserting the missing ones also covers a
@@ -153,9 +144,9 @@ impl SqliteOutbox {
             .bind(i64::from(partitions))
             .execute(&mut *tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         write_meta(&mut *tx, q, META_SCHEMA_VERSION, SCHEMA_VERSION).await?;
-        tx.commit().await.map_err(sqlite_error)?;
+        tx.commit().await.map_err(store_error)?;
         // A count cached before is this one: it came from this database, checked above.
         let _ = self.partitions.set(partitions);
         info!(
@@ -188,7 +179,7 @@ impl SqliteOutbox {
             .bind(&message.aggregate_id)
             .fetch_one(&mut **tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         let partitions = match self.partitions.get() {
             Some(&partitions) => partitions,
             // Read through `tx`, not the pool: the caller may hold the pool's only
@@ -213,7 +204,7 @@ impl SqliteOutbox {
             .bind(partition_key)
             .fetch_one(&mut **tx)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         let version = u64::try_from(version).map_err(|_| {
             StoreError::Other(
                 format!(
@@ -237,7 +228,7 @@ impl SqliteOutbox {
         if let Some(&partitions) = self.partitions.get() {
             return Ok(partitions);
         }
-        let mut conn = self.pool.acquire().await.map_err(sqlite_error)?;
+        let mut conn = self.pool.acquire().await.map_err(store_error)?;
         let partitions = read_partitions(&mut conn, &self.queries).await?;
         Ok(*self.partitions.get_or_init(|| partitions))
     }
@@ -272,7 +263,7 @@ async fn read_meta_number<'e>(
         .bind(key)
         .fetch_optional(executor)
         .await
-        .map_err(sqlite_error)?;
+        .map_err(store_error)?;
     value
         .map(|v| {
             v.parse::<u64>().map_err(|_| {
@@ -293,23 +284,8 @@ async fn write_meta<'e>(
         .bind(value.to_string())
         .execute(executor)
         .await
-        .map_err(sqlite_error)?;
+        .map_err(store_error)?;
     Ok(())
-}
-
-/// [`store_error`], plus SQLite's extended result codes: `SQLITE_BUSY_SNAPSHOT` (517),
-/// `SQLITE_LOCKED_SHAREDCACHE` (262) and the like are transient like plain `SQLITE_BUSY`
-/// (5) and `SQLITE_LOCKED` (6), and the driver reports the extended code.
-fn sqlite_error(err: sqlx::Error) -> StoreError {
-    const SQLITE_BUSY: i32 = 5;
-    const SQLITE_LOCKED: i32 = 6;
-    if let sqlx::Error::Database(db) = &err
-        && let Some(code) = db.code().and_then(|code| code.parse::<i32>().ok())
-        && matches!(code & 0xff, SQLITE_BUSY | SQLITE_LOCKED)
-    {
-        return StoreError::Unavailable(err.into());
-    }
-    store_error(err)
 }
 
 /// A duration in whole milliseconds for the lease table, saturating.

@@ -9,7 +9,7 @@ use ferry_core::{Lease, Message, OutboxStore, PartitionStatus, StoreError};
 use tracing::{debug, info};
 use uuid::Uuid;
 
-use super::{SqliteOutbox, sqlite_error};
+use super::{SqliteOutbox, store_error};
 use crate::sql::OutboxRow;
 
 /// Rows deleted per purge statement: each statement holds the write lock, and producers
@@ -39,7 +39,7 @@ impl OutboxStore for SqliteOutbox {
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         rows.into_iter().map(Message::try_from).collect()
     }
 
@@ -66,7 +66,7 @@ impl OutboxStore for SqliteOutbox {
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         let held = sqlx::query(q.check_lease.clone())
             .bind(partition)
             .bind(lease.epoch)
@@ -74,7 +74,7 @@ impl OutboxStore for SqliteOutbox {
             .bind(checkpoint)
             .execute(&mut *tx)
             .await
-            .map_err(sqlite_error)?
+            .map_err(store_error)?
             .rows_affected();
         if held == 0 {
             // Dropping `tx` rolls back; nothing was changed anyway.
@@ -90,9 +90,9 @@ impl OutboxStore for SqliteOutbox {
             .bind(hex_id_array(ids))
             .execute(&mut *tx)
             .await
-            .map_err(sqlite_error)?
+            .map_err(store_error)?
             .rows_affected();
-        tx.commit().await.map_err(sqlite_error)?;
+        tx.commit().await.map_err(store_error)?;
         debug!(
             partition = lease.partition,
             epoch = lease.epoch,
@@ -112,7 +112,7 @@ impl OutboxStore for SqliteOutbox {
             .bind(reason)
             .execute(&self.pool)
             .await
-            .map_err(sqlite_error)?
+            .map_err(store_error)?
             .rows_affected();
         if changed == 0 {
             return Err(fenced(lease));
@@ -124,7 +124,7 @@ impl OutboxStore for SqliteOutbox {
         let rows: Vec<StatusRow> = sqlx::query_as(self.queries.status.clone())
             .fetch_all(&self.pool)
             .await
-            .map_err(sqlite_error)?;
+            .map_err(store_error)?;
         rows.into_iter()
             .map(|row| {
                 let corrupt = |what: &str| {
@@ -158,7 +158,7 @@ impl OutboxStore for SqliteOutbox {
                 .bind(PURGE_BATCH)
                 .execute(&self.pool)
                 .await
-                .map_err(sqlite_error)?
+                .map_err(store_error)?
                 .rows_affected();
             purged += deleted;
             if deleted < PURGE_BATCH as u64 {
