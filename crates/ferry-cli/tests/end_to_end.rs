@@ -321,10 +321,19 @@ async fn g2_g3_g4_kill_nine_at_random_points_loses_and_duplicates_nothing() {
     let scenario = Scenario::new(8, 1, "").await;
     let producing = scenario.produce(200, 110, 4);
     let mut relay = scenario.relay("relay-0");
+    let mut takeover_logs = String::new();
     for round in 1..=6 {
         let wait = Duration::from_millis(rand::random_range(400..1500));
         tokio::time::sleep(wait).await;
         relay.kill_nine();
+        if round > 1 {
+            takeover_logs.push_str(
+                &std::fs::read_to_string(
+                    scenario.dir.path().join(format!("relay-{}.log", round - 1)),
+                )
+                .unwrap_or_default(),
+            );
+        }
         relay = scenario.relay(&format!("relay-{round}"));
     }
     let produced = producing.await.unwrap();
@@ -332,8 +341,75 @@ async fn g2_g3_g4_kill_nine_at_random_points_loses_and_duplicates_nothing() {
     scenario.wait_drained(Duration::from_secs(180)).await;
     let report = scenario.check_stream(&produced).await;
     report.assert_perfect(produced.len());
+    takeover_logs.push_str(&relay.logs());
+    assert!(
+        takeover_logs.contains("Unclean"),
+        "restarted relays should have taken partitions over from killed ones:\n{takeover_logs}"
+    );
     let status = relay.terminate(Duration::from_secs(15));
     assert!(status.success());
+    scenario.cleanup().await;
+}
+
+/// Owners of each partition per `ferry status --json`.
+fn owners(config: &Path) -> Vec<Option<String>> {
+    let output = Command::new(ferry_bin())
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    status
+        .iter()
+        .map(|p| p["owner"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until every partition is owned and each relay holds exactly `share` of them.
+async fn wait_for_shares(config: &Path, relays: usize, share: usize) -> Vec<Option<String>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let owners = owners(config);
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for owner in owners.iter().flatten() {
+            *counts.entry(owner).or_default() += 1;
+        }
+        if owners.iter().all(Option::is_some)
+            && counts.len() == relays
+            && counts.values().all(|&c| c == share)
+        {
+            return owners;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fair share of {share} per relay: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_share_partitions_fairly_and_rebalance_when_one_joins_or_leaves() {
+    let scenario = Scenario::new(8, 120, "").await;
+    let a = scenario.relay("relay-a");
+    wait_for_shares(&scenario.config, 1, 8).await;
+    let producing = scenario.produce(50, 40, 2);
+    let b = scenario.relay("relay-b");
+    wait_for_shares(&scenario.config, 2, 4).await;
+    assert!(b.terminate(Duration::from_secs(15)).success());
+    wait_for_shares(&scenario.config, 1, 8).await;
+    let produced = producing.await.unwrap();
+    scenario.wait_drained(Duration::from_secs(60)).await;
+    scenario
+        .check_stream(&produced)
+        .await
+        .assert_perfect(produced.len());
+    assert!(a.terminate(Duration::from_secs(15)).success());
     scenario.cleanup().await;
 }
 
