@@ -517,7 +517,7 @@ async fn a_message_the_broker_rejects_blocks_its_partition_visibly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_waits_for_an_unreachable_broker_and_bad_config_is_refused() {
+async fn relay_waits_for_an_unreachable_broker_or_database_and_bad_config_is_refused() {
     let scenario = Scenario::new(2, 120, "").await;
     let text = std::fs::read_to_string(&scenario.config)
         .unwrap()
@@ -542,6 +542,27 @@ async fn relay_waits_for_an_unreachable_broker_and_bad_config_is_refused() {
         relay.terminate(Duration::from_secs(10)).success(),
         "waiting relay stops on SIGTERM"
     );
+
+    let text = std::fs::read_to_string(&scenario.config)
+        .unwrap()
+        .replace("127.0.0.1:5432", "127.0.0.1:1");
+    let no_database = scenario.dir.path().join("no-database.toml");
+    std::fs::write(&no_database, text).unwrap();
+    let log = scenario.dir.path().join("no-database.log");
+    let child = Command::new(ferry_bin())
+        .args(["relay", "--config"])
+        .arg(&no_database)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let relay = Relay { child, log };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let logs = relay.logs();
+    assert!(
+        logs.contains("PostgreSQL") && logs.contains("not ready"),
+        "{logs}"
+    );
+    assert!(relay.terminate(Duration::from_secs(10)).success());
 
     let bad = scenario.dir.path().join("bad.toml");
     std::fs::write(&bad, "[store]\ntype = \"postgres\"\nurl = \"postgres://x@127.0.0.1/x\"\n[sink]\ntype = \"stdout\"\n[relay]\nbatch_sise = 10\n").unwrap();

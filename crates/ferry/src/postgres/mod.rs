@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use ferry_core::{
@@ -95,6 +95,12 @@ impl PgOutbox {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
             StoreError::Other(format!("invalid PostgreSQL url: {e}").into())
         })?;
+        // The pool would retry a refused connection silently until its acquire timeout;
+        // one direct attempt reports an unreachable server at once, with its cause.
+        let probe = PgConnection::connect_with(&options)
+            .await
+            .map_err(store_error)?;
+        let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
