@@ -516,18 +516,24 @@ async fn a_message_the_broker_rejects_blocks_its_partition_visibly() {
     scenario.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_waits_for_an_unreachable_broker_or_database_and_bad_config_is_refused() {
-    let scenario = Scenario::new(2, 120, "").await;
+/// Runs a relay whose config has `from` replaced by the unreachable `to`: it must keep
+/// running, log that it is waiting (naming `expected`), and stop cleanly on SIGTERM.
+async fn assert_relay_waits(scenario: &Scenario, from: &str, to: &str, expected: &str) {
     let text = std::fs::read_to_string(&scenario.config)
         .unwrap()
-        .replace(&nats_url(), "nats://127.0.0.1:4299");
-    let unreachable = scenario.dir.path().join("unreachable.toml");
-    std::fs::write(&unreachable, text).unwrap();
-    let log = scenario.dir.path().join("unreachable.log");
+        .replace(from, to);
+    let config = scenario
+        .dir
+        .path()
+        .join(format!("unreachable-{expected}.toml"));
+    std::fs::write(&config, text).unwrap();
+    let log = scenario
+        .dir
+        .path()
+        .join(format!("unreachable-{expected}.log"));
     let child = Command::new(ferry_bin())
         .args(["relay", "--config"])
-        .arg(&unreachable)
+        .arg(&config)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -535,34 +541,20 @@ async fn relay_waits_for_an_unreachable_broker_or_database_and_bad_config_is_ref
     tokio::time::sleep(Duration::from_secs(3)).await;
     let logs = relay.logs();
     assert!(
-        logs.contains("4299") && logs.contains("not ready"),
+        logs.contains(expected) && logs.contains("not ready"),
         "{logs}"
     );
     assert!(
         relay.terminate(Duration::from_secs(10)).success(),
-        "waiting relay stops on SIGTERM"
+        "a waiting relay stops on SIGTERM"
     );
+}
 
-    let text = std::fs::read_to_string(&scenario.config)
-        .unwrap()
-        .replace("127.0.0.1:5432", "127.0.0.1:1");
-    let no_database = scenario.dir.path().join("no-database.toml");
-    std::fs::write(&no_database, text).unwrap();
-    let log = scenario.dir.path().join("no-database.log");
-    let child = Command::new(ferry_bin())
-        .args(["relay", "--config"])
-        .arg(&no_database)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let relay = Relay { child, log };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let logs = relay.logs();
-    assert!(
-        logs.contains("PostgreSQL") && logs.contains("not ready"),
-        "{logs}"
-    );
-    assert!(relay.terminate(Duration::from_secs(10)).success());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_waits_for_an_unreachable_broker_or_database_and_bad_config_is_refused() {
+    let scenario = Scenario::new(2, 120, "").await;
+    assert_relay_waits(&scenario, &nats_url(), "nats://127.0.0.1:4299", "4299").await;
+    assert_relay_waits(&scenario, "127.0.0.1:5432", "127.0.0.1:1", "PostgreSQL").await;
 
     let bad = scenario.dir.path().join("bad.toml");
     std::fs::write(&bad, "[store]\ntype = \"postgres\"\nurl = \"postgres://x@127.0.0.1/x\"\n[sink]\ntype = \"stdout\"\n[relay]\nbatch_sise = 10\n").unwrap();

@@ -46,6 +46,14 @@ fn order_event(id: &str, event: &str) -> NewMessage {
     NewMessage::new("order", id, event, format!(r#"{{"order":"{id}"}}"#))
 }
 
+/// Enqueues `message` in its own committed transaction.
+async fn enqueue_committed(outbox: &PgOutbox, message: NewMessage) -> ferry::Enqueued {
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let enqueued = outbox.enqueue(&mut tx, message).await.unwrap();
+    tx.commit().await.unwrap();
+    enqueued
+}
+
 async fn count(outbox: &PgOutbox, table: &str) -> i64 {
     let sql = outbox
         .table_prefix()
@@ -100,12 +108,7 @@ async fn g1_rolled_back_transaction_leaves_no_message() {
     tx.rollback().await.unwrap();
     assert_eq!(count(&outbox, "outbox").await, 0);
 
-    let mut tx = outbox.pool().begin().await.unwrap();
-    let enqueued = outbox
-        .enqueue(&mut tx, order_event("1", "order.created"))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let enqueued = enqueue_committed(&outbox, order_event("1", "order.created")).await;
     assert_eq!(count(&outbox, "outbox").await, 1);
     // The rolled-back write did not consume a version either.
     assert_eq!(enqueued.version, 1);
@@ -229,12 +232,7 @@ async fn invalid_message_is_refused_and_the_transaction_stays_usable() {
 #[tokio::test]
 async fn g5_mark_is_fenced_after_the_lease_is_taken_over() {
     let outbox = outbox_with(1, Duration::ZERO).await;
-    let mut tx = outbox.pool().begin().await.unwrap();
-    let enqueued = outbox
-        .enqueue(&mut tx, order_event("1", "order.created"))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let enqueued = enqueue_committed(&outbox, order_event("1", "order.created")).await;
 
     let first = outbox
         .acquire("relay-a", 1, Duration::from_secs(1))
@@ -360,12 +358,7 @@ async fn heartbeat_counts_live_relays() {
 #[tokio::test]
 async fn g6_retention_keeps_published_rows_until_purged() {
     let outbox = outbox_with(1, Duration::from_secs(1)).await;
-    let mut tx = outbox.pool().begin().await.unwrap();
-    let enqueued = outbox
-        .enqueue(&mut tx, order_event("1", "order.created"))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let enqueued = enqueue_committed(&outbox, order_event("1", "order.created")).await;
     let lease = outbox
         .acquire("r", 1, Duration::from_secs(10))
         .await
@@ -396,12 +389,7 @@ async fn g6_retention_keeps_published_rows_until_purged() {
 #[tokio::test]
 async fn status_shows_owner_backlog_and_blocked_reason() {
     let outbox = outbox_with(2, Duration::ZERO).await;
-    let mut tx = outbox.pool().begin().await.unwrap();
-    let e = outbox
-        .enqueue(&mut tx, order_event("1", "order.created"))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let e = enqueue_committed(&outbox, order_event("1", "order.created")).await;
     let leases = outbox
         .acquire("relay-x", 2, Duration::from_secs(10))
         .await
