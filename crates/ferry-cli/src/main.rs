@@ -50,7 +50,8 @@ enum Command {
     },
     /// Run an order service, the relay and an inbox consumer on embedded SQLite.
     Demo(demo::DemoArgs),
-    /// Produce, relay and consume messages, and print throughput and latency.
+    /// Produce, relay and consume messages on tables and a stream (or file) of the bench's
+    /// own, removed afterwards; print throughput, latency, memory and a consistency check.
     Bench(bench::BenchArgs),
 }
 

@@ -1,0 +1,171 @@
+//! Producers: concurrent tasks writing through the real producer API, `enqueue` inside
+//! transactions of their own, as an application would.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use ferry::NewMessage;
+use ferry::postgres::PgOutbox;
+use ferry::sqlite::SqliteOutbox;
+
+use super::check::Latency;
+use super::plan::{AGGREGATE_TYPE, EVENT_TYPE, Plan};
+use crate::config::{Config, StoreConfig};
+use crate::wiring;
+
+/// The producers' own connection to the outbox, apart from the relay's.
+#[derive(Debug)]
+pub(super) enum ProducerStore {
+    Postgres(PgOutbox),
+    Sqlite(Arc<SqliteOutbox>),
+}
+
+impl ProducerStore {
+    /// A PostgreSQL pool with a connection per producer (plus one), or a SQLite pool.
+    pub(super) async fn open(config: &Config, producers: u32) -> anyhow::Result<Self> {
+        Ok(match &config.store {
+            StoreConfig::Postgres { url, .. } => Self::Postgres(
+                PgOutbox::connect(url.expose_secret(), producers + 1, config.store_settings())
+                    .await
+                    .context("connecting the producers to PostgreSQL (store.url)")?,
+            ),
+            StoreConfig::Sqlite { .. } => match wiring::Store::open(config).await? {
+                wiring::Store::Sqlite(outbox) => Self::Sqlite(outbox),
+                wiring::Store::Postgres(_) => {
+                    anyhow::bail!("a sqlite store config opened a PostgreSQL store")
+                }
+            },
+        })
+    }
+
+    /// Enqueues `messages` in one transaction and commits; returns their ids.
+    async fn commit(&self, messages: Vec<NewMessage>) -> anyhow::Result<Vec<Uuid>> {
+        let mut ids = Vec::with_capacity(messages.len());
+        match self {
+            Self::Postgres(outbox) => {
+                let mut tx = outbox.pool().begin().await.context("BEGIN")?;
+                for message in messages {
+                    ids.push(outbox.enqueue(&mut tx, message).await?.id);
+                }
+                tx.commit().await.context("COMMIT")?;
+            }
+            Self::Sqlite(outbox) => {
+                let mut tx = outbox
+                    .pool()
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .context("BEGIN IMMEDIATE")?;
+                for message in messages {
+                    ids.push(outbox.enqueue(&mut tx, message).await?.id);
+                }
+                tx.commit().await.context("COMMIT")?;
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// What every producer shares.
+#[derive(Debug)]
+pub(super) struct Production {
+    pub(super) store: ProducerStore,
+    pub(super) plan: Plan,
+    pub(super) per_tx: u32,
+    /// Copied into each message, as an application serialises each event anew.
+    pub(super) payload: String,
+    /// Live mode: the target rate in messages per second over all producers.
+    pub(super) rate: Option<u32>,
+    /// Messages committed so far.
+    pub(super) produced: AtomicU64,
+    /// Transactions committed so far.
+    pub(super) transactions: AtomicU64,
+    /// Live mode: commit instants for the latency.
+    pub(super) latency: Option<Arc<Latency>>,
+}
+
+impl Production {
+    /// Runs producer `index` until its share of the plan is committed or `stop` fires.
+    pub(super) async fn run_producer(
+        self: Arc<Self>,
+        index: u32,
+        started: tokio::time::Instant,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let total = self.plan.messages_of(index);
+        // In live mode producer i's t-th transaction is due at started + (t + i/P) * gap:
+        // the producers take turns, so the total is smooth at the target rate.
+        let gap = self.rate.map(|rate| {
+            Duration::from_secs_f64(
+                f64::from(self.per_tx) * f64::from(self.plan.producers) / f64::from(rate),
+            )
+        });
+        let mut sent = 0u64;
+        let mut transaction = 0u32;
+        while sent < total && !stop.is_cancelled() {
+            if let Some(gap) = gap {
+                let due = started
+                    + gap.mul_f64(
+                        f64::from(transaction) + f64::from(index) / f64::from(self.plan.producers),
+                    );
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+            let count = total.saturating_sub(sent).min(u64::from(self.per_tx));
+            let messages = (sent..sent + count)
+                .map(|k| {
+                    NewMessage::new(
+                        AGGREGATE_TYPE,
+                        self.plan.aggregate(index, k).to_string(),
+                        EVENT_TYPE,
+                        self.payload.clone(),
+                    )
+                })
+                .collect();
+            let ids =
+                self.store.commit(messages).await.with_context(|| {
+                    format!("producer {index}: transaction {transaction} failed")
+                })?;
+            let committed_at = Instant::now();
+            if let Some(latency) = &self.latency {
+                latency.committed(&ids, committed_at);
+            }
+            sent += count;
+            transaction += 1;
+            self.produced.fetch_add(count, Ordering::Relaxed);
+            self.transactions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// A JSON object of exactly `bytes` bytes (at least 8): `{"p":"xxxx…"}`.
+pub(super) fn payload(bytes: usize) -> String {
+    const SHELL: usize = r#"{"p":""}"#.len();
+    let mut text = String::with_capacity(bytes.max(SHELL));
+    text.push_str(r#"{"p":""#);
+    text.extend(std::iter::repeat_n('x', bytes.saturating_sub(SHELL)));
+    text.push_str(r#""}"#);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_json_of_the_asked_size() {
+        for size in [8, 9, 200, 4096] {
+            let bytes = payload(size);
+            assert_eq!(bytes.len(), size);
+            serde_json::from_str::<serde_json::Value>(&bytes).expect("valid JSON");
+        }
+    }
+}
