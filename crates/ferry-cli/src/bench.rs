@@ -106,11 +106,12 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     target::isolate(&mut config, &tag)?;
     let target = Target::create(&config).await?;
 
+    let interrupt = crate::shutdown_on_signal()?;
     let stop = CancellationToken::new();
     let mut relays = Vec::new();
     let outcome = tokio::select! {
         outcome = execute(&args, &config, &target, &stop, &mut relays) => outcome,
-        () = interrupted() => Err(anyhow!("interrupted")),
+        () = interrupt.cancelled() => Err(anyhow!("interrupted")),
     };
     stop.cancel();
     let shutdown = Duration::from_secs(config.relay.shutdown_timeout_secs + 5);
@@ -129,14 +130,6 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("the consistency check found {problems} problem(s): see the check line");
     }
     Ok(())
-}
-
-/// Resolves on the first Ctrl-C; never, if it cannot be listened for.
-async fn interrupted() {
-    if let Err(err) = tokio::signal::ctrl_c().await {
-        tracing::warn!(error = %err, "cannot listen for Ctrl-C; an interrupt skips the clean-up");
-        std::future::pending::<()>().await;
-    }
 }
 
 /// Runs the bench; returns the number of consistency problems found.
