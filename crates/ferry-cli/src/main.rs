@@ -58,8 +58,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own story; its logs would drown it.
-    let default_level = if matches!(cli.command, Command::Demo(_)) {
+    // The demo and the bench print their own story; info logs would drown it.
+    let default_level = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
         "warn"
     } else {
         "info"

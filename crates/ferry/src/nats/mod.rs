@@ -591,6 +591,8 @@ fn log_event(event: Event) {
     match event {
         Event::Connected => info!("nats connection established"),
         Event::Disconnected => warn!("nats connection lost; reconnecting"),
+        // Sent when the sink shuts down: the normal end, not a problem.
+        Event::Closed => info!("nats connection closed"),
         other => warn!(event = %other, "nats client event"),
     }
 }
