@@ -41,6 +41,24 @@ impl PgInbox {
     }
 }
 
+impl PgInbox {
+    /// The aggregate's last applied version for this consumer, 0 if none.
+    async fn last_version(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        message: &ReceivedMessage,
+    ) -> Result<i64, StoreError> {
+        let last: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.last_version.as_str()))
+            .bind(&self.consumer)
+            .bind(&message.aggregate_type)
+            .bind(&message.aggregate_id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_error)?;
+        Ok(last.unwrap_or(0))
+    }
+}
+
 impl<'c> Inbox<Transaction<'c, Postgres>> for PgInbox {
     async fn admit(
         &self,
@@ -61,14 +79,7 @@ impl<'c> Inbox<Transaction<'c, Postgres>> for PgInbox {
         if recorded.is_none() {
             return Ok(Admission::Duplicate);
         }
-        let last: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.last_version.as_str()))
-            .bind(&self.consumer)
-            .bind(&message.aggregate_type)
-            .bind(&message.aggregate_id)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(store_error)?;
-        let last = last.unwrap_or(0);
+        let last = self.last_version(tx, message).await?;
         if last >= version {
             return Ok(Admission::Stale {
                 last_applied_version: last as u64,
@@ -84,13 +95,7 @@ impl<'c> Inbox<Transaction<'c, Postgres>> for PgInbox {
             .map_err(store_error)?;
         if advanced.is_none() {
             // Another consumer instance applied a newer version between our read and write.
-            let last: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(self.last_version.as_str()))
-                .bind(&self.consumer)
-                .bind(&message.aggregate_type)
-                .bind(&message.aggregate_id)
-                .fetch_one(&mut **tx)
-                .await
-                .map_err(store_error)?;
+            let last = self.last_version(tx, message).await?;
             return Ok(Admission::Stale {
                 last_applied_version: last as u64,
             });
