@@ -38,5 +38,51 @@ ensure_nats() {
   wait_port NATS 4222
 }
 
+ensure_mariadb() {
+  port_open 3306 && return 0
+  echo "services: starting MariaDB"
+  if [ ! -x /usr/sbin/mariadbd ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null
+  fi
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+  wait_port MariaDB 3306
+}
+
+ensure_redis() {
+  port_open 6379 && return 0
+  echo "services: starting Redis"
+  if ! command -v redis-server >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_port Redis 6379
+}
+
+ensure_rabbitmq() {
+  port_open 5672 && return 0
+  echo "services: starting RabbitMQ"
+  if ! command -v rabbitmq-server >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+  fi
+  rabbitmq-server -detached
+  wait_port RabbitMQ 5672
+}
+
+ensure_mosquitto() {
+  port_open 1883 && return 0
+  echo "services: starting Mosquitto"
+  if ! command -v mosquitto >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+  fi
+  mosquitto -d -c /etc/mosquitto/mosquitto.conf
+  wait_port Mosquitto 1883
+}
+
 ensure_postgres
 ensure_nats
+ensure_mariadb
+ensure_redis
+ensure_rabbitmq
+ensure_mosquitto
