@@ -80,9 +80,36 @@ ensure_mosquitto() {
   wait_port Mosquitto 1883
 }
 
+# protoc: the etcd client's build script compiles etcd's protobuf definitions
+# (feature `etcd-lease`); prost-build finds it on PATH or through PROTOC.
+ensure_protoc() {
+  command -v protoc >/dev/null && return 0
+  echo "services: installing protoc"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+}
+
+# etcd for the etcd lease backend, on its own loopback ports (FERRY_TEST_ETCD_URL).
+ensure_etcd() {
+  port_open 23790 && return 0
+  echo "services: starting etcd"
+  if [ ! -x /usr/bin/etcd ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+  fi
+  mkdir -p /var/lib/ferry-etcd
+  start-stop-daemon --start --oknodo --background --exec /usr/bin/etcd -- \
+    --name ferry-test --data-dir /var/lib/ferry-etcd \
+    --listen-client-urls http://127.0.0.1:23790 --advertise-client-urls http://127.0.0.1:23790 \
+    --listen-peer-urls http://127.0.0.1:23800 --initial-advertise-peer-urls http://127.0.0.1:23800 \
+    --initial-cluster ferry-test=http://127.0.0.1:23800 \
+    --logger zap --log-outputs /var/log/ferry-etcd.log
+  wait_port etcd 23790
+}
+
 ensure_postgres
 ensure_nats
 ensure_mariadb
 ensure_redis
 ensure_rabbitmq
 ensure_mosquitto
+ensure_protoc
+ensure_etcd

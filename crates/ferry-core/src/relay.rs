@@ -38,6 +38,10 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     /// How often published rows past the store's retention are purged. Defaults to 60 s.
     pub purge_interval: Duration,
+    /// Whether the leases come from a backend outside the outbox store (Redis, etcd): each
+    /// grant is then adopted by the store ([`OutboxStore::adopt`]) before the partition is
+    /// touched, so that the store fences older owners. Defaults to false.
+    pub external_leases: bool,
 }
 
 impl RelayConfig {
@@ -51,6 +55,7 @@ impl RelayConfig {
             retry_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             purge_interval: Duration::from_secs(60),
+            external_leases: false,
         }
     }
 
@@ -433,10 +438,15 @@ impl Worker {
     /// Relays until asked to stop. `Ok(clean)` says whether every message possibly
     /// published under this lease was marked.
     async fn relay_partition(&self) -> Result<bool, Interrupted> {
+        let takeover = if self.config.external_leases {
+            self.adopt().await?
+        } else {
+            self.lease.takeover.clone()
+        };
         if let Takeover::Unclean {
             since_expiry,
             checkpoint,
-        } = self.lease.takeover
+        } = takeover
         {
             self.reconcile(checkpoint, since_expiry).await?;
         }
@@ -569,6 +579,38 @@ impl Worker {
                     warn!(partition = self.partition(), error = %err, retry_in_ms = delay.as_millis() as u64, "mark failed");
                     sleep(delay).await;
                     self.ensure_lease()?;
+                }
+            }
+        }
+    }
+
+    /// Has the store adopt an external lease, retrying outages while the lease lasts;
+    /// returns the takeover completed with the checkpoint the store recorded.
+    async fn adopt(&self) -> Result<Takeover, Interrupted> {
+        let mut backoff = self.config.backoff();
+        loop {
+            self.ensure_lease()?;
+            match self.store.adopt(&self.lease).await {
+                Ok(recorded) => {
+                    return Ok(match self.lease.takeover {
+                        Takeover::Clean => Takeover::Clean,
+                        Takeover::Unclean {
+                            since_expiry,
+                            checkpoint,
+                        } => Takeover::Unclean {
+                            since_expiry,
+                            checkpoint: checkpoint.max(recorded),
+                        },
+                    });
+                }
+                Err(StoreError::Fenced { partition, epoch }) => {
+                    error!(partition, epoch, "the outbox already holds a newer fencing epoch than the lease backend granted; the backend lost its epochs (e.g. Redis restarted without persistence) or relays use different lease backends: restart the relays so that the backend's epochs start above the outbox's");
+                    return Err(Interrupted::LeaseLost);
+                }
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    warn!(partition = self.partition(), error = %err, retry_in_ms = delay.as_millis() as u64, "adopting the lease failed");
+                    self.pause(delay).await?;
                 }
             }
         }

@@ -121,6 +121,28 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Records (or, with `None`, clears) why the partition cannot move, for `status`.
     async fn set_blocked(&self, lease: &Lease, reason: Option<&str>) -> Result<(), StoreError>;
 
+    /// Makes `lease`, granted by a lease backend outside this store (Redis, etcd), the
+    /// partition's owner here, so that the store can fence older owners itself.
+    ///
+    /// Contract: raises the partition's fencing epoch to `lease.epoch`, never lowering it;
+    /// fails with [`StoreError::Fenced`] if a newer epoch (or the same epoch held by another
+    /// owner) is already there. From then on, with external leases, `mark_published` and
+    /// `set_blocked` succeed only under the lease whose epoch (and owner) equals the
+    /// partition's fencing epoch, checked in the same statement. Adopting the same lease
+    /// again is harmless. Returns the partition's last recorded checkpoint, which the lease
+    /// backend cannot know and an unclean takeover reconciles from. The relay calls it once
+    /// per grant, before it reconciles or fetches. Stores whose leases are all their own
+    /// keep the default, which refuses.
+    async fn adopt(&self, lease: &Lease) -> Result<Option<u64>, StoreError> {
+        Err(StoreError::Other(
+            format!(
+                "this outbox store does not support leases held outside it (partition {}): use leases.type = \"store\"",
+                lease.partition
+            )
+            .into(),
+        ))
+    }
+
     /// Runs until an error, waking partitions when new messages commit. Stores without
     /// notifications keep the default, and the relay polls.
     async fn watch(&self, wakers: &Wakers) -> Result<(), StoreError> {

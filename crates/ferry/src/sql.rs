@@ -65,6 +65,10 @@ pub struct StoreSettings {
     /// Keep published rows this long (for replay) instead of deleting them when marked.
     /// Defaults to zero: delete at once.
     pub retention: Duration,
+    /// Leases come from a backend outside the store (Redis, etcd) and are adopted
+    /// ([`OutboxStore::adopt`](ferry_core::OutboxStore::adopt)): marks then check the
+    /// adopted epoch and owner instead of the store's own lease expiry. Defaults to false.
+    pub external_leases: bool,
 }
 
 impl Default for StoreSettings {
@@ -73,6 +77,7 @@ impl Default for StoreSettings {
             table_prefix: TablePrefix::default(),
             max_payload_bytes: 1024 * 1024,
             retention: Duration::ZERO,
+            external_leases: false,
         }
     }
 }

@@ -32,6 +32,7 @@ async fn outbox_with(partitions: u32, retention: Duration) -> PgOutbox {
         table_prefix: TablePrefix::new(prefix).unwrap(),
         max_payload_bytes: 1024,
         retention,
+        ..StoreSettings::default()
     };
     let outbox = PgOutbox::connect(&pg_url(), 8, settings).await.unwrap();
     outbox.migrate(partitions).await.unwrap();

@@ -40,6 +40,8 @@ struct Statements {
     fetch: String,
     mark: String,
     set_blocked: String,
+    adopt: String,
+    highest_epoch: String,
     status: String,
     purge: String,
     heartbeat: String,
@@ -58,12 +60,26 @@ impl Statements {
         } else {
             queries::MARK_KEEP
         };
+        // Owners are bound as $5 in marks, $4 when recording a blocked reason.
+        let fence = |owner: &str| {
+            if settings.external_leases {
+                queries::FENCE_ADOPTED_LEASE.replace("{owner}", owner)
+            } else {
+                queries::FENCE_OWN_LEASE.to_owned()
+            }
+        };
         Self {
             enqueue: p.render(queries::ENQUEUE),
             partitions: p.render(queries::PARTITIONS),
             fetch: p.render(&queries::FETCH.replace("{cols}", OUTBOX_COLUMNS)),
-            mark: p.render(&queries::MARK.replace("{mark}", mark_rows)),
-            set_blocked: p.render(queries::SET_BLOCKED),
+            mark: p.render(
+                &queries::MARK
+                    .replace("{mark}", mark_rows)
+                    .replace("{fence}", &fence("$5")),
+            ),
+            set_blocked: p.render(&queries::SET_BLOCKED.replace("{fence}", &fence("$4"))),
+            adopt: p.render(queries::ADOPT),
+            highest_epoch: p.render(queries::HIGHEST_EPOCH),
             status: p.render(queries::STATUS),
             purge: p.render(queries::PURGE),
             heartbeat: p.render(queries::HEARTBEAT),
@@ -195,6 +211,15 @@ impl PgOutbox {
         tx.commit().await.map_err(store_error)
     }
 
+    /// The highest fencing epoch of any partition: a lease backend outside the store must
+    /// grant epochs above it (see [`OutboxStore::adopt`]).
+    pub async fn highest_epoch(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(self.statements.highest_epoch.as_str()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)
+    }
+
     /// Writes `message` into the outbox inside the caller's transaction (pass `&mut tx`),
     /// assigning its id, its aggregate's next version and its partition. Writers of one
     /// aggregate are serialised until commit, so version order is commit order (G3).
@@ -271,6 +296,7 @@ impl OutboxStore for PgOutbox {
                 .bind(lease.epoch)
                 .bind(ids)
                 .bind(checkpoint.map(|c| c as i64))
+                .bind(&lease.owner)
                 .fetch_one(&self.pool)
                 .await
                 .map_err(store_error)?;
@@ -284,14 +310,40 @@ impl OutboxStore for PgOutbox {
     }
 
     async fn set_blocked(&self, lease: &Lease, reason: Option<&str>) -> Result<(), StoreError> {
-        sqlx::query(sqlx::AssertSqlSafe(self.statements.set_blocked.as_str()))
+        let changed = sqlx::query(sqlx::AssertSqlSafe(self.statements.set_blocked.as_str()))
             .bind(lease.partition as i32)
             .bind(lease.epoch)
             .bind(reason)
+            .bind(&lease.owner)
             .execute(&self.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(store_error)?
+            .rows_affected();
+        if changed == 0 {
+            return Err(StoreError::Fenced {
+                partition: lease.partition,
+                epoch: lease.epoch,
+            });
+        }
         Ok(())
+    }
+
+    async fn adopt(&self, lease: &Lease) -> Result<Option<u64>, StoreError> {
+        let adopted: Option<Option<i64>> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(self.statements.adopt.as_str()))
+                .bind(lease.partition as i32)
+                .bind(lease.epoch)
+                .bind(&lease.owner)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+        match adopted {
+            Some(checkpoint) => Ok(checkpoint.and_then(|c| u64::try_from(c).ok())),
+            None => Err(StoreError::Fenced {
+                partition: lease.partition,
+                epoch: lease.epoch,
+            }),
+        }
     }
 
     async fn watch(&self, wakers: &Wakers) -> Result<(), StoreError> {

@@ -9,11 +9,11 @@ pub(super) const PARTITIONS: &str = "SELECT value FROM {p}meta WHERE key = 'part
 pub(super) const FETCH: &str = "SELECT {cols} FROM {p}outbox \
      WHERE partition_no = $1 AND published_at IS NULL ORDER BY sequence LIMIT $2";
 
-/// The fenced mark: the lease row is updated (and so locked) only if the epoch is current
-/// and unexpired, and rows change only if it was. `{mark}` deletes or stamps them.
+/// The fenced mark: the lease row is updated (and so locked) only if the lease is current
+/// (`{fence}`), and rows change only if it was. `{mark}` deletes or stamps them.
 pub(super) const MARK: &str = "WITH lease AS ( \
          UPDATE {p}leases SET checkpoint = greatest(checkpoint, $4) \
-         WHERE partition_no = $1 AND epoch = $2 AND expires_at > now() RETURNING 1 \
+         WHERE partition_no = $1 AND {fence} RETURNING 1 \
      ), marked AS ( \
          {mark} AND EXISTS (SELECT 1 FROM lease) RETURNING 1 \
      ) SELECT (SELECT count(*) FROM lease) AS leased, (SELECT count(*) FROM marked) AS marked";
@@ -25,7 +25,27 @@ pub(super) const MARK_KEEP: &str = "UPDATE {p}outbox SET published_at = now() \
      WHERE partition_no = $1 AND id = ANY($3) AND published_at IS NULL";
 
 pub(super) const SET_BLOCKED: &str =
-    "UPDATE {p}leases SET blocked_reason = $3 WHERE partition_no = $1 AND epoch = $2";
+    "UPDATE {p}leases SET blocked_reason = $3 WHERE partition_no = $1 AND {fence}";
+
+/// `{fence}` of leases granted by this store: epoch `$2` is current and unexpired.
+pub(super) const FENCE_OWN_LEASE: &str = "epoch = $2 AND expires_at > now()";
+
+/// `{fence}` of adopted leases: epoch `$2` held by `{owner}` (the statement's owner
+/// parameter) is the adopted one. Expiry is the lease backend's business: a newer owner
+/// adopts before it touches anything, which moves the epoch on.
+pub(super) const FENCE_ADOPTED_LEASE: &str = "epoch = $2 AND owner = {owner}";
+
+/// Raises the fencing epoch to `$2` for owner `$3`, never lowering it; returns the
+/// checkpoint, or no row when a newer epoch (or another owner of `$2`) is there. A new
+/// epoch clears the previous owner's blocked reason: the new owner records it again if
+/// the message still fails.
+pub(super) const ADOPT: &str = "UPDATE {p}leases \
+     SET owner = $3, epoch = $2, \
+         blocked_reason = CASE WHEN epoch = $2 THEN blocked_reason END \
+     WHERE partition_no = $1 AND (epoch < $2 OR (epoch = $2 AND owner = $3)) \
+     RETURNING checkpoint";
+
+pub(super) const HIGHEST_EPOCH: &str = "SELECT coalesce(max(epoch), 0) FROM {p}leases";
 
 pub(super) const STATUS: &str = "SELECT l.partition_no, \
          CASE WHEN l.expires_at > now() THEN l.owner END AS owner, l.epoch, \

@@ -75,7 +75,7 @@ impl SqliteOutbox {
 
     /// Uses an existing pool (e.g. the application's own), configured by the caller.
     pub fn new(pool: SqlitePool, settings: StoreSettings) -> Self {
-        let queries = Queries::new(&settings.table_prefix);
+        let queries = Queries::new(&settings.table_prefix, settings.external_leases);
         Self {
             pool,
             settings,
@@ -221,6 +221,15 @@ impl SqliteOutbox {
             partition,
             sequence,
         })
+    }
+
+    /// The highest fencing epoch of any partition: a lease backend outside the store must
+    /// grant epochs above it (see [`OutboxStore::adopt`](ferry_core::OutboxStore::adopt)).
+    pub async fn highest_epoch(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(self.queries.highest_epoch.clone())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)
     }
 
     /// P, from the cache or the database.

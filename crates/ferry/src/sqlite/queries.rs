@@ -52,12 +52,28 @@ const FETCH: &str = "SELECT {columns} FROM {p}outbox \
      ORDER BY sequence LIMIT ?2";
 
 /// The fence of every mark: changes the lease row (recording the checkpoint, never moving
-/// it back) only while `(owner, epoch)` holds an unexpired lease. Run first in the mark's
-/// write transaction, so no grant can slip in between the check and the mark.
+/// it back) only while `(owner, epoch)` holds the partition (`{fence}`). Run first in the
+/// mark's write transaction, so no grant or adoption can slip in between the check and
+/// the mark.
 const CHECK_LEASE: &str = "UPDATE {p}leases \
      SET checkpoint = CASE WHEN ?4 IS NULL OR (checkpoint IS NOT NULL AND checkpoint >= ?4) \
          THEN checkpoint ELSE ?4 END \
-     WHERE partition_no = ?1 AND epoch = ?2 AND owner = ?3 AND expires_at > {now_ms}";
+     WHERE partition_no = ?1 AND {fence}";
+/// `{fence}` of leases granted by this store: `(owner, epoch)` holds an unexpired lease.
+const FENCE_OWN_LEASE: &str = "epoch = ?2 AND owner = ?3 AND expires_at > {now_ms}";
+/// `{fence}` of adopted leases: `(owner, epoch)` is the adopted one. Expiry is the lease
+/// backend's business: a newer owner adopts before it touches anything, which moves the
+/// epoch on.
+const FENCE_ADOPTED_LEASE: &str = "epoch = ?2 AND owner = ?3";
+/// Raises the fencing epoch to `?2` for owner `?3`, never lowering it; returns the
+/// checkpoint, or no row when a newer epoch (or another owner of `?2`) is there. A new
+/// epoch clears the previous owner's blocked reason, as a grant does.
+const ADOPT: &str = "UPDATE {p}leases \
+     SET owner = ?3, epoch = ?2, \
+         blocked_reason = CASE WHEN epoch = ?2 THEN blocked_reason END \
+     WHERE partition_no = ?1 AND (epoch < ?2 OR (epoch = ?2 AND owner = ?3)) \
+     RETURNING checkpoint";
+const HIGHEST_EPOCH: &str = "SELECT COALESCE(MAX(epoch), 0) FROM {p}leases";
 /// `?2` is a JSON array of ids in hex: one prepared statement whatever the batch size.
 const DELETE_PUBLISHED: &str = "DELETE FROM {p}outbox \
      WHERE partition_no = ?1 AND id IN (SELECT unhex(value) FROM json_each(?2))";
@@ -65,7 +81,7 @@ const MARK_PUBLISHED: &str = "UPDATE {p}outbox SET published_at = {now_text} \
      WHERE partition_no = ?1 AND published_at IS NULL \
      AND id IN (SELECT unhex(value) FROM json_each(?2))";
 const SET_BLOCKED: &str = "UPDATE {p}leases SET blocked_reason = ?4 \
-     WHERE partition_no = ?1 AND epoch = ?2 AND owner = ?3 AND expires_at > {now_ms}";
+     WHERE partition_no = ?1 AND {fence}";
 const STATUS: &str = "SELECT l.partition_no, \
          CASE WHEN l.expires_at > {now_ms} THEN l.owner END AS owner, \
          l.epoch, l.expires_at, l.blocked_reason, \
@@ -121,8 +137,13 @@ const INBOX_ADVANCE: &str = "INSERT INTO {p}inbox_versions (consumer, aggregate_
      DO UPDATE SET version = excluded.version WHERE excluded.version > version";
 
 fn render(prefix: &TablePrefix, sql: &str) -> SqlStr {
+    render_fenced(prefix, sql, FENCE_OWN_LEASE)
+}
+
+/// Renders `sql` with `fence` as its `{fence}`.
+fn render_fenced(prefix: &TablePrefix, sql: &str, fence: &str) -> SqlStr {
     let sql = prefix
-        .render(sql)
+        .render(&sql.replace("{fence}", fence))
         .replace("{columns}", OUTBOX_COLUMNS)
         .replace("{now_ms}", NOW_MS)
         .replace("{now_text}", NOW_TEXT);
@@ -143,6 +164,8 @@ pub(super) struct Queries {
     pub(super) insert_outbox: SqlStr,
     pub(super) fetch: SqlStr,
     pub(super) check_lease: SqlStr,
+    pub(super) adopt: SqlStr,
+    pub(super) highest_epoch: SqlStr,
     pub(super) delete_published: SqlStr,
     pub(super) mark_published: SqlStr,
     pub(super) set_blocked: SqlStr,
@@ -160,8 +183,15 @@ pub(super) struct Queries {
 }
 
 impl Queries {
-    pub(super) fn new(prefix: &TablePrefix) -> Self {
+    /// With `external_leases`, marks check the adopted lease instead of the store's own.
+    pub(super) fn new(prefix: &TablePrefix, external_leases: bool) -> Self {
         let r = |sql| render(prefix, sql);
+        let fence = if external_leases {
+            FENCE_ADOPTED_LEASE
+        } else {
+            FENCE_OWN_LEASE
+        };
+        let fenced = |sql| render_fenced(prefix, sql, fence);
         Self {
             migrations: MIGRATIONS.iter().map(|sql| r(sql)).collect(),
             create_meta: r(CREATE_META),
@@ -171,10 +201,12 @@ impl Queries {
             bump_version: r(BUMP_VERSION),
             insert_outbox: r(INSERT_OUTBOX),
             fetch: r(FETCH),
-            check_lease: r(CHECK_LEASE),
+            check_lease: fenced(CHECK_LEASE),
+            adopt: r(ADOPT),
+            highest_epoch: r(HIGHEST_EPOCH),
             delete_published: r(DELETE_PUBLISHED),
             mark_published: r(MARK_PUBLISHED),
-            set_blocked: r(SET_BLOCKED),
+            set_blocked: fenced(SET_BLOCKED),
             status: r(STATUS),
             purge_published: r(PURGE_PUBLISHED),
             now: r(NOW),
@@ -215,9 +247,9 @@ mod tests {
     #[test]
     fn renders_every_placeholder() {
         let prefix = TablePrefix::default();
-        let queries = Queries::new(&prefix);
+        let queries = Queries::new(&prefix, true);
         let rendered = format!("{queries:?}");
-        for placeholder in ["{p}", "{columns}", "{now_ms}", "{now_text}"] {
+        for placeholder in ["{p}", "{columns}", "{now_ms}", "{now_text}", "{fence}"] {
             assert!(
                 !rendered.contains(placeholder),
                 "{placeholder} left in {rendered}"

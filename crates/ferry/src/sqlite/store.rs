@@ -120,6 +120,25 @@ impl OutboxStore for SqliteOutbox {
         Ok(())
     }
 
+    /// One statement: the write lock it takes orders it against marks and other adoptions.
+    async fn adopt(&self, lease: &Lease) -> Result<Option<u64>, StoreError> {
+        let adopted: Option<Option<i64>> = sqlx::query_scalar(self.queries.adopt.clone())
+            .bind(i64::from(lease.partition))
+            .bind(lease.epoch)
+            .bind(&lease.owner)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?;
+        let checkpoint = adopted.ok_or_else(|| fenced(lease))?;
+        debug!(
+            partition = lease.partition,
+            epoch = lease.epoch,
+            checkpoint,
+            "lease adopted"
+        );
+        Ok(checkpoint.and_then(|c| u64::try_from(c).ok()))
+    }
+
     async fn status(&self) -> Result<Vec<PartitionStatus>, StoreError> {
         let rows: Vec<StatusRow> = sqlx::query_as(self.queries.status.clone())
             .fetch_all(&self.pool)
