@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use ferry::file::FileSinkConfig;
@@ -23,6 +23,8 @@ pub(crate) struct Config {
     pub(crate) sink: SinkConfig,
     #[serde(default)]
     pub(crate) relay: RelaySection,
+    #[serde(default)]
+    pub(crate) leases: LeasesConfig,
 }
 
 /// Where the outbox lives.
@@ -44,6 +46,94 @@ pub(crate) enum StoreConfig {
 
 fn default_pool_size() -> u32 {
     8
+}
+
+/// Where partition leases live. Leases outside the store are adopted by it, and the
+/// store keeps refusing marks made under older epochs (fencing).
+#[derive(Debug, Default, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum LeasesConfig {
+    /// In the outbox store's own lease table. The default.
+    #[default]
+    Store,
+    /// In Redis: `SET NX PX` ownership keys, epochs from `INCR`.
+    Redis {
+        /// `redis://[user:password@]host:port[/db]`; a secret, never logged.
+        url: SecretString,
+        /// Prefix of every lease key, one per outbox. Defaults to `ferry:`.
+        #[serde(default = "default_redis_key_prefix")]
+        key_prefix: String,
+    },
+    /// In etcd v3: a lease with keep-alive per partition; revisions are the epochs.
+    Etcd {
+        /// `http://host:port` of one or more cluster members.
+        endpoints: Vec<String>,
+        /// Prefix of every lease key, one per outbox. Defaults to `ferry/`.
+        #[serde(default = "default_etcd_key_prefix")]
+        key_prefix: String,
+        /// For clusters with authentication on; with `password`.
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password: Option<SecretString>,
+    },
+}
+
+fn default_redis_key_prefix() -> String {
+    "ferry:".into()
+}
+
+fn default_etcd_key_prefix() -> String {
+    "ferry/".into()
+}
+
+impl LeasesConfig {
+    pub(crate) fn is_external(&self) -> bool {
+        !matches!(self, Self::Store)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let key_prefix = match self {
+            Self::Store => return Ok(()),
+            Self::Redis { url, key_prefix } => {
+                let url = url.expose_secret();
+                if url.starts_with("rediss://") {
+                    bail!("leases.url: TLS (rediss://) is not built into this ferry; use redis:// over a trusted network or a TLS tunnel");
+                }
+                if !["redis://", "unix://", "redis+unix://"]
+                    .iter()
+                    .any(|scheme| url.starts_with(scheme))
+                {
+                    bail!("leases.url must start with redis:// (or unix:// for a socket), e.g. redis://127.0.0.1:6379");
+                }
+                key_prefix
+            }
+            Self::Etcd {
+                endpoints,
+                key_prefix,
+                username,
+                password,
+            } => {
+                if endpoints.is_empty() {
+                    bail!("leases.endpoints is empty: list the etcd members, e.g. [\"http://127.0.0.1:2379\"]");
+                }
+                if let Some(bad) = endpoints.iter().find(|e| {
+                    let rest = e.strip_prefix("http://").unwrap_or_default();
+                    rest.is_empty() || rest.contains(char::is_whitespace)
+                }) {
+                    bail!("leases.endpoints: {bad:?} is not an http://host:port address (TLS to etcd is not built into this ferry)");
+                }
+                if username.is_some() != password.is_some() {
+                    bail!("leases.username and leases.password go together: set both or neither");
+                }
+                key_prefix
+            }
+        };
+        if key_prefix.is_empty() || key_prefix.contains(char::is_whitespace) {
+            bail!("leases.key_prefix = {key_prefix:?} must be non-empty without spaces, one per outbox (e.g. \"ferry:orders:\")");
+        }
+        Ok(())
+    }
 }
 
 /// Settings of the outbox tables, the same for every SQL store.
@@ -199,7 +289,7 @@ impl Config {
         if let SinkConfig::Nats(nats) = &self.sink {
             nats.validate().context("sink")?;
         }
-        Ok(())
+        self.leases.validate()
     }
 
     pub(crate) fn store_settings(&self) -> StoreSettings {
@@ -207,6 +297,7 @@ impl Config {
             table_prefix: TablePrefix::new(self.outbox.table_prefix.clone()).unwrap_or_default(),
             max_payload_bytes: self.outbox.max_payload_bytes,
             retention: Duration::from_secs(self.outbox.retention_secs),
+            external_leases: self.leases.is_external(),
         }
     }
 
@@ -220,6 +311,7 @@ impl Config {
         config.retry_initial = Duration::from_millis(r.retry_initial_ms);
         config.retry_max = Duration::from_millis(r.retry_max_ms);
         config.shutdown_timeout = Duration::from_secs(r.shutdown_timeout_secs);
+        config.external_leases = self.leases.is_external();
         config
     }
 }
@@ -303,6 +395,31 @@ mod tests {
             "{MINIMAL}[outbox]\ntable_prefix = \"Bad-Prefix\"\n"
         ));
         assert!(err.contains("table_prefix"), "{err}");
+    }
+
+    #[test]
+    fn leases_default_to_the_store_and_external_ones_are_checked() {
+        let config = Config::from_toml(MINIMAL).expect("valid");
+        assert!(!config.leases.is_external());
+        assert!(!config.relay_config().external_leases);
+        let config = Config::from_toml(&format!(
+            "{MINIMAL}[leases]\ntype = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"
+        ))
+        .expect("valid");
+        assert!(config.relay_config().external_leases && config.store_settings().external_leases);
+        for (leases, expected) in [
+            ("type = \"zookeeper\"", "redis"),
+            ("type = \"redis\"\nurl = \"http://x\"", "leases.url"),
+            ("type = \"redis\"\nurl = \"rediss://x\"", "TLS"),
+            ("type = \"redis\"\nurl = \"redis://x\"\nkey_prefix = \"\"", "leases.key_prefix"),
+            ("type = \"etcd\"\nendpoints = []", "leases.endpoints"),
+            ("type = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]", "http://"),
+            ("type = \"etcd\"\nendpoints = [\"http://x\"]\nusername = \"u\"", "leases.password"),
+            ("type = \"etcd\"\nendpoints = [\"http://x\"]\nurl = \"u\"", "url"),
+        ] {
+            let err = error_of(&format!("{MINIMAL}[leases]\n{leases}\n"));
+            assert!(err.contains(expected), "{leases}: {err}");
+        }
     }
 
     #[test]

@@ -109,20 +109,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
             else {
                 return Ok(());
             };
+            let Some(leases) = wiring::retry_until_ready("leases", &shutdown, || {
+                wiring::Leases::open(&config, &store)
+            })
+            .await?
+            else {
+                return Ok(());
+            };
             let Some(sink) =
                 wiring::retry_until_ready("sink", &shutdown, || wiring::open_sink(&config.sink))
                     .await?
             else {
                 return Ok(());
             };
-            let relay =
-                ferry::Relay::new(store.outbox(), store.leases(), sink, config.relay_config());
+            let relay = ferry::Relay::new(
+                store.outbox(),
+                leases.lease_store(),
+                sink,
+                config.relay_config(),
+            );
             relay.run(shutdown).await.context("relay stopped")
         }
         Command::Status { config, json } => {
             let config = Config::load(&config)?;
             let store = wiring::Store::open(&config).await?;
-            let status = store.outbox().status().await?;
+            let mut status = store.outbox().status().await?;
+            show_external_owners(&config, &store, &mut status).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -132,6 +144,30 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// Fills in the owners from a lease backend outside the store, which the store cannot
+/// know; the rest of the status stands on its own if that backend is unreachable.
+async fn show_external_owners(
+    config: &Config,
+    store: &wiring::Store,
+    status: &mut [ferry::PartitionStatus],
+) {
+    let owners = match wiring::Leases::open(config, store).await {
+        Ok(leases) => leases.owners().await.map_err(anyhow::Error::from),
+        Err(err) => Err(err),
+    };
+    match owners {
+        Ok(Some(owners)) => {
+            for partition in status.iter_mut() {
+                partition.owner = owners.get(&partition.partition).cloned();
+            }
+        }
+        Ok(None) => {}
+        Err(err) => {
+            tracing::warn!(error = format!("{err:#}"), "lease owners unknown: cannot read the lease backend")
+        }
     }
 }
 

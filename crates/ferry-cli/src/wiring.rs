@@ -1,5 +1,6 @@
-//! Turns a [`Config`] into a store and a sink.
+//! Turns a [`Config`] into a store, its leases and a sink.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -11,10 +12,11 @@ use ferry::backoff::Backoff;
 use ferry::file::{FileSink, FileSinkConfig};
 use ferry::nats::NatsSink;
 use ferry::postgres::PgOutbox;
+use ferry::redis_lease::RedisLeases;
 use ferry::sqlite::SqliteOutbox;
-use ferry::{LeaseStore, OutboxStore, Sink};
+use ferry::{LeaseStore, OutboxStore, Sink, StoreError};
 
-use crate::config::{Config, SinkConfig, StoreConfig};
+use crate::config::{Config, LeasesConfig, SinkConfig, StoreConfig};
 
 /// An opened outbox store; it is its own lease store.
 #[derive(Debug, Clone)]
@@ -63,6 +65,93 @@ impl Store {
             Self::Postgres(s) => s.clone(),
             Self::Sqlite(s) => s.clone(),
         }
+    }
+
+    /// The highest fencing epoch in the store, above which an external lease backend must
+    /// grant. A store that cannot adopt external leases refuses here.
+    async fn highest_epoch(&self) -> Result<i64, StoreError> {
+        match self {
+            Self::Postgres(s) => s.highest_epoch().await,
+            Self::Sqlite(s) => s.highest_epoch().await,
+        }
+    }
+}
+
+/// Where the relay's partition leases live: the store itself, or a backend outside it
+/// whose grants the store adopts.
+#[derive(Debug, Clone)]
+pub(crate) enum Leases {
+    Store(Store),
+    Redis(Arc<RedisLeases>),
+    #[cfg(feature = "etcd-lease")]
+    Etcd(Arc<ferry::etcd_lease::EtcdLeases>),
+}
+
+impl Leases {
+    /// Opens the configured backend for `store`'s partitions, with epochs above every one
+    /// the store holds.
+    pub(crate) async fn open(config: &Config, store: &Store) -> anyhow::Result<Self> {
+        if !config.leases.is_external() {
+            return Ok(Self::Store(store.clone()));
+        }
+        let partitions = store.outbox().partitions().await?;
+        let floor = store.highest_epoch().await?;
+        Ok(match &config.leases {
+            LeasesConfig::Store => Self::Store(store.clone()),
+            LeasesConfig::Redis { url, key_prefix } => Self::Redis(Arc::new(
+                RedisLeases::connect(url.expose_secret(), key_prefix, partitions, floor)
+                    .await
+                    .context("connecting to Redis for leases (leases.url)")?,
+            )),
+            #[cfg(feature = "etcd-lease")]
+            LeasesConfig::Etcd {
+                endpoints,
+                key_prefix,
+                username,
+                password,
+            } => {
+                let connection = ferry::etcd_lease::EtcdConnection {
+                    endpoints,
+                    credentials: username
+                        .as_deref()
+                        .zip(password.as_ref().map(ExposeSecret::expose_secret)),
+                    key_prefix,
+                };
+                Self::Etcd(Arc::new(
+                    ferry::etcd_lease::EtcdLeases::connect(connection, partitions, floor)
+                        .await
+                        .context("connecting to etcd for leases (leases.endpoints)")?,
+                ))
+            }
+            #[cfg(not(feature = "etcd-lease"))]
+            LeasesConfig::Etcd { .. } => {
+                // Not retryable: waiting will not add the feature.
+                return Err(StoreError::Other(
+                    "this ferry was built without etcd leases (leases.type = \"etcd\"): build it with `cargo build --release --features etcd-lease`, which needs protoc".into(),
+                )
+                .into());
+            }
+        })
+    }
+
+    pub(crate) fn lease_store(&self) -> Arc<dyn LeaseStore> {
+        match self {
+            Self::Store(store) => store.leases(),
+            Self::Redis(leases) => leases.clone(),
+            #[cfg(feature = "etcd-lease")]
+            Self::Etcd(leases) => leases.clone(),
+        }
+    }
+
+    /// Who holds each partition, per a backend outside the store (whose status cannot
+    /// know); `None` when the store holds the leases and reports them itself.
+    pub(crate) async fn owners(&self) -> Result<Option<BTreeMap<u32, String>>, StoreError> {
+        Ok(Some(match self {
+            Self::Store(_) => return Ok(None),
+            Self::Redis(leases) => leases.owners().await?,
+            #[cfg(feature = "etcd-lease")]
+            Self::Etcd(leases) => leases.owners().await?,
+        }))
     }
 }
 

@@ -21,3 +21,9 @@ pub mod nats;
 
 #[cfg(feature = "file")]
 pub mod file;
+
+#[cfg(feature = "redis-lease")]
+pub mod redis_lease;
+
+#[cfg(feature = "etcd-lease")]
+pub mod etcd_lease;
