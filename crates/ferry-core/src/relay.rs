@@ -443,6 +443,7 @@ impl Worker {
         } else {
             self.lease.takeover.clone()
         };
+        self.hand_to_sink().await?;
         if let Takeover::Unclean {
             since_expiry,
             checkpoint,
@@ -538,6 +539,22 @@ impl Worker {
         }
         self.ensure_lease()?;
         Ok(!maybe_unmarked)
+    }
+
+    /// Tells the sink that this lease starts, retrying while the lease lasts.
+    async fn hand_to_sink(&self) -> Result<(), Interrupted> {
+        let mut backoff = self.config.backoff();
+        loop {
+            self.ensure_lease()?;
+            match self.sink.acquired(&self.lease).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    warn!(partition = self.partition(), error = %err, retry_in_ms = delay.as_millis() as u64, "the sink cannot take the partition on yet; retrying");
+                    self.pause(delay).await?;
+                }
+            }
+        }
     }
 
     fn ensure_lease(&self) -> Result<(), Interrupted> {

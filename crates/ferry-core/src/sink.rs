@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use crate::lease::Lease;
 use crate::message::Message;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -90,6 +91,15 @@ impl std::fmt::Debug for ReconcileRequest<'_> {
 pub trait Sink: Send + Sync + 'static {
     /// Publishes `batch` in order; returns one outcome per message, in the same order.
     async fn publish(&self, batch: &[Message]) -> Vec<Result<Delivery, SinkError>>;
+
+    /// Called when this relay starts owning `lease.partition`, before it reconciles or
+    /// publishes anything under the lease: sinks that fence per owner (a transactional
+    /// producer, NATS subject sequences) forget what they knew under an earlier lease.
+    /// An error is retried with backoff while the lease lasts.
+    async fn acquired(&self, lease: &Lease) -> Result<(), SinkError> {
+        let _ = lease;
+        Ok(())
+    }
 
     /// Ids of messages of `request.partition` that the broker already holds beyond the
     /// checkpoint, so the new owner marks them instead of sending them again (G4). Sinks

@@ -455,3 +455,74 @@ async fn connect_errors_name_the_problem() -> Result {
     }
     Ok(())
 }
+
+fn lease(partition: u32, epoch: i64, owner: &str) -> ferry::Lease {
+    ferry::Lease {
+        partition,
+        epoch,
+        owner: owner.into(),
+        takeover: ferry::Takeover::Clean,
+    }
+}
+
+/// A relay that lost its partition while paused resumes with a stale batch: JetStream
+/// refuses it at the subject's first message, and nothing after that is stored.
+#[tokio::test]
+async fn a_zombie_relays_batch_is_refused_by_jetstream_when_fencing() -> Result {
+    let mut config = unique_config();
+    let prefix = config.subjects[0].trim_end_matches(".>").to_owned();
+    config.subject_template = format!("{prefix}.{{aggregate_type}}.p{{partition}}");
+    assert_eq!(config.fencing, None, "on by default for partition subjects");
+    let zombie = NatsSink::connect(&config).await?;
+    let owner = NatsSink::connect(&config).await?;
+
+    zombie.acquired(&lease(3, 1, "zombie")).await?;
+    positions(
+        zombie
+            .publish(&[message("a", 1, "1"), message("b", 1, "1")])
+            .await,
+    )?;
+    // The zombie pauses; its lease expires and another relay takes the partition on.
+    owner.acquired(&lease(3, 2, "owner")).await?;
+    positions(
+        owner
+            .publish(&[message("a", 2, "2"), message("c", 1, "1")])
+            .await,
+    )?;
+
+    let stale = [message("a", 2, "stale"), message("d", 1, "stale")];
+    let outcomes = zombie.publish(&stale).await;
+    let refused = outcomes[0]
+        .as_ref()
+        .expect_err("the zombie's head is refused");
+    assert!(refused.to_string().contains("fenced"), "{refused}");
+    assert!(
+        outcomes[1].is_err(),
+        "nothing after the refused head is sent"
+    );
+    assert_eq!(stream_count(&config).await?, 4);
+
+    // The owner goes on, checked against its own last sequence.
+    positions(owner.publish(&[message("a", 3, "3")]).await)?;
+    // Had the zombie been right after all (it still owned the partition), its next
+    // attempt looks the sequence up again rather than staying stuck.
+    positions(zombie.publish(&[message("e", 1, "1")]).await)?;
+    assert_eq!(stream_count(&config).await?, 6);
+    delete_stream(&config).await
+}
+
+/// Without fencing the same stale batch is stored: what the test above relies on.
+#[tokio::test]
+async fn without_fencing_a_zombies_batch_is_stored() -> Result {
+    let mut config = unique_config();
+    let prefix = config.subjects[0].trim_end_matches(".>").to_owned();
+    config.subject_template = format!("{prefix}.{{aggregate_type}}.p{{partition}}");
+    config.fencing = Some(false);
+    let zombie = NatsSink::connect(&config).await?;
+    let owner = NatsSink::connect(&config).await?;
+    positions(zombie.publish(&[message("a", 1, "1")]).await)?;
+    positions(owner.publish(&[message("a", 2, "2")]).await)?;
+    positions(zombie.publish(&[message("b", 1, "stale")]).await)?;
+    assert_eq!(stream_count(&config).await?, 3);
+    delete_stream(&config).await
+}

@@ -8,7 +8,7 @@ use async_nats::ServerAddr;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::subject::SubjectTemplate;
+use super::subject::{Field, SubjectTemplate};
 
 /// Largest accepted `max_acks_in_flight`: permits are taken per batch window with a `u32`
 /// count, and more than this many unacknowledged publishes only adds memory, not speed.
@@ -34,6 +34,11 @@ pub const MAX_ACKS_IN_FLIGHT_LIMIT: usize = 1 << 20;
 ///   JetStream is fast only with many in flight (87k msg/s at 256, 143k at 4096).
 /// - `ack_timeout_secs = 10`: how long to wait for one ack (and for JetStream API replies)
 ///   before the publish counts as failed and is retried.
+/// - `fencing`: whether a publish carries `Nats-Expected-Last-Subject-Sequence`, so that
+///   JetStream itself refuses a message from a relay that lost the partition (see the
+///   module docs of `nats`). It needs subjects that only one partition writes: unset
+///   means on when `subject_template` has `{partition}` and no `{aggregate_id}` (one
+///   check per subject per batch would then be one per message), off otherwise.
 /// - `source`: the CloudEvents `source` of every event; unset means
 ///   `ferry://<aggregate_type>`.
 /// - `credentials_file`: a NATS `.creds` file (JWT and NKey seed); unset means none.
@@ -48,6 +53,7 @@ pub struct NatsSinkConfig {
     pub duplicate_window_secs: u64,
     pub max_acks_in_flight: usize,
     pub ack_timeout_secs: u64,
+    pub fencing: Option<bool>,
     pub source: Option<String>,
     pub credentials_file: Option<PathBuf>,
     pub token: Option<SecretString>,
@@ -63,6 +69,7 @@ impl Default for NatsSinkConfig {
             duplicate_window_secs: 120,
             max_acks_in_flight: 4096,
             ack_timeout_secs: 10,
+            fencing: None,
             source: None,
             credentials_file: None,
             token: None,
@@ -97,6 +104,7 @@ pub(crate) struct Checked {
     pub(crate) template: SubjectTemplate,
     pub(crate) duplicate_window: Duration,
     pub(crate) ack_timeout: Duration,
+    pub(crate) fencing: bool,
 }
 
 impl NatsSinkConfig {
@@ -174,9 +182,24 @@ impl NatsSinkConfig {
                 ),
             ));
         }
+        let exclusive = template.uses(Field::Partition) && !template.uses(Field::AggregateId);
+        let fencing = match self.fencing {
+            None => exclusive,
+            Some(true) if !exclusive => {
+                return Err(InvalidNatsConfig::new(
+                    "fencing",
+                    "needs a subject_template with {partition} (so that only one relay writes \
+                     each subject) and without {aggregate_id} (one server check per message \
+                     would end pipelining), e.g. \"ferry.{aggregate_type}.p{partition}\"; or \
+                     set fencing = false",
+                ));
+            }
+            Some(on) => on,
+        };
         Ok(Checked {
             servers,
             template,
+            fencing,
             duplicate_window: Duration::from_secs(self.duplicate_window_secs),
             ack_timeout: Duration::from_secs(self.ack_timeout_secs),
         })
@@ -253,6 +276,37 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert_eq!(NatsSinkConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn fencing_follows_partition_exclusive_subjects() {
+        let with = |template: &str, fencing: Option<bool>| NatsSinkConfig {
+            subject_template: template.into(),
+            fencing,
+            ..NatsSinkConfig::default()
+        };
+        let fenced = |config: NatsSinkConfig| config.check().map(|checked| checked.fencing);
+        assert_eq!(
+            fenced(with("ferry.{aggregate_type}.p{partition}", None)),
+            Ok(true)
+        );
+        assert_eq!(
+            fenced(with("ferry.{aggregate_type}.{event_type}", None)),
+            Ok(false)
+        );
+        assert_eq!(
+            fenced(with("ferry.{partition}.{aggregate_id}", None)),
+            Ok(false)
+        );
+        assert_eq!(fenced(with("ferry.p{partition}", Some(false))), Ok(false));
+        assert_eq!(
+            key_of(&with("ferry.{aggregate_type}.{event_type}", Some(true))),
+            "fencing"
+        );
+        assert_eq!(
+            key_of(&with("ferry.{partition}.{aggregate_id}", Some(true))),
+            "fencing"
+        );
     }
 
     #[test]

@@ -10,16 +10,32 @@
 //! After an unclean takeover, [`Sink::reconcile`] reads the stream's tail beyond that
 //! checkpoint and returns the ids of the partition's messages already stored, so that a
 //! re-send never depends on the dedup window alone (G4).
+//!
+//! Fencing (G5), when the subjects are exclusive to a partition (`fencing`): in each
+//! batch, the first message on each subject carries `Nats-Expected-Last-Subject-Sequence`
+//! = the sequence this owner last stored on that subject (looked up once per lease), and
+//! nothing after it is sent until JetStream accepted it. A relay that lost the partition
+//! while paused has its next such message refused by the server, whatever its clock says:
+//! the check costs one round trip per subject per batch, not per message, so the rest of
+//! the batch stays pipelined. What it cannot stop is the rest of a subject's run that a
+//! relay was already sending when it was paused; the relay's own lease deadline, the
+//! fenced mark, `Nats-Msg-Id` dedup and the consumer's inbox cover that.
 
 mod config;
 mod subject;
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use async_nats::header::{HeaderName, HeaderValue, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::header::{
+    HeaderName, HeaderValue, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID,
+};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, HeaderMap};
 use async_trait::async_trait;
@@ -30,7 +46,7 @@ use uuid::Uuid;
 
 use ferry_core::cloudevents::{Source, binary_attributes, ext, user_headers};
 use ferry_core::message::CONTENT_TYPE_HEADER;
-use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError};
+use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError};
 
 pub use config::{InvalidNatsConfig, MAX_ACKS_IN_FLIGHT_LIMIT, NatsSinkConfig};
 use subject::SubjectTemplate;
@@ -63,6 +79,51 @@ pub struct NatsSink {
     ack_timeout: Duration,
     /// The servers, without credentials, for messages.
     servers: String,
+    /// Set when `fencing` is on.
+    fence: Option<SubjectFence>,
+}
+
+/// The last stream sequence this relay stored on each subject, per partition it owns:
+/// what the first message on that subject in the next batch expects.
+#[derive(Debug, Default)]
+struct SubjectFence {
+    last: Mutex<HashMap<u32, HashMap<String, u64>>>,
+}
+
+impl SubjectFence {
+    fn get(&self, partition: u32, subject: &str) -> Option<u64> {
+        self.lock().get(&partition)?.get(subject).copied()
+    }
+
+    fn set(&self, partition: u32, subject: String, sequence: u64) {
+        self.lock()
+            .entry(partition)
+            .or_default()
+            .insert(subject, sequence);
+    }
+
+    fn forget_subject(&self, partition: u32, subject: &str) {
+        if let Some(subjects) = self.lock().get_mut(&partition) {
+            subjects.remove(subject);
+        }
+    }
+
+    fn forget_partition(&self, partition: u32) {
+        self.lock().remove(&partition);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, HashMap<String, u64>>> {
+        // The map holds plain numbers; one left by a panicking thread is still consistent.
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A sent message whose ack is awaited later, or, for a fenced head, already was.
+enum PendingAck {
+    InFlight(PublishAckFuture),
+    Received(Result<PublishAck, PublishError>),
 }
 
 impl std::fmt::Debug for NatsSink {
@@ -147,15 +208,18 @@ impl NatsSink {
             window: config.max_acks_in_flight,
             ack_timeout: checked.ack_timeout,
             servers,
+            fence: checked.fencing.then(SubjectFence::default),
         })
     }
 
-    /// Publishes one window of a batch: all of it sent, then the acks awaited in order.
+    /// Publishes one window of a batch: all of it sent, then the acks awaited in order
+    /// (a fenced subject's first message in the batch excepted: see the module docs).
     /// Appends one outcome per message sent or refused; returns whether all succeeded, so
     /// that the caller sends nothing after a failure (which would reorder the stream).
     async fn publish_window(
         &self,
         window: &[Message],
+        fenced_subjects: &mut HashSet<String>,
         outcomes: &mut Vec<Result<Delivery, SinkError>>,
     ) -> bool {
         // A window is at most `max_acks_in_flight` long, which validation caps far below
@@ -164,15 +228,45 @@ impl NatsSink {
             outcomes.push(Err(SinkError::retryable("the nats sink is shut down")));
             return false;
         };
-        let mut acks = Vec::with_capacity(window.len());
+        // The subject of each message sent, kept only when fencing needs it.
+        let mut sent: Vec<(Option<String>, PendingAck)> = Vec::with_capacity(window.len());
+        // The relay hands over one partition's messages per batch.
+        let partition = window[0].partition;
         let mut refused = None;
         for message in window {
-            match self.send(message).await {
-                Ok(ack) => acks.push(ack),
+            let subject = self.template.render(message);
+            let expected = match &self.fence {
+                Some(fence) if !fenced_subjects.contains(&subject) => {
+                    match self.expected_sequence(fence, partition, &subject).await {
+                        Ok(sequence) => Some(sequence),
+                        Err(err) => {
+                            refused = Some(err);
+                            break;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let kept = self.fence.is_some().then(|| subject.clone());
+            let ack = match self.send(message, subject, expected).await {
+                Ok(ack) => ack,
                 Err(err) => {
                     refused = Some(err);
                     break;
                 }
+            };
+            if expected.is_none() {
+                sent.push((kept, PendingAck::InFlight(ack)));
+                continue;
+            }
+            let result = ack.await;
+            let accepted = result.is_ok();
+            if let (true, Some(subject)) = (accepted, &kept) {
+                fenced_subjects.insert(subject.clone());
+            }
+            sent.push((kept, PendingAck::Received(result)));
+            if !accepted {
+                break;
             }
         }
         // Each ack's timeout starts when it is awaited, so after one timeout the rest are
@@ -180,20 +274,35 @@ impl NatsSink {
         // ack_timeout per window, not one per message.
         let mut all_ok = true;
         let mut stalled = false;
-        for ack in acks {
-            let result = if stalled {
-                ack.into_future().now_or_never()
-            } else {
-                Some(ack.await)
+        for (subject, pending) in sent {
+            let result = match pending {
+                PendingAck::Received(result) => Some(result),
+                PendingAck::InFlight(ack) if stalled => ack.into_future().now_or_never(),
+                PendingAck::InFlight(ack) => Some(ack.await),
             };
             let outcome = match result {
-                Some(Ok(ack)) => Ok(Delivery {
+                Some(Ok(ack)) => {
                     // A sequence of another stream (the subject was captured elsewhere)
                     // must not become this stream's checkpoint.
-                    position: (ack.stream == self.stream).then_some(ack.sequence),
-                }),
+                    let ours = ack.stream == self.stream;
+                    if let (Some(fence), Some(subject), true, false) =
+                        (&self.fence, subject, ours, ack.duplicate)
+                    {
+                        fence.set(partition, subject, ack.sequence);
+                    }
+                    Ok(Delivery {
+                        position: ours.then_some(ack.sequence),
+                    })
+                }
                 Some(Err(err)) => {
                     stalled |= err.kind() == PublishErrorKind::TimedOut;
+                    if let (Some(fence), Some(subject), PublishErrorKind::WrongLastSequence) =
+                        (&self.fence, &subject, err.kind())
+                    {
+                        // Another relay wrote here: if this one still owns the partition
+                        // (the other was a zombie), the next attempt looks the sequence up.
+                        fence.forget_subject(partition, subject);
+                    }
                     Err(ack_error(err))
                 }
                 None => Err(SinkError::retryable(
@@ -212,11 +321,52 @@ impl NatsSink {
         }
     }
 
-    /// Sends one message without waiting for its ack. Fails before anything is sent when
-    /// the message cannot be encoded or exceeds the server's `max_payload`.
-    async fn send(&self, message: &Message) -> Result<PublishAckFuture, SinkError> {
-        let headers = self.headers(message)?;
-        let subject = self.template.render(message);
+    /// The sequence the next fenced message on `subject` must find there: what this owner
+    /// stored last, or, first in a lease, what the stream holds now (0: nothing yet).
+    async fn expected_sequence(
+        &self,
+        fence: &SubjectFence,
+        partition: u32,
+        subject: &str,
+    ) -> Result<u64, SinkError> {
+        if let Some(sequence) = fence.get(partition, subject) {
+            return Ok(sequence);
+        }
+        let stream = self
+            .jetstream
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|err| {
+                SinkError::retryable(format!("cannot reach stream {}", self.stream))
+                    .with_source(err)
+            })?;
+        let sequence = match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(last) => last.sequence,
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
+            Err(err) => {
+                return Err(SinkError::retryable(format!(
+                    "cannot read the last sequence of subject {subject} for fencing"
+                ))
+                .with_source(err));
+            }
+        };
+        fence.set(partition, subject.to_owned(), sequence);
+        Ok(sequence)
+    }
+
+    /// Sends one message without waiting for its ack, expecting `expected_last` as the
+    /// subject's last sequence when given. Fails before anything is sent when the message
+    /// cannot be encoded or exceeds the server's `max_payload`.
+    async fn send(
+        &self,
+        message: &Message,
+        subject: String,
+        expected_last: Option<u64>,
+    ) -> Result<PublishAckFuture, SinkError> {
+        let mut headers = self.headers(message)?;
+        if let Some(sequence) = expected_last {
+            headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, sequence.to_string());
+        }
         self.jetstream
             .publish_with_headers(subject, headers, message.payload.clone())
             .await
@@ -333,8 +483,12 @@ impl Sink for NatsSink {
     /// sent: those messages are reported retryable ("not sent").
     async fn publish(&self, batch: &[Message]) -> Vec<Result<Delivery, SinkError>> {
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut fenced_subjects = HashSet::new();
         for window in batch.chunks(self.window) {
-            if !self.publish_window(window, &mut outcomes).await {
+            if !self
+                .publish_window(window, &mut fenced_subjects, &mut outcomes)
+                .await
+            {
                 break;
             }
         }
@@ -344,6 +498,14 @@ impl Sink for NatsSink {
             ))
         });
         outcomes
+    }
+
+    /// A new lease: what this relay knew of the partition's subjects may be stale.
+    async fn acquired(&self, lease: &Lease) -> Result<(), SinkError> {
+        if let Some(fence) = &self.fence {
+            fence.forget_partition(lease.partition);
+        }
+        Ok(())
     }
 
     /// Returns nothing when the dedup window still covers re-sends and the tail is too
@@ -546,15 +708,19 @@ fn ack_error(err: jetstream::context::PublishError) -> SinkError {
         PublishErrorKind::MaxPayloadExceeded => {
             SinkError::permanent("message is larger than the nats server's max_payload")
         }
-        PublishErrorKind::WrongLastMessageId
-        | PublishErrorKind::WrongLastSequence
-        | PublishErrorKind::Other => match jetstream_error(&err) {
-            Some(js) if is_transient(js) => {
-                SinkError::retryable("jetstream cannot store the message now")
+        PublishErrorKind::WrongLastSequence => SinkError::retryable(
+            "fenced by jetstream: another relay stored a message on this subject since this \
+             one's last; a relay that still owns the partition looks again and retries",
+        ),
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::Other => {
+            match jetstream_error(&err) {
+                Some(js) if is_transient(js) => {
+                    SinkError::retryable("jetstream cannot store the message now")
+                }
+                Some(_) => SinkError::permanent("jetstream rejected the message"),
+                None => SinkError::retryable("unreadable publish ack"),
             }
-            Some(_) => SinkError::permanent("jetstream rejected the message"),
-            None => SinkError::retryable("unreadable publish ack"),
-        },
+        }
     };
     error.with_source(err)
 }

@@ -14,7 +14,7 @@ const PLACEHOLDERS: &str = "{aggregate_type}, {aggregate_id}, {event_type}, {par
 
 /// A message field a template refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Field {
+pub(crate) enum Field {
     AggregateType,
     AggregateId,
     EventType,
@@ -116,6 +116,11 @@ impl SubjectTemplate {
             }
         }
         tokens.next().is_none()
+    }
+
+    /// Whether the template refers to `field`.
+    pub(crate) fn uses(&self, field: Field) -> bool {
+        self.segments.contains(&Segment::Field(field))
     }
 
     /// The subject of `message`.

@@ -1,0 +1,474 @@
+//! The end-to-end harness every store and sink shares: an isolated scenario (its own
+//! config file and names), real `ferry` processes, and the per-aggregate consistency check
+//! that a consumer of any broker runs on what it received.
+//!
+//! Each `end_to_end*.rs` binary includes this module and uses part of it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use uuid::Uuid;
+
+use ferry::postgres::PgOutbox;
+use ferry::sql::{StoreSettings, TablePrefix};
+use ferry::{NewMessage, ReceivedMessage};
+
+pub fn ferry_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// The service address in `var`, or the local default.
+pub fn service_url(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.into())
+}
+
+pub fn pg_url() -> String {
+    service_url(
+        "FERRY_TEST_PG_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    )
+}
+
+pub fn nats_url() -> String {
+    service_url("FERRY_TEST_NATS_URL", "nats://127.0.0.1:4222")
+}
+
+/// A short random tag that keeps a scenario's tables, streams and topics apart from
+/// every other test's.
+pub fn unique_tag() -> String {
+    Uuid::now_v7().simple().to_string()[20..].to_owned()
+}
+
+/// Relay settings that make takeovers quick: 2 s leases, fast polls and retries.
+pub const FAST_RELAY: &str = r#"
+[relay]
+batch_size = 200
+lease_ttl_secs = 2
+poll_interval_ms = 200
+retry_initial_ms = 50
+retry_max_ms = 1000
+shutdown_timeout_secs = 5
+"#;
+
+/// `[store]` for the test PostgreSQL.
+pub fn pg_store_section() -> String {
+    format!("[store]\ntype = \"postgres\"\nurl = \"{}\"\n", pg_url())
+}
+
+/// `[outbox]` with the scenario's own table prefix.
+pub fn outbox_section(tag: &str, partitions: u32, extra: &str) -> String {
+    format!("[outbox]\ntable_prefix = \"e{tag}_\"\npartitions = {partitions}\n{extra}\n")
+}
+
+/// `[sink]` for the test NATS, into stream `E2E_<tag>` with subjects `e<tag>.>`.
+pub fn nats_sink_section(tag: &str, duplicate_window_secs: u64) -> String {
+    format!(
+        r#"[sink]
+type = "nats"
+url = "{nats}"
+stream = "{stream}"
+subjects = ["e{tag}.>"]
+subject_template = "e{tag}.{{aggregate_type}}.{{event_type}}"
+duplicate_window_secs = {duplicate_window_secs}
+"#,
+        nats = nats_url(),
+        stream = nats_stream(tag),
+    )
+}
+
+pub fn nats_stream(tag: &str) -> String {
+    format!("E2E_{tag}")
+}
+
+/// One isolated scenario: a temporary directory with its `ferry.toml`, migrated.
+pub struct Scenario {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub tag: String,
+}
+
+impl Scenario {
+    /// Writes `ferry.toml` from whole TOML sections and runs `ferry migrate` on it.
+    pub fn new(tag: &str, sections: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ferry.toml");
+        std::fs::write(&config, sections.join("\n")).unwrap();
+        let scenario = Self {
+            dir,
+            config,
+            tag: tag.to_owned(),
+        };
+        let output = scenario.ferry(&["migrate"]);
+        assert!(
+            output.status.success(),
+            "ferry migrate failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        scenario
+    }
+
+    /// Runs `ferry <args> --config <this scenario's file>` to completion.
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(ferry_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `ferry relay` on this scenario's config, logging to `<name>.log`.
+    pub fn relay(&self, name: &str) -> Relay {
+        self.relay_with_config(name, &self.config)
+    }
+
+    /// Starts `ferry relay` on another config file (e.g. a variant of this one).
+    pub fn relay_with_config(&self, name: &str, config: &Path) -> Relay {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new(ferry_bin())
+            .args(["relay", "--config"])
+            .arg(config)
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Relay { child, log }
+    }
+
+    /// Writes a variant of this scenario's config with `from` replaced by `to`.
+    pub fn config_variant(&self, name: &str, from: &str, to: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .replace(from, to);
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The log of relay `name`, started earlier in this scenario.
+    pub fn logs(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// `ferry status --json`: one object per partition.
+    pub fn status(&self) -> Vec<serde_json::Value> {
+        let output = self.ferry(&["status", "--json"]);
+        assert!(
+            output.status.success(),
+            "ferry status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// Unpublished messages over all partitions.
+    pub fn backlog(&self) -> u64 {
+        self.status()
+            .iter()
+            .map(|p| p["backlog"].as_u64().unwrap())
+            .sum()
+    }
+
+    pub async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let backlog = self.backlog();
+            if backlog == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outbox not drained in {timeout:?}: {backlog} left"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The owner of each partition.
+    pub fn owners(&self) -> Vec<Option<String>> {
+        self.status()
+            .iter()
+            .map(|p| p["owner"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Waits until every partition is owned and each of `relays` holds exactly `share`.
+    pub async fn wait_for_shares(&self, relays: usize, share: usize) -> Vec<Option<String>> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let owners = self.owners();
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for owner in owners.iter().flatten() {
+                *counts.entry(owner).or_default() += 1;
+            }
+            if owners.iter().all(Option::is_some)
+                && counts.len() == relays
+                && counts.values().all(|&c| c == share)
+            {
+                return owners;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no fair share of {share} per relay: {owners:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until `partition` reports a blocked reason in `ferry status`, and returns it.
+    pub async fn wait_blocked(&self, partition: usize, relay: &Relay) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(reason) = self.status()[partition]["blocked_reason"].as_str() {
+                return reason.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "partition {partition} never reported blocked:\n{}",
+                relay.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A running `ferry relay` process; killed when dropped.
+pub struct Relay {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Relay {
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).unwrap();
+    }
+
+    pub fn kill_nine(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not stop within {within:?} of SIGTERM:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the relay `rounds` times at random moments while messages flow, starting a new
+/// one each time; returns the last relay and the logs of all the earlier ones.
+pub async fn kill_nine_repeatedly(scenario: &Scenario, rounds: usize) -> (Relay, String) {
+    let mut relay = scenario.relay("relay-0");
+    let mut logs = String::new();
+    for round in 1..=rounds {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(400..1500))).await;
+        relay.kill_nine();
+        logs.push_str(&scenario.logs(&format!("relay-{}", round - 1)));
+        relay = scenario.relay(&format!("relay-{round}"));
+    }
+    (relay, logs)
+}
+
+/// What a consumer received, checked per aggregate against what was produced.
+#[derive(Debug, Default, PartialEq)]
+pub struct Report {
+    /// Messages the consumer saw, repeats included.
+    pub received: usize,
+    /// Repeats of an id already seen.
+    pub duplicates: usize,
+    /// Produced messages never seen.
+    pub missing: usize,
+    /// Messages whose version is not above the previous one of their aggregate.
+    pub out_of_order: usize,
+    /// Versions skipped in an aggregate's sequence.
+    pub gaps: usize,
+    /// What an inbox applies (new id, version above the last applied): versions it would
+    /// apply out of sequence, i.e. effects lost or reordered despite deduplication.
+    pub inbox_gaps: usize,
+    /// Produced messages an inbox would never apply.
+    pub inbox_missing: usize,
+}
+
+impl Report {
+    /// Checks `received`, in arrival order, against the ids in `produced`.
+    pub fn of(
+        received: impl IntoIterator<Item = ReceivedMessage>,
+        produced: &HashSet<Uuid>,
+    ) -> Self {
+        let mut report = Self::default();
+        let mut seen = HashSet::new();
+        let mut versions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut applied_ids = HashSet::new();
+        let mut last_applied: HashMap<String, u64> = HashMap::new();
+        for message in received {
+            report.received += 1;
+            if !seen.insert(message.id) {
+                report.duplicates += 1;
+            }
+            versions
+                .entry(message.aggregate_id.clone())
+                .or_default()
+                .push(message.version);
+            let last = last_applied.entry(message.aggregate_id).or_default();
+            if message.version > *last && applied_ids.insert(message.id) {
+                if message.version != *last + 1 {
+                    report.inbox_gaps += 1;
+                }
+                *last = message.version;
+            }
+        }
+        report.missing = produced.difference(&seen).count();
+        report.inbox_missing = produced.difference(&applied_ids).count();
+        for vs in versions.values() {
+            report.out_of_order += vs.windows(2).filter(|w| w[1] <= w[0]).count();
+            let distinct: BTreeSet<u64> = vs.iter().copied().collect();
+            let max = distinct.iter().next_back().copied().unwrap_or(0);
+            report.gaps += (max as usize).saturating_sub(distinct.len());
+        }
+        report
+    }
+
+    /// The broker holds every message exactly once, in order per aggregate.
+    pub fn assert_perfect(&self, produced: usize) {
+        assert_eq!(
+            (self.missing, self.duplicates, self.out_of_order, self.gaps),
+            (0, 0, 0, 0),
+            "consistency check failed: {self:?} (produced {produced})"
+        );
+        assert_eq!(self.received, produced, "{self:?}");
+    }
+
+    /// Redeliveries allowed, but an inbox applies every message once, in order, no gap.
+    pub fn assert_perfect_after_inbox(&self) {
+        assert_eq!(
+            (self.missing, self.inbox_missing, self.inbox_gaps),
+            (0, 0, 0),
+            "consistency check after the inbox failed: {self:?}"
+        );
+    }
+}
+
+/// Connects to the test PostgreSQL as the outbox of `scenario` (table prefix `e<tag>_`).
+pub async fn pg_outbox(tag: &str) -> PgOutbox {
+    let settings = StoreSettings {
+        table_prefix: TablePrefix::new(format!("e{tag}_")).unwrap(),
+        max_payload_bytes: 4 * 1024 * 1024,
+        ..StoreSettings::default()
+    };
+    PgOutbox::connect(&pg_url(), 4, settings).await.unwrap()
+}
+
+/// Enqueues `per_aggregate` events for each of `aggregates` aggregates, ten aggregates per
+/// transaction, from `producers` concurrent producers; returns the ids.
+pub async fn produce_pg(
+    outbox: PgOutbox,
+    aggregates: usize,
+    per_aggregate: usize,
+    producers: usize,
+) -> HashSet<Uuid> {
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let outbox = outbox.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mine: Vec<usize> = (0..aggregates).filter(|a| a % producers == p).collect();
+            for round in 0..per_aggregate {
+                for chunk in mine.chunks(10) {
+                    let mut tx = outbox.pool().begin().await.unwrap();
+                    for a in chunk {
+                        let message = NewMessage::new(
+                            "account",
+                            a.to_string(),
+                            "account.changed",
+                            format!(r#"{{"round":{round}}}"#),
+                        );
+                        ids.push(outbox.enqueue(&mut tx, message).await.unwrap().id);
+                    }
+                    tx.commit().await.unwrap();
+                }
+            }
+            ids
+        }));
+    }
+    let mut all = HashSet::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// Reads NATS stream `stream` from its start, in order.
+pub async fn read_nats_stream(stream: &str) -> Vec<ReceivedMessage> {
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(stream).await.unwrap();
+    let total = stream.get_info().await.unwrap().state.messages;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut received = Vec::new();
+    for _ in 0..total {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("stream read timed out")
+            .unwrap()
+            .unwrap();
+        let headers = message.headers.clone().unwrap_or_default();
+        let pairs: Vec<(String, String)> = headers
+            .iter()
+            .flat_map(|(k, vs)| {
+                vs.iter()
+                    .map(move |v| (k.to_string(), v.as_str().to_owned()))
+            })
+            .collect();
+        received.push(
+            ReceivedMessage::from_binary(
+                pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                message.payload.clone(),
+            )
+            .unwrap(),
+        );
+    }
+    received
+}
+
+pub async fn delete_nats_stream(stream: &str) {
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let _ = async_nats::jetstream::new(client)
+        .delete_stream(stream)
+        .await;
+}
