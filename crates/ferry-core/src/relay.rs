@@ -396,6 +396,8 @@ enum Interrupted {
     Stopped,
     /// The lease ran out or was taken: touch nothing more in this partition.
     LeaseLost,
+    /// The sink can no longer publish the partition under this lease.
+    SinkFenced,
 }
 
 impl Worker {
@@ -406,6 +408,7 @@ impl Worker {
     async fn run(self) {
         let partition = self.partition();
         let outcome = self.relay_partition().await;
+        self.sink.close_partition(partition).await;
         match outcome {
             Ok(clean) => {
                 if let Err(err) = self.leases.release(&self.lease, clean).await {
@@ -414,7 +417,7 @@ impl Worker {
                     debug!(partition, clean, "lease released");
                 }
             }
-            Err(Interrupted::Stopped) => {
+            Err(Interrupted::Stopped | Interrupted::SinkFenced) => {
                 if let Err(err) = self.leases.release(&self.lease, false).await {
                     warn!(partition, error = %err, "failed to release lease; it will expire");
                 }
@@ -433,6 +436,7 @@ impl Worker {
     /// Relays until asked to stop. `Ok(clean)` says whether every message possibly
     /// published under this lease was marked.
     async fn relay_partition(&self) -> Result<bool, Interrupted> {
+        self.open_sink_partition().await?;
         if let Takeover::Unclean {
             since_expiry,
             checkpoint,
@@ -502,6 +506,10 @@ impl Worker {
                         blocked = false;
                     }
                 }
+                Some((message, err)) if err.is_fenced() => {
+                    error!(partition, message_id = %message.id, error = %err, "the sink fenced this partition: stopping it without marking more");
+                    return Err(Interrupted::SinkFenced);
+                }
                 Some((message, err)) => {
                     maybe_unmarked = true;
                     let failed = batch.len() - acked.len();
@@ -569,6 +577,23 @@ impl Worker {
                     warn!(partition = self.partition(), error = %err, retry_in_ms = delay.as_millis() as u64, "mark failed");
                     sleep(delay).await;
                     self.ensure_lease()?;
+                }
+            }
+        }
+    }
+
+    /// Lets the sink claim the partition before anything is reconciled or published,
+    /// retrying while the lease lasts.
+    async fn open_sink_partition(&self) -> Result<(), Interrupted> {
+        let mut backoff = self.config.backoff();
+        loop {
+            self.ensure_lease()?;
+            match self.sink.open_partition(&self.lease).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    warn!(partition = self.partition(), error = %err, retry_in_ms = delay.as_millis() as u64, "the sink cannot open the partition");
+                    self.pause(delay).await?;
                 }
             }
         }
