@@ -10,8 +10,7 @@ use std::fmt::Write as _;
 use ferry_core::Message;
 
 /// The placeholders a template may use, as written inside braces.
-pub(crate) const PLACEHOLDERS: &str =
-    "{aggregate_type}, {aggregate_id}, {event_type}, {partition}";
+pub(crate) const PLACEHOLDERS: &str = "{aggregate_type}, {aggregate_id}, {event_type}, {partition}";
 
 /// A message field a template refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

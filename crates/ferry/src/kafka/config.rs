@@ -21,14 +21,20 @@ const CONTROLLED: [(&str, &str); 13] = [
         "enable.idempotence",
         "the idempotent producer is always on: transactions need it",
     ),
-    ("acks", "ferry always waits for all in-sync replicas (acks=all)"),
+    (
+        "acks",
+        "ferry always waits for all in-sync replicas (acks=all)",
+    ),
     (
         "request.required.acks",
         "ferry always waits for all in-sync replicas (acks=all)",
     ),
     ("message.timeout.ms", "set `timeout_secs` instead"),
     ("delivery.timeout.ms", "set `timeout_secs` instead"),
-    ("transaction.timeout.ms", "set `transaction_timeout_secs` instead"),
+    (
+        "transaction.timeout.ms",
+        "set `transaction_timeout_secs` instead",
+    ),
     (
         "partitioner",
         "ferry uses murmur2_random (the Java client's) so one key always lands in one partition",
@@ -41,7 +47,10 @@ const CONTROLLED: [(&str, &str); 13] = [
         "enable.auto.commit",
         "reconciliation never commits consumer offsets",
     ),
-    ("group.id", "reconciliation reads by assignment, not in a group"),
+    (
+        "group.id",
+        "reconciliation reads by assignment, not in a group",
+    ),
 ];
 
 /// Settings of the Kafka sink. Every key is optional; the defaults are:
@@ -280,7 +289,15 @@ mod tests {
     #[test]
     fn bad_keys_are_named() {
         let base = KafkaSinkConfig::default;
-        for brokers in ["", " , ", "localhost", "kafka://a:9092", "a:0", "a:x", ":9092"] {
+        for brokers in [
+            "",
+            " , ",
+            "localhost",
+            "kafka://a:9092",
+            "a:0",
+            "a:x",
+            ":9092",
+        ] {
             let config = KafkaSinkConfig {
                 brokers: brokers.into(),
                 ..base()

@@ -20,6 +20,7 @@
 
 mod config;
 mod producer;
+mod read;
 mod reconcile;
 mod topic;
 
@@ -40,6 +41,7 @@ use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError};
 
 pub use config::{InvalidKafkaConfig, KafkaSinkConfig};
 use producer::{PartitionProducer, TxnFailure, blocking};
+pub use read::{CommittedReader, CommittedRecord, TopicPartition};
 use reconcile::TailScan;
 use topic::TopicTemplate;
 
@@ -85,10 +87,9 @@ impl KafkaSink {
             .check()
             .map_err(|err| SinkError::permanent(err.to_string()).with_source(err))?;
         let brokers = config.brokers.trim().to_owned();
-        let admin: AdminClient<DefaultClientContext> =
-            checked.base.create().map_err(|err| {
-                SinkError::permanent("cannot create the kafka admin client").with_source(err)
-            })?;
+        let admin: AdminClient<DefaultClientContext> = checked.base.create().map_err(|err| {
+            SinkError::permanent("cannot create the kafka admin client").with_source(err)
+        })?;
         let mut probe_config = checked.base.clone();
         probe_config.set("client.id", "ferry-probe");
         let probe_timeout = checked.timeout.min(CONNECT_PROBE_TIMEOUT);
@@ -149,7 +150,9 @@ impl KafkaSink {
 
     fn producers(&self) -> MutexGuard<'_, HashMap<u32, Arc<PartitionProducer>>> {
         // The map stays consistent even if a holder panicked: every change is one call.
-        self.producers.lock().unwrap_or_else(PoisonError::into_inner)
+        self.producers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Forgets the partition's producer if it is still `producer`, and closes it on the

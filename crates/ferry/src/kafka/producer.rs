@@ -81,9 +81,9 @@ impl PartitionProducer {
         })?;
         producer.init_transactions(timeout).map_err(|err| {
             let error = match transaction_error(&err) {
-                Some(txn) if txn.is_retriable() || !txn.is_fatal() => SinkError::retryable(format!(
-                    "init_transactions for {transactional_id} failed"
-                )),
+                Some(txn) if txn.is_retriable() || !txn.is_fatal() => {
+                    SinkError::retryable(format!("init_transactions for {transactional_id} failed"))
+                }
                 _ => SinkError::permanent(format!(
                     "init_transactions for {transactional_id} was refused"
                 )),
@@ -120,7 +120,10 @@ impl PartitionProducer {
         let mut deliveries = Vec::with_capacity(messages.len());
         let mut failure = None;
         for (index, (message, topic)) in messages.iter().zip(topics).enumerate() {
-            match self.enqueue(message, topic, timestamp, source, deadline).await {
+            match self
+                .enqueue(message, topic, timestamp, source, deadline)
+                .await
+            {
                 Ok(delivery) => deliveries.push(delivery),
                 Err(error) => {
                     failure = Some(TxnFailure::Message { index, error });
@@ -332,10 +335,7 @@ fn delivery_error(message: &Message, err: KafkaError) -> SinkError {
             RDKafkaErrorCode::InvalidTopic
             | RDKafkaErrorCode::TopicAuthorizationFailed
             | RDKafkaErrorCode::PolicyViolation,
-        ) => SinkError::permanent(format!(
-            "kafka refuses the topic of message {}",
-            message.id
-        )),
+        ) => SinkError::permanent(format!("kafka refuses the topic of message {}", message.id)),
         _ => SinkError::retryable(format!("kafka did not store message {}", message.id)),
     };
     error.with_source(err)

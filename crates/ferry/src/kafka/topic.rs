@@ -157,8 +157,9 @@ mod tests {
             template.render(&message("", "1", "x")),
             Ok("ferry._".into())
         );
-        let every = TopicTemplate::parse("{aggregate_type}.{event_type}.{aggregate_id}-p{partition}")
-            .expect("valid");
+        let every =
+            TopicTemplate::parse("{aggregate_type}.{event_type}.{aggregate_id}-p{partition}")
+                .expect("valid");
         assert_eq!(
             every.render(&message("order", "42", "order.paid")),
             Ok("order.order.paid.42-p7".into())
@@ -185,7 +186,10 @@ mod tests {
         assert!(TopicTemplate::parse(&"a".repeat(249)).is_ok());
         assert!(TopicTemplate::parse(&format!("{}{{event_type}}", "a".repeat(249))).is_err());
         let err = TopicTemplate::parse("orders:{aggregate_type}").expect_err("colon");
-        assert!(err.contains("':'") && err.contains("{aggregate_type}"), "{err}");
+        assert!(
+            err.contains("':'") && err.contains("{aggregate_type}"),
+            "{err}"
+        );
     }
 
     #[test]
