@@ -154,6 +154,12 @@ impl KafkaSinkConfig {
         self.check().map(drop)
     }
 
+    /// The librdkafka settings every client ferry makes starts from: the brokers and the
+    /// `librdkafka` table. For tools that talk to the same cluster (admin, checks).
+    pub fn client_config(&self) -> Result<ClientConfig, InvalidKafkaConfig> {
+        self.check().map(|checked| checked.base)
+    }
+
     pub(crate) fn check(&self) -> Result<Checked, InvalidKafkaConfig> {
         check_brokers(&self.brokers)?;
         let template = TopicTemplate::parse(&self.topic_template)
