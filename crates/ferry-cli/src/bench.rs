@@ -9,6 +9,8 @@
 
 mod check;
 mod consume;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod plan;
 mod produce;
 mod target;
@@ -191,6 +193,23 @@ async fn execute(
         transactions: Default::default(),
         latency: latency.clone(),
     });
+    #[cfg(feature = "kafka")]
+    if let target::SinkTarget::Kafka {
+        config: kafka_config,
+        raw_topic,
+        ..
+    } = &target.sink
+    {
+        let load = kafka::RawLoad {
+            topic: raw_topic,
+            messages: args.messages,
+            aggregates: args.aggregates,
+            payload: production.payload.as_bytes(),
+            batch: config.relay.batch_size,
+            producers: partitions,
+        };
+        kafka::print_raw_ceiling(kafka_config, &load).await?;
+    }
     let (ready, stats) = open_relays(config, args.relays).await?;
     let consumed = Arc::new(Consumed::new());
     let open_consumer = || {

@@ -11,6 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use ferry::file::FileSinkConfig;
+#[cfg(feature = "kafka")]
+use ferry::kafka::KafkaSinkConfig;
 use ferry::nats::NatsSinkConfig;
 use ferry::sql::{StoreSettings, TablePrefix};
 
@@ -166,6 +168,11 @@ impl Default for OutboxConfig {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum SinkConfig {
     Nats(NatsSinkConfig),
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaSinkConfig),
+    /// Accepted by the parser so that validation can say how to get Kafka support.
+    #[cfg(not(feature = "kafka"))]
+    Kafka(serde::de::IgnoredAny),
     File(FileSinkConfig),
     Stdout {
         /// CloudEvents `source`; defaults to `ferry://<aggregate_type>`.
@@ -286,8 +293,13 @@ impl Config {
         {
             bail!("store.pool_size = {pool_size} is out of range: use 2 to 200");
         }
-        if let SinkConfig::Nats(nats) = &self.sink {
-            nats.validate().context("sink")?;
+        match &self.sink {
+            SinkConfig::Nats(nats) => nats.validate().context("sink")?,
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(kafka) => kafka.validate().context("sink")?,
+            #[cfg(not(feature = "kafka"))]
+            SinkConfig::Kafka(_) => return Err(kafka_not_built()),
+            SinkConfig::File(_) | SinkConfig::Stdout { .. } => {}
         }
         self.leases.validate()
     }
@@ -316,6 +328,15 @@ impl Config {
     }
 }
 
+/// The error for a Kafka sink in a ferry built without it.
+#[cfg(not(feature = "kafka"))]
+pub(crate) fn kafka_not_built() -> anyhow::Error {
+    anyhow::anyhow!(
+        "sink.type = \"kafka\" needs a ferry built with Kafka support: \
+         cargo install ferry-cli --features kafka (or cargo build --features kafka)"
+    )
+}
+
 fn default_relay_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
@@ -336,7 +357,15 @@ mod tests {
         for entry in std::fs::read_dir(&dir).expect("examples/ exists") {
             let path = entry.expect("readable").path();
             if path.extension().is_some_and(|e| e == "toml") {
-                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                let loaded = Config::load(&path);
+                #[cfg(not(feature = "kafka"))]
+                if std::fs::read_to_string(&path).is_ok_and(|t| t.contains("type = \"kafka\"")) {
+                    let err = format!("{:#}", loaded.expect_err("kafka is not built in"));
+                    assert!(err.contains("--features kafka"), "{err}");
+                    seen += 1;
+                    continue;
+                }
+                loaded.unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
                 seen += 1;
             }
         }

@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use ferry::backoff::Backoff;
 use ferry::file::{FileSink, FileSinkConfig};
+#[cfg(feature = "kafka")]
+use ferry::kafka::KafkaSink;
 use ferry::nats::NatsSink;
 use ferry::postgres::PgOutbox;
 use ferry::redis_lease::RedisLeases;
@@ -163,6 +165,14 @@ pub(crate) async fn open_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sin
                 // The sink's error names the servers without credentials; sink.url may hold some.
                 .context("connecting to NATS (sink.url)")?,
         ),
+        #[cfg(feature = "kafka")]
+        SinkConfig::Kafka(kafka) => Arc::new(
+            KafkaSink::connect(kafka)
+                .await
+                .context("connecting to Kafka (sink.brokers)")?,
+        ),
+        #[cfg(not(feature = "kafka"))]
+        SinkConfig::Kafka(_) => return Err(crate::config::kafka_not_built()),
         SinkConfig::File(file) => Arc::new(FileSink::open(file).await?),
         SinkConfig::Stdout { source } => Arc::new(
             FileSink::open(&FileSinkConfig {

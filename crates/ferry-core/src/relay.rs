@@ -401,6 +401,8 @@ enum Interrupted {
     Stopped,
     /// The lease ran out or was taken: touch nothing more in this partition.
     LeaseLost,
+    /// The sink can no longer publish the partition under this lease.
+    SinkFenced,
 }
 
 impl Worker {
@@ -411,6 +413,7 @@ impl Worker {
     async fn run(self) {
         let partition = self.partition();
         let outcome = self.relay_partition().await;
+        self.sink.close_partition(partition).await;
         match outcome {
             Ok(clean) => {
                 if let Err(err) = self.leases.release(&self.lease, clean).await {
@@ -419,7 +422,7 @@ impl Worker {
                     debug!(partition, clean, "lease released");
                 }
             }
-            Err(Interrupted::Stopped) => {
+            Err(Interrupted::Stopped | Interrupted::SinkFenced) => {
                 if let Err(err) = self.leases.release(&self.lease, false).await {
                     warn!(partition, error = %err, "failed to release lease; it will expire");
                 }
@@ -443,7 +446,7 @@ impl Worker {
         } else {
             self.lease.takeover.clone()
         };
-        self.hand_to_sink().await?;
+        self.open_sink_partition().await?;
         if let Takeover::Unclean {
             since_expiry,
             checkpoint,
@@ -513,6 +516,10 @@ impl Worker {
                         blocked = false;
                     }
                 }
+                Some((message, err)) if err.is_fenced() => {
+                    error!(partition, message_id = %message.id, error = %err, "the sink fenced this partition: stopping it without marking more");
+                    return Err(Interrupted::SinkFenced);
+                }
                 Some((message, err)) => {
                     maybe_unmarked = true;
                     let failed = batch.len() - acked.len();
@@ -539,22 +546,6 @@ impl Worker {
         }
         self.ensure_lease()?;
         Ok(!maybe_unmarked)
-    }
-
-    /// Tells the sink that this lease starts, retrying while the lease lasts.
-    async fn hand_to_sink(&self) -> Result<(), Interrupted> {
-        let mut backoff = self.config.backoff();
-        loop {
-            self.ensure_lease()?;
-            match self.sink.acquired(&self.lease).await {
-                Ok(()) => return Ok(()),
-                Err(err) => {
-                    let delay = backoff.next_delay();
-                    warn!(partition = self.partition(), error = %err, retry_in_ms = delay.as_millis() as u64, "the sink cannot take the partition on yet; retrying");
-                    self.pause(delay).await?;
-                }
-            }
-        }
     }
 
     fn ensure_lease(&self) -> Result<(), Interrupted> {
@@ -627,6 +618,23 @@ impl Worker {
                 Err(err) => {
                     let delay = backoff.next_delay();
                     warn!(partition = self.partition(), error = %err, retry_in_ms = delay.as_millis() as u64, "adopting the lease failed");
+                    self.pause(delay).await?;
+                }
+            }
+        }
+    }
+
+    /// Lets the sink claim the partition before anything is reconciled or published,
+    /// retrying while the lease lasts.
+    async fn open_sink_partition(&self) -> Result<(), Interrupted> {
+        let mut backoff = self.config.backoff();
+        loop {
+            self.ensure_lease()?;
+            match self.sink.open_partition(&self.lease).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    warn!(partition = self.partition(), error = %err, retry_in_ms = delay.as_millis() as u64, "the sink cannot open the partition");
                     self.pause(delay).await?;
                 }
             }

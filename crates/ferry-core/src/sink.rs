@@ -15,27 +15,42 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("{message}")]
 pub struct SinkError {
     message: String,
-    retryable: bool,
+    kind: SinkErrorKind,
     #[source]
     source: Option<BoxError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinkErrorKind {
+    Retryable,
+    Permanent,
+    Fenced,
 }
 
 impl SinkError {
     /// A failure that may pass on retry (timeout, connection lost, broker busy).
     pub fn retryable(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: true,
-            source: None,
-        }
+        Self::new(message, SinkErrorKind::Retryable)
     }
 
     /// A rejection that will repeat forever for this message (too large, not routable,
     /// refused by the broker's rules): the partition blocks until an operator acts.
     pub fn permanent(message: impl Into<String>) -> Self {
+        Self::new(message, SinkErrorKind::Permanent)
+    }
+
+    /// The sink can no longer publish this partition under the current lease: a newer
+    /// owner fenced it (Kafka producer epoch), or the sink no longer knows what it
+    /// committed. The relay stops the partition at once, marks nothing more and releases
+    /// the lease as unclean, so that the next owner reconciles.
+    pub fn fenced(message: impl Into<String>) -> Self {
+        Self::new(message, SinkErrorKind::Fenced)
+    }
+
+    fn new(message: impl Into<String>, kind: SinkErrorKind) -> Self {
         Self {
             message: message.into(),
-            retryable: false,
+            kind,
             source: None,
         }
     }
@@ -46,15 +61,20 @@ impl SinkError {
     }
 
     pub fn is_retryable(&self) -> bool {
-        self.retryable
+        self.kind == SinkErrorKind::Retryable
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.kind == SinkErrorKind::Fenced
     }
 }
 
 /// The broker acknowledged a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Delivery {
-    /// A monotonic sink position (NATS: stream sequence), if the sink has one; recorded as
-    /// the partition's checkpoint to bound a later reconciliation.
+    /// A monotonic sink position (NATS: stream sequence; Kafka: record timestamp in
+    /// milliseconds), if the sink has one; recorded as the partition's checkpoint to bound
+    /// a later reconciliation.
     pub position: Option<u64>,
 }
 
@@ -92,19 +112,27 @@ pub trait Sink: Send + Sync + 'static {
     /// Publishes `batch` in order; returns one outcome per message, in the same order.
     async fn publish(&self, batch: &[Message]) -> Vec<Result<Delivery, SinkError>>;
 
-    /// Called when this relay starts owning `lease.partition`, before it reconciles or
-    /// publishes anything under the lease: sinks that fence per owner (a transactional
-    /// producer, NATS subject sequences) forget what they knew under an earlier lease.
-    /// An error is retried with backoff while the lease lasts.
-    async fn acquired(&self, lease: &Lease) -> Result<(), SinkError> {
-        let _ = lease;
-        Ok(())
-    }
-
     /// Ids of messages of `request.partition` that the broker already holds beyond the
     /// checkpoint, so the new owner marks them instead of sending them again (G4). Sinks
     /// whose broker dedup covers the gap, or that cannot read back, return an empty list.
     async fn reconcile(&self, request: ReconcileRequest<'_>) -> Result<Vec<Uuid>, SinkError>;
+
+    /// Called when the relay has acquired `lease`, before it reconciles or publishes the
+    /// partition; retried on error while the lease lasts. A sink that fences by producer
+    /// claims the partition here (Kafka: `init_transactions` with the partition's
+    /// transactional id), so that whatever the previous owner left open is settled before
+    /// the tail is read; one that fences by broker state forgets what it knew under an
+    /// earlier lease (NATS subject sequences). The default does nothing.
+    async fn open_partition(&self, lease: &Lease) -> Result<(), SinkError> {
+        let _ = lease;
+        Ok(())
+    }
+
+    /// Called once the relay has stopped working `partition` (released, lost or fenced),
+    /// after its last publish there. The default does nothing.
+    async fn close_partition(&self, partition: u32) {
+        let _ = partition;
+    }
 
     /// Flushes and closes; called once, after the last publish.
     async fn shutdown(&self) {}

@@ -16,8 +16,14 @@ pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
+#[cfg(any(feature = "nats", feature = "kafka"))]
+mod template;
+
 #[cfg(feature = "nats")]
 pub mod nats;
+
+#[cfg(feature = "kafka")]
+pub mod kafka;
 
 #[cfg(feature = "file")]
 pub mod file;

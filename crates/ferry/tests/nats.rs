@@ -476,14 +476,14 @@ async fn a_zombie_relays_batch_is_refused_by_jetstream_when_fencing() -> Result 
     let zombie = NatsSink::connect(&config).await?;
     let owner = NatsSink::connect(&config).await?;
 
-    zombie.acquired(&lease(3, 1, "zombie")).await?;
+    zombie.open_partition(&lease(3, 1, "zombie")).await?;
     positions(
         zombie
             .publish(&[message("a", 1, "1"), message("b", 1, "1")])
             .await,
     )?;
     // The zombie pauses; its lease expires and another relay takes the partition on.
-    owner.acquired(&lease(3, 2, "owner")).await?;
+    owner.open_partition(&lease(3, 2, "owner")).await?;
     positions(
         owner
             .publish(&[message("a", 2, "2"), message("c", 1, "1")])
@@ -504,8 +504,9 @@ async fn a_zombie_relays_batch_is_refused_by_jetstream_when_fencing() -> Result 
 
     // The owner goes on, checked against its own last sequence.
     positions(owner.publish(&[message("a", 3, "3")]).await)?;
-    // Had the zombie been right after all (it still owned the partition), its next
-    // attempt looks the sequence up again rather than staying stuck.
+    // Had the zombie been right after all (it still owned the partition), it would
+    // reacquire the partition and look the sequence up again rather than stay stuck.
+    zombie.open_partition(&lease(3, 3, "zombie")).await?;
     positions(zombie.publish(&[message("e", 1, "1")]).await)?;
     assert_eq!(stream_count(&config).await?, 6);
     delete_stream(&config).await

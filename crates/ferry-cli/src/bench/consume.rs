@@ -31,6 +31,8 @@ enum Reader {
         /// Stream sequence of the last message read.
         position: u64,
     },
+    #[cfg(feature = "kafka")]
+    Kafka(Box<ferry::kafka::CommittedReader>),
     File {
         lines: BufReader<tokio::fs::File>,
         line: String,
@@ -44,16 +46,21 @@ impl std::fmt::Debug for Reader {
                 .debug_struct("Nats")
                 .field("position", position)
                 .finish_non_exhaustive(),
+            #[cfg(feature = "kafka")]
+            Self::Kafka(reader) => reader.fmt(f),
             Self::File { .. } => f.debug_struct("File").finish_non_exhaustive(),
         }
     }
 }
 
 /// Where a finished run's output ends.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum End {
     /// The stream's last sequence when the relays had stopped.
     Sequence(u64),
+    /// Each Kafka partition's high watermark when the relays had stopped.
+    #[cfg(feature = "kafka")]
+    Offsets(std::collections::HashMap<ferry::kafka::TopicPartition, i64>),
     /// The end of the file.
     EndOfFile,
 }
@@ -81,6 +88,12 @@ impl Reader {
                     position: 0,
                 })
             }
+            #[cfg(feature = "kafka")]
+            SinkTarget::Kafka { config, topic, .. } => Ok(Self::Kafka(Box::new(
+                ferry::kafka::CommittedReader::open(config, std::slice::from_ref(topic))
+                    .await
+                    .with_context(|| format!("reading the bench topic {topic}"))?,
+            ))),
             SinkTarget::File { path } => Ok(Self::File {
                 lines: BufReader::with_capacity(1 << 20, open_file(path).await?),
                 line: String::new(),
@@ -118,6 +131,12 @@ impl Reader {
                 };
                 Ok(Some(decoded))
             }
+            #[cfg(feature = "kafka")]
+            Self::Kafka(reader) => Ok(reader
+                .next(POLL)
+                .await
+                .context("reading the bench topic")?
+                .map(|record| record.message.map_err(|err| err.to_string()))),
             Self::File { lines, line } => {
                 // A partial line (a write in progress) stays in `line` and is completed by
                 // the next read.
@@ -147,17 +166,26 @@ impl Reader {
                     .context("reading the bench stream's state")?;
                 Ok(End::Sequence(info.state.last_sequence))
             }
+            #[cfg(feature = "kafka")]
+            Self::Kafka(reader) => Ok(End::Offsets(
+                reader.ends().await.context("reading the bench topic's ends")?,
+            )),
             Self::File { .. } => Ok(End::EndOfFile),
         }
     }
 
     /// Whether everything up to `end` was read; for a file, after `next` found nothing.
-    fn reached(&self, end: End, idle: bool) -> bool {
-        match (self, end) {
-            (Self::Nats { position, .. }, End::Sequence(last)) => *position >= last,
+    fn reached(&self, end: &End, idle: bool) -> anyhow::Result<bool> {
+        Ok(match (self, end) {
+            (Self::Nats { position, .. }, End::Sequence(last)) => position >= last,
+            #[cfg(feature = "kafka")]
+            (Self::Kafka(reader), End::Offsets(ends)) => reader
+                .lagging(ends)
+                .context("reading the bench topic's positions")?
+                .is_empty(),
             (Self::File { line, .. }, End::EndOfFile) => idle && line.is_empty(),
             _ => false,
-        }
+        })
     }
 }
 
@@ -251,8 +279,8 @@ impl Consumer {
             if end.is_none() && finish.is_cancelled() {
                 end = Some(self.reader.end().await?);
             }
-            if let Some(end) = end
-                && self.reader.reached(end, false)
+            if let Some(end) = &end
+                && self.reader.reached(end, false)?
             {
                 break;
             }
@@ -262,8 +290,8 @@ impl Consumer {
                     self.handle(decoded, Instant::now());
                 }
                 None => {
-                    let Some(end) = end else { continue };
-                    if self.reader.reached(end, true) {
+                    let Some(end) = &end else { continue };
+                    if self.reader.reached(end, true)? {
                         break;
                     }
                     let idle = *idle_since.get_or_insert_with(Instant::now);

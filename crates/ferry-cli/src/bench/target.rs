@@ -11,13 +11,16 @@ use secrecy::ExposeSecret;
 use ferry::file::FileSinkConfig;
 use ferry::nats::NatsSinkConfig;
 
+#[cfg(feature = "kafka")]
+use super::plan::AGGREGATE_TYPE;
 use crate::config::{Config, SinkConfig};
 use crate::wiring;
 
 /// Points `config` at names of the bench's own, derived from `tag`: tables `bench_<tag>_*`;
-/// for NATS the stream `<stream>_bench_<tag>` with subjects `<stream>_bench_<tag>.>`; for a
-/// file sink `<stem>.bench_<tag>.jsonl` next to the configured file. Refuses stdout, which
-/// the bench cannot read back.
+/// for NATS the stream `<stream>_bench_<tag>` with subjects `<stream>_bench_<tag>.>`; for
+/// Kafka the topic `ferry_bench_<tag>.bench` and transactional ids
+/// `<prefix>-bench-<tag>-p<N>`; for a file sink `<stem>.bench_<tag>.jsonl` next to the
+/// configured file. Refuses stdout, which the bench cannot read back.
 pub(super) fn isolate(config: &mut Config, tag: &str) -> anyhow::Result<()> {
     config.outbox.table_prefix = format!("bench_{tag}_");
     match &mut config.sink {
@@ -27,6 +30,14 @@ pub(super) fn isolate(config: &mut Config, tag: &str) -> anyhow::Result<()> {
             nats.subjects = vec![format!("{name}.>")];
             nats.stream = name;
         }
+        #[cfg(feature = "kafka")]
+        SinkConfig::Kafka(kafka) => {
+            kafka.topic_template = format!("ferry_bench_{tag}.{{aggregate_type}}");
+            kafka.transactional_id_prefix =
+                format!("{}-bench-{tag}", kafka.transactional_id_prefix);
+        }
+        #[cfg(not(feature = "kafka"))]
+        SinkConfig::Kafka(_) => return Err(crate::config::kafka_not_built()),
         SinkConfig::File(file) if file.path != Path::new("-") => {
             let stem = file
                 .path
@@ -72,6 +83,14 @@ pub(super) enum SinkTarget {
         stream: String,
         subjects: String,
     },
+    #[cfg(feature = "kafka")]
+    Kafka {
+        config: Box<ferry::kafka::KafkaSinkConfig>,
+        /// Where the relays publish.
+        topic: String,
+        /// Where the raw publish loops write.
+        raw_topic: String,
+    },
     File {
         path: PathBuf,
     },
@@ -87,6 +106,24 @@ impl Target {
                 stream: nats.stream.clone(),
                 subjects: nats.subjects.join(", "),
             },
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(kafka) => {
+                // `isolate` made the template `ferry_bench_<tag>.{aggregate_type}`.
+                let topic_of = |aggregate_type| {
+                    kafka
+                        .topic_template
+                        .replace("{aggregate_type}", aggregate_type)
+                };
+                let (topic, raw_topic) = (topic_of(AGGREGATE_TYPE), topic_of("raw"));
+                super::kafka::create_topics(kafka, &[&topic, &raw_topic]).await?;
+                SinkTarget::Kafka {
+                    config: Box::new(kafka.clone()),
+                    topic,
+                    raw_topic,
+                }
+            }
+            #[cfg(not(feature = "kafka"))]
+            SinkConfig::Kafka(_) => return Err(crate::config::kafka_not_built()),
             SinkConfig::File(FileSinkConfig { path, .. }) => {
                 SinkTarget::File { path: path.clone() }
             }
@@ -107,6 +144,10 @@ impl Target {
             SinkTarget::Nats {
                 stream, subjects, ..
             } => format!("nats stream {stream} (subjects {subjects})"),
+            #[cfg(feature = "kafka")]
+            SinkTarget::Kafka { config, topic, .. } => {
+                format!("kafka topic {topic} at {}", config.brokers)
+            }
             SinkTarget::File { path } => format!("file {}", path.display()),
         }
     }
@@ -115,6 +156,10 @@ impl Target {
     pub(super) fn describe(&self) -> String {
         let sink = match &self.sink {
             SinkTarget::Nats { stream, .. } => format!("stream {stream}"),
+            #[cfg(feature = "kafka")]
+            SinkTarget::Kafka {
+                topic, raw_topic, ..
+            } => format!("topics {topic} and {raw_topic}"),
             SinkTarget::File { path } => format!("file {}", path.display()),
         };
         format!("tables {}*, {sink}", self.table_prefix)
@@ -141,6 +186,14 @@ impl Target {
                     return Err(err).with_context(|| format!("deleting the bench stream {stream}"));
                 }
             },
+            #[cfg(feature = "kafka")]
+            SinkTarget::Kafka {
+                config,
+                topic,
+                raw_topic,
+            } => super::kafka::delete_topics(config, &[topic, raw_topic])
+                .await
+                .context("deleting the bench topics")?,
             SinkTarget::File { path } => match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

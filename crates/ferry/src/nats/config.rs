@@ -8,7 +8,8 @@ use async_nats::ServerAddr;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::subject::{Field, SubjectTemplate};
+use super::subject::SubjectTemplate;
+use crate::template::Field;
 
 /// Largest accepted `max_acks_in_flight`: permits are taken per batch window with a `u32`
 /// count, and more than this many unacknowledged publishes only adds memory, not speed.

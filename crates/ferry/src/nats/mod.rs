@@ -299,8 +299,9 @@ impl NatsSink {
                     if let (Some(fence), Some(subject), PublishErrorKind::WrongLastSequence) =
                         (&self.fence, &subject, err.kind())
                     {
-                        // Another relay wrote here: if this one still owns the partition
-                        // (the other was a zombie), the next attempt looks the sequence up.
+                        // Another relay wrote here. Should this one still own the partition
+                        // (the other was a zombie), it reacquires it, reconciles and looks
+                        // the sequence up again.
                         fence.forget_subject(partition, subject);
                     }
                     Err(ack_error(err))
@@ -501,7 +502,7 @@ impl Sink for NatsSink {
     }
 
     /// A new lease: what this relay knew of the partition's subjects may be stale.
-    async fn acquired(&self, lease: &Lease) -> Result<(), SinkError> {
+    async fn open_partition(&self, lease: &Lease) -> Result<(), SinkError> {
         if let Some(fence) = &self.fence {
             fence.forget_partition(lease.partition);
         }
@@ -708,9 +709,9 @@ fn ack_error(err: jetstream::context::PublishError) -> SinkError {
         PublishErrorKind::MaxPayloadExceeded => {
             SinkError::permanent("message is larger than the nats server's max_payload")
         }
-        PublishErrorKind::WrongLastSequence => SinkError::retryable(
+        PublishErrorKind::WrongLastSequence => SinkError::fenced(
             "fenced by jetstream: another relay stored a message on this subject since this \
-             one's last; a relay that still owns the partition looks again and retries",
+             one's last; the partition stops here and its next owner reconciles",
         ),
         PublishErrorKind::WrongLastMessageId | PublishErrorKind::Other => {
             match jetstream_error(&err) {

@@ -5,86 +5,28 @@
 //! tokens: a `.` inside an event type must not add a token (that would move the message
 //! under other subscriptions), and `*`, `>` or whitespace would make the subject invalid.
 
-use std::fmt::Write as _;
-
 use ferry_core::Message;
 
-/// The placeholders a template may use, as written inside braces.
-const PLACEHOLDERS: &str = "{aggregate_type}, {aggregate_id}, {event_type}, {partition}";
-
-/// A message field a template refers to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Field {
-    AggregateType,
-    AggregateId,
-    EventType,
-    Partition,
-}
-
-impl Field {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "aggregate_type" => Some(Self::AggregateType),
-            "aggregate_id" => Some(Self::AggregateId),
-            "event_type" => Some(Self::EventType),
-            "partition" => Some(Self::Partition),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(Box<str>),
-    Field(Field),
-}
+use crate::template::{Field, PLACEHOLDERS, Segment, Template};
 
 /// A parsed `subject_template`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SubjectTemplate {
-    segments: Vec<Segment>,
+    template: Template,
     /// One entry per subject token: its literal text, or `None` if a placeholder is in it.
     tokens: Vec<Option<Box<str>>>,
 }
 
 impl SubjectTemplate {
+    /// Whether the template refers to `field`.
+    pub(crate) fn uses(&self, field: Field) -> bool {
+        self.template.uses(field)
+    }
+
     /// Parses a template; the error says what is wrong and what is allowed.
     pub(crate) fn parse(template: &str) -> Result<Self, String> {
-        let mut segments = Vec::new();
-        let mut rest = template;
-        while !rest.is_empty() {
-            match rest.find(['{', '}']) {
-                Some(at) if rest.as_bytes()[at] == b'}' => {
-                    return Err(format!(
-                        "{template:?} has a '}}' without its '{{'; placeholders are {PLACEHOLDERS}"
-                    ));
-                }
-                Some(at) => {
-                    if at > 0 {
-                        segments.push(Segment::Literal(rest[..at].into()));
-                    }
-                    let after = &rest[at + 1..];
-                    let end = after.find('}').ok_or_else(|| {
-                        format!(
-                            "{template:?} has a '{{' without its '}}'; placeholders are {PLACEHOLDERS}"
-                        )
-                    })?;
-                    let name = &after[..end];
-                    let field = Field::parse(name).ok_or_else(|| {
-                        format!(
-                            "{template:?} uses the unknown placeholder {{{name}}}; allowed are {PLACEHOLDERS}"
-                        )
-                    })?;
-                    segments.push(Segment::Field(field));
-                    rest = &after[end + 1..];
-                }
-                None => {
-                    segments.push(Segment::Literal(rest.into()));
-                    rest = "";
-                }
-            }
-        }
-        let tokens = literal_tokens(&segments);
+        let parsed = Template::parse(template)?;
+        let tokens = literal_tokens(parsed.segments());
         let well_formed = !tokens.is_empty()
             && tokens.iter().all(|token| match token {
                 Some(text) => !text.is_empty() && !text.contains(forbidden_in_token),
@@ -97,7 +39,10 @@ impl SubjectTemplate {
                  \"ferry.{{aggregate_type}}.{{event_type}}\""
             ));
         }
-        Ok(Self { segments, tokens })
+        Ok(Self {
+            template: parsed,
+            tokens,
+        })
     }
 
     /// Whether some rendering of this template can match the stream subject `filter`
@@ -118,43 +63,9 @@ impl SubjectTemplate {
         tokens.next().is_none()
     }
 
-    /// Whether the template refers to `field`.
-    pub(crate) fn uses(&self, field: Field) -> bool {
-        self.segments.contains(&Segment::Field(field))
-    }
-
     /// The subject of `message`.
     pub(crate) fn render(&self, message: &Message) -> String {
-        let capacity = self
-            .segments
-            .iter()
-            .map(|segment| match segment {
-                Segment::Literal(text) => text.len(),
-                Segment::Field(Field::AggregateType) => message.aggregate_type.len(),
-                Segment::Field(Field::AggregateId) => message.aggregate_id.len(),
-                Segment::Field(Field::EventType) => message.event_type.len(),
-                Segment::Field(Field::Partition) => 10,
-            })
-            .sum::<usize>()
-            .max(1);
-        let mut subject = String::with_capacity(capacity);
-        for segment in &self.segments {
-            match segment {
-                Segment::Literal(text) => subject.push_str(text),
-                Segment::Field(Field::AggregateType) => {
-                    push_token(&mut subject, &message.aggregate_type)
-                }
-                Segment::Field(Field::AggregateId) => {
-                    push_token(&mut subject, &message.aggregate_id)
-                }
-                Segment::Field(Field::EventType) => push_token(&mut subject, &message.event_type),
-                Segment::Field(Field::Partition) => {
-                    // Writing into a String cannot fail.
-                    let _ = write!(subject, "{}", message.partition);
-                }
-            }
-        }
-        subject
+        self.template.render(message, push_token)
     }
 }
 
