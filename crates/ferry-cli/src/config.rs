@@ -100,13 +100,17 @@ impl LeasesConfig {
             Self::Redis { url, key_prefix } => {
                 let url = url.expose_secret();
                 if url.starts_with("rediss://") {
-                    bail!("leases.url: TLS (rediss://) is not built into this ferry; use redis:// over a trusted network or a TLS tunnel");
+                    bail!(
+                        "leases.url: TLS (rediss://) is not built into this ferry; use redis:// over a trusted network or a TLS tunnel"
+                    );
                 }
                 if !["redis://", "unix://", "redis+unix://"]
                     .iter()
                     .any(|scheme| url.starts_with(scheme))
                 {
-                    bail!("leases.url must start with redis:// (or unix:// for a socket), e.g. redis://127.0.0.1:6379");
+                    bail!(
+                        "leases.url must start with redis:// (or unix:// for a socket), e.g. redis://127.0.0.1:6379"
+                    );
                 }
                 key_prefix
             }
@@ -117,13 +121,17 @@ impl LeasesConfig {
                 password,
             } => {
                 if endpoints.is_empty() {
-                    bail!("leases.endpoints is empty: list the etcd members, e.g. [\"http://127.0.0.1:2379\"]");
+                    bail!(
+                        "leases.endpoints is empty: list the etcd members, e.g. [\"http://127.0.0.1:2379\"]"
+                    );
                 }
                 if let Some(bad) = endpoints.iter().find(|e| {
                     let rest = e.strip_prefix("http://").unwrap_or_default();
                     rest.is_empty() || rest.contains(char::is_whitespace)
                 }) {
-                    bail!("leases.endpoints: {bad:?} is not an http://host:port address (TLS to etcd is not built into this ferry)");
+                    bail!(
+                        "leases.endpoints: {bad:?} is not an http://host:port address (TLS to etcd is not built into this ferry)"
+                    );
                 }
                 if username.is_some() != password.is_some() {
                     bail!("leases.username and leases.password go together: set both or neither");
@@ -132,7 +140,9 @@ impl LeasesConfig {
             }
         };
         if key_prefix.is_empty() || key_prefix.contains(char::is_whitespace) {
-            bail!("leases.key_prefix = {key_prefix:?} must be non-empty without spaces, one per outbox (e.g. \"ferry:orders:\")");
+            bail!(
+                "leases.key_prefix = {key_prefix:?} must be non-empty without spaces, one per outbox (e.g. \"ferry:orders:\")"
+            );
         }
         Ok(())
     }
@@ -440,11 +450,23 @@ mod tests {
             ("type = \"zookeeper\"", "redis"),
             ("type = \"redis\"\nurl = \"http://x\"", "leases.url"),
             ("type = \"redis\"\nurl = \"rediss://x\"", "TLS"),
-            ("type = \"redis\"\nurl = \"redis://x\"\nkey_prefix = \"\"", "leases.key_prefix"),
+            (
+                "type = \"redis\"\nurl = \"redis://x\"\nkey_prefix = \"\"",
+                "leases.key_prefix",
+            ),
             ("type = \"etcd\"\nendpoints = []", "leases.endpoints"),
-            ("type = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]", "http://"),
-            ("type = \"etcd\"\nendpoints = [\"http://x\"]\nusername = \"u\"", "leases.password"),
-            ("type = \"etcd\"\nendpoints = [\"http://x\"]\nurl = \"u\"", "url"),
+            (
+                "type = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]",
+                "http://",
+            ),
+            (
+                "type = \"etcd\"\nendpoints = [\"http://x\"]\nusername = \"u\"",
+                "leases.password",
+            ),
+            (
+                "type = \"etcd\"\nendpoints = [\"http://x\"]\nurl = \"u\"",
+                "url",
+            ),
         ] {
             let err = error_of(&format!("{MINIMAL}[leases]\n{leases}\n"));
             assert!(err.contains(expected), "{leases}: {err}");

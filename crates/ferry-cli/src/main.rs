@@ -166,7 +166,10 @@ async fn show_external_owners(
         }
         Ok(None) => {}
         Err(err) => {
-            tracing::warn!(error = format!("{err:#}"), "lease owners unknown: cannot read the lease backend")
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "lease owners unknown: cannot read the lease backend"
+            )
         }
     }
 }

@@ -180,7 +180,10 @@ async fn g5_a_paused_zombie_relay_is_fenced_and_nothing_it_sent_after_the_takeov
         .iter()
         .all(|owner| owner.is_some() && *owner != a_id)
     {
-        assert!(Instant::now() < deadline, "b never took a's partitions over");
+        assert!(
+            Instant::now() < deadline,
+            "b never took a's partitions over"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -196,7 +199,9 @@ async fn g5_a_paused_zombie_relay_is_fenced_and_nothing_it_sent_after_the_takeov
     tokio::time::sleep(Duration::from_millis(500)).await;
     let logs = a.logs();
     assert!(
-        logs.contains("lease lost") || logs.contains("fenced") || logs.contains("lease no longer held"),
+        logs.contains("lease lost")
+            || logs.contains("fenced")
+            || logs.contains("lease no longer held"),
         "the resumed relay should have found its partitions gone:\n{logs}"
     );
     assert!(a.terminate(Duration::from_secs(15)).success());

@@ -612,7 +612,11 @@ impl Worker {
                     });
                 }
                 Err(StoreError::Fenced { partition, epoch }) => {
-                    error!(partition, epoch, "the outbox already holds a newer fencing epoch than the lease backend granted; the backend lost its epochs (e.g. Redis restarted without persistence) or relays use different lease backends: restart the relays so that the backend's epochs start above the outbox's");
+                    error!(
+                        partition,
+                        epoch,
+                        "the outbox already holds a newer fencing epoch than the lease backend granted; the backend lost its epochs (e.g. Redis restarted without persistence) or relays use different lease backends: restart the relays so that the backend's epochs start above the outbox's"
+                    );
                     return Err(Interrupted::LeaseLost);
                 }
                 Err(err) => {

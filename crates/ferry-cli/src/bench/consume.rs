@@ -62,7 +62,7 @@ enum End {
     #[cfg(feature = "kafka")]
     Offsets(std::collections::HashMap<ferry::kafka::TopicPartition, i64>),
     /// The end of the file.
-    EndOfFile,
+    Eof,
 }
 
 impl Reader {
@@ -168,9 +168,12 @@ impl Reader {
             }
             #[cfg(feature = "kafka")]
             Self::Kafka(reader) => Ok(End::Offsets(
-                reader.ends().await.context("reading the bench topic's ends")?,
+                reader
+                    .ends()
+                    .await
+                    .context("reading the bench topic's ends")?,
             )),
-            Self::File { .. } => Ok(End::EndOfFile),
+            Self::File { .. } => Ok(End::Eof),
         }
     }
 
@@ -183,7 +186,7 @@ impl Reader {
                 .lagging(ends)
                 .context("reading the bench topic's positions")?
                 .is_empty(),
-            (Self::File { line, .. }, End::EndOfFile) => idle && line.is_empty(),
+            (Self::File { line, .. }, End::Eof) => idle && line.is_empty(),
             _ => false,
         })
     }

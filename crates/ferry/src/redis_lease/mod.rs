@@ -113,7 +113,10 @@ impl RedisLeases {
         let connection = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(redis_error)?;
-        debug!(prefix = key_prefix, partitions, epoch_floor, "redis leases connected");
+        debug!(
+            prefix = key_prefix,
+            partitions, epoch_floor, "redis leases connected"
+        );
         Ok(Self {
             connection,
             prefix: key_prefix.to_owned(),
@@ -130,9 +133,7 @@ impl RedisLeases {
 
     /// The relay holding each partition's unexpired lease, for `status`.
     pub async fn owners(&self) -> Result<BTreeMap<u32, String>, StoreError> {
-        let keys: Vec<String> = (0..self.partitions)
-            .map(|p| self.owner_key(p))
-            .collect();
+        let keys: Vec<String> = (0..self.partitions).map(|p| self.owner_key(p)).collect();
         let values: Vec<Option<String>> = self
             .connection
             .clone()
