@@ -168,7 +168,10 @@ impl Reader {
             }
             #[cfg(feature = "kafka")]
             Self::Kafka(reader) => Ok(End::Offsets(
-                reader.ends().await.context("reading the bench topic's ends")?,
+                reader
+                    .ends()
+                    .await
+                    .context("reading the bench topic's ends")?,
             )),
             Self::File { .. } => Ok(End::EndOfFile),
         }

@@ -72,7 +72,10 @@ pub(super) struct RawLoad<'a> {
 /// Runs both raw loops and prints their rates: one idempotent `acks=all` producer with
 /// every record in flight at once, then `producers` transactional producers committing
 /// `batch` records per transaction, as the relays do.
-pub(super) async fn print_raw_ceiling(config: &KafkaSinkConfig, load: &RawLoad<'_>) -> anyhow::Result<()> {
+pub(super) async fn print_raw_ceiling(
+    config: &KafkaSinkConfig,
+    load: &RawLoad<'_>,
+) -> anyhow::Result<()> {
     let base = config.client_config()?;
     let mut idempotent = base.clone();
     idempotent
@@ -93,9 +96,9 @@ pub(super) async fn print_raw_ceiling(config: &KafkaSinkConfig, load: &RawLoad<'
 
     let per_producer = load.messages / u64::from(load.producers);
     let started = Instant::now();
-    try_join_all((0..load.producers).map(|index| {
-        transactional_loop(&base, load, index, per_producer)
-    }))
+    try_join_all(
+        (0..load.producers).map(|index| transactional_loop(&base, load, index, per_producer)),
+    )
     .await?;
     let elapsed = started.elapsed();
     let total = per_producer * u64::from(load.producers);
@@ -147,7 +150,11 @@ async fn send_all(
 ) -> anyhow::Result<()> {
     let mut pending: Vec<DeliveryFuture> = Vec::new();
     for n in range {
-        let key = format!("{}/{}", super::plan::AGGREGATE_TYPE, n % u64::from(load.aggregates));
+        let key = format!(
+            "{}/{}",
+            super::plan::AGGREGATE_TYPE,
+            n % u64::from(load.aggregates)
+        );
         let mut headers = OwnedHeaders::new_with_capacity(11);
         for name in RECORD_HEADERS {
             headers = headers.insert(Header {

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tracing::debug;
 
@@ -137,7 +137,8 @@ impl CommittedReader {
     /// The next committed record, or `None` if none arrives within `wait`.
     pub async fn next(&self, wait: Duration) -> Result<Option<CommittedRecord>, SinkError> {
         let mut record = None;
-        self.next_raw(wait, |raw| record = Some(decode(raw))).await?;
+        self.next_raw(wait, |raw| record = Some(decode(raw)))
+            .await?;
         Ok(record)
     }
 

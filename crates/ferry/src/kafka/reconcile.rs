@@ -172,7 +172,10 @@ fn plan(
 /// The message id of a record of the partition, read without decoding the rest: the key
 /// is the partition key (the `ce_partitionkey` header when the key is missing), the id is
 /// the `ce_id` header.
-fn owned_id(record: &BorrowedMessage<'_>, owns_key: &(dyn Fn(&str) -> bool + Sync)) -> Option<Uuid> {
+fn owned_id(
+    record: &BorrowedMessage<'_>,
+    owns_key: &(dyn Fn(&str) -> bool + Sync),
+) -> Option<Uuid> {
     let headers = record.headers()?;
     let attribute = |name: &str| {
         headers.iter().find_map(|h| {
