@@ -65,6 +65,10 @@ struct PgKafka {
 
 impl PgKafka {
     async fn new(partitions: u32, brokers: String) -> Self {
+        Self::with_relay(partitions, brokers, FAST_RELAY).await
+    }
+
+    async fn with_relay(partitions: u32, brokers: String, relay: &str) -> Self {
         let tag = unique_tag();
         let scenario = Scenario::new(
             &tag,
@@ -72,7 +76,7 @@ impl PgKafka {
                 &pg_store_section(),
                 &outbox_section(&tag, partitions, ""),
                 &kafka_sink_section(&tag, &brokers),
-                FAST_RELAY,
+                relay,
             ],
         );
         let outbox = pg_outbox(&tag).await;
@@ -286,27 +290,63 @@ impl Drop for OwnBroker {
     }
 }
 
+/// The broker is down when the relay starts, and stopped again mid-run (between two waves
+/// of messages, while the relay runs) and restarted after a second wave was committed.
+/// noida-db restores its records but forgets its producers, so every partition's producer
+/// fails and is replaced, and each partition is reconciled. The broker is not stopped in
+/// the middle of a transaction: noida-db then keeps the open transaction's records but
+/// forgets the transaction, which stays open for ever and holds read_committed readers of
+/// that Kafka partition back (seen here: the last stable offset did not move in minutes).
+/// A Kafka broker keeps transaction state across restarts and aborts such a transaction
+/// after `transaction.timeout.ms`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_down_at_start_and_restarted_mid_run_loses_nothing() {
     let work = tempfile::tempdir().unwrap();
     let mut broker = OwnBroker::new(work.path());
-    let e2e = PgKafka::new(4, broker.brokers()).await;
+    // Every partition is taken up again and reconciled after the restart: leases long
+    // enough for that on a loaded machine.
+    let relay_section = FAST_RELAY.replace("lease_ttl_secs = 2", "lease_ttl_secs = 6");
+    let e2e = PgKafka::with_relay(4, broker.brokers(), &relay_section).await;
     let relay = e2e.scenario.relay("relay");
-    let producing = e2e.produce(40, 50, 2);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        relay.logs().contains("not ready"),
-        "the relay waits for the broker:\n{}",
-        relay.logs()
-    );
+    let mut produced = e2e.produce(40, 25, 2).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !relay.logs().contains("not ready") {
+        assert!(
+            Instant::now() < deadline,
+            "the relay should say it waits for the broker:\n{}",
+            relay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     broker.start();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    e2e.scenario.wait_drained(Duration::from_secs(60)).await;
     broker.stop();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    produced.extend(e2e.produce(40, 25, 2).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
     broker.start();
-    let produced = producing.await.unwrap();
-    e2e.scenario.wait_drained(Duration::from_secs(180)).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while e2e.scenario.backlog() > 0 {
+        if Instant::now() > deadline {
+            let logs = relay.logs();
+            let ferry_lines: Vec<&str> = logs
+                .lines()
+                .filter(|line| !line.contains("rdkafka"))
+                .collect();
+            let tail = &ferry_lines[ferry_lines.len().saturating_sub(60)..];
+            panic!(
+                "not drained after the broker's restart ({} left):\n{}",
+                e2e.scenario.backlog(),
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let report = e2e.check_topic(&produced).await;
     report.assert_perfect(produced.len());
+    let logs = relay.logs();
+    assert!(
+        logs.contains("publish failed") || logs.contains("the sink fenced this partition"),
+        "the broker's restart should have interrupted publishing:\n{logs}"
+    );
     assert!(relay.terminate(Duration::from_secs(15)).success());
 }

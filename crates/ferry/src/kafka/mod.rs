@@ -47,7 +47,7 @@ use topic::TopicTemplate;
 
 /// The longest the first connection check waits, so that a relay started while the
 /// brokers are down reports it soon and keeps retrying.
-const CONNECT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Publishes to Kafka in one transaction per batch; see the module docs.
 pub struct KafkaSink {

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tracing::debug;
 
 use ferry_core::SinkError;
 use ferry_core::cloudevents::{DecodeError, ReceivedMessage};
@@ -134,10 +136,33 @@ impl CommittedReader {
 
     /// The next committed record, or `None` if none arrives within `wait`.
     pub async fn next(&self, wait: Duration) -> Result<Option<CommittedRecord>, SinkError> {
+        let mut record = None;
+        self.next_raw(wait, |raw| record = Some(decode(raw)))
+            .await?;
+        Ok(record)
+    }
+
+    /// Hands the next committed record to `each` as librdkafka holds it (no copy), if one
+    /// arrives within `wait`; returns whether one did. Errors the consumer recovers from
+    /// by itself (a broker restarting) count as no record.
+    async fn next_raw(
+        &self,
+        wait: Duration,
+        each: impl FnOnce(&BorrowedMessage<'_>),
+    ) -> Result<bool, SinkError> {
         match tokio::time::timeout(wait, self.consumer.recv()).await {
-            Ok(Ok(record)) => Ok(Some(decode(&record))),
-            Ok(Err(err)) => Err(SinkError::retryable("reading kafka failed").with_source(err)),
-            Err(_idle) => Ok(None),
+            Ok(Ok(record)) => {
+                each(&record);
+                Ok(true)
+            }
+            Ok(Err(err @ KafkaError::MessageConsumptionFatal(_))) => Err(SinkError::retryable(
+                format!("reading kafka failed for good: {err}"),
+            )),
+            Ok(Err(err)) => {
+                debug!(error = %err, "kafka reader error; it retries by itself");
+                Ok(false)
+            }
+            Err(_idle) => Ok(false),
         }
     }
 
@@ -204,13 +229,21 @@ impl CommittedReader {
         ends: &HashMap<TopicPartition, i64>,
         mut each: impl FnMut(CommittedRecord),
     ) -> Result<(), SinkError> {
+        self.read_raw_to(ends, |raw| each(decode(raw))).await
+    }
+
+    /// [`Self::read_to`] without decoding: `each` sees each record as librdkafka holds it.
+    pub(crate) async fn read_raw_to(
+        &self,
+        ends: &HashMap<TopicPartition, i64>,
+        mut each: impl FnMut(&BorrowedMessage<'_>),
+    ) -> Result<(), SinkError> {
         let poll = Duration::from_millis(100);
         let mut last_progress = tokio::time::Instant::now();
         let mut lagging = self.lagging(ends)?;
         while !lagging.is_empty() {
-            if let Some(record) = self.next(poll).await? {
+            if self.next_raw(poll, &mut each).await? {
                 last_progress = tokio::time::Instant::now();
-                each(record);
                 continue;
             }
             let now_lagging = self.lagging(ends)?;

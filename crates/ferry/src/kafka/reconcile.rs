@@ -14,14 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::time::Instant;
 use tracing::{debug, info};
 use uuid::Uuid;
 
 use ferry_core::SinkError;
+use ferry_core::cloudevents::ext;
 
-use super::producer::blocking;
+use super::producer::{CE_PREFIX, blocking};
 use super::read::{CommittedReader, TopicPartition, lookup_client};
 use super::topic::TopicTemplate;
 
@@ -72,11 +74,9 @@ impl TailScan {
         let reader = CommittedReader::assign(&self.base, lookup, plan.starts, self.timeout).await?;
         let mut ids = HashSet::new();
         let result = reader
-            .read_to(&plan.ends, |record| {
-                if let Ok(message) = record.message
-                    && owns_key(&message.partition_key)
-                {
-                    ids.insert(message.id);
+            .read_raw_to(&plan.ends, |record| {
+                if let Some(id) = owned_id(record, owns_key) {
+                    ids.insert(id);
                 }
             })
             .await;
@@ -167,4 +167,29 @@ fn plan(
         plan.ends = ends;
     }
     Ok(plan)
+}
+
+/// The message id of a record of the partition, read without decoding the rest: the key
+/// is the partition key (the `ce_partitionkey` header when the key is missing), the id is
+/// the `ce_id` header.
+fn owned_id(
+    record: &BorrowedMessage<'_>,
+    owns_key: &(dyn Fn(&str) -> bool + Sync),
+) -> Option<Uuid> {
+    let headers = record.headers()?;
+    let attribute = |name: &str| {
+        headers.iter().find_map(|h| {
+            (h.key.strip_prefix(CE_PREFIX)? == name)
+                .then_some(h.value?)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        })
+    };
+    let key = match record.key() {
+        Some(key) => std::str::from_utf8(key).ok()?,
+        None => attribute(ext::PARTITION_KEY)?,
+    };
+    if !owns_key(key) {
+        return None;
+    }
+    Uuid::parse_str(attribute("id")?).ok()
 }
