@@ -275,10 +275,12 @@ async fn heartbeats_count_live_relays(backend: Backend) {
     assert_eq!(leases.heartbeat("a", ttl).await.unwrap(), 2);
     leases.leave("b").await.unwrap();
     assert_eq!(leases.heartbeat("a", ttl).await.unwrap(), 1);
-    // A relay that stops heartbeating drops out when its heartbeat runs out.
+    // A relay that stops heartbeating drops out when its heartbeat runs out, and counts
+    // again when it comes back (after a pause longer than its TTL, say).
     assert_eq!(leases.heartbeat("c", Duration::from_secs(1)).await.unwrap(), 2);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(leases.heartbeat("a", ttl).await.unwrap(), 1);
+    assert_eq!(leases.heartbeat("c", ttl).await.unwrap(), 2);
 }
 
 /// G5 with leases outside the store: a relay paused past its lease resumes after another

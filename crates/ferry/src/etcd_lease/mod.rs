@@ -271,30 +271,24 @@ impl EtcdLeases {
         }))
     }
 
-    /// Sends one keep-alive for `etcd_lease`; false if the lease is gone.
+    /// Sends one keep-alive for `etcd_lease`; false if the lease is gone (it ran out, or
+    /// was revoked). Opening the keep-alive stream sends the first keep-alive and waits for
+    /// its answer, which is all a renewal needs.
     async fn keep_alive(&self, etcd_lease: i64) -> Result<bool, StoreError> {
-        let exchange = async {
-            let (mut keeper, mut stream) = self
-                .client
-                .clone()
-                .lease_keep_alive(etcd_lease)
-                .await
-                .map_err(etcd_error)?;
-            keeper.keep_alive().await.map_err(etcd_error)?;
-            match stream.message().await.map_err(etcd_error)? {
-                Some(response) => Ok(response.ttl() > 0),
-                None => Err(StoreError::Unavailable(
-                    "etcd closed the lease keep-alive stream".into(),
-                )),
+        let mut client = self.client.clone();
+        match tokio::time::timeout(ETCD_TIMEOUT, client.lease_keep_alive(etcd_lease)).await {
+            Ok(Ok(_keeper_and_stream)) => Ok(true),
+            // How etcd-client reports a keep-alive answered with a TTL of zero.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
+                if message.contains("not found") =>
+            {
+                Ok(false)
             }
-        };
-        tokio::time::timeout(ETCD_TIMEOUT, exchange)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(
-                    format!("etcd did not answer a lease keep-alive within {ETCD_TIMEOUT:?}").into(),
-                ))
-            })
+            Ok(Err(err)) => Err(etcd_error(err)),
+            Err(_) => Err(StoreError::Unavailable(
+                format!("etcd did not answer a lease keep-alive within {ETCD_TIMEOUT:?}").into(),
+            )),
+        }
     }
 }
 
