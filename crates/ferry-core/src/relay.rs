@@ -605,10 +605,14 @@ impl Worker {
                         Takeover::Unclean {
                             since_expiry,
                             checkpoint,
-                        } => Takeover::Unclean {
-                            since_expiry,
-                            checkpoint: checkpoint.max(recorded),
-                        },
+                        } => {
+                            let checkpoint = checkpoint.max(recorded);
+                            info!(partition = self.partition(), epoch = self.lease.epoch, ?checkpoint, "lease adopted; reconciling from the checkpoint the outbox recorded");
+                            Takeover::Unclean {
+                                since_expiry,
+                                checkpoint,
+                            }
+                        }
                     });
                 }
                 Err(StoreError::Fenced { partition, epoch }) => {

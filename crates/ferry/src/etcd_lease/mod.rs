@@ -146,10 +146,7 @@ impl EtcdLeases {
             })
             .and_then(|value| String::from_utf8(value).ok()?.parse::<i64>().ok())
             .ok_or_else(|| {
-                StoreError::Other(
-                    format!("{key} does not hold a number; delete it with the relays stopped")
-                        .into(),
-                )
+                StoreError::Other(format!("{key} does not hold a number; delete it with the relays stopped").into())
             })?;
         if revision + base < floor {
             return Err(StoreError::Other(
@@ -227,11 +224,7 @@ impl EtcdLeases {
         let response = client
             .txn(
                 Txn::new()
-                    .when([Compare::create_revision(
-                        owner.as_str(),
-                        CompareOp::Equal,
-                        0,
-                    )])
+                    .when([Compare::create_revision(owner.as_str(), CompareOp::Equal, 0)])
                     .and_then([
                         TxnOp::get(state.as_str(), None),
                         TxnOp::put(
@@ -246,16 +239,18 @@ impl EtcdLeases {
             .map_err(etcd_error)?;
         if !response.succeeded() {
             // Taken meanwhile; the unused etcd lease would expire on its own.
-            client.lease_revoke(etcd_lease).await.map_err(etcd_error)?;
+            client
+                .lease_revoke(etcd_lease)
+                .await
+                .map_err(etcd_error)?;
             return Ok(None);
         }
-        let revision = response.header().map(|h| h.revision()).ok_or_else(|| {
-            StoreError::Other("etcd sent a transaction reply without a header".into())
-        })?;
+        let revision = response
+            .header()
+            .map(|h| h.revision())
+            .ok_or_else(|| StoreError::Other("etcd sent a transaction reply without a header".into()))?;
         let previous = response.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(get) => {
-                Some(get.kvs().first().map(|kv| kv.value() == CLEAN.as_bytes()))
-            }
+            TxnOpResponse::Get(get) => Some(get.kvs().first().map(|kv| kv.value() == CLEAN.as_bytes())),
             _ => None,
         });
         // Never granted (no state yet), or released cleanly.
@@ -276,31 +271,24 @@ impl EtcdLeases {
         }))
     }
 
-    /// Sends one keep-alive for `etcd_lease`; false if the lease is gone.
+    /// Sends one keep-alive for `etcd_lease`; false if the lease is gone (it ran out, or
+    /// was revoked). Opening the keep-alive stream sends the first keep-alive and waits for
+    /// its answer, which is all a renewal needs.
     async fn keep_alive(&self, etcd_lease: i64) -> Result<bool, StoreError> {
-        let exchange = async {
-            let (mut keeper, mut stream) = self
-                .client
-                .clone()
-                .lease_keep_alive(etcd_lease)
-                .await
-                .map_err(etcd_error)?;
-            keeper.keep_alive().await.map_err(etcd_error)?;
-            match stream.message().await.map_err(etcd_error)? {
-                Some(response) => Ok(response.ttl() > 0),
-                None => Err(StoreError::Unavailable(
-                    "etcd closed the lease keep-alive stream".into(),
-                )),
+        let mut client = self.client.clone();
+        match tokio::time::timeout(ETCD_TIMEOUT, client.lease_keep_alive(etcd_lease)).await {
+            Ok(Ok(_keeper_and_stream)) => Ok(true),
+            // How etcd-client reports a keep-alive answered with a TTL of zero.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
+                if message.contains("not found") =>
+            {
+                Ok(false)
             }
-        };
-        tokio::time::timeout(ETCD_TIMEOUT, exchange)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(
-                    format!("etcd did not answer a lease keep-alive within {ETCD_TIMEOUT:?}")
-                        .into(),
-                ))
-            })
+            Ok(Err(err)) => Err(etcd_error(err)),
+            Err(_) => Err(StoreError::Unavailable(
+                format!("etcd did not answer a lease keep-alive within {ETCD_TIMEOUT:?}").into(),
+            )),
+        }
     }
 }
 
@@ -394,14 +382,17 @@ impl LeaseStore for EtcdLeases {
         let held = self.held().await?;
         let renewals = leases.iter().filter_map(|lease| {
             let current = held.get(&lease.partition)?;
-            (current.epoch == lease.epoch && current.owner == lease.owner).then_some(async move {
+            (current.epoch == lease.epoch && current.owner == lease.owner).then(|| async move {
                 self.keep_alive(current.etcd_lease)
                     .await
                     .map(|alive| alive.then_some(lease.partition))
             })
         });
         let renewed = futures::future::join_all(renewals).await;
-        renewed.into_iter().filter_map(Result::transpose).collect()
+        renewed
+            .into_iter()
+            .filter_map(Result::transpose)
+            .collect()
     }
 
     /// Deletes the ownership key and records how the owner left, in one transaction that
