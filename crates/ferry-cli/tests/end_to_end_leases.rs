@@ -103,8 +103,11 @@ impl Leased {
     /// Drains the outbox, reads the stream back and checks it against `produced`.
     async fn assert_stream_perfect(&self, produced: &HashSet<Uuid>) {
         self.wait_drained().await;
-        Report::of(read_nats_stream(&nats_stream(&self.scenario.tag)).await, produced)
-            .assert_perfect(produced.len());
+        Report::of(
+            read_nats_stream(&nats_stream(&self.scenario.tag)).await,
+            produced,
+        )
+        .assert_perfect(produced.len());
     }
 
     /// Waits for an empty outbox; on timeout, fails with every relay's log.
@@ -266,7 +269,10 @@ async fn an_unreachable_lease_backend_is_waited_for(backend: Backend) {
         if logs.contains("not ready") && logs.contains("leases") {
             break;
         }
-        assert!(Instant::now() < deadline, "no word of the unreachable backend:\n{logs}");
+        assert!(
+            Instant::now() < deadline,
+            "no word of the unreachable backend:\n{logs}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(relay.terminate(Duration::from_secs(10)).success());

@@ -607,7 +607,12 @@ impl Worker {
                             checkpoint,
                         } => {
                             let checkpoint = checkpoint.max(recorded);
-                            info!(partition = self.partition(), epoch = self.lease.epoch, ?checkpoint, "lease adopted; reconciling from the checkpoint the outbox recorded");
+                            info!(
+                                partition = self.partition(),
+                                epoch = self.lease.epoch,
+                                ?checkpoint,
+                                "lease adopted; reconciling from the checkpoint the outbox recorded"
+                            );
                             Takeover::Unclean {
                                 since_expiry,
                                 checkpoint,

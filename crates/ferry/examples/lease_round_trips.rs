@@ -40,7 +40,10 @@ async fn outbox(tag: &str, external_leases: bool) -> anyhow::Result<PgOutbox> {
         ..StoreSettings::default()
     };
     let outbox = PgOutbox::connect(
-        &env_or("FERRY_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432/test"),
+        &env_or(
+            "FERRY_TEST_PG_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        ),
         4,
         settings,
     )
@@ -84,9 +87,18 @@ async fn measure(
     }
     leases.leave("bench").await?;
     println!("{name}:");
-    println!("  lease round (heartbeat + renew {PARTITIONS}) {}", summary(round));
-    println!("  acquire {PARTITIONS}                        {}", summary(acquire));
-    println!("  release {PARTITIONS}                        {}", summary(release));
+    println!(
+        "  lease round (heartbeat + renew {PARTITIONS}) {}",
+        summary(round)
+    );
+    println!(
+        "  acquire {PARTITIONS}                        {}",
+        summary(acquire)
+    );
+    println!(
+        "  release {PARTITIONS}                        {}",
+        summary(release)
+    );
     if !adopt.is_empty() {
         println!("  outbox adopt (per grant)          {}", summary(adopt));
     }
@@ -120,15 +132,33 @@ async fn measure_marks(name: &str, outbox: &PgOutbox, lease: &Lease) -> anyhow::
 
 async fn drop_tables(outbox: &PgOutbox) -> anyhow::Result<()> {
     let prefix = outbox.table_prefix().as_str();
-    for table in ["outbox", "aggregate_versions", "leases", "relays", "inbox", "inbox_versions", "meta"] {
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {prefix}{table} CASCADE")))
-            .execute(outbox.pool())
-            .await?;
+    for table in [
+        "outbox",
+        "aggregate_versions",
+        "leases",
+        "relays",
+        "inbox",
+        "inbox_versions",
+        "meta",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS {prefix}{table} CASCADE"
+        )))
+        .execute(outbox.pool())
+        .await?;
     }
-    for function in ["notify", "partition_for", "uuid_v7", "enqueue_bytes", "enqueue"] {
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP FUNCTION IF EXISTS {prefix}{function} CASCADE")))
-            .execute(outbox.pool())
-            .await?;
+    for function in [
+        "notify",
+        "partition_for",
+        "uuid_v7",
+        "enqueue_bytes",
+        "enqueue",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP FUNCTION IF EXISTS {prefix}{function} CASCADE"
+        )))
+        .execute(outbox.pool())
+        .await?;
     }
     Ok(())
 }

@@ -61,13 +61,8 @@ impl Backend {
         Ok(match self {
             #[cfg(feature = "redis-lease")]
             Self::Redis => Arc::new(
-                ferry::redis_lease::RedisLeases::connect(
-                    &redis_url(),
-                    prefix,
-                    partitions,
-                    floor,
-                )
-                .await?,
+                ferry::redis_lease::RedisLeases::connect(&redis_url(), prefix, partitions, floor)
+                    .await?,
             ),
             #[cfg(feature = "etcd-lease")]
             Self::Etcd => Arc::new(
@@ -155,7 +150,13 @@ async fn enqueue(outbox: &PgOutbox, aggregate: &str) -> Uuid {
 }
 
 async fn backlog(outbox: &PgOutbox) -> u64 {
-    outbox.status().await.unwrap().iter().map(|p| p.backlog).sum()
+    outbox
+        .status()
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.backlog)
+        .sum()
 }
 
 /// Acquires for `relay` until a lease is granted, failing after `within`; returns it and
@@ -171,7 +172,10 @@ async fn acquire_within(
         if let Some(lease) = leases.acquire(relay, 1, ttl).await.unwrap().pop() {
             return (lease, started.elapsed());
         }
-        assert!(started.elapsed() < within, "{relay} got no lease in {within:?}");
+        assert!(
+            started.elapsed() < within,
+            "{relay} got no lease in {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -206,7 +210,11 @@ async fn grants_renews_and_releases(backend: Backend) {
     let mut impostor = b[0].clone();
     impostor.owner = "relay-a".into();
     assert!(
-        leases.renew(&[stale, impostor], ttl).await.unwrap().is_empty(),
+        leases
+            .renew(&[stale, impostor], ttl)
+            .await
+            .unwrap()
+            .is_empty(),
         "a wrong epoch or owner renews nothing"
     );
 
@@ -253,13 +261,27 @@ async fn epochs_increase_with_every_grant(backend: Backend) {
 async fn an_expired_lease_is_taken_over_uncleanly_and_cannot_be_renewed(backend: Backend) {
     let leases = backend.connect(&backend.unique_prefix(), 1, 0).await;
     let ttl = Duration::from_secs(2);
-    let first = leases.acquire("relay-a", 1, ttl).await.unwrap().pop().unwrap();
+    let first = leases
+        .acquire("relay-a", 1, ttl)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
     let (second, waited) =
         acquire_within(leases.as_ref(), "relay-b", ttl, Duration::from_secs(10)).await;
-    assert!(waited >= Duration::from_millis(1500), "granted after {waited:?}: before the lease ran out");
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "granted after {waited:?}: before the lease ran out"
+    );
     assert!(second.epoch > first.epoch);
     assert!(
-        matches!(second.takeover, Takeover::Unclean { checkpoint: None, .. }),
+        matches!(
+            second.takeover,
+            Takeover::Unclean {
+                checkpoint: None,
+                ..
+            }
+        ),
         "{:?}",
         second.takeover
     );
@@ -277,7 +299,10 @@ async fn heartbeats_count_live_relays(backend: Backend) {
     assert_eq!(leases.heartbeat("a", ttl).await.unwrap(), 1);
     // A relay that stops heartbeating drops out when its heartbeat runs out, and counts
     // again when it comes back (after a pause longer than its TTL, say).
-    assert_eq!(leases.heartbeat("c", Duration::from_secs(1)).await.unwrap(), 2);
+    assert_eq!(
+        leases.heartbeat("c", Duration::from_secs(1)).await.unwrap(),
+        2
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(leases.heartbeat("a", ttl).await.unwrap(), 1);
     assert_eq!(leases.heartbeat("c", ttl).await.unwrap(), 2);
@@ -291,18 +316,34 @@ async fn g5_a_paused_owner_is_fenced_by_the_outbox_after_a_takeover(backend: Bac
     let first_id = enqueue(&outbox, "1").await;
     let second_id = enqueue(&outbox, "2").await;
     let leases = backend
-        .connect(&backend.unique_prefix(), 1, outbox.highest_epoch().await.unwrap())
+        .connect(
+            &backend.unique_prefix(),
+            1,
+            outbox.highest_epoch().await.unwrap(),
+        )
         .await;
     let ttl = Duration::from_secs(2);
-    let paused = leases.acquire("relay-a", 1, ttl).await.unwrap().pop().unwrap();
+    let paused = leases
+        .acquire("relay-a", 1, ttl)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
     assert_eq!(outbox.adopt(&paused).await.unwrap(), None);
     assert_eq!(
-        outbox.mark_published(&paused, &[first_id], Some(7)).await.unwrap(),
+        outbox
+            .mark_published(&paused, &[first_id], Some(7))
+            .await
+            .unwrap(),
         1
     );
 
     let (taker, _) = acquire_within(leases.as_ref(), "relay-b", ttl, Duration::from_secs(10)).await;
-    assert!(matches!(taker.takeover, Takeover::Unclean { .. }), "{:?}", taker.takeover);
+    assert!(
+        matches!(taker.takeover, Takeover::Unclean { .. }),
+        "{:?}",
+        taker.takeover
+    );
     assert_eq!(
         outbox.adopt(&taker).await.unwrap(),
         Some(7),
@@ -313,7 +354,10 @@ async fn g5_a_paused_owner_is_fenced_by_the_outbox_after_a_takeover(backend: Bac
         .mark_published(&paused, &[second_id], None)
         .await
         .unwrap_err();
-    assert!(matches!(refused, StoreError::Fenced { partition: 0, .. }), "{refused}");
+    assert!(
+        matches!(refused, StoreError::Fenced { partition: 0, .. }),
+        "{refused}"
+    );
     assert_eq!(backlog(&outbox).await, 1, "a fenced mark changes nothing");
     assert!(matches!(
         outbox.set_blocked(&paused, Some("stale")).await,
@@ -326,11 +370,19 @@ async fn g5_a_paused_owner_is_fenced_by_the_outbox_after_a_takeover(backend: Bac
     assert!(leases.renew(&[paused], ttl).await.unwrap().is_empty());
 
     assert_eq!(
-        outbox.mark_published(&taker, &[second_id], Some(9)).await.unwrap(),
+        outbox
+            .mark_published(&taker, &[second_id], Some(9))
+            .await
+            .unwrap(),
         1
     );
     leases.release(&taker, false).await.unwrap();
-    let next = leases.acquire("relay-c", 1, ttl).await.unwrap().pop().unwrap();
+    let next = leases
+        .acquire("relay-c", 1, ttl)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
     assert!(matches!(next.takeover, Takeover::Unclean { .. }));
     assert_eq!(outbox.adopt(&next).await.unwrap(), Some(9));
 }
@@ -373,7 +425,11 @@ async fn relay_publishes_everything_with_external_leases(backend: Backend) {
         }
     }
     let leases = backend
-        .connect(&backend.unique_prefix(), 4, outbox.highest_epoch().await.unwrap())
+        .connect(
+            &backend.unique_prefix(),
+            4,
+            outbox.highest_epoch().await.unwrap(),
+        )
         .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.jsonl");
@@ -393,7 +449,11 @@ async fn relay_publishes_everything_with_external_leases(backend: Backend) {
     let running = tokio::spawn(relay.run(shutdown.clone()));
     let deadline = Instant::now() + Duration::from_secs(30);
     while backlog(&outbox).await > 0 {
-        assert!(Instant::now() < deadline, "not drained: {} left", backlog(&outbox).await);
+        assert!(
+            Instant::now() < deadline,
+            "not drained: {} left",
+            backlog(&outbox).await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     shutdown.cancel();
@@ -411,7 +471,11 @@ async fn relay_publishes_everything_with_external_leases(backend: Backend) {
     }
     assert_eq!(seen, produced);
     for (aggregate, versions) in versions {
-        assert_eq!(versions, (1..=10).collect::<Vec<_>>(), "aggregate {aggregate}");
+        assert_eq!(
+            versions,
+            (1..=10).collect::<Vec<_>>(),
+            "aggregate {aggregate}"
+        );
     }
 }
 
@@ -452,7 +516,10 @@ async fn adoption_fences_marks_by_epoch_and_owner(store: &dyn OutboxStore, ids: 
         store.mark_published(&lease(5, "b"), &[ids[1]], None).await,
         "mark by another owner",
     );
-    store.set_blocked(&lease(5, "a"), Some("stuck")).await.unwrap();
+    store
+        .set_blocked(&lease(5, "a"), Some("stuck"))
+        .await
+        .unwrap();
     assert_eq!(
         store.status().await.unwrap()[0].blocked_reason.as_deref(),
         Some("stuck")
@@ -570,17 +637,35 @@ mod redis_only {
         let prefix = Backend::Redis.unique_prefix();
         let running = Backend::Redis.connect(&prefix, 1, 0).await;
         let ttl = Duration::from_secs(10);
-        let first = running.acquire("relay-a", 1, ttl).await.unwrap().pop().unwrap();
+        let first = running
+            .acquire("relay-a", 1, ttl)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
         outbox.adopt(&first).await.unwrap();
         Backend::Redis.wipe(&prefix).await;
 
         let fresh = Backend::Redis.connect(&prefix, 1, 0).await;
-        let low = fresh.acquire("relay-b", 1, ttl).await.unwrap().pop().unwrap();
+        let low = fresh
+            .acquire("relay-b", 1, ttl)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
         assert!(low.epoch <= first.epoch, "{low:?}");
-        assert!(matches!(outbox.adopt(&low).await, Err(StoreError::Fenced { .. })));
+        assert!(matches!(
+            outbox.adopt(&low).await,
+            Err(StoreError::Fenced { .. })
+        ));
         fresh.release(&low, false).await.unwrap();
 
-        let recovered = running.acquire("relay-a", 1, ttl).await.unwrap().pop().unwrap();
+        let recovered = running
+            .acquire("relay-a", 1, ttl)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
         assert!(recovered.epoch > first.epoch, "{recovered:?}");
         outbox.adopt(&recovered).await.unwrap();
     }
@@ -594,7 +679,10 @@ mod redis_only {
         let err = ferry::redis_lease::RedisLeases::connect("http://127.0.0.1", "x:", 1, 0)
             .await
             .unwrap_err();
-        assert!(!err.is_retryable() && err.to_string().contains("Redis url"), "{err}");
+        assert!(
+            !err.is_retryable() && err.to_string().contains("Redis url"),
+            "{err}"
+        );
     }
 }
 

@@ -146,7 +146,10 @@ impl EtcdLeases {
             })
             .and_then(|value| String::from_utf8(value).ok()?.parse::<i64>().ok())
             .ok_or_else(|| {
-                StoreError::Other(format!("{key} does not hold a number; delete it with the relays stopped").into())
+                StoreError::Other(
+                    format!("{key} does not hold a number; delete it with the relays stopped")
+                        .into(),
+                )
             })?;
         if revision + base < floor {
             return Err(StoreError::Other(
@@ -224,7 +227,11 @@ impl EtcdLeases {
         let response = client
             .txn(
                 Txn::new()
-                    .when([Compare::create_revision(owner.as_str(), CompareOp::Equal, 0)])
+                    .when([Compare::create_revision(
+                        owner.as_str(),
+                        CompareOp::Equal,
+                        0,
+                    )])
                     .and_then([
                         TxnOp::get(state.as_str(), None),
                         TxnOp::put(
@@ -239,18 +246,16 @@ impl EtcdLeases {
             .map_err(etcd_error)?;
         if !response.succeeded() {
             // Taken meanwhile; the unused etcd lease would expire on its own.
-            client
-                .lease_revoke(etcd_lease)
-                .await
-                .map_err(etcd_error)?;
+            client.lease_revoke(etcd_lease).await.map_err(etcd_error)?;
             return Ok(None);
         }
-        let revision = response
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| StoreError::Other("etcd sent a transaction reply without a header".into()))?;
+        let revision = response.header().map(|h| h.revision()).ok_or_else(|| {
+            StoreError::Other("etcd sent a transaction reply without a header".into())
+        })?;
         let previous = response.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(get) => Some(get.kvs().first().map(|kv| kv.value() == CLEAN.as_bytes())),
+            TxnOpResponse::Get(get) => {
+                Some(get.kvs().first().map(|kv| kv.value() == CLEAN.as_bytes()))
+            }
             _ => None,
         });
         // Never granted (no state yet), or released cleanly.
@@ -382,17 +387,14 @@ impl LeaseStore for EtcdLeases {
         let held = self.held().await?;
         let renewals = leases.iter().filter_map(|lease| {
             let current = held.get(&lease.partition)?;
-            (current.epoch == lease.epoch && current.owner == lease.owner).then(|| async move {
+            (current.epoch == lease.epoch && current.owner == lease.owner).then_some(async move {
                 self.keep_alive(current.etcd_lease)
                     .await
                     .map(|alive| alive.then_some(lease.partition))
             })
         });
         let renewed = futures::future::join_all(renewals).await;
-        renewed
-            .into_iter()
-            .filter_map(Result::transpose)
-            .collect()
+        renewed.into_iter().filter_map(Result::transpose).collect()
     }
 
     /// Deletes the ownership key and records how the owner left, in one transaction that
