@@ -17,6 +17,9 @@ export FERRY_TEST_NOIDA_DB=${FERRY_TEST_NOIDA_DB:-${FERRY_SERVICES_VENV:-/opt/fe
 db=${FERRY_TEST_PG_URL##*/}
 psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" \
   -c "CREATE DATABASE \"$db\""
+export FERRY_TEST_MYSQL_URL=${FERRY_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/ferry_test}
+mydb=${FERRY_TEST_MYSQL_URL##*/}
+mysql -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS \`$mydb\`; CREATE DATABASE \`$mydb\`"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

@@ -11,9 +11,12 @@ mod check;
 mod consume;
 #[cfg(feature = "kafka")]
 mod kafka;
+mod mqtt;
 mod plan;
 mod produce;
+mod raw;
 mod target;
+mod webhook;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,7 +109,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let tag = format!("{:08x}", rand::random::<u32>());
     target::isolate(&mut config, &tag)?;
-    let target = Target::create(&config).await?;
+    let target = Target::create(&mut config).await?;
 
     let interrupt = crate::shutdown_on_signal()?;
     let stop = CancellationToken::new();
@@ -153,6 +156,8 @@ async fn execute(
     let store_kind = match config.store {
         StoreConfig::Postgres { .. } => "postgres",
         StoreConfig::Sqlite { .. } => "sqlite",
+        StoreConfig::Mysql { .. } => "mysql",
+        StoreConfig::Redis { .. } => "redis",
     };
     println!(
         "bench: {} mode, {store_kind} -> {}",
@@ -160,8 +165,8 @@ async fn execute(
         target.describe_sink()
     );
     println!(
-        "bench tables: {}* ({partitions} partitions)",
-        target.table_prefix
+        "bench outbox: {} ({partitions} partitions)",
+        target.describe_store()
     );
     println!(
         "workload: {} messages, {} aggregates, {} producers, {per_tx} per transaction, {}-byte payloads, {} relay(s), batch_size {}{}",
@@ -301,6 +306,12 @@ async fn execute(
     }
     print_check(&report);
     print_memory();
+    for line in target
+        .raw_ceiling(args.messages, &production.payload, partitions)
+        .await?
+    {
+        println!("{line}");
+    }
     Ok(report.checker.problems())
 }
 

@@ -10,11 +10,17 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use ferry::amqp::AmqpSinkConfig;
 use ferry::file::FileSinkConfig;
 #[cfg(feature = "kafka")]
 use ferry::kafka::KafkaSinkConfig;
+use ferry::mqtt::MqttSinkConfig;
 use ferry::nats::NatsSinkConfig;
+use ferry::redis_store::{KeyPrefix, RedisSettings};
+use ferry::redis_stream::RedisStreamSinkConfig;
 use ferry::sql::{StoreSettings, TablePrefix};
+use ferry::webhook::WebhookSinkConfig;
+use ferry_service::ServiceConfig;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +33,10 @@ pub(crate) struct Config {
     pub(crate) relay: RelaySection,
     #[serde(default)]
     pub(crate) leases: LeasesConfig,
+    /// The reliable message service (`ferry serve`); its tables are created by `ferry
+    /// migrate` when this section is present.
+    #[serde(default)]
+    pub(crate) service: Option<ServiceConfig>,
 }
 
 /// Where the outbox lives.
@@ -43,6 +53,25 @@ pub(crate) enum StoreConfig {
     Sqlite {
         /// The database file, created if missing.
         path: PathBuf,
+    },
+    /// MySQL 8.0.29+ or MariaDB 10.6+. No notifications: the relay polls every
+    /// `relay.poll_interval_ms`.
+    Mysql {
+        /// `mysql://user:password@host:3306/database`; a secret, never logged.
+        url: SecretString,
+        /// Connections in the relay's pool. Defaults to 8.
+        #[serde(default = "default_pool_size")]
+        pool_size: u32,
+    },
+    /// Redis (streams and Lua scripts). Only what Redis persists survives its restart:
+    /// run it with AOF (`appendfsync everysec` or `always`) for an outbox.
+    Redis {
+        /// `redis://[user:password@]host:port[/db]`; a secret, never logged.
+        url: SecretString,
+        /// Prefix of every key of this outbox (`outbox.table_prefix` is for SQL stores).
+        /// Defaults to `ferry:`.
+        #[serde(default = "default_key_prefix")]
+        key_prefix: String,
     },
 }
 
@@ -148,6 +177,10 @@ impl LeasesConfig {
     }
 }
 
+fn default_key_prefix() -> String {
+    KeyPrefix::default().as_str().to_owned()
+}
+
 /// Settings of the outbox tables, the same for every SQL store.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -178,6 +211,10 @@ impl Default for OutboxConfig {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum SinkConfig {
     Nats(NatsSinkConfig),
+    RedisStream(RedisStreamSinkConfig),
+    Amqp(AmqpSinkConfig),
+    Mqtt(MqttSinkConfig),
+    Webhook(WebhookSinkConfig),
     #[cfg(feature = "kafka")]
     Kafka(KafkaSinkConfig),
     /// Accepted by the parser so that validation can say how to get Kafka support.
@@ -201,7 +238,8 @@ pub(crate) struct RelaySection {
     pub(crate) batch_size: usize,
     /// Defaults to 10.
     pub(crate) lease_ttl_secs: u64,
-    /// Defaults to 1000.
+    /// How often an idle partition is looked at again when no wake-up comes: the pick-up
+    /// latency on stores without notifications (SQLite, MySQL). Defaults to 1000.
     pub(crate) poll_interval_ms: u64,
     /// Defaults to 100.
     pub(crate) retry_initial_ms: u64,
@@ -298,18 +336,42 @@ impl Config {
         {
             bail!("relay.relay_id must not be empty (leave it out for <hostname>-<pid>)");
         }
-        if let StoreConfig::Postgres { pool_size, .. } = &self.store
+        if let StoreConfig::Postgres { pool_size, .. } | StoreConfig::Mysql { pool_size, .. } =
+            &self.store
             && !(2..=200).contains(pool_size)
         {
             bail!("store.pool_size = {pool_size} is out of range: use 2 to 200");
         }
+        if let StoreConfig::Redis { key_prefix, .. } = &self.store {
+            KeyPrefix::new(key_prefix.clone()).context("store.key_prefix")?;
+        }
         match &self.sink {
             SinkConfig::Nats(nats) => nats.validate().context("sink")?,
+            SinkConfig::RedisStream(redis) => redis.validate().context("sink")?,
+            SinkConfig::Amqp(amqp) => amqp.validate().context("sink")?,
+            SinkConfig::Mqtt(mqtt) => mqtt.validate().context("sink")?,
+            SinkConfig::Webhook(webhook) => webhook.validate().context("sink")?,
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(kafka) => kafka.validate().context("sink")?,
             #[cfg(not(feature = "kafka"))]
             SinkConfig::Kafka(_) => return Err(kafka_not_built()),
             SinkConfig::File(_) | SinkConfig::Stdout { .. } => {}
+        }
+        if let Some(service) = &self.service {
+            if matches!(
+                self.store,
+                StoreConfig::Mysql { .. } | StoreConfig::Redis { .. }
+            ) {
+                bail!(crate::wiring::SERVICE_STORES);
+            }
+            service.validate()?;
+            if service.max_payload_bytes > outbox.max_payload_bytes {
+                bail!(
+                    "service.max_payload_bytes = {} exceeds outbox.max_payload_bytes = {}: the outbox would refuse confirmed messages; lower the first or raise the second",
+                    service.max_payload_bytes,
+                    outbox.max_payload_bytes
+                );
+            }
         }
         self.leases.validate()
     }
@@ -317,6 +379,16 @@ impl Config {
     pub(crate) fn store_settings(&self) -> StoreSettings {
         StoreSettings {
             table_prefix: TablePrefix::new(self.outbox.table_prefix.clone()).unwrap_or_default(),
+            max_payload_bytes: self.outbox.max_payload_bytes,
+            retention: Duration::from_secs(self.outbox.retention_secs),
+            external_leases: self.leases.is_external(),
+        }
+    }
+
+    /// The Redis store's settings: its key prefix and the shared `[outbox]` settings.
+    pub(crate) fn redis_settings(&self, key_prefix: &str) -> RedisSettings {
+        RedisSettings {
+            key_prefix: KeyPrefix::new(key_prefix).unwrap_or_default(),
             max_payload_bytes: self.outbox.max_payload_bytes,
             retention: Duration::from_secs(self.outbox.retention_secs),
             external_leases: self.leases.is_external(),
@@ -413,10 +485,31 @@ mod tests {
     }
 
     #[test]
+    fn mysql_store_takes_a_url_and_a_pool_size() {
+        let config = Config::from_toml(
+            "[store]\ntype = \"mysql\"\nurl = \"mysql://root@127.0.0.1:3306/test\"\n[sink]\ntype = \"stdout\"\n",
+        )
+        .expect("valid");
+        assert!(matches!(
+            config.store,
+            StoreConfig::Mysql { pool_size: 8, .. }
+        ));
+        let err = error_of(
+            "[store]\ntype = \"mysql\"\nurl = \"mysql://x@h/d\"\npool_size = 1\n[sink]\ntype = \"stdout\"\n",
+        );
+        assert!(err.contains("store.pool_size"), "{err}");
+        let err = error_of("[store]\ntype = \"mysql\"\n[sink]\ntype = \"stdout\"\n");
+        assert!(err.contains("url"), "{err}");
+    }
+
+    #[test]
     fn unknown_variants_list_the_allowed_ones() {
         let err = error_of("[store]\ntype = \"oracle\"\n[sink]\ntype = \"stdout\"\n");
         assert!(
-            err.contains("oracle") && err.contains("postgres") && err.contains("sqlite"),
+            err.contains("oracle")
+                && err.contains("postgres")
+                && err.contains("sqlite")
+                && err.contains("mysql"),
             "{err}"
         );
     }
@@ -434,6 +527,28 @@ mod tests {
             "{MINIMAL}[outbox]\ntable_prefix = \"Bad-Prefix\"\n"
         ));
         assert!(err.contains("table_prefix"), "{err}");
+    }
+
+    const SERVICE: &str = "[service]\n[[service.tokens]]\nname = \"orders\"\ntoken = \"0123456789abcdef0123\"\nscopes = [\"producer\"]\n";
+
+    #[test]
+    fn service_section_is_optional_and_validated() {
+        assert!(Config::from_toml(MINIMAL).expect("valid").service.is_none());
+        let config = Config::from_toml(&format!("{MINIMAL}{SERVICE}")).expect("valid");
+        assert_eq!(config.service.expect("present").max_deliveries, 5);
+        let err = error_of(&format!(
+            "{MINIMAL}{}",
+            SERVICE.replace("[service]\n", "[service]\nmax_checks = 0\n")
+        ));
+        assert!(err.contains("service.max_checks"), "{err}");
+        let err = error_of(&format!("{MINIMAL}[service]\nack_timeout = 5\n"));
+        assert!(err.contains("ack_timeout"), "{err}");
+        let err = error_of(&format!("{MINIMAL}{}", SERVICE.replace("producer", "root")));
+        assert!(err.contains("root") && err.contains("consumer"), "{err}");
+        let err = error_of(&format!(
+            "{MINIMAL}[outbox]\nmax_payload_bytes = 100\n{SERVICE}"
+        ));
+        assert!(err.contains("service.max_payload_bytes"), "{err}");
     }
 
     #[test]
@@ -471,6 +586,87 @@ mod tests {
             let err = error_of(&format!("{MINIMAL}[leases]\n{leases}\n"));
             assert!(err.contains(expected), "{leases}: {err}");
         }
+    }
+
+    #[test]
+    fn mqtt_and_webhook_settings_are_checked_with_the_key_named() {
+        let sink = |text: &str| {
+            error_of(&format!(
+                "[store]\ntype = \"sqlite\"\npath = \"x.db\"\n[sink]\n{text}\n"
+            ))
+        };
+        let err = sink("type = \"mqtt\"\nqos = 0");
+        assert!(err.contains("`qos`") && err.contains("lost"), "{err}");
+        let err = sink("type = \"mqtt\"\ntopic_template = \"ferry/+/{aggregate_id}\"");
+        assert!(
+            err.contains("topic_template") && err.contains("wildcard"),
+            "{err}"
+        );
+        let err = sink("type = \"mqtt\"\nurl = \"mqtts://broker:8883\"");
+        assert!(err.contains("`url`") && err.contains("TLS"), "{err}");
+        let err = sink("type = \"webhook\"");
+        assert!(err.contains("`url`") && err.contains("required"), "{err}");
+        let err = sink("type = \"webhook\"\nurl = \"ftp://h/x\"");
+        assert!(err.contains("`url`") && err.contains("http"), "{err}");
+        let err = sink("type = \"webhook\"\nurl = \"http://h/{aggregate}\"");
+        assert!(
+            err.contains("`url`") && err.contains("{aggregate_id}"),
+            "{err}"
+        );
+        let err = sink("type = \"webhook\"\nurl = \"http://h/x\"\nsigning_secret = \"short\"");
+        assert!(
+            err.contains("signing_secret") && err.contains("too short"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("short\""),
+            "the secret itself is not echoed: {err}"
+        );
+    }
+
+    #[test]
+    fn redis_and_amqp_sinks_are_validated_with_the_key_named() {
+        let store = "[store]\ntype = \"sqlite\"\npath = \"x.db\"\n";
+        let cases = [
+            ("type = \"redis_stream\"\nurl = \"http://x\"", "url"),
+            (
+                "type = \"redis_stream\"\nstream_template = \"orders\"",
+                "{partition}",
+            ),
+            ("type = \"amqp\"\nurl = \"amqp://[::1\"", "url"),
+            (
+                "type = \"amqp\"\nrouting_key_template = \"{event}\"",
+                "routing_key_template",
+            ),
+            (
+                "type = \"amqp\"\n[sink.declare]\nexchange_type = \"fan\"",
+                "declare.exchange_type",
+            ),
+        ];
+        for (sink, expected) in cases {
+            let err = error_of(&format!("{store}[sink]\n{sink}\n"));
+            assert!(err.contains(expected), "{sink}: {err}");
+        }
+        let config = Config::from_toml(&format!(
+            "{store}[sink]\ntype = \"redis_stream\"\nmax_len = 50000\n"
+        ))
+        .expect("valid");
+        assert!(matches!(config.sink, SinkConfig::RedisStream(_)));
+    }
+
+    #[test]
+    fn redis_store_takes_a_key_prefix() {
+        let redis = "[store]\ntype = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n[sink]\ntype = \"stdout\"\n";
+        let config = Config::from_toml(redis).expect("valid");
+        let StoreConfig::Redis { key_prefix, .. } = &config.store else {
+            panic!("a redis store")
+        };
+        assert_eq!(
+            config.redis_settings(key_prefix).key_prefix.as_str(),
+            "ferry:"
+        );
+        let err = error_of(&redis.replace("6379\"\n", "6379\"\nkey_prefix = \"bad prefix*\"\n"));
+        assert!(err.contains("store.key_prefix"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod demo;
+mod serve;
 mod wiring;
 
 use std::path::PathBuf;
@@ -37,6 +38,12 @@ enum Command {
     },
     /// Run the relay until SIGTERM or SIGINT.
     Relay {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the reliable message service (HTTP API, check-backs, redeliveries) and, unless
+    /// `service.run_relay = false`, the relay, until SIGTERM or SIGINT.
+    Serve {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -95,9 +102,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let store = wiring::Store::open(&config).await?;
             store.migrate(config.outbox.partitions).await?;
             println!(
-                "migrated: {} partitions, table prefix {:?}",
-                config.outbox.partitions, config.outbox.table_prefix
+                "migrated: {} partitions, {}",
+                config.outbox.partitions,
+                store.describe(&config)
             );
+            if config.service.is_some() {
+                store.service()?.migrate().await?;
+                println!("migrated: service tables");
+            }
             Ok(())
         }
         Command::Relay { config } => {
@@ -130,6 +142,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             relay.run(shutdown).await.context("relay stopped")
         }
+        Command::Serve { config } => serve::run(&config).await,
         Command::Status { config, json } => {
             let config = Config::load(&config)?;
             let store = wiring::Store::open(&config).await?;

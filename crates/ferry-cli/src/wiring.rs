@@ -4,27 +4,39 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
+use ferry::amqp::AmqpSink;
 use ferry::backoff::Backoff;
 use ferry::file::{FileSink, FileSinkConfig};
 #[cfg(feature = "kafka")]
 use ferry::kafka::KafkaSink;
+use ferry::mqtt::MqttSink;
+use ferry::mysql::MyOutbox;
 use ferry::nats::NatsSink;
 use ferry::postgres::PgOutbox;
 use ferry::redis_lease::RedisLeases;
+use ferry::redis_store::RedisOutbox;
+use ferry::redis_stream::RedisStreamSink;
 use ferry::sqlite::SqliteOutbox;
+use ferry::webhook::WebhookSink;
 use ferry::{LeaseStore, OutboxStore, Sink, StoreError};
+use ferry_service::{PgServiceStore, ServiceStore, SqliteServiceStore};
 
 use crate::config::{Config, LeasesConfig, SinkConfig, StoreConfig};
+
+/// Why `[service]` is refused on other stores.
+pub(crate) const SERVICE_STORES: &str = "the reliable message service ([service]) keeps its messages in PostgreSQL or SQLite: set store.type = \"postgres\" or \"sqlite\", or remove the [service] section";
 
 /// An opened outbox store; it is its own lease store.
 #[derive(Debug, Clone)]
 pub(crate) enum Store {
     Postgres(Arc<PgOutbox>),
     Sqlite(Arc<SqliteOutbox>),
+    Mysql(Arc<MyOutbox>),
+    Redis(Arc<RedisOutbox>),
 }
 
 impl Store {
@@ -36,6 +48,11 @@ impl Store {
                     .await
                     .context("connecting to PostgreSQL (store.url)")?,
             )),
+            StoreConfig::Mysql { url, pool_size } => Self::Mysql(Arc::new(
+                MyOutbox::connect(url.expose_secret(), *pool_size, settings)
+                    .await
+                    .context("connecting to MySQL (store.url)")?,
+            )),
             StoreConfig::Sqlite { path } => {
                 let url = format!("sqlite://{}", path.display());
                 Self::Sqlite(Arc::new(
@@ -44,6 +61,11 @@ impl Store {
                         .with_context(|| format!("opening SQLite database {}", path.display()))?,
                 ))
             }
+            StoreConfig::Redis { url, key_prefix } => Self::Redis(Arc::new(
+                RedisOutbox::connect(url.expose_secret(), config.redis_settings(key_prefix))
+                    .await
+                    .context("connecting to Redis (store.url)")?,
+            )),
         })
     }
 
@@ -51,21 +73,51 @@ impl Store {
         match self {
             Self::Postgres(s) => s.migrate(partitions).await?,
             Self::Sqlite(s) => s.migrate(partitions).await?,
+            Self::Mysql(s) => s.migrate(partitions).await?,
+            Self::Redis(s) => s.migrate(partitions).await?,
         }
         Ok(())
+    }
+
+    /// Where `migrate` put the outbox, for its report.
+    pub(crate) fn describe(&self, config: &Config) -> String {
+        match self {
+            Self::Postgres(_) | Self::Sqlite(_) | Self::Mysql(_) => {
+                format!("table prefix {:?}", config.outbox.table_prefix)
+            }
+            Self::Redis(s) => format!(
+                "key prefix {:?}; producers in other languages: EVALSHA {} (text in {}meta, field enqueue_script)",
+                s.key_prefix().as_str(),
+                RedisOutbox::enqueue_script_sha(),
+                s.key_prefix().as_str()
+            ),
+        }
     }
 
     pub(crate) fn outbox(&self) -> Arc<dyn OutboxStore> {
         match self {
             Self::Postgres(s) => s.clone(),
             Self::Sqlite(s) => s.clone(),
+            Self::Mysql(s) => s.clone(),
+            Self::Redis(s) => s.clone(),
         }
+    }
+
+    /// The reliable message service's store, sharing this store's pool.
+    pub(crate) fn service(&self) -> anyhow::Result<Arc<dyn ServiceStore>> {
+        Ok(match self {
+            Self::Postgres(s) => Arc::new(PgServiceStore::new(Arc::clone(s))),
+            Self::Sqlite(s) => Arc::new(SqliteServiceStore::new(Arc::clone(s))),
+            Self::Mysql(_) | Self::Redis(_) => bail!(SERVICE_STORES),
+        })
     }
 
     pub(crate) fn leases(&self) -> Arc<dyn LeaseStore> {
         match self {
             Self::Postgres(s) => s.clone(),
             Self::Sqlite(s) => s.clone(),
+            Self::Mysql(s) => s.clone(),
+            Self::Redis(s) => s.clone(),
         }
     }
 
@@ -75,6 +127,8 @@ impl Store {
         match self {
             Self::Postgres(s) => s.highest_epoch().await,
             Self::Sqlite(s) => s.highest_epoch().await,
+            Self::Mysql(s) => s.highest_epoch().await,
+            Self::Redis(s) => s.highest_epoch().await,
         }
     }
 }
@@ -165,6 +219,22 @@ pub(crate) async fn open_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sin
                 // The sink's error names the servers without credentials; sink.url may hold some.
                 .context("connecting to NATS (sink.url)")?,
         ),
+        SinkConfig::RedisStream(redis) => Arc::new(
+            RedisStreamSink::connect(redis)
+                .await
+                .context("connecting to Redis (sink.url)")?,
+        ),
+        SinkConfig::Amqp(amqp) => Arc::new(
+            AmqpSink::connect(amqp)
+                .await
+                .context("connecting to RabbitMQ (sink.url)")?,
+        ),
+        SinkConfig::Mqtt(mqtt) => Arc::new(
+            MqttSink::connect(mqtt)
+                .await
+                .context("connecting to the MQTT broker (sink.url)")?,
+        ),
+        SinkConfig::Webhook(webhook) => Arc::new(WebhookSink::new(webhook)?),
         #[cfg(feature = "kafka")]
         SinkConfig::Kafka(kafka) => Arc::new(
             KafkaSink::connect(kafka)
@@ -222,10 +292,15 @@ where
     }
 }
 
-/// Store errors say whether they are transient; anything else (broker connection
-/// failures) is assumed to be.
+/// Store and sink errors say whether they are transient (a refused login or a bad
+/// setting is not); anything else is assumed to be.
 fn is_retryable(err: &anyhow::Error) -> bool {
-    err.chain()
-        .find_map(|cause| cause.downcast_ref::<ferry::StoreError>())
-        .is_none_or(ferry::StoreError::is_retryable)
+    err.chain().all(|cause| {
+        cause
+            .downcast_ref::<ferry::StoreError>()
+            .is_none_or(ferry::StoreError::is_retryable)
+            && cause
+                .downcast_ref::<ferry::SinkError>()
+                .is_none_or(ferry::SinkError::is_retryable)
+    })
 }

@@ -49,6 +49,20 @@ pub fn format_time(time: &DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// The names of the attributes [`binary_attributes`] yields, in its order.
+pub const BINARY_ATTRIBUTE_NAMES: [&str; 10] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    ext::AGGREGATE_TYPE,
+    ext::AGGREGATE_VERSION,
+    ext::PARTITION_KEY,
+    ext::SEQUENCE,
+];
+
 /// The context attributes of `message` in binary mode, without prefix, in a fixed order.
 /// `datacontenttype` is not among them: bindings carry it as their own content-type header.
 pub fn binary_attributes<'a>(
@@ -355,6 +369,13 @@ mod tests {
 
         let broken = sample(b"{not json", None);
         assert!(to_structured_json(&broken, &source).contains("data_base64"));
+    }
+
+    #[test]
+    fn attribute_names_are_those_yielded() {
+        let m = sample(b"{}", None);
+        let names = binary_attributes(&m, &Source::default()).map(|(name, _)| name);
+        assert_eq!(names, BINARY_ATTRIBUTE_NAMES);
     }
 
     #[test]

@@ -18,6 +18,40 @@ pub enum Admission {
     Stale { last_applied_version: u64 },
 }
 
+/// The admit decision every inbox store makes, so that stores only run statements: record
+/// the id (a repeat is a duplicate), read the aggregate's last applied version (0 if none),
+/// then apply and advance only above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub admission: Admission,
+    /// The version the store must record as the aggregate's last applied one; set exactly
+    /// when the message is applied.
+    pub advance_to: Option<u64>,
+}
+
+impl Decision {
+    /// Decides for a message of `version` whose id the store did (or did not) newly record,
+    /// given the aggregate's last applied version.
+    pub fn new(version: u64, newly_recorded: bool, last_applied_version: u64) -> Self {
+        let admission = if !newly_recorded {
+            Admission::Duplicate
+        } else if version <= last_applied_version {
+            Admission::Stale {
+                last_applied_version,
+            }
+        } else {
+            Admission::Apply {
+                previous_version: last_applied_version,
+            }
+        };
+        let advance_to = matches!(admission, Admission::Apply { .. }).then_some(version);
+        Self {
+            admission,
+            advance_to,
+        }
+    }
+}
+
 /// What [`process`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Processed<T> {
@@ -86,5 +120,61 @@ where
         } => Ok(Processed::Stale {
             last_applied_version,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_id_is_a_duplicate_whatever_its_version() {
+        for (version, last) in [(1, 0), (5, 5), (3, 9)] {
+            assert_eq!(
+                Decision::new(version, false, last),
+                Decision {
+                    admission: Admission::Duplicate,
+                    advance_to: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_id_at_or_below_the_last_version_is_stale() {
+        for (version, last) in [(2, 2), (1, 7)] {
+            assert_eq!(
+                Decision::new(version, true, last),
+                Decision {
+                    admission: Admission::Stale {
+                        last_applied_version: last
+                    },
+                    advance_to: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_id_above_the_last_version_is_applied_and_advances() {
+        assert_eq!(
+            Decision::new(1, true, 0),
+            Decision {
+                admission: Admission::Apply {
+                    previous_version: 0
+                },
+                advance_to: Some(1)
+            }
+        );
+        // A gap is applied too; previous_version reports it.
+        assert_eq!(
+            Decision::new(9, true, 4),
+            Decision {
+                admission: Admission::Apply {
+                    previous_version: 4
+                },
+                advance_to: Some(9)
+            }
+        );
     }
 }

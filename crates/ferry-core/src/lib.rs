@@ -15,7 +15,7 @@ pub mod sink;
 pub mod store;
 
 pub use cloudevents::{ReceivedMessage, Source};
-pub use inbox::{Admission, Inbox, ProcessError, Processed};
+pub use inbox::{Admission, Decision, Inbox, ProcessError, Processed};
 pub use lease::{Lease, LeaseStore, Takeover};
 pub use message::{EnqueueError, Enqueued, Headers, InvalidMessage, Message, NewMessage};
 pub use partition::partition_for;

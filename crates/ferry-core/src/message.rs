@@ -15,6 +15,10 @@ pub const CONTENT_TYPE_HEADER: &str = "content-type";
 /// Content type assumed when a message carries no `content-type` header.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 
+/// Header set by the reliable message service (`ferry serve`) on a deliberate redelivery
+/// of the same message: the delivery attempt, 2 and up. See [`Message::dedup_id`].
+pub const DELIVERY_ATTEMPT_HEADER: &str = "ferry-delivery-attempt";
+
 /// A message stored in the outbox, with every field the store assigned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -44,6 +48,20 @@ impl Message {
         self.headers
             .get(CONTENT_TYPE_HEADER)
             .map_or(DEFAULT_CONTENT_TYPE, String::as_str)
+    }
+
+    /// The id a sink gives the broker for its duplicate detection (NATS `Nats-Msg-Id`): the
+    /// message id, or `<id>:<attempt>` when [`DELIVERY_ATTEMPT_HEADER`] says this is a
+    /// deliberate redelivery. A redelivery keeps its message id (consumers dedup by it), so
+    /// without the suffix a broker would drop it as a duplicate of the first delivery
+    /// within its dedup window; re-sends of one attempt still share one dedup id. The
+    /// suffixed form is not a UUID, so reconciliation by id never mistakes an earlier
+    /// attempt found in the broker for the pending redelivery.
+    pub fn dedup_id(&self) -> String {
+        match self.headers.get(DELIVERY_ATTEMPT_HEADER) {
+            Some(attempt) => format!("{}:{attempt}", self.id),
+            None => self.id.to_string(),
+        }
     }
 }
 
@@ -198,6 +216,29 @@ mod tests {
         let m = NewMessage::new("order", "42", "order.paid", "{}");
         assert_eq!(m.partition_key(), "order/42");
         assert_eq!(m.with_partition_key("tenant-7").partition_key(), "tenant-7");
+    }
+
+    #[test]
+    fn dedup_id_carries_the_delivery_attempt() {
+        let mut message = Message {
+            id: Uuid::nil(),
+            aggregate_type: "order".into(),
+            aggregate_id: "42".into(),
+            version: 1,
+            event_type: "order.paid".into(),
+            payload: Bytes::new(),
+            headers: Headers::new(),
+            partition_key: "order/42".into(),
+            partition: 0,
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+            sequence: 1,
+        };
+        assert_eq!(message.dedup_id(), Uuid::nil().to_string());
+        message
+            .headers
+            .insert(DELIVERY_ATTEMPT_HEADER.into(), "3".into());
+        assert_eq!(message.dedup_id(), format!("{}:3", Uuid::nil()));
+        assert!(Uuid::parse_str(&message.dedup_id()).is_err());
     }
 
     #[test]

@@ -32,6 +32,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The error of a write that found `lease` no longer current and changed nothing.
+    pub fn fenced(lease: &Lease) -> Self {
+        Self::Fenced {
+            partition: lease.partition,
+            epoch: lease.epoch,
+        }
+    }
+
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_))

@@ -7,7 +7,7 @@
 
 pub use ferry_core::*;
 
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub mod sql;
 
 #[cfg(feature = "postgres")]
@@ -16,14 +16,44 @@ pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
-#[cfg(any(feature = "nats", feature = "kafka"))]
+#[cfg(feature = "mysql")]
+pub mod mysql;
+
+#[cfg(any(
+    feature = "nats",
+    feature = "kafka",
+    feature = "mqtt",
+    feature = "webhook",
+    feature = "redis-stream",
+    feature = "amqp"
+))]
 mod template;
+
+#[cfg(any(
+    feature = "mqtt",
+    feature = "webhook",
+    feature = "redis-stream",
+    feature = "amqp"
+))]
+pub mod sink_config;
 
 #[cfg(feature = "nats")]
 pub mod nats;
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
+
+#[cfg(feature = "webhook")]
+pub mod webhook;
+
+#[cfg(feature = "redis-stream")]
+pub mod redis_stream;
+
+#[cfg(feature = "amqp")]
+pub mod amqp;
 
 #[cfg(feature = "file")]
 pub mod file;
@@ -33,3 +63,6 @@ pub mod redis_lease;
 
 #[cfg(feature = "etcd-lease")]
 pub mod etcd_lease;
+
+#[cfg(feature = "redis-store")]
+pub mod redis_store;

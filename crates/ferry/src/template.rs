@@ -1,9 +1,11 @@
-//! Name templates such as `ferry.{aggregate_type}.{event_type}`, rendered per message into
-//! a NATS subject, a Kafka topic or another sink's destination name.
+//! Name templates shared by the sinks: `ferry.{aggregate_type}.{event_type}` (a NATS
+//! subject, a Kafka topic), `ferry/{aggregate_type}/{aggregate_id}` (an MQTT topic),
+//! `https://hooks.example/{aggregate_type}` (a webhook URL).
 //!
-//! A template is parsed once, at connect time, into literal and placeholder segments; each
-//! sink then checks the literals against its own naming rules and renders placeholders
-//! through its own sanitiser, so that a message field can never make an invalid name.
+//! A template is parsed once, when the sink is configured, into literal text and message
+//! fields; each sink checks the literal text against its own syntax and renders the fields
+//! with its own encoder (a NATS token, an MQTT topic level, a URL path segment), so that a
+//! value can never change the shape of the name.
 
 use std::fmt::Write as _;
 
@@ -33,6 +35,7 @@ impl Field {
     }
 }
 
+/// A piece of a parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Segment {
     Literal(Box<str>),
@@ -87,10 +90,29 @@ impl Template {
     }
 
     /// Whether the template refers to `field`.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     pub(crate) fn uses(&self, field: Field) -> bool {
         self.segments.contains(&Segment::Field(field))
     }
 
+    /// Whether the template has no placeholder (renders the same text for every message).
+    #[cfg_attr(not(any(feature = "webhook", feature = "amqp")), allow(dead_code))]
+    pub(crate) fn is_fixed(&self) -> bool {
+        self.segments
+            .iter()
+            .all(|segment| matches!(segment, Segment::Literal(_)))
+    }
+
+    /// The literals and placeholders in order, for sinks that check the literal text.
+    #[cfg_attr(
+        not(any(
+            feature = "nats",
+            feature = "kafka",
+            feature = "mqtt",
+            feature = "redis-stream"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn segments(&self) -> &[Segment] {
         &self.segments
     }
@@ -138,27 +160,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_literals_and_placeholders() {
-        let template = Template::parse("ev.{aggregate_type}-{partition}").expect("valid");
+    fn splits_literals_and_fields() {
+        let template = Template::parse("a{aggregate_type}/b{partition}").expect("valid");
         assert_eq!(
             template.segments(),
             [
-                Segment::Literal("ev.".into()),
+                Segment::Literal("a".into()),
                 Segment::Field(Field::AggregateType),
-                Segment::Literal("-".into()),
+                Segment::Literal("/b".into()),
                 Segment::Field(Field::Partition),
             ]
         );
+        assert!(!template.is_fixed());
+        assert!(Template::parse("plain").expect("valid").is_fixed());
     }
 
     #[test]
-    fn brace_errors_name_the_placeholders() {
-        for bad in ["x.{nope}", "x.{aggregate_type", "x.aggregate_type}"] {
-            let err = Template::parse(bad).expect_err("refused");
-            assert!(
-                err.contains("{aggregate_type}") && err.contains("{partition}"),
-                "{err}"
-            );
+    fn names_bad_placeholders_and_braces() {
+        for bad in ["x{nope}", "x{aggregate_type", "x}"] {
+            let err = Template::parse(bad).expect_err(bad);
+            assert!(err.contains(PLACEHOLDERS), "{err}");
         }
     }
 }

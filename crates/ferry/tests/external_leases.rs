@@ -495,8 +495,14 @@ fn assert_fenced<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &str) 
     );
 }
 
-/// The `adopt` contract on a one-partition outbox holding `ids` (three messages).
-async fn adoption_fences_marks_by_epoch_and_owner(store: &dyn OutboxStore, ids: [Uuid; 3]) {
+/// The `adopt` contract on a one-partition outbox holding `ids` (three messages), with
+/// epochs above `base`, the store's highest before (what `ferry relay` makes backends do).
+async fn adoption_fences_marks_by_epoch_and_owner(
+    store: &dyn OutboxStore,
+    ids: [Uuid; 3],
+    base: i64,
+) {
+    let lease = |epoch: i64, owner: &str| lease(base + epoch, owner);
     assert_eq!(store.adopt(&lease(5, "a")).await.unwrap(), None);
     assert_eq!(
         store.adopt(&lease(5, "a")).await.unwrap(),
@@ -552,7 +558,23 @@ async fn adoption_fences_marks_by_epoch_and_owner(store: &dyn OutboxStore, ids: 
         "the checkpoint never moves back"
     );
     let status = store.status().await.unwrap();
-    assert_eq!((status[0].epoch, status[0].backlog), (9, 1));
+    assert_eq!((status[0].epoch, status[0].backlog), (base + 9, 1));
+}
+
+/// Enqueues orders 1, 2 and 3, each in a transaction of its own, into a SQL outbox (the
+/// stores' transaction types differ, so not a function); returns their ids.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
+macro_rules! orders_in_transactions_of_their_own {
+    ($outbox:expr) => {{
+        let mut ids = Vec::new();
+        for aggregate in ["1", "2", "3"] {
+            let mut tx = $outbox.pool().begin().await.unwrap();
+            let message = NewMessage::new("order", aggregate, "order.changed", "{}");
+            ids.push($outbox.enqueue(&mut tx, message).await.unwrap().id);
+            tx.commit().await.unwrap();
+        }
+        <[Uuid; 3]>::try_from(ids).unwrap()
+    }};
 }
 
 #[tokio::test]
@@ -563,7 +585,7 @@ async fn postgres_adoption_fences_marks_by_epoch_and_owner() {
         enqueue(&outbox, "2").await,
         enqueue(&outbox, "3").await,
     ];
-    adoption_fences_marks_by_epoch_and_owner(&outbox, ids).await;
+    adoption_fences_marks_by_epoch_and_owner(&outbox, ids, 0).await;
     assert_eq!(outbox.highest_epoch().await.unwrap(), 9);
 }
 
@@ -580,15 +602,56 @@ async fn sqlite_adoption_fences_marks_by_epoch_and_owner() {
         .await
         .unwrap();
     outbox.migrate(1).await.unwrap();
+    let ids = orders_in_transactions_of_their_own!(outbox);
+    adoption_fences_marks_by_epoch_and_owner(&outbox, ids, 0).await;
+    assert_eq!(outbox.highest_epoch().await.unwrap(), 9);
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn mysql_adoption_fences_marks_by_epoch_and_owner() {
+    let url = std::env::var("FERRY_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    let settings = StoreSettings {
+        table_prefix: TablePrefix::new(format!("x{}_", tag())).unwrap(),
+        external_leases: true,
+        ..StoreSettings::default()
+    };
+    let outbox = ferry::mysql::MyOutbox::connect(&url, 2, settings)
+        .await
+        .unwrap();
+    outbox.migrate(1).await.unwrap();
+    let ids = orders_in_transactions_of_their_own!(outbox);
+    adoption_fences_marks_by_epoch_and_owner(&outbox, ids, 0).await;
+    assert_eq!(outbox.highest_epoch().await.unwrap(), 9);
+}
+
+#[cfg(feature = "redis-store")]
+#[tokio::test]
+async fn redis_store_adoption_fences_marks_by_epoch_and_owner() {
+    use ferry::redis_store::{KeyPrefix, RedisOutbox, RedisSettings, RedisWrites};
+    let settings = RedisSettings {
+        key_prefix: KeyPrefix::new(format!("x{}:", tag())).unwrap(),
+        external_leases: true,
+        ..RedisSettings::default()
+    };
+    let outbox = RedisOutbox::connect(&redis_url(), settings).await.unwrap();
+    outbox.migrate(1).await.unwrap();
     let mut ids = Vec::new();
     for aggregate in ["1", "2", "3"] {
-        let mut tx = outbox.pool().begin().await.unwrap();
         let message = NewMessage::new("order", aggregate, "order.changed", "{}");
-        ids.push(outbox.enqueue(&mut tx, message).await.unwrap().id);
-        tx.commit().await.unwrap();
+        ids.push(
+            outbox
+                .enqueue(&RedisWrites::new(), message)
+                .await
+                .unwrap()
+                .id,
+        );
     }
-    adoption_fences_marks_by_epoch_and_owner(&outbox, ids.try_into().unwrap()).await;
-    assert_eq!(outbox.highest_epoch().await.unwrap(), 9);
+    let base = outbox.highest_epoch().await.unwrap();
+    adoption_fences_marks_by_epoch_and_owner(&outbox, ids.try_into().unwrap(), base).await;
+    assert_eq!(outbox.highest_epoch().await.unwrap(), base + 9);
+    outbox.remove().await.unwrap();
 }
 
 macro_rules! for_each_backend {

@@ -3,19 +3,26 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+mod common;
+
+use std::collections::HashSet;
 use std::time::Duration;
 
-use ferry::file::{FileSink, FileSinkConfig};
+use common::{
+    Applied, InboxUnderTest, OutboxUnderTest,
+    concurrent_writers_of_one_aggregate_get_versions_in_commit_order,
+    inbox_rolls_back_with_the_handler, inbox_skips_duplicate_ids_and_stale_versions,
+    mark_is_fenced_after_the_lease_is_taken_over, order_event, relay_into_file,
+    retention_keeps_published_rows_until_purged, rolled_back_transaction_leaves_no_message,
+    versions_per_aggregate,
+};
 use ferry::postgres::{PgInbox, PgOutbox};
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::{
-    EnqueueError, InvalidMessage, LeaseStore, NewMessage, OutboxStore, Processed, ReceivedMessage,
-    Relay, RelayConfig, StoreError, Takeover, partition_for,
+    EnqueueError, Enqueued, InvalidMessage, NewMessage, OutboxStore, ReceivedMessage, StoreError,
+    partition_for,
 };
 use sqlx::Row;
-use tokio_util::sync::CancellationToken;
 
 fn pg_url() -> String {
     std::env::var("FERRY_TEST_PG_URL")
@@ -43,26 +50,36 @@ async fn outbox() -> PgOutbox {
     outbox_with(4, Duration::ZERO).await
 }
 
-fn order_event(id: &str, event: &str) -> NewMessage {
-    NewMessage::new("order", id, event, format!(r#"{{"order":"{id}"}}"#))
-}
+impl OutboxUnderTest for PgOutbox {
+    async fn write(
+        &self,
+        messages: Vec<NewMessage>,
+        hold: Duration,
+        commit: bool,
+    ) -> Vec<Enqueued> {
+        let mut tx = self.pool().begin().await.unwrap();
+        let mut enqueued = Vec::with_capacity(messages.len());
+        for message in messages {
+            enqueued.push(self.enqueue(&mut tx, message).await.unwrap());
+        }
+        tokio::time::sleep(hold).await;
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        enqueued
+    }
 
-/// Enqueues `message` in its own committed transaction.
-async fn enqueue_committed(outbox: &PgOutbox, message: NewMessage) -> ferry::Enqueued {
-    let mut tx = outbox.pool().begin().await.unwrap();
-    let enqueued = outbox.enqueue(&mut tx, message).await.unwrap();
-    tx.commit().await.unwrap();
-    enqueued
-}
-
-async fn count(outbox: &PgOutbox, table: &str) -> i64 {
-    let sql = outbox
-        .table_prefix()
-        .render(&format!("SELECT count(*) FROM {{p}}{table}"));
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
+    async fn count(&self, table: &str) -> i64 {
+        let sql = self
+            .table_prefix()
+            .render(&format!("SELECT count(*) FROM {{p}}{table}"));
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
 }
 
 #[tokio::test]
@@ -100,55 +117,12 @@ async fn unreachable_database_is_a_retryable_error_naming_the_cause() {
 
 #[tokio::test]
 async fn g1_rolled_back_transaction_leaves_no_message() {
-    let outbox = outbox().await;
-    let mut tx = outbox.pool().begin().await.unwrap();
-    outbox
-        .enqueue(&mut tx, order_event("1", "order.created"))
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
-    assert_eq!(count(&outbox, "outbox").await, 0);
-
-    let enqueued = enqueue_committed(&outbox, order_event("1", "order.created")).await;
-    assert_eq!(count(&outbox, "outbox").await, 1);
-    // The rolled-back write did not consume a version either.
-    assert_eq!(enqueued.version, 1);
-    let fetched = outbox.fetch(enqueued.partition, 10).await.unwrap();
-    assert_eq!(fetched.len(), 1);
-    assert_eq!(fetched[0].id, enqueued.id);
-    assert_eq!(fetched[0].partition_key, "order/1");
-    assert_eq!(fetched[0].id.get_version_num(), 7);
+    rolled_back_transaction_leaves_no_message(&outbox().await).await;
 }
 
 #[tokio::test]
 async fn g3_concurrent_writers_of_one_aggregate_get_versions_in_commit_order() {
-    let outbox = outbox().await;
-    let mut writers = Vec::new();
-    for w in 0..6 {
-        let outbox = outbox.clone();
-        writers.push(tokio::spawn(async move {
-            for i in 0..15 {
-                let mut tx = outbox.pool().begin().await.unwrap();
-                outbox
-                    .enqueue(&mut tx, order_event("hot", &format!("w{w}.{i}")))
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                tx.commit().await.unwrap();
-            }
-        }));
-    }
-    for w in writers {
-        w.await.unwrap();
-    }
-    let partition = partition_for("order/hot", 4);
-    let rows = outbox.fetch(partition, 1000).await.unwrap();
-    let versions: Vec<u64> = rows.iter().map(|m| m.version).collect();
-    assert_eq!(
-        versions,
-        (1..=90).collect::<Vec<_>>(),
-        "sequence order must equal version order"
-    );
+    concurrent_writers_of_one_aggregate_get_versions_in_commit_order(&outbox().await, 4).await;
 }
 
 #[tokio::test]
@@ -227,221 +201,29 @@ async fn invalid_message_is_refused_and_the_transaction_stays_usable() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(count(&outbox, "outbox").await, 1);
+    assert_eq!(outbox.count("outbox").await, 1);
 }
 
 #[tokio::test]
 async fn g5_mark_is_fenced_after_the_lease_is_taken_over() {
-    let outbox = outbox_with(1, Duration::ZERO).await;
-    let enqueued = enqueue_committed(&outbox, order_event("1", "order.created")).await;
-
-    let first = outbox
-        .acquire("relay-a", 1, Duration::from_secs(1))
-        .await
-        .unwrap()
-        .remove(0);
-    assert_eq!((first.epoch, &first.takeover), (1, &Takeover::Clean));
-    assert!(
-        outbox
-            .acquire("relay-b", 1, Duration::from_secs(1))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let second = outbox
-        .acquire("relay-b", 1, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .remove(0);
-    assert_eq!(second.epoch, 2);
-    assert!(
-        matches!(second.takeover, Takeover::Unclean { .. }),
-        "{:?}",
-        second.takeover
-    );
-
-    let err = outbox
-        .mark_published(&first, &[enqueued.id], Some(5))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Fenced {
-                partition: 0,
-                epoch: 1
-            }
-        ),
-        "{err}"
-    );
-    assert_eq!(
-        count(&outbox, "outbox").await,
-        1,
-        "a fenced mark changes nothing"
-    );
-    assert!(
-        outbox
-            .renew(std::slice::from_ref(&first), Duration::from_secs(10))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-
-    assert_eq!(
-        outbox
-            .mark_published(&second, &[enqueued.id], Some(5))
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(count(&outbox, "outbox").await, 0);
-    outbox.release(&second, true).await.unwrap();
-    let third = outbox
-        .acquire("relay-c", 1, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .remove(0);
-    assert_eq!((third.epoch, &third.takeover), (3, &Takeover::Clean));
-    outbox.release(&third, false).await.unwrap();
-    let fourth = outbox
-        .acquire("relay-c", 1, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .remove(0);
-    assert!(
-        matches!(
-            fourth.takeover,
-            Takeover::Unclean {
-                checkpoint: Some(5),
-                ..
-            }
-        ),
-        "an unclean release hands the checkpoint on: {:?}",
-        fourth.takeover
-    );
+    mark_is_fenced_after_the_lease_is_taken_over(&outbox_with(1, Duration::ZERO).await).await;
 }
 
 #[tokio::test]
 async fn heartbeat_counts_live_relays() {
-    let outbox = outbox().await;
-    assert_eq!(
-        outbox
-            .heartbeat("a", Duration::from_secs(10))
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        outbox
-            .heartbeat("b", Duration::from_secs(10))
-            .await
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        outbox
-            .heartbeat("a", Duration::from_secs(10))
-            .await
-            .unwrap(),
-        2
-    );
-    outbox.leave("b").await.unwrap();
-    assert_eq!(
-        outbox
-            .heartbeat("a", Duration::from_secs(10))
-            .await
-            .unwrap(),
-        1
-    );
+    common::heartbeat_counts_live_relays(&outbox().await).await;
 }
 
 #[tokio::test]
 async fn g6_retention_keeps_published_rows_until_purged() {
-    let outbox = outbox_with(1, Duration::from_secs(1)).await;
-    let enqueued = enqueue_committed(&outbox, order_event("1", "order.created")).await;
-    let lease = outbox
-        .acquire("r", 1, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .remove(0);
-    assert_eq!(
-        outbox
-            .mark_published(&lease, &[enqueued.id], None)
-            .await
-            .unwrap(),
-        1
-    );
-    assert!(
-        outbox.fetch(0, 10).await.unwrap().is_empty(),
-        "published rows are not fetched again"
-    );
-    assert_eq!(count(&outbox, "outbox").await, 1, "kept for replay");
-    assert_eq!(
-        outbox.purge_published().await.unwrap(),
-        0,
-        "not yet past retention"
-    );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(outbox.purge_published().await.unwrap(), 1);
-    assert_eq!(count(&outbox, "outbox").await, 0);
+    retention_keeps_published_rows_until_purged(&outbox_with(1, Duration::from_secs(1)).await)
+        .await;
 }
 
 #[tokio::test]
 async fn status_shows_owner_backlog_and_blocked_reason() {
-    let outbox = outbox_with(2, Duration::ZERO).await;
-    let e = enqueue_committed(&outbox, order_event("1", "order.created")).await;
-    let leases = outbox
-        .acquire("relay-x", 2, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let lease = leases.iter().find(|l| l.partition == e.partition).unwrap();
-    outbox
-        .set_blocked(lease, Some("message too large"))
-        .await
-        .unwrap();
-    let status = outbox.status().await.unwrap();
-    let p = &status[e.partition as usize];
-    assert_eq!(p.owner.as_deref(), Some("relay-x"));
-    assert_eq!(p.backlog, 1);
-    assert!(p.oldest_unpublished_age_secs.is_some());
-    assert_eq!(p.blocked_reason.as_deref(), Some("message too large"));
-    let other = &status[1 - e.partition as usize];
-    assert_eq!((other.backlog, other.blocked_reason.as_deref()), (0, None));
-}
-
-/// Runs a relay into a JSON-lines file until `expected` events are there; returns them.
-async fn relay_into_file(outbox: &PgOutbox, expected: usize) -> Vec<ReceivedMessage> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.jsonl");
-    let sink = FileSink::open(&FileSinkConfig {
-        path: path.clone(),
-        source: None,
-    })
-    .await
-    .unwrap();
-    let store = Arc::new(outbox.clone());
-    let mut config = RelayConfig::new("file-relay");
-    config.poll_interval = Duration::from_millis(50);
-    config.lease_ttl = Duration::from_secs(3);
-    let stop = CancellationToken::new();
-    let relay =
-        tokio::spawn(Relay::new(store.clone(), store, Arc::new(sink), config).run(stop.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let events = loop {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let events: Vec<ReceivedMessage> = text
-            .lines()
-            .map(|l| ReceivedMessage::from_structured_json(l).unwrap())
-            .collect();
-        if events.len() >= expected || tokio::time::Instant::now() > deadline {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    stop.cancel();
-    relay.await.unwrap().unwrap();
-    events
+    common::status_shows_owner_backlog_and_blocked_reason(&outbox_with(2, Duration::ZERO).await)
+        .await;
 }
 
 #[tokio::test]
@@ -475,7 +257,7 @@ async fn g2_a_late_commit_with_a_lower_sequence_is_still_published() {
     );
     assert!(ids.contains(&committed_first.id));
     assert_eq!(events.len(), 2, "nothing published twice");
-    assert_eq!(count(&outbox, "outbox").await, 0);
+    assert_eq!(outbox.count("outbox").await, 0);
 }
 
 #[tokio::test]
@@ -496,144 +278,73 @@ async fn relay_publishes_every_aggregate_in_version_order() {
     }
     let events = relay_into_file(&outbox, 200).await;
     assert_eq!(events.len(), 200);
-    let mut per_aggregate: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for e in &events {
-        per_aggregate
-            .entry(e.aggregate_id.clone())
-            .or_default()
-            .push(e.version);
-    }
-    for (agg, versions) in per_aggregate {
+    for (agg, versions) in versions_per_aggregate(&events) {
         assert_eq!(versions, vec![1, 2, 3, 4, 5], "aggregate {agg}");
     }
 }
 
-async fn inbox_fixture() -> (PgOutbox, PgInbox, String) {
-    let outbox = outbox().await;
-    let inbox = PgInbox::new("billing", outbox.table_prefix());
-    let table = outbox.table_prefix().render("{p}effects");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE {table} (id uuid PRIMARY KEY, version bigint)"
-    )))
-    .execute(outbox.pool())
-    .await
-    .unwrap();
-    (outbox, inbox, table)
+/// The PostgreSQL inbox of consumer "billing", with an effects table for its handler.
+struct PgInboxTest {
+    outbox: PgOutbox,
+    inbox: PgInbox,
+    insert_effect: String,
 }
 
-fn received(aggregate: &str, version: u64) -> ReceivedMessage {
-    ReceivedMessage {
-        id: uuid::Uuid::now_v7(),
-        aggregate_type: "order".into(),
-        aggregate_id: aggregate.into(),
-        version,
-        event_type: "order.paid".into(),
-        partition_key: format!("order/{aggregate}"),
-        payload: bytes::Bytes::from_static(b"{}"),
-        headers: Default::default(),
-        time: None,
+impl PgInboxTest {
+    async fn new() -> Self {
+        let outbox = outbox().await;
+        let inbox = PgInbox::new("billing", outbox.table_prefix());
+        let table = outbox.table_prefix().render("{p}effects");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {table} (id uuid PRIMARY KEY, version bigint)"
+        )))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+        Self {
+            outbox,
+            inbox,
+            insert_effect: format!("INSERT INTO {table} (id, version) VALUES ($1, $2)"),
+        }
     }
 }
 
-async fn apply(
-    outbox: &PgOutbox,
-    inbox: &PgInbox,
-    table: &str,
-    message: &ReceivedMessage,
-    fail: bool,
-) -> Result<Processed<()>, ferry::ProcessError<sqlx::Error>> {
-    let mut tx = outbox.pool().begin().await.unwrap();
-    let insert = format!("INSERT INTO {table} (id, version) VALUES ($1, $2)");
-    let result = inbox
-        .process(&mut tx, message, async |tx, m| {
-            sqlx::query(sqlx::AssertSqlSafe(insert))
-                .bind(m.id)
-                .bind(m.version as i64)
-                .execute(&mut **tx)
-                .await?;
-            if fail {
-                return Err(sqlx::Error::Protocol("handler failed on purpose".into()));
-            }
-            Ok(())
-        })
-        .await;
-    if result.is_ok() {
-        tx.commit().await.unwrap();
-    } else {
-        tx.rollback().await.unwrap();
+impl InboxUnderTest for PgInboxTest {
+    async fn apply(&self, message: &ReceivedMessage, fail: bool) -> Applied {
+        let mut tx = self.outbox.pool().begin().await.unwrap();
+        let result = self
+            .inbox
+            .process(&mut tx, message, async |tx, m| {
+                sqlx::query(sqlx::AssertSqlSafe(self.insert_effect.clone()))
+                    .bind(m.id)
+                    .bind(m.version as i64)
+                    .execute(&mut **tx)
+                    .await?;
+                if fail {
+                    return Err(sqlx::Error::Protocol("handler failed on purpose".into()));
+                }
+                Ok(())
+            })
+            .await;
+        if result.is_ok() {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        result
     }
-    result
+
+    async fn count(&self, table: &str) -> i64 {
+        self.outbox.count(table).await
+    }
 }
 
 #[tokio::test]
 async fn g4_inbox_skips_duplicate_ids_and_stale_versions() {
-    let (outbox, inbox, table) = inbox_fixture().await;
-    let v1 = received("1", 1);
-    let v2 = received("1", 2);
-    assert_eq!(
-        apply(&outbox, &inbox, &table, &v1, false).await.unwrap(),
-        Processed::Applied {
-            output: (),
-            previous_version: 0
-        }
-    );
-    assert_eq!(
-        apply(&outbox, &inbox, &table, &v2, false).await.unwrap(),
-        Processed::Applied {
-            output: (),
-            previous_version: 1
-        }
-    );
-    assert_eq!(
-        apply(&outbox, &inbox, &table, &v2, false).await.unwrap(),
-        Processed::Duplicate
-    );
-    let replayed_old = received("1", 1);
-    assert_eq!(
-        apply(&outbox, &inbox, &table, &replayed_old, false)
-            .await
-            .unwrap(),
-        Processed::Stale {
-            last_applied_version: 2
-        }
-    );
-    // Another aggregate is independent; a gap is reported through previous_version.
-    assert_eq!(
-        apply(&outbox, &inbox, &table, &received("2", 3), false)
-            .await
-            .unwrap(),
-        Processed::Applied {
-            output: (),
-            previous_version: 0
-        }
-    );
-    assert_eq!(
-        count(&outbox, "effects").await,
-        3,
-        "the handler ran once per applied message"
-    );
+    inbox_skips_duplicate_ids_and_stale_versions(&PgInboxTest::new().await).await;
 }
 
 #[tokio::test]
 async fn g4_handler_effects_and_inbox_record_roll_back_together() {
-    let (outbox, inbox, table) = inbox_fixture().await;
-    let message = received("1", 1);
-    let err = apply(&outbox, &inbox, &table, &message, true)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ferry::ProcessError::Handler(_)));
-    assert_eq!(count(&outbox, "effects").await, 0);
-    assert_eq!(
-        count(&outbox, "inbox").await,
-        0,
-        "the inbox record rolled back with the handler"
-    );
-    assert!(
-        apply(&outbox, &inbox, &table, &message, false)
-            .await
-            .unwrap()
-            .is_applied(),
-        "a redelivery applies it"
-    );
-    assert_eq!(count(&outbox, "effects").await, 1);
+    inbox_rolls_back_with_the_handler(&PgInboxTest::new().await).await;
 }

@@ -1,6 +1,8 @@
-//! The consumer: reads the bench's stream (an ordered pull consumer) or tails its file,
-//! decodes each message as any consumer would ([`ReceivedMessage`]) and checks it.
+//! The consumer: reads the bench's NATS stream (an ordered pull consumer), Redis streams
+//! (`XREAD`), RabbitMQ queue (a consumer without acks) or tails its file, decodes each
+//! message as any consumer would ([`ReceivedMessage`]) and checks it.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,9 +12,17 @@ use anyhow::{Context, bail};
 use async_nats::jetstream;
 use futures::StreamExt as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use ferry::ReceivedMessage;
+use ferry::amqp::decode_delivery;
+use ferry::amqp::lapin;
+use ferry::amqp::lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use ferry::amqp::lapin::types::FieldTable;
+use ferry::redis_stream::decode_stream_id;
+use ferry::redis_stream::redis::streams::{StreamReadOptions, StreamReadReply};
+use ferry::redis_stream::redis::{self, AsyncCommands as _};
 
 use super::check::{Checker, Latency, Verdict};
 use super::target::SinkTarget;
@@ -20,8 +30,21 @@ use super::target::SinkTarget;
 /// How long one read waits before the consumer looks at its flags again.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How often the Redis reader looks for streams that appeared since.
+const DISCOVER_EVERY: Duration = Duration::from_millis(500);
+
+/// Entries one `XREAD` returns at most.
+const XREAD_COUNT: usize = 2000;
+
 /// How long the final read to the end may go without a message before it gives up.
 const FINAL_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A message as a consumer decoded it, or why it could not be.
+pub(super) type Decoded = Result<ReceivedMessage, String>;
+
+/// How long a channel-fed reader (MQTT, webhook) must stay quiet, once the relays have
+/// stopped, before its output counts as complete: those sinks have no end marker to read.
+const QUIET_END: Duration = Duration::from_secs(2);
 
 /// Where messages are read from.
 enum Reader {
@@ -33,9 +56,31 @@ enum Reader {
     },
     #[cfg(feature = "kafka")]
     Kafka(Box<ferry::kafka::CommittedReader>),
+    RedisStream {
+        connection: redis::aio::MultiplexedConnection,
+        pattern: String,
+        /// Each stream and the id of its last entry read.
+        streams: Vec<(String, String)>,
+        discovered: Option<Instant>,
+        decoded: VecDeque<Result<ReceivedMessage, String>>,
+        read: u64,
+    },
+    Amqp {
+        channel: lapin::Channel,
+        queue: String,
+        consumer: Box<lapin::Consumer>,
+        read: u64,
+    },
     File {
         lines: BufReader<tokio::fs::File>,
         line: String,
+    },
+    /// Messages pushed by a subscriber or receiver task (MQTT, webhook).
+    Channel {
+        messages: mpsc::UnboundedReceiver<Decoded>,
+        last_at: Instant,
+        /// Stops the subscriber task when the reader goes.
+        _task: Option<DropGuard>,
     },
 }
 
@@ -48,7 +93,18 @@ impl std::fmt::Debug for Reader {
                 .finish_non_exhaustive(),
             #[cfg(feature = "kafka")]
             Self::Kafka(reader) => reader.fmt(f),
+            Self::RedisStream { streams, read, .. } => f
+                .debug_struct("RedisStream")
+                .field("streams", &streams.len())
+                .field("read", read)
+                .finish_non_exhaustive(),
+            Self::Amqp { queue, read, .. } => f
+                .debug_struct("Amqp")
+                .field("queue", queue)
+                .field("read", read)
+                .finish_non_exhaustive(),
             Self::File { .. } => f.debug_struct("File").finish_non_exhaustive(),
+            Self::Channel { .. } => f.debug_struct("Channel").finish_non_exhaustive(),
         }
     }
 }
@@ -58,11 +114,16 @@ impl std::fmt::Debug for Reader {
 enum End {
     /// The stream's last sequence when the relays had stopped.
     Sequence(u64),
+    /// How many messages the broker held (Redis: entries in all streams; RabbitMQ: read so
+    /// far plus those still queued) when the relays had stopped.
+    Count(u64),
     /// Each Kafka partition's high watermark when the relays had stopped.
     #[cfg(feature = "kafka")]
     Offsets(std::collections::HashMap<ferry::kafka::TopicPartition, i64>),
     /// The end of the file.
     Eof,
+    /// Nothing more for [`QUIET_END`].
+    Quiet,
 }
 
 impl Reader {
@@ -94,11 +155,111 @@ impl Reader {
                     .await
                     .with_context(|| format!("reading the bench topic {topic}"))?,
             ))),
+            SinkTarget::RedisStream {
+                connection,
+                pattern,
+                ..
+            } => Ok(Self::RedisStream {
+                connection: connection.clone(),
+                pattern: pattern.clone(),
+                streams: Vec::new(),
+                discovered: None,
+                decoded: VecDeque::new(),
+                read: 0,
+            }),
+            SinkTarget::Amqp { connection, name } => {
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .context("opening a channel to read the bench queue")?;
+                let consumer = channel
+                    .basic_consume(
+                        name.as_str().into(),
+                        "ferry-bench".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .with_context(|| format!("consuming the bench queue {name}"))?;
+                Ok(Self::Amqp {
+                    channel,
+                    queue: name.clone(),
+                    consumer: Box::new(consumer),
+                    read: 0,
+                })
+            }
             SinkTarget::File { path } => Ok(Self::File {
                 lines: BufReader::with_capacity(1 << 20, open_file(path).await?),
                 line: String::new(),
             }),
+            SinkTarget::Mqtt { config, filter } => {
+                let (messages, task) = super::mqtt::subscribe(config, filter).await?;
+                Ok(Self::Channel {
+                    messages,
+                    last_at: Instant::now(),
+                    _task: Some(task),
+                })
+            }
+            SinkTarget::Webhook(receiver) => Ok(Self::Channel {
+                messages: receiver.take_messages()?,
+                last_at: Instant::now(),
+                _task: None,
+            }),
         }
+    }
+
+    /// The next entry of the bench's Redis streams: reads a chunk of every stream when
+    /// none is buffered, and looks for new streams every [`DISCOVER_EVERY`].
+    async fn next_redis(
+        connection: &mut redis::aio::MultiplexedConnection,
+        pattern: &str,
+        streams: &mut Vec<(String, String)>,
+        discovered: &mut Option<Instant>,
+        decoded: &mut VecDeque<Result<ReceivedMessage, String>>,
+    ) -> anyhow::Result<Option<Result<ReceivedMessage, String>>> {
+        if let Some(message) = decoded.pop_front() {
+            return Ok(Some(message));
+        }
+        if discovered.is_none_or(|at| at.elapsed() > DISCOVER_EVERY) {
+            let keys: Vec<String> = connection
+                .keys(pattern)
+                .await
+                .context("listing the bench streams")?;
+            for key in keys {
+                if !key.ends_with(".raw") && !streams.iter().any(|(name, _)| *name == key) {
+                    streams.push((key, "0".into()));
+                }
+            }
+            *discovered = Some(Instant::now());
+        }
+        if streams.is_empty() {
+            tokio::time::sleep(POLL).await;
+            return Ok(None);
+        }
+        let names: Vec<&str> = streams.iter().map(|(name, _)| name.as_str()).collect();
+        let ids: Vec<&str> = streams.iter().map(|(_, id)| id.as_str()).collect();
+        let options = StreamReadOptions::default()
+            .count(XREAD_COUNT)
+            .block(POLL.as_millis() as usize);
+        let reply: Option<StreamReadReply> = connection
+            .xread_options(&names, &ids, &options)
+            .await
+            .context("reading the bench streams")?;
+        for stream in reply.map(|r| r.keys).unwrap_or_default() {
+            let Some(at) = streams.iter().position(|(name, _)| *name == stream.key) else {
+                continue;
+            };
+            for entry in &stream.ids {
+                decoded.push_back(decode_stream_id(entry).map_err(|e| e.to_string()));
+            }
+            if let Some(last) = stream.ids.last() {
+                streams[at].1.clone_from(&last.id);
+            }
+        }
+        Ok(decoded.pop_front())
     }
 
     /// The next message, or `None` when none came within [`POLL`] (or at the file's end).
@@ -137,6 +298,33 @@ impl Reader {
                 .await
                 .context("reading the bench topic")?
                 .map(|record| record.message.map_err(|err| err.to_string()))),
+            Self::RedisStream {
+                connection,
+                pattern,
+                streams,
+                discovered,
+                decoded,
+                read,
+            } => {
+                let next =
+                    Self::next_redis(connection, pattern, streams, discovered, decoded).await?;
+                *read += u64::from(next.is_some());
+                Ok(next)
+            }
+            Self::Amqp { consumer, read, .. } => {
+                let Ok(next) = tokio::time::timeout(POLL, consumer.next()).await else {
+                    return Ok(None);
+                };
+                let delivery = match next {
+                    Some(delivery) => delivery.context("reading the bench queue")?,
+                    None => bail!("the consumer of the bench queue ended"),
+                };
+                *read += 1;
+                Ok(Some(
+                    decode_delivery(&delivery.properties, &delivery.data)
+                        .map_err(|err| err.to_string()),
+                ))
+            }
             Self::File { lines, line } => {
                 // A partial line (a write in progress) stays in `line` and is completed by
                 // the next read.
@@ -153,6 +341,16 @@ impl Reader {
                 line.clear();
                 Ok(Some(decoded))
             }
+            Self::Channel {
+                messages, last_at, ..
+            } => match tokio::time::timeout(POLL, messages.recv()).await {
+                Ok(Some(decoded)) => {
+                    *last_at = Instant::now();
+                    Ok(Some(decoded))
+                }
+                Ok(None) => bail!("the bench's subscriber or receiver stopped"),
+                Err(_) => Ok(None),
+            },
         }
     }
 
@@ -166,6 +364,44 @@ impl Reader {
                     .context("reading the bench stream's state")?;
                 Ok(End::Sequence(info.state.last_sequence))
             }
+            Self::RedisStream {
+                connection,
+                pattern,
+                ..
+            } => {
+                let keys: Vec<String> = connection
+                    .keys(pattern.as_str())
+                    .await
+                    .context("listing the bench streams")?;
+                let mut total = 0;
+                for key in keys.iter().filter(|key| !key.ends_with(".raw")) {
+                    let length: u64 = connection
+                        .xlen(key)
+                        .await
+                        .with_context(|| format!("reading the length of {key}"))?;
+                    total += length;
+                }
+                Ok(End::Count(total))
+            }
+            Self::Amqp {
+                channel,
+                queue,
+                read,
+                ..
+            } => {
+                let state = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .context("reading the bench queue's length")?;
+                Ok(End::Count(*read + u64::from(state.message_count())))
+            }
             #[cfg(feature = "kafka")]
             Self::Kafka(reader) => Ok(End::Offsets(
                 reader
@@ -174,6 +410,7 @@ impl Reader {
                     .context("reading the bench topic's ends")?,
             )),
             Self::File { .. } => Ok(End::Eof),
+            Self::Channel { .. } => Ok(End::Quiet),
         }
     }
 
@@ -187,6 +424,12 @@ impl Reader {
                 .context("reading the bench topic's positions")?
                 .is_empty(),
             (Self::File { line, .. }, End::Eof) => idle && line.is_empty(),
+            (Self::Channel { last_at, .. }, End::Quiet) => idle && last_at.elapsed() >= QUIET_END,
+            (Self::RedisStream { read, decoded, .. }, End::Count(total)) => {
+                read >= total && decoded.is_empty()
+            }
+            // Messages already pushed to the client are in no count: wait until none comes.
+            (Self::Amqp { read, .. }, End::Count(total)) => idle && read >= total,
             _ => false,
         })
     }

@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use ferry::NewMessage;
+use ferry::mysql::MyOutbox;
 use ferry::postgres::PgOutbox;
+use ferry::redis_store::{RedisOutbox, RedisWrites};
 use ferry::sqlite::SqliteOutbox;
 
 use super::check::Latency;
@@ -24,10 +26,14 @@ use crate::wiring;
 pub(super) enum ProducerStore {
     Postgres(PgOutbox),
     Sqlite(Arc<SqliteOutbox>),
+    Mysql(MyOutbox),
+    /// One multiplexed connection shared by every producer, as in an application.
+    Redis(RedisOutbox),
 }
 
 impl ProducerStore {
-    /// A PostgreSQL pool with a connection per producer (plus one), or a SQLite pool.
+    /// A PostgreSQL or MySQL pool with a connection per producer (plus one), a SQLite
+    /// pool, or a Redis connection.
     pub(super) async fn open(config: &Config, producers: u32) -> anyhow::Result<Self> {
         Ok(match &config.store {
             StoreConfig::Postgres { url, .. } => Self::Postgres(
@@ -35,16 +41,27 @@ impl ProducerStore {
                     .await
                     .context("connecting the producers to PostgreSQL (store.url)")?,
             ),
+            StoreConfig::Mysql { url, .. } => Self::Mysql(
+                MyOutbox::connect(url.expose_secret(), producers + 1, config.store_settings())
+                    .await
+                    .context("connecting the producers to MySQL (store.url)")?,
+            ),
             StoreConfig::Sqlite { .. } => match wiring::Store::open(config).await? {
                 wiring::Store::Sqlite(outbox) => Self::Sqlite(outbox),
-                wiring::Store::Postgres(_) => {
-                    anyhow::bail!("a sqlite store config opened a PostgreSQL store")
+                wiring::Store::Postgres(_) | wiring::Store::Mysql(_) | wiring::Store::Redis(_) => {
+                    anyhow::bail!("a sqlite store config opened another store")
                 }
             },
+            StoreConfig::Redis { url, key_prefix } => Self::Redis(
+                RedisOutbox::connect(url.expose_secret(), config.redis_settings(key_prefix))
+                    .await
+                    .context("connecting the producers to Redis (store.url)")?,
+            ),
         })
     }
 
-    /// Enqueues `messages` in one transaction and commits; returns their ids.
+    /// Enqueues `messages` in one transaction and commits (for Redis: one script call);
+    /// returns their ids.
     async fn commit(&self, messages: Vec<NewMessage>) -> anyhow::Result<Vec<Uuid>> {
         let mut ids = Vec::with_capacity(messages.len());
         match self {
@@ -65,6 +82,19 @@ impl ProducerStore {
                     ids.push(outbox.enqueue(&mut tx, message).await?.id);
                 }
                 tx.commit().await.context("COMMIT")?;
+            }
+            // Each producer writes aggregates of its own, so no two transactions wait on
+            // each other's version locks and InnoDB has no deadlock to resolve.
+            Self::Mysql(outbox) => {
+                let mut tx = outbox.pool().begin().await.context("BEGIN")?;
+                for message in messages {
+                    ids.push(outbox.enqueue(&mut tx, message).await?.id);
+                }
+                tx.commit().await.context("COMMIT")?;
+            }
+            Self::Redis(outbox) => {
+                let enqueued = outbox.enqueue_all(&RedisWrites::new(), messages).await?;
+                ids.extend(enqueued.into_iter().map(|e| e.id));
             }
         }
         Ok(ids)

@@ -5,6 +5,8 @@
 //! Each `end_to_end*.rs` binary includes this module and uses part of it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod scenarios;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -130,11 +132,17 @@ impl Scenario {
 
     /// Starts `ferry relay` on another config file (e.g. a variant of this one).
     pub fn relay_with_config(&self, name: &str, config: &Path) -> Relay {
+        self.spawn("relay", name, config, "info")
+    }
+
+    /// Starts `ferry <subcommand> --config <config>` with `FERRY_LOG=<log_level>`,
+    /// logging to `<name>.log`.
+    pub fn spawn(&self, subcommand: &str, name: &str, config: &Path, log_level: &str) -> Relay {
         let log = self.dir.path().join(format!("{name}.log"));
         let child = Command::new(ferry_bin())
-            .args(["relay", "--config"])
+            .args([subcommand, "--config"])
             .arg(config)
-            .env("FERRY_LOG", "info")
+            .env("FERRY_LOG", log_level)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -239,7 +247,7 @@ impl Scenario {
     }
 }
 
-/// A running `ferry relay` process; killed when dropped.
+/// A running `ferry` process (`relay`, `serve`); killed when dropped.
 pub struct Relay {
     child: Child,
     log: PathBuf,
@@ -277,6 +285,19 @@ impl Relay {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the relay has logged `needle` (a busy box may take seconds to start it).
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not log {needle:?} within {timeout:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -380,6 +401,58 @@ impl Report {
     }
 }
 
+/// A scenario whose PostgreSQL outbox is relayed to `sink` (a whole `[sink]` section),
+/// with [`FAST_RELAY`] settings, and a producer on that outbox.
+pub struct PgScenario {
+    pub scenario: Scenario,
+    pub outbox: PgOutbox,
+}
+
+impl PgScenario {
+    pub async fn new(tag: &str, partitions: u32, sink: &str, extra_outbox: &str) -> Self {
+        Self::from_sections(
+            tag,
+            &[
+                &pg_store_section(),
+                &outbox_section(tag, partitions, extra_outbox),
+                sink,
+                FAST_RELAY,
+            ],
+        )
+        .await
+    }
+
+    /// A scenario from whole config sections, the first of them [`pg_store_section`].
+    pub async fn from_sections(tag: &str, sections: &[&str]) -> Self {
+        let scenario = Scenario::new(tag, sections);
+        let outbox = pg_outbox(tag).await;
+        Self { scenario, outbox }
+    }
+
+    /// [`produce_pg`] on this scenario's outbox, in a task of its own.
+    pub fn produce(
+        &self,
+        aggregates: usize,
+        per_aggregate: usize,
+        producers: usize,
+    ) -> tokio::task::JoinHandle<HashSet<Uuid>> {
+        tokio::spawn(produce_pg(
+            self.outbox.clone(),
+            aggregates,
+            per_aggregate,
+            producers,
+        ))
+    }
+}
+
+/// Whether a relay's logs say it found a lease of its gone (at renewal, at a fenced mark,
+/// or when its worker looked), as a relay resumed after a takeover must.
+pub fn found_a_lease_gone(logs: &str) -> bool {
+    ["lease lost", "lease taken over", "lease no longer held"]
+        .iter()
+        .any(|gone| logs.contains(gone))
+}
+
 /// Connects to the test PostgreSQL as the outbox of `scenario` (table prefix `e<tag>_`).
 pub async fn pg_outbox(tag: &str) -> PgOutbox {
     let settings = StoreSettings {
@@ -390,10 +463,29 @@ pub async fn pg_outbox(tag: &str) -> PgOutbox {
     PgOutbox::connect(&pg_url(), 4, settings).await.unwrap()
 }
 
+/// An outbox that producers write through, whatever the store.
+pub trait Producer: Clone + Send + Sync + 'static {
+    /// Enqueues `messages` in one transaction, commits, and returns their ids.
+    fn commit(&self, messages: Vec<NewMessage>) -> impl Future<Output = Vec<Uuid>> + Send;
+}
+
+impl Producer for PgOutbox {
+    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
+        let mut tx = self.pool().begin().await.unwrap();
+        let mut ids = Vec::with_capacity(messages.len());
+        for message in messages {
+            ids.push(self.enqueue(&mut tx, message).await.unwrap().id);
+        }
+        tx.commit().await.unwrap();
+        ids
+    }
+}
+
 /// Enqueues `per_aggregate` events for each of `aggregates` aggregates, ten aggregates per
-/// transaction, from `producers` concurrent producers; returns the ids.
-pub async fn produce_pg(
-    outbox: PgOutbox,
+/// transaction, from `producers` concurrent producers with aggregates of their own;
+/// returns the ids.
+pub async fn produce(
+    outbox: impl Producer,
     aggregates: usize,
     per_aggregate: usize,
     producers: usize,
@@ -406,17 +498,18 @@ pub async fn produce_pg(
             let mine: Vec<usize> = (0..aggregates).filter(|a| a % producers == p).collect();
             for round in 0..per_aggregate {
                 for chunk in mine.chunks(10) {
-                    let mut tx = outbox.pool().begin().await.unwrap();
-                    for a in chunk {
-                        let message = NewMessage::new(
-                            "account",
-                            a.to_string(),
-                            "account.changed",
-                            format!(r#"{{"round":{round}}}"#),
-                        );
-                        ids.push(outbox.enqueue(&mut tx, message).await.unwrap().id);
-                    }
-                    tx.commit().await.unwrap();
+                    let messages = chunk
+                        .iter()
+                        .map(|a| {
+                            NewMessage::new(
+                                "account",
+                                a.to_string(),
+                                "account.changed",
+                                format!(r#"{{"round":{round}}}"#),
+                            )
+                        })
+                        .collect();
+                    ids.extend(outbox.commit(messages).await);
                 }
             }
             ids
@@ -427,6 +520,16 @@ pub async fn produce_pg(
         all.extend(t.await.unwrap());
     }
     all
+}
+
+/// [`produce`] into a PostgreSQL outbox.
+pub async fn produce_pg(
+    outbox: PgOutbox,
+    aggregates: usize,
+    per_aggregate: usize,
+    producers: usize,
+) -> HashSet<Uuid> {
+    produce(outbox, aggregates, per_aggregate, producers).await
 }
 
 /// Reads NATS stream `stream` from its start, in order.

@@ -396,12 +396,14 @@ impl NatsSink {
         for (attribute, value) in binary_attributes(message, &self.source) {
             let name = ce_header(attribute)?;
             let value = header_value(name.as_ref(), value)?;
-            if attribute == "id" {
-                // The broker's dedup key: the same text as `ce-id`.
-                headers.insert(NATS_MESSAGE_ID, value.clone());
-            }
             headers.insert(name, value);
         }
+        // The broker's dedup key: the message id (`ce-id`), suffixed on a deliberate
+        // redelivery so that the duplicate window does not drop it (`Message::dedup_id`).
+        headers.insert(
+            NATS_MESSAGE_ID,
+            header_value("Nats-Msg-Id", Cow::Owned(message.dedup_id()))?,
+        );
         headers.insert(
             HeaderName::from_static(CONTENT_TYPE_HEADER),
             header_value(CONTENT_TYPE_HEADER, Cow::Borrowed(message.content_type()))?,
@@ -645,7 +647,9 @@ fn dedup_covers(since_expiry: Duration, window: Duration) -> bool {
     since_expiry.saturating_add(RECONCILE_DEDUP_MARGIN) < window
 }
 
-/// The message id of a stored message of the partition, from its headers.
+/// The message id of a stored message of the partition, from its headers. A redelivery's
+/// `Nats-Msg-Id` (`<id>:<attempt>`) is not a UUID and yields nothing: it must never mark a
+/// pending later attempt as already sent.
 fn owned_id(headers: &HeaderMap, owns_key: &(dyn Fn(&str) -> bool + Sync)) -> Option<Uuid> {
     let key = headers.get(HeaderName::from_static(PARTITION_KEY_HEADER))?;
     if !owns_key(key.as_str()) {
@@ -790,6 +794,18 @@ mod tests {
             Duration::from_secs(5),
             Duration::from_secs(1)
         ));
+    }
+
+    #[test]
+    fn reconciliation_ignores_redelivery_dedup_ids() {
+        let id = Uuid::now_v7();
+        let mut headers = HeaderMap::new();
+        headers.insert(PARTITION_KEY_HEADER, "order/1");
+        headers.insert(ID_HEADER, id.to_string().as_str());
+        headers.insert(NATS_MESSAGE_ID, id.to_string().as_str());
+        assert_eq!(owned_id(&headers, &|_| true), Some(id));
+        headers.insert(NATS_MESSAGE_ID, format!("{id}:2").as_str());
+        assert_eq!(owned_id(&headers, &|_| true), None);
     }
 
     #[test]

@@ -2,11 +2,11 @@
 
 use sqlx::{Postgres, Transaction};
 
-use ferry_core::inbox::{Admission, Inbox, ProcessError, Processed, process};
+use ferry_core::inbox::{Admission, Decision, Inbox, ProcessError, Processed, process};
 use ferry_core::{ReceivedMessage, StoreError};
 
 use super::queries;
-use crate::sql::{TablePrefix, store_error};
+use crate::sql::{TablePrefix, inbox_version, last_applied_version, store_error};
 
 /// Records processed ids and applied versions for one named consumer, in the consumer's
 /// own transaction (tables created by `ferry migrate`).
@@ -47,7 +47,7 @@ impl PgInbox {
         &self,
         tx: &mut Transaction<'_, Postgres>,
         message: &ReceivedMessage,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<u64, StoreError> {
         let last: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.last_version.as_str()))
             .bind(&self.consumer)
             .bind(&message.aggregate_type)
@@ -55,7 +55,7 @@ impl PgInbox {
             .fetch_optional(&mut **tx)
             .await
             .map_err(store_error)?;
-        Ok(last.unwrap_or(0))
+        last_applied_version(&self.consumer, message, last)
     }
 }
 
@@ -65,8 +65,7 @@ impl<'c> Inbox<Transaction<'c, Postgres>> for PgInbox {
         tx: &mut Transaction<'c, Postgres>,
         message: &ReceivedMessage,
     ) -> Result<Admission, StoreError> {
-        let version = i64::try_from(message.version)
-            .map_err(|_| StoreError::Other("message version exceeds i64".into()))?;
+        let version = inbox_version(message)?;
         let recorded: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.record.as_str()))
             .bind(&self.consumer)
             .bind(message.id)
@@ -76,32 +75,25 @@ impl<'c> Inbox<Transaction<'c, Postgres>> for PgInbox {
             .fetch_optional(&mut **tx)
             .await
             .map_err(store_error)?;
-        if recorded.is_none() {
-            return Ok(Admission::Duplicate);
-        }
         let last = self.last_version(tx, message).await?;
-        if last >= version {
-            return Ok(Admission::Stale {
-                last_applied_version: last as u64,
-            });
+        let decision = Decision::new(message.version, recorded.is_some(), last);
+        if decision.advance_to.is_some() {
+            let advanced: Option<i32> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(self.advance.as_str()))
+                    .bind(&self.consumer)
+                    .bind(&message.aggregate_type)
+                    .bind(&message.aggregate_id)
+                    .bind(version)
+                    .fetch_optional(&mut **tx)
+                    .await
+                    .map_err(store_error)?;
+            if advanced.is_none() {
+                // Another consumer instance applied a newer version between our read and write.
+                return Ok(Admission::Stale {
+                    last_applied_version: self.last_version(tx, message).await?,
+                });
+            }
         }
-        let advanced: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.advance.as_str()))
-            .bind(&self.consumer)
-            .bind(&message.aggregate_type)
-            .bind(&message.aggregate_id)
-            .bind(version)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(store_error)?;
-        if advanced.is_none() {
-            // Another consumer instance applied a newer version between our read and write.
-            let last = self.last_version(tx, message).await?;
-            return Ok(Admission::Stale {
-                last_applied_version: last as u64,
-            });
-        }
-        Ok(Admission::Apply {
-            previous_version: last as u64,
-        })
+        Ok(decision.admission)
     }
 }

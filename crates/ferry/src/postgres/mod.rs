@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::postgres::{PgConnectOptions, PgListener};
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use ferry_core::{
@@ -18,7 +18,8 @@ use ferry_core::{
 };
 
 use crate::sql::{
-    OUTBOX_COLUMNS, OutboxRow, StoreSettings, TablePrefix, check_partitions, store_error,
+    OUTBOX_COLUMNS, OutboxRow, StoreSettings, TablePrefix, check_partitions, probe_and_pool,
+    store_error,
 };
 
 pub use inbox::PgInbox;
@@ -111,18 +112,7 @@ impl PgOutbox {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
             StoreError::Other(format!("invalid PostgreSQL url: {e}").into())
         })?;
-        // The pool would retry a refused connection silently until its acquire timeout;
-        // one direct attempt reports an unreachable server at once, with its cause.
-        let probe = PgConnection::connect_with(&options)
-            .await
-            .map_err(store_error)?;
-        let _ = probe.close().await;
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await
-            .map_err(store_error)?;
+        let pool = probe_and_pool::<Postgres>(options, max_connections, store_error).await?;
         Ok(Self::new(pool, settings))
     }
 
@@ -301,10 +291,7 @@ impl OutboxStore for PgOutbox {
                 .await
                 .map_err(store_error)?;
         if leased == 0 {
-            return Err(StoreError::Fenced {
-                partition: lease.partition,
-                epoch: lease.epoch,
-            });
+            return Err(StoreError::fenced(lease));
         }
         Ok(marked as u64)
     }
@@ -320,10 +307,7 @@ impl OutboxStore for PgOutbox {
             .map_err(store_error)?
             .rows_affected();
         if changed == 0 {
-            return Err(StoreError::Fenced {
-                partition: lease.partition,
-                epoch: lease.epoch,
-            });
+            return Err(StoreError::fenced(lease));
         }
         Ok(())
     }
@@ -339,10 +323,7 @@ impl OutboxStore for PgOutbox {
                 .map_err(store_error)?;
         match adopted {
             Some(checkpoint) => Ok(checkpoint.and_then(|c| u64::try_from(c).ok())),
-            None => Err(StoreError::Fenced {
-                partition: lease.partition,
-                epoch: lease.epoch,
-            }),
+            None => Err(StoreError::fenced(lease)),
         }
     }
 

@@ -2,13 +2,14 @@
 //! own transaction (G4).
 
 use ferry_core::inbox::process;
-use ferry_core::{Admission, Inbox, ProcessError, Processed, ReceivedMessage, StoreError};
+use ferry_core::{
+    Admission, Decision, Inbox, ProcessError, Processed, ReceivedMessage, StoreError,
+};
 use sqlx::{Sqlite, Transaction};
 use tracing::debug;
 
 use super::queries::InboxQueries;
-use crate::sql::TablePrefix;
-use crate::sql::store_error;
+use crate::sql::{TablePrefix, inbox_version, last_applied_version, store_error};
 
 /// The inbox of one consumer (a name shared by all its instances) in tables
 /// `<prefix>inbox` and `<prefix>inbox_versions`, which [`SqliteOutbox::migrate`] creates
@@ -41,16 +42,6 @@ impl SqliteInbox {
     }
 }
 
-fn out_of_range(message: &ReceivedMessage) -> StoreError {
-    StoreError::Other(
-        format!(
-            "message {} has version {}, beyond what the inbox can store",
-            message.id, message.version
-        )
-        .into(),
-    )
-}
-
 impl<'c> Inbox<Transaction<'c, Sqlite>> for SqliteInbox {
     /// Inserts the id first: that write takes the database's write lock, so the version
     /// read and advance that follow cannot interleave with another instance of this
@@ -61,7 +52,7 @@ impl<'c> Inbox<Transaction<'c, Sqlite>> for SqliteInbox {
         message: &ReceivedMessage,
     ) -> Result<Admission, StoreError> {
         let q = &self.queries;
-        let version = i64::try_from(message.version).map_err(|_| out_of_range(message))?;
+        let version = inbox_version(message)?;
         let inserted = sqlx::query(q.insert.clone())
             .bind(&self.consumer)
             .bind(message.id)
@@ -72,10 +63,6 @@ impl<'c> Inbox<Transaction<'c, Sqlite>> for SqliteInbox {
             .await
             .map_err(store_error)?
             .rows_affected();
-        if inserted == 0 {
-            debug!(consumer = %self.consumer, message_id = %message.id, "duplicate message skipped");
-            return Ok(Admission::Duplicate);
-        }
         let last: Option<i64> = sqlx::query_scalar(q.last_version.clone())
             .bind(&self.consumer)
             .bind(&message.aggregate_type)
@@ -83,40 +70,30 @@ impl<'c> Inbox<Transaction<'c, Sqlite>> for SqliteInbox {
             .fetch_optional(&mut **tx)
             .await
             .map_err(store_error)?;
-        let last = match last {
-            None => 0,
-            Some(last) => u64::try_from(last).map_err(|_| {
-                StoreError::Other(
-                    format!(
-                        "inbox of {}: negative version {last} for {}/{}",
-                        self.consumer, message.aggregate_type, message.aggregate_id
-                    )
-                    .into(),
-                )
-            })?,
-        };
-        if message.version <= last {
-            debug!(
+        let last = last_applied_version(&self.consumer, message, last)?;
+        let decision = Decision::new(message.version, inserted == 1, last);
+        match decision.admission {
+            Admission::Duplicate => {
+                debug!(consumer = %self.consumer, message_id = %message.id, "duplicate message skipped");
+            }
+            Admission::Stale { .. } => debug!(
                 consumer = %self.consumer,
                 message_id = %message.id,
                 version = message.version,
                 last_applied_version = last,
                 "stale message skipped"
-            );
-            return Ok(Admission::Stale {
-                last_applied_version: last,
-            });
+            ),
+            Admission::Apply { .. } => {
+                sqlx::query(q.advance.clone())
+                    .bind(&self.consumer)
+                    .bind(&message.aggregate_type)
+                    .bind(&message.aggregate_id)
+                    .bind(version)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(store_error)?;
+            }
         }
-        sqlx::query(q.advance.clone())
-            .bind(&self.consumer)
-            .bind(&message.aggregate_type)
-            .bind(&message.aggregate_id)
-            .bind(version)
-            .execute(&mut **tx)
-            .await
-            .map_err(store_error)?;
-        Ok(Admission::Apply {
-            previous_version: last,
-        })
+        Ok(decision.admission)
     }
 }

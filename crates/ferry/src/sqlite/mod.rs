@@ -27,7 +27,10 @@ use sqlx::{Sqlite, SqliteConnection, SqliteExecutor, SqlitePool, Transaction};
 use tracing::{debug, info};
 use uuid::Uuid;
 
-use crate::sql::{MAX_PARTITIONS, StoreSettings, TablePrefix, check_partitions, store_error};
+use crate::sql::{
+    StoreSettings, TablePrefix, check_migration, check_partitions, meta_number,
+    recorded_partitions, store_error,
+};
 
 pub use inbox::SqliteInbox;
 
@@ -114,22 +117,10 @@ impl SqliteOutbox {
         let current = read_meta_number(&mut *tx, q, META_SCHEMA_VERSION)
             .await?
             .unwrap_or(0);
-        if current > SCHEMA_VERSION as u64 {
-            return Err(StoreError::Schema(format!(
-                "the database has ferry schema version {current}, newer than this ferry's {SCHEMA_VERSION}: upgrade ferry"
-            )));
-        }
         let existing = read_meta_number(&mut *tx, q, META_PARTITIONS).await?;
-        match existing {
-            Some(existing) if existing != u64::from(partitions) => {
-                return Err(StoreError::Schema(format!(
-                    "the outbox has {existing} partitions; the partition count is fixed at set-up (it decides which partition every key's messages are in) and cannot be changed to {partitions}: keep partitions = {existing}"
-                )));
-            }
-            Some(_) => {}
-            None => {
-                write_meta(&mut *tx, q, META_PARTITIONS, partitions).await?;
-            }
+        check_migration(current, SCHEMA_VERSION, existing, partitions)?;
+        if existing.is_none() {
+            write_meta(&mut *tx, q, META_PARTITIONS, partitions).await?;
         }
         for (index, migration) in q.migrations.iter().enumerate().skip(current as usize) {
             sqlx::raw_sql(migration.clone())
@@ -246,21 +237,8 @@ impl SqliteOutbox {
 /// Reads P, checking that the schema is the one this code uses.
 async fn read_partitions(conn: &mut SqliteConnection, q: &Queries) -> Result<u32, StoreError> {
     let version = read_meta_number(&mut *conn, q, META_SCHEMA_VERSION).await?;
-    if version.is_none_or(|v| v < SCHEMA_VERSION as u64) {
-        return Err(StoreError::Schema(format!(
-            "the ferry schema is at version {}, this ferry needs {SCHEMA_VERSION}",
-            version.unwrap_or(0)
-        )));
-    }
     let partitions = read_meta_number(conn, q, META_PARTITIONS).await?;
-    partitions
-        .and_then(|p| u32::try_from(p).ok())
-        .filter(|p| (1..=MAX_PARTITIONS).contains(p))
-        .ok_or_else(|| {
-            StoreError::Schema(format!(
-                "the meta table has no valid partition count ({partitions:?})"
-            ))
-        })
+    recorded_partitions(version, SCHEMA_VERSION, partitions)
 }
 
 async fn read_meta_number<'e>(
@@ -273,13 +251,7 @@ async fn read_meta_number<'e>(
         .fetch_optional(executor)
         .await
         .map_err(store_error)?;
-    value
-        .map(|v| {
-            v.parse::<u64>().map_err(|_| {
-                StoreError::Schema(format!("the meta row {key:?} is not a number: {v:?}"))
-            })
-        })
-        .transpose()
+    meta_number(key, value)
 }
 
 async fn write_meta<'e>(

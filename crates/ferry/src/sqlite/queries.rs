@@ -6,11 +6,9 @@
 //! format of `created_at`, which sorts as text). Times always come from SQLite's clock,
 //! never a relay's, so that relays agree on lease expiry.
 
-use std::sync::Arc;
+use sqlx::SqlStr;
 
-use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
-
-use crate::sql::{OUTBOX_COLUMNS, TablePrefix};
+use crate::sql::{OUTBOX_COLUMNS, TablePrefix, statement};
 
 /// Versioned migrations, oldest first: version `n` is `MIGRATIONS[n - 1]`. Released
 /// entries never change; a new schema version appends one.
@@ -142,14 +140,15 @@ fn render(prefix: &TablePrefix, sql: &str) -> SqlStr {
 
 /// Renders `sql` with `fence` as its `{fence}`.
 fn render_fenced(prefix: &TablePrefix, sql: &str, fence: &str) -> SqlStr {
-    let sql = prefix
-        .render(&sql.replace("{fence}", fence))
-        .replace("{columns}", OUTBOX_COLUMNS)
-        .replace("{now_ms}", NOW_MS)
-        .replace("{now_text}", NOW_TEXT);
-    // Arc'd so that the per-call clone is a reference count, not a copy. Safe to splice:
-    // the prefix is a validated identifier and the rest are constants of this file.
-    AssertSqlSafe(Arc::<str>::from(sql)).into_sql_str()
+    statement(
+        prefix,
+        &sql.replace("{fence}", fence),
+        &[
+            ("{columns}", OUTBOX_COLUMNS),
+            ("{now_ms}", NOW_MS),
+            ("{now_text}", NOW_TEXT),
+        ],
+    )
 }
 
 /// The outbox and lease statements of one store.

@@ -6,16 +6,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::DateTime;
 use ferry_core::{Lease, Message, OutboxStore, PartitionStatus, StoreError};
-use tracing::{debug, info};
+use tracing::debug;
 use uuid::Uuid;
 
 use super::{SqliteOutbox, store_error};
-use crate::sql::OutboxRow;
+use crate::sql::{self, OutboxRow, purge_in_batches, stored_checkpoint};
 
 /// Rows deleted per purge statement: each statement holds the write lock, and producers
 /// wait for it, so a large purge runs as many short ones.
 const PURGE_BATCH: i64 = 5000;
 
+/// A lease row joined with its backlog; `expires_at` in unix milliseconds.
 #[derive(sqlx::FromRow)]
 struct StatusRow {
     partition_no: i64,
@@ -52,15 +53,7 @@ impl OutboxStore for SqliteOutbox {
         checkpoint: Option<u64>,
     ) -> Result<u64, StoreError> {
         let q = &self.queries;
-        let checkpoint = checkpoint
-            .map(|c| {
-                i64::try_from(c).map_err(|_| {
-                    StoreError::Other(
-                        format!("checkpoint {c} is beyond what the lease table holds").into(),
-                    )
-                })
-            })
-            .transpose()?;
+        let checkpoint = stored_checkpoint(checkpoint)?;
         let partition = i64::from(lease.partition);
         let mut tx = self
             .pool
@@ -78,7 +71,7 @@ impl OutboxStore for SqliteOutbox {
             .rows_affected();
         if held == 0 {
             // Dropping `tx` rolls back; nothing was changed anyway.
-            return Err(fenced(lease));
+            return Err(StoreError::fenced(lease));
         }
         let statement = if self.settings.retention.is_zero() {
             &q.delete_published
@@ -115,7 +108,7 @@ impl OutboxStore for SqliteOutbox {
             .map_err(store_error)?
             .rows_affected();
         if changed == 0 {
-            return Err(fenced(lease));
+            return Err(StoreError::fenced(lease));
         }
         Ok(())
     }
@@ -129,7 +122,7 @@ impl OutboxStore for SqliteOutbox {
             .fetch_optional(&self.pool)
             .await
             .map_err(store_error)?;
-        let checkpoint = adopted.ok_or_else(|| fenced(lease))?;
+        let checkpoint = adopted.ok_or_else(|| StoreError::fenced(lease))?;
         debug!(
             partition = lease.partition,
             epoch = lease.epoch,
@@ -146,23 +139,19 @@ impl OutboxStore for SqliteOutbox {
             .map_err(store_error)?;
         rows.into_iter()
             .map(|row| {
-                let corrupt = |what: &str| {
-                    StoreError::Other(format!("lease row {}: {what}", row.partition_no).into())
-                };
-                Ok(PartitionStatus {
-                    partition: u32::try_from(row.partition_no)
-                        .map_err(|_| corrupt("partition out of range"))?,
+                sql::StatusRow {
                     lease_expires_at: row
                         .owner
                         .as_ref()
                         .and_then(|_| DateTime::from_timestamp_millis(row.expires_at)),
+                    partition_no: row.partition_no,
                     owner: row.owner,
                     epoch: row.epoch,
-                    backlog: u64::try_from(row.backlog).map_err(|_| corrupt("negative backlog"))?,
-                    // A clock step back can make a fresh row look younger than zero.
-                    oldest_unpublished_age_secs: row.oldest_age_secs.map(|age| age.max(0.0)),
                     blocked_reason: row.blocked_reason,
-                })
+                    backlog: row.backlog,
+                    oldest_age_secs: row.oldest_age_secs,
+                }
+                .try_into()
             })
             .collect()
     }
@@ -170,39 +159,19 @@ impl OutboxStore for SqliteOutbox {
     async fn purge_published(&self) -> Result<u64, StoreError> {
         let retention = self.settings.retention;
         let modifier = format!("-{:.3} seconds", retention.as_secs_f64());
-        let mut purged = 0;
-        loop {
-            let deleted = sqlx::query(self.queries.purge_published.clone())
+        purge_in_batches(retention, PURGE_BATCH as u64, || async {
+            sqlx::query(self.queries.purge_published.clone())
                 .bind(&modifier)
                 .bind(PURGE_BATCH)
                 .execute(&self.pool)
                 .await
-                .map_err(store_error)?
-                .rows_affected();
-            purged += deleted;
-            if deleted < PURGE_BATCH as u64 {
-                break;
-            }
-        }
-        if purged > 0 {
-            info!(
-                purged,
-                retention_secs = retention.as_secs(),
-                "purged published messages"
-            );
-        }
-        Ok(purged)
+                .map(|done| done.rows_affected())
+        })
+        .await
     }
 
     fn retention(&self) -> Duration {
         self.settings.retention
-    }
-}
-
-pub(super) fn fenced(lease: &Lease) -> StoreError {
-    StoreError::Fenced {
-        partition: lease.partition,
-        epoch: lease.epoch,
     }
 }
 

@@ -1,0 +1,74 @@
+//! `ferry serve`: the reliable message service, with the relay in the same process unless
+//! `service.run_relay = false`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use ferry_service::Service;
+
+use crate::config::Config;
+use crate::wiring;
+
+pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let service_config = config.service.as_ref().with_context(|| {
+        format!(
+            "{} has no [service] section (examples/sqlite-service.toml has one)",
+            path.display()
+        )
+    })?;
+    let tokens = service_config.tokens()?;
+    let addr = service_config.listen_addr()?;
+    let shutdown = crate::shutdown_on_signal()?;
+    let Some(store) =
+        wiring::retry_until_ready("store", &shutdown, || wiring::Store::open(&config)).await?
+    else {
+        return Ok(());
+    };
+    let service_store = store.service()?;
+    // Fails at once, pointing at `ferry migrate`, when the service's tables are missing.
+    service_store
+        .stats()
+        .await
+        .context("reading the service's tables")?;
+    let relay = if service_config.run_relay {
+        let Some(sink) =
+            wiring::retry_until_ready("sink", &shutdown, || wiring::open_sink(&config.sink))
+                .await?
+        else {
+            return Ok(());
+        };
+        Some(ferry::Relay::new(
+            store.outbox(),
+            store.leases(),
+            sink,
+            config.relay_config(),
+        ))
+    } else {
+        None
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (service.listen)"))?;
+    let service = Service::new(service_store, service_config.settings(), tokens)
+        .with_outbox_metrics(store.outbox(), relay.as_ref().map(ferry::Relay::stats));
+    let relay_task = relay.map(|relay| {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let result = relay.run(shutdown.clone()).await;
+            // A relay that cannot go on takes the service down with it, visibly.
+            shutdown.cancel();
+            result
+        })
+    });
+    let served = service.run(listener, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(task) = relay_task {
+        task.await
+            .context("the relay task panicked")?
+            .context("relay stopped")?;
+    }
+    served.context("service stopped")
+}

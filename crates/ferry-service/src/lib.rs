@@ -1,0 +1,173 @@
+//! ferry's reliable message service (`ferry serve`): transactional messages over HTTP for
+//! producers that cannot write ferry's outbox in their own database transaction.
+//!
+//! 1. `POST /v1/messages` stores a **prepared** message; the producer runs its local
+//!    transaction, then `POST /v1/messages/{id}/confirm` (or `/cancel`).
+//! 2. Confirming moves the message to **confirmed** and enqueues it into ferry's outbox in
+//!    the same database transaction, so the relay publishes it like any outbox message
+//!    (G1–G6 hold); once published it is **delivered**.
+//! 3. A message still prepared after `prepare_timeout_secs` is **checked back** on its
+//!    `check_url` ([`checkback`]); inconclusive checks retry with backoff up to
+//!    `max_checks`, then the message is **check_failed** until an operator acts.
+//! 4. The consumer acks (`POST /v1/messages/{id}/ack`, **completed**); a delivered message
+//!    not acked within `ack_timeout_secs` is redelivered with the same id and version,
+//!    up to `max_deliveries`, then **dead_lettered**; `POST /v1/messages/{id}/retry` puts
+//!    a check_failed or dead-lettered message back.
+//!
+//! The state machine ([`state`]) is enforced by the store ([`store`]): every transition
+//! is a conditional update in one transaction, so concurrent requests, check-backs and
+//! redeliveries (also from several `ferry serve` instances) cannot both win. Consumers
+//! dedup redeliveries with ferry's inbox: a redelivery keeps the message id and version.
+
+pub mod api;
+pub mod auth;
+pub mod checkback;
+pub mod config;
+mod loops;
+pub mod metrics;
+pub mod state;
+pub mod store;
+
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use ferry::{OutboxStore, RelayStats};
+
+pub use api::{OPENAPI_JSON, ROUTES};
+pub use auth::{Scope, Tokens};
+pub use config::{InvalidServiceConfig, ServiceConfig, ServiceSettings};
+pub use metrics::Metrics;
+pub use state::{Status, Transition};
+pub use store::{PgServiceStore, ServiceStore, SqliteServiceStore};
+
+/// What the request handlers and the loops share.
+struct Shared {
+    store: Arc<dyn ServiceStore>,
+    settings: ServiceSettings,
+    tokens: Tokens,
+    metrics: Arc<Metrics>,
+    outbox: Option<Arc<dyn OutboxStore>>,
+    relay: Option<Arc<RelayStats>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("settings", &self.settings)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    async fn render_metrics(&self) -> String {
+        let stats = match self.store.stats().await {
+            Ok(stats) => Some(stats),
+            Err(err) => {
+                warn!(error = %err, "metrics: store unreachable");
+                None
+            }
+        };
+        let backlog = match &self.outbox {
+            Some(outbox) => outbox
+                .status()
+                .await
+                .ok()
+                .map(|partitions| partitions.iter().map(|p| p.backlog).sum()),
+            None => None,
+        };
+        self.metrics
+            .render(stats.as_ref(), self.relay.as_deref(), backlog)
+    }
+}
+
+/// Why the service stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    #[error("cannot build the check-back HTTP client")]
+    CheckClient(#[source] reqwest::Error),
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The HTTP API plus the check-back and maintenance loops over one store.
+#[derive(Debug)]
+pub struct Service {
+    shared: Shared,
+}
+
+impl Service {
+    pub fn new(store: Arc<dyn ServiceStore>, settings: ServiceSettings, tokens: Tokens) -> Self {
+        Self {
+            shared: Shared {
+                store,
+                settings,
+                tokens,
+                metrics: Arc::default(),
+                outbox: None,
+                relay: None,
+            },
+        }
+    }
+
+    /// Exports the outbox backlog and, when the relay runs in this process, its counters.
+    pub fn with_outbox_metrics(
+        mut self,
+        outbox: Arc<dyn OutboxStore>,
+        relay: Option<Arc<RelayStats>>,
+    ) -> Self {
+        self.shared.outbox = Some(outbox);
+        self.shared.relay = relay;
+        self
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.shared.metrics)
+    }
+
+    /// Serves the API on `listener` and runs the loops until `shutdown` is cancelled; then
+    /// finishes in-flight requests and check-backs and returns.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServiceError> {
+        let settings = self.shared.settings.clone();
+        let client = checkback::CheckClient::new(
+            settings.check_timeout,
+            settings.check_bearer_token.clone(),
+        )
+        .map_err(ServiceError::CheckClient)?;
+        let store = Arc::clone(&self.shared.store);
+        let metrics = self.metrics();
+        let checks = tokio::spawn(checkback::run(
+            Arc::clone(&store),
+            client,
+            settings.clone(),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+        let maintenance = tokio::spawn(loops::run(store, settings, metrics, shutdown.clone()));
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "service listening");
+        }
+        let router: Router = api::router(Arc::new(self.shared));
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await;
+        // Stops the loops if the server failed on its own.
+        shutdown.cancel();
+        for task in [checks, maintenance] {
+            if let Err(err) = task.await {
+                warn!(error = %err, "a service loop panicked");
+            }
+        }
+        info!("service stopped");
+        served.map_err(ServiceError::Serve)
+    }
+}

@@ -1,0 +1,17 @@
+-- Records (or, without a reason, clears) why a partition cannot move, while the epoch is
+-- current. ARGV: key prefix, partition, epoch, [reason].
+
+local function main()
+  local lease = ARGV[1] .. 'lease:' .. ARGV[2]
+  if redis.call('HGET', lease, 'epoch') ~= ARGV[3] then
+    return 0
+  end
+  if ARGV[4] then
+    redis.call('HSET', lease, 'blocked_reason', ARGV[4])
+  else
+    redis.call('HDEL', lease, 'blocked_reason')
+  end
+  return 1
+end
+
+return run(main)
