@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -49,6 +50,10 @@ const MAX_LIMIT: u32 = 1000;
 
 /// Room for the other fields of a prepare request beside its payload.
 const BODY_OVERHEAD: usize = 64 * 1024;
+
+/// How much of an over-limit request body is read and dropped so that its sender gets
+/// the 413 (see `read_body`); past this the connection is closed unread.
+const OVERSIZE_DRAIN_BYTES: usize = 16 * 1024 * 1024;
 
 type AppState = Arc<Shared>;
 
@@ -147,18 +152,31 @@ fn body_limit(max_payload_bytes: usize) -> usize {
     max_payload_bytes.div_ceil(3) * 4 + BODY_OVERHEAD
 }
 
+/// Reads a request body of at most `limit` bytes. An over-limit body is still read to
+/// its end (up to [`OVERSIZE_DRAIN_BYTES`] more) and dropped before the 413 goes out:
+/// a server that answers and closes with the rest unread resets the connection, and a
+/// client still sending sees the reset instead of the 413.
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
-        let too_large = std::error::Error::source(&err)
-            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            ApiError::payload_too_large(format!(
-                "the request body exceeds {limit} bytes (service.max_payload_bytes plus the other fields)"
-            ))
-        } else {
+    let mut frames = body.into_data_stream();
+    let mut kept = bytes::BytesMut::new();
+    let mut received = 0usize;
+    while let Some(frame) = frames.next().await {
+        let chunk = frame.map_err(|err| {
             ApiError::bad_request("invalid_body", format!("cannot read the request body: {err}"))
+        })?;
+        received = received.saturating_add(chunk.len());
+        if received <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if received > limit.saturating_add(OVERSIZE_DRAIN_BYTES) {
+            break;
         }
-    })
+    }
+    if received > limit {
+        return Err(ApiError::payload_too_large(format!(
+            "the request body exceeds {limit} bytes (service.max_payload_bytes plus the other fields)"
+        )));
+    }
+    Ok(kept.freeze())
 }
 
 fn path_id(
