@@ -162,7 +162,10 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     let mut received = 0usize;
     while let Some(frame) = frames.next().await {
         let chunk = frame.map_err(|err| {
-            ApiError::bad_request("invalid_body", format!("cannot read the request body: {err}"))
+            ApiError::bad_request(
+                "invalid_body",
+                format!("cannot read the request body: {err}"),
+            )
         })?;
         received = received.saturating_add(chunk.len());
         if received <= limit {
