@@ -20,5 +20,5 @@ pub use lease::{Lease, LeaseStore, Takeover};
 pub use message::{EnqueueError, Enqueued, Headers, InvalidMessage, Message, NewMessage};
 pub use partition::partition_for;
 pub use relay::{Relay, RelayConfig, RelayError, RelayStats};
-pub use sink::{Delivery, ReconcileRequest, Sink, SinkError};
+pub use sink::{Delivery, ReconcileRequest, Sink, SinkError, report_unsent};
 pub use store::{OutboxStore, PartitionStatus, StoreError, Wakers};

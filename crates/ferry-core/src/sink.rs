@@ -78,6 +78,17 @@ pub struct Delivery {
     pub position: Option<u64>,
 }
 
+/// Completes `outcomes` to one per message of a batch of `batch_len` after the sink
+/// stopped at a failure: what it did not send (sending past a failure would reorder) is
+/// reported retryable, for the relay to publish again.
+pub fn report_unsent(outcomes: &mut Vec<Result<Delivery, SinkError>>, batch_len: usize) {
+    outcomes.resize_with(batch_len, || {
+        Err(SinkError::retryable(
+            "not sent: an earlier message in the batch failed",
+        ))
+    });
+}
+
 /// What a new owner knows when it reconciles a partition taken over uncleanly.
 #[derive(Clone, Copy)]
 pub struct ReconcileRequest<'a> {

@@ -49,7 +49,7 @@ use uuid::Uuid;
 
 use ferry_core::cloudevents::{DecodeError, ReceivedMessage, Source, binary_attributes, ext};
 use ferry_core::message::CONTENT_TYPE_HEADER;
-use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError};
+use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
 pub use crate::sink_config::InvalidSinkConfig;
 pub use config::{AmqpDeclare, AmqpSinkConfig};
@@ -461,11 +461,7 @@ impl Sink for AmqpSink {
         } else if cautious {
             lock(&self.cautious).remove(&partition);
         }
-        outcomes.resize_with(batch.len(), || {
-            Err(SinkError::retryable(
-                "not sent: an earlier message in the batch failed",
-            ))
-        });
+        report_unsent(&mut outcomes, batch.len());
         outcomes
     }
 

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use ferry_core::cloudevents::Source;
-use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError};
+use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
 pub use config::{InvalidKafkaConfig, KafkaSinkConfig};
 use producer::{PartitionProducer, TxnFailure, blocking};
@@ -331,11 +331,7 @@ impl Sink for KafkaSink {
         if let Some((_, error)) = stop {
             outcomes.push(Err(error));
         }
-        outcomes.resize_with(batch.len(), || {
-            Err(SinkError::retryable(
-                "not sent: an earlier message in the batch failed",
-            ))
-        });
+        report_unsent(&mut outcomes, batch.len());
         outcomes
     }
 

@@ -43,7 +43,7 @@ use uuid::Uuid;
 use ferry_core::cloudevents::{
     DecodeError, ReceivedMessage, Source, binary_attributes, user_headers,
 };
-use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError};
+use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
 pub use config::{InvalidMqttConfig, MAX_IN_FLIGHT_LIMIT, MqttSinkConfig};
 use session::Session;
@@ -313,11 +313,7 @@ impl Sink for MqttSink {
                 break;
             }
         }
-        outcomes.resize_with(batch.len(), || {
-            Err(SinkError::retryable(
-                "not sent: an earlier message in the batch failed",
-            ))
-        });
+        report_unsent(&mut outcomes, batch.len());
         outcomes
     }
 

@@ -46,7 +46,7 @@ use uuid::Uuid;
 
 use ferry_core::cloudevents::{Source, binary_attributes, ext, user_headers};
 use ferry_core::message::CONTENT_TYPE_HEADER;
-use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError};
+use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
 pub use config::{InvalidNatsConfig, MAX_ACKS_IN_FLIGHT_LIMIT, NatsSinkConfig};
 use subject::SubjectTemplate;
@@ -495,11 +495,7 @@ impl Sink for NatsSink {
                 break;
             }
         }
-        outcomes.resize_with(batch.len(), || {
-            Err(SinkError::retryable(
-                "not sent: an earlier message in the batch failed",
-            ))
-        });
+        report_unsent(&mut outcomes, batch.len());
         outcomes
     }
 
