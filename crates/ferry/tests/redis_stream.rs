@@ -310,6 +310,48 @@ async fn streams_follow_the_template_and_a_key_of_another_type_is_permanent() ->
 }
 
 #[tokio::test]
+async fn a_batch_goes_in_windows_and_none_is_sent_after_a_failed_one() -> Result {
+    let (mut config, prefix) = unique_config();
+    config.max_entries_per_call = 3;
+    let sink = RedisStreamSink::connect(&config).await?;
+    let batch: Vec<Message> = (1..=10).map(|n| message("a", n, n as i64, "{}")).collect();
+    all_ok(sink.publish(&batch).await)?;
+    let stream = format!("{prefix}.order.3");
+    let expected: Vec<String> = (1..=10).map(|n| format!("{n}-0")).collect();
+    assert_eq!(ids(&entries(&redis_url(), &stream).await?), expected);
+
+    // Windows [a11 a12 a13] [a14 a(seq 0) i1] [i2 i3 i4]: sequence 0 cannot be an entry id.
+    // Within its window the failure holds up only its own stream (i1 is appended); the
+    // window after it is not sent at all, whatever its stream.
+    let mut batch: Vec<Message> = (11..=15)
+        .map(|n| message("b", n - 10, n as i64, "{}"))
+        .collect();
+    batch[4].sequence = 0;
+    for n in 1..=4 {
+        let mut invoice = message("i", n, 15 + n as i64, "{}");
+        invoice.aggregate_type = "invoice".into();
+        batch.push(invoice);
+    }
+    let outcomes = sink.publish(&batch).await;
+    assert_eq!(outcomes.len(), 9);
+    assert!(outcomes[..4].iter().all(|o| o.is_ok()), "{outcomes:?}");
+    let refused = outcomes[4].as_ref().expect_err("sequence 0");
+    assert!(!refused.is_retryable(), "{refused}");
+    assert!(outcomes[5].is_ok(), "{outcomes:?}");
+    for outcome in &outcomes[6..] {
+        let err = outcome.as_ref().expect_err("not sent");
+        assert!(err.is_retryable(), "{err}");
+    }
+    let expected: Vec<String> = (1..=14).map(|n| format!("{n}-0")).collect();
+    assert_eq!(ids(&entries(&redis_url(), &stream).await?), expected);
+    assert_eq!(
+        ids(&entries(&redis_url(), &format!("{prefix}.invoice.3")).await?),
+        ["16-0"]
+    );
+    delete_streams(&redis_url(), &prefix).await
+}
+
+#[tokio::test]
 async fn max_len_trims_each_stream_approximately() -> Result {
     let (mut config, prefix) = unique_config();
     config.max_len = Some(1000);

@@ -13,6 +13,9 @@ use crate::template::{Field, PLACEHOLDERS, Segment, Template};
 /// else meanwhile.
 pub const MAX_DEDUP_SCAN_ENTRIES: u64 = 1_000_000;
 
+/// Largest accepted `max_entries_per_call`.
+pub const MAX_ENTRIES_PER_CALL: usize = 10_000;
+
 /// Settings of the Redis Streams sink. Every key is optional; the defaults are:
 ///
 /// - `url = "redis://127.0.0.1:6379"`: the server (`redis://[user:password@]host:port/db`,
@@ -29,6 +32,11 @@ pub const MAX_DEDUP_SCAN_ENTRIES: u64 = 1_000_000;
 ///   late (after messages of higher sequence were appended) is looked for before it is
 ///   appended. Must exceed the relay's `batch_size`, which bounds how far back a copy sent
 ///   by a crashed relay can lie.
+/// - `max_entries_per_call = 250`: messages appended per pipeline round trip; a batch
+///   goes in windows of this many. Each message in flight is held encoded twice (script
+///   arguments and the request), so this bounds the relay's memory: 16 partitions with
+///   whole 1000-message batches in flight peaked at 84 MiB, windows of 250 at 33 MiB, at
+///   the same rate (BENCHMARKS.md section 6).
 /// - `response_timeout_secs = 10`: how long to wait for Redis's reply to a batch (and for a
 ///   connection) before the batch counts as failed and is retried.
 /// - `source`: the CloudEvents `source` of every event; unset means
@@ -40,6 +48,7 @@ pub struct RedisStreamSinkConfig {
     pub stream_template: String,
     pub max_len: Option<u64>,
     pub dedup_scan_entries: u64,
+    pub max_entries_per_call: usize,
     pub response_timeout_secs: u64,
     pub source: Option<String>,
 }
@@ -51,6 +60,7 @@ impl std::fmt::Debug for RedisStreamSinkConfig {
             .field("stream_template", &self.stream_template)
             .field("max_len", &self.max_len)
             .field("dedup_scan_entries", &self.dedup_scan_entries)
+            .field("max_entries_per_call", &self.max_entries_per_call)
             .field("response_timeout_secs", &self.response_timeout_secs)
             .field("source", &self.source)
             .finish()
@@ -64,6 +74,7 @@ impl Default for RedisStreamSinkConfig {
             stream_template: "ferry.{aggregate_type}.{partition}".into(),
             max_len: None,
             dedup_scan_entries: 10_000,
+            max_entries_per_call: 250,
             response_timeout_secs: 10,
             source: None,
         }
@@ -137,6 +148,15 @@ impl RedisStreamSinkConfig {
                 ),
             ));
         }
+        if !(1..=MAX_ENTRIES_PER_CALL).contains(&self.max_entries_per_call) {
+            return Err(invalid(
+                "max_entries_per_call",
+                format!(
+                    "is {}; allowed is 1 to {MAX_ENTRIES_PER_CALL} (default 250)",
+                    self.max_entries_per_call
+                ),
+            ));
+        }
         if self.response_timeout_secs == 0 {
             return Err(invalid(
                 "response_timeout_secs",
@@ -203,6 +223,13 @@ mod tests {
             ..base()
         };
         assert_eq!(key_of(&config), "max_len");
+        for entries in [0, MAX_ENTRIES_PER_CALL + 1] {
+            let config = RedisStreamSinkConfig {
+                max_entries_per_call: entries,
+                ..base()
+            };
+            assert_eq!(key_of(&config), "max_entries_per_call");
+        }
         let config = RedisStreamSinkConfig {
             response_timeout_secs: 0,
             ..base()

@@ -60,10 +60,10 @@ use ferry_core::cloudevents::{
     BINARY_ATTRIBUTE_NAMES, DecodeError, ReceivedMessage, Source, binary_attributes, ext,
 };
 use ferry_core::message::CONTENT_TYPE_HEADER;
-use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError};
+use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
 pub use crate::sink_config::InvalidSinkConfig;
-pub use config::{MAX_DEDUP_SCAN_ENTRIES, RedisStreamSinkConfig};
+pub use config::{MAX_DEDUP_SCAN_ENTRIES, MAX_ENTRIES_PER_CALL, RedisStreamSinkConfig};
 /// The client this sink uses, for consumers reading the streams back.
 pub use redis;
 
@@ -85,6 +85,7 @@ pub struct RedisStreamSink {
     source: Source,
     max_len: u64,
     dedup_scan_entries: u64,
+    max_entries_per_call: usize,
     /// `host:port`, without credentials, for messages.
     server: String,
 }
@@ -95,6 +96,7 @@ impl std::fmt::Debug for RedisStreamSink {
             .field("server", &self.server)
             .field("max_len", &self.max_len)
             .field("dedup_scan_entries", &self.dedup_scan_entries)
+            .field("max_entries_per_call", &self.max_entries_per_call)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +144,7 @@ impl RedisStreamSink {
                 .map_or(Source::PerAggregateType, Source::Fixed),
             max_len: config.max_len.unwrap_or(0),
             dedup_scan_entries: config.dedup_scan_entries,
+            max_entries_per_call: config.max_entries_per_call,
             server,
         })
     }
@@ -304,26 +307,23 @@ impl RedisStreamSink {
             }
         }
     }
-}
 
-#[async_trait]
-impl Sink for RedisStreamSink {
-    /// Appends the batch with one script call per stream, all in one pipeline. Within a
-    /// stream, nothing after a failed message is appended; those messages are reported
-    /// retryable ("not sent").
-    async fn publish(&self, batch: &[Message]) -> Vec<Result<Delivery, SinkError>> {
+    /// Appends one window of a batch with one script call per stream, all in one pipeline.
+    /// Within a stream, nothing after a failed message is appended; those messages are
+    /// reported retryable ("not sent").
+    async fn publish_window(&self, window: &[Message]) -> Vec<Result<Delivery, SinkError>> {
         let mut outcomes: Vec<Option<Result<Delivery, SinkError>>> =
-            std::iter::repeat_with(|| None).take(batch.len()).collect();
-        let groups = self.group(batch, &mut outcomes);
+            std::iter::repeat_with(|| None).take(window.len()).collect();
+        let groups = self.group(window, &mut outcomes);
         let invocations: Vec<ScriptInvocation<'_>> = groups
             .iter()
-            .map(|group| self.invocation(group, batch))
+            .map(|group| self.invocation(group, window))
             .collect();
         if !invocations.is_empty() {
             match self.run(&invocations).await {
                 Ok(replies) => {
                     for (group, reply) in groups.iter().zip(replies) {
-                        self.settle(group, batch, reply, &mut outcomes);
+                        self.settle(group, window, reply, &mut outcomes);
                     }
                 }
                 Err(err) => {
@@ -343,6 +343,26 @@ impl Sink for RedisStreamSink {
                 })
             })
             .collect()
+    }
+}
+
+#[async_trait]
+impl Sink for RedisStreamSink {
+    /// Appends the batch in windows of `max_entries_per_call` messages, one pipeline
+    /// round trip each; after a window with a failure nothing more is sent (reported
+    /// retryable, "not sent").
+    async fn publish(&self, batch: &[Message]) -> Vec<Result<Delivery, SinkError>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for window in batch.chunks(self.max_entries_per_call) {
+            let sent = self.publish_window(window).await;
+            let failed = sent.iter().any(Result::is_err);
+            outcomes.extend(sent);
+            if failed {
+                break;
+            }
+        }
+        report_unsent(&mut outcomes, batch.len());
+        outcomes
     }
 
     /// Nothing to read: re-sends of what the previous owner appended are refused by their
