@@ -15,6 +15,13 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
 
+/// jemalloc instead of glibc's malloc: the relay allocates and frees many small buffers
+/// per message (headers, rows, acks) across worker threads, and glibc's consolidation of
+/// freed chunks took about a third of the relay's CPU (BENCHMARKS.md section 6).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry",
