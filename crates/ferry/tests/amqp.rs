@@ -307,6 +307,37 @@ async fn unroutable_messages_fail_permanently_and_hold_back_the_partition() -> R
 }
 
 #[tokio::test]
+async fn a_batch_goes_in_confirm_windows_and_none_is_sent_after_a_failed_one() -> Result {
+    let fixture = Fixture::new("order.#").await?;
+    let sink = AmqpSink::connect(&AmqpSinkConfig {
+        confirm_window: 4,
+        ..fixture.config()
+    })
+    .await?;
+    // Windows [0-3] [4-7] [8-9]; message 5 has no queue.
+    let batch: Vec<Message> = (0..10)
+        .map(|i| {
+            let kind = if i == 5 { "invoice" } else { "order" };
+            message(kind, &i.to_string(), 1, "{}")
+        })
+        .collect();
+    let outcomes = sink.publish(&batch).await;
+    assert_eq!(outcomes.len(), 10);
+    for (at, outcome) in outcomes.iter().enumerate() {
+        match at {
+            5 => assert!(outcome.as_ref().is_err_and(|e| !e.is_retryable()), "{outcome:?}"),
+            8 | 9 => assert!(outcome.as_ref().is_err_and(SinkError::is_retryable), "{outcome:?}"),
+            _ => assert!(outcome.is_ok(), "message {at}: {outcome:?}"),
+        }
+    }
+    let received: Vec<Uuid> = fixture.received().await?.iter().map(|m| m.id).collect();
+    let expected: Vec<Uuid> = [0, 1, 2, 3, 4, 6, 7].iter().map(|&i| batch[i].id).collect();
+    assert_eq!(received, expected, "the window after the failure was not sent");
+    sink.shutdown().await;
+    fixture.remove().await
+}
+
+#[tokio::test]
 async fn a_missing_exchange_blocks_with_its_name_and_other_exchanges_still_work() -> Result {
     let fixture = Fixture::new("#").await?;
     let config = AmqpSinkConfig {

@@ -52,7 +52,7 @@ use ferry_core::message::CONTENT_TYPE_HEADER;
 use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
 pub use crate::sink_config::InvalidSinkConfig;
-pub use config::{AmqpDeclare, AmqpSinkConfig};
+pub use config::{AmqpDeclare, AmqpSinkConfig, MAX_CONFIRM_WINDOW};
 /// The client this sink uses, for consumers reading the queues back.
 pub use lapin;
 
@@ -75,6 +75,7 @@ pub struct AmqpSink {
     routing_key: Template,
     source: Source,
     confirm_timeout: Duration,
+    confirm_window: usize,
     declare: Option<(ExchangeKind, Option<String>, String)>,
     /// The connection, replaced when it is lost. Held across `connect`, so that concurrent
     /// batches wait for one reconnection instead of each making their own.
@@ -121,6 +122,7 @@ impl AmqpSink {
                 .clone()
                 .map_or(Source::PerAggregateType, Source::Fixed),
             confirm_timeout: checked.confirm_timeout,
+            confirm_window: checked.confirm_window,
             declare: checked.declare,
             connection: tokio::sync::Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
@@ -393,6 +395,25 @@ impl AmqpSink {
         outcomes
     }
 
+    /// Publishes `messages` in windows of `confirm_window`, each window's confirms awaited
+    /// before the next is sent; stops after a window with a failure.
+    async fn publish_windows(
+        &self,
+        partition: u32,
+        messages: &[Message],
+    ) -> Vec<Result<Delivery, SinkError>> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for window in messages.chunks(self.confirm_window) {
+            let sent = self.publish_run(partition, window).await;
+            let failed = sent.len() < window.len() || sent.iter().any(Result::is_err);
+            outcomes.extend(sent);
+            if failed {
+                break;
+            }
+        }
+        outcomes
+    }
+
     /// Marks the message `returned` names as failed: the broker could not route it.
     fn settle_return(
         &self,
@@ -435,7 +456,8 @@ impl AmqpSink {
 
 #[async_trait]
 impl Sink for AmqpSink {
-    /// Publishes the batch on its partition's channel, confirms pipelined; after a failure
+    /// Publishes the batch on its partition's channel, confirms pipelined within each
+    /// window of `confirm_window` messages; after a failure
     /// in the partition's previous batch, its first message goes alone first.
     async fn publish(&self, batch: &[Message]) -> Vec<Result<Delivery, SinkError>> {
         let Some(first) = batch.first() else {
@@ -447,13 +469,13 @@ impl Sink for AmqpSink {
             let probe = self.publish_run(partition, &batch[..1]).await;
             if probe.iter().all(Result::is_ok) && batch.len() > 1 {
                 let mut outcomes = probe;
-                outcomes.extend(self.publish_run(partition, &batch[1..]).await);
+                outcomes.extend(self.publish_windows(partition, &batch[1..]).await);
                 outcomes
             } else {
                 probe
             }
         } else {
-            self.publish_run(partition, batch).await
+            self.publish_windows(partition, batch).await
         };
         let failed = outcomes.len() < batch.len() || outcomes.iter().any(Result::is_err);
         if failed {
