@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Measures the `ferry relay` daemon alone draining a PostgreSQL backlog (BENCHMARKS.md
+# section 6): writes N messages with the SQL producer into tables of a fresh prefix, starts
+# the relay, polls the backlog until it is empty, then prints the drain rate, the relay's
+# peak memory (VmHWM) and the CPU seconds of the relay, PostgreSQL, nats-server and Redis.
+#
+#   cargo build --release -p ferry-cli --features kafka
+#   scripts/relay-alone.sh examples/postgres-nats.toml 1000000
+#
+# Environment: FERRY_BIN (default target/release/ferry), FERRY_* config overrides passed to
+# the relay, PERF=1 to record `perf record -g` of the relay into /tmp/perf.data for
+# PERF_SECS (default 3) seconds. The store URL in the config must be the PostgreSQL that
+# psql reaches at 127.0.0.1 as postgres, database test. Tables are dropped afterwards.
+set -euo pipefail
+cfg=$1
+n=$2
+bin=${FERRY_BIN:-$(dirname "$0")/../target/release/ferry}
+prefix=ra_$(date +%s)_
+export FERRY_OUTBOX__TABLE_PREFIX=$prefix FERRY_LOG=${FERRY_LOG:-error}
+sql() { psql -q -h 127.0.0.1 -U postgres -d test "$@"; }
+ticks() {
+  local total=0 pid used
+  for pid in $(pgrep -x "$1"); do
+    used=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + used))
+  done
+  echo "$total"
+}
+field() { echo "$1" | awk -v k="$2" '{print $k}'; }
+
+"$bin" migrate --config "$cfg" >/dev/null
+# Redis streams of an earlier run hold entry ids this run's sequences would collide with.
+if command -v redis-cli >/dev/null; then
+  redis-cli --scan --pattern 'ferry.bench.*' | xargs -r redis-cli del >/dev/null
+fi
+sql -c "SELECT count(*) FROM generate_series(1, $n) g, LATERAL ${prefix}enqueue_bytes('bench', (g % 10000)::text, 'bench.event', convert_to(repeat('x', 200), 'UTF8'))" >/dev/null
+
+pg0=$(ticks postgres) nats0=$(ticks nats-server) redis0=$(ticks redis-server)
+stat0=$(head -1 /proc/stat)
+start=$(date +%s.%N)
+"$bin" relay --config "$cfg" &
+relay=$!
+if [ -n "${PERF:-}" ]; then
+  perf record -F 499 -g -p "$relay" -o /tmp/perf.data -- sleep "${PERF_SECS:-3}" >/dev/null 2>&1 &
+fi
+until [ "$(sql -tA -c "SELECT count(*) FROM ${prefix}outbox")" = 0 ]; do sleep 0.2; done
+end=$(date +%s.%N)
+stat1=$(head -1 /proc/stat)
+hwm=$(awk '/VmHWM/ {print $2}' "/proc/$relay/status")
+relay_ticks=$(awk '{print $14 + $15}' "/proc/$relay/stat")
+pg=$(($(ticks postgres) - pg0)) nats=$(($(ticks nats-server) - nats0)) redis=$(($(ticks redis-server) - redis0))
+kill "$relay"
+wait "$relay" || true
+wait
+idle=$(($(field "$stat1" 5) - $(field "$stat0" 5)))
+sql -c "DO \$\$DECLARE t record; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE tablename LIKE '${prefix}%' LOOP EXECUTE 'DROP TABLE ' || t.tablename || ' CASCADE'; END LOOP; END\$\$" >/dev/null
+python3 - "$cfg" "$n" "$start" "$end" "$hwm" "$relay_ticks" "$pg" "$nats" "$redis" "$idle" <<'PY'
+import sys
+cfg, n, start, end, hwm, relay, pg, nats, redis, idle = sys.argv[1:]
+secs = float(end) - float(start)
+print(f"{cfg}: {int(n):,} drained in {secs:.2f} s, {int(n) / secs:,.0f} msg/s, relay VmHWM "
+      f"{int(hwm) / 1024:.1f} MiB; CPU s relay {int(relay) / 100:.2f} / PostgreSQL {int(pg) / 100:.2f} "
+      f"/ nats-server {int(nats) / 100:.2f} / redis {int(redis) / 100:.2f}; box idle {int(idle) / 100:.2f} CPU-s")
+PY
