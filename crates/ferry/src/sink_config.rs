@@ -24,6 +24,25 @@ impl InvalidSinkConfig {
     }
 }
 
+/// Checks that the count `value` of `sink`'s setting `key` lies in `1..=max`.
+pub(crate) fn check_count(
+    sink: &'static str,
+    key: &'static str,
+    value: usize,
+    max: usize,
+    default: usize,
+) -> Result<(), InvalidSinkConfig> {
+    if (1..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(InvalidSinkConfig::new(
+            sink,
+            key,
+            format!("is {value}; allowed is 1 to {max} (default {default})"),
+        ))
+    }
+}
+
 /// Checks the optional CloudEvents `source` of sink `sink`.
 pub(crate) fn check_source(
     sink: &'static str,

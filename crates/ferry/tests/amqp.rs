@@ -325,14 +325,23 @@ async fn a_batch_goes_in_confirm_windows_and_none_is_sent_after_a_failed_one() -
     assert_eq!(outcomes.len(), 10);
     for (at, outcome) in outcomes.iter().enumerate() {
         match at {
-            5 => assert!(outcome.as_ref().is_err_and(|e| !e.is_retryable()), "{outcome:?}"),
-            8 | 9 => assert!(outcome.as_ref().is_err_and(SinkError::is_retryable), "{outcome:?}"),
+            5 => assert!(
+                outcome.as_ref().is_err_and(|e| !e.is_retryable()),
+                "{outcome:?}"
+            ),
+            8 | 9 => assert!(
+                outcome.as_ref().is_err_and(SinkError::is_retryable),
+                "{outcome:?}"
+            ),
             _ => assert!(outcome.is_ok(), "message {at}: {outcome:?}"),
         }
     }
     let received: Vec<Uuid> = fixture.received().await?.iter().map(|m| m.id).collect();
     let expected: Vec<Uuid> = [0, 1, 2, 3, 4, 6, 7].iter().map(|&i| batch[i].id).collect();
-    assert_eq!(received, expected, "the window after the failure was not sent");
+    assert_eq!(
+        received, expected,
+        "the window after the failure was not sent"
+    );
     sink.shutdown().await;
     fixture.remove().await
 }

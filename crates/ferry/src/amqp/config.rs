@@ -8,7 +8,7 @@ use lapin::uri::AMQPUri;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
-use crate::sink_config::{InvalidSinkConfig, check_source};
+use crate::sink_config::{InvalidSinkConfig, check_count, check_source};
 use crate::template::Template;
 
 /// Largest accepted `confirm_window`.
@@ -150,15 +150,13 @@ impl AmqpSinkConfig {
                 "must be at least 1 second (default 10)",
             ));
         }
-        if !(1..=MAX_CONFIRM_WINDOW).contains(&self.confirm_window) {
-            return Err(invalid(
-                "confirm_window",
-                format!(
-                    "is {}; allowed is 1 to {MAX_CONFIRM_WINDOW} (default 250)",
-                    self.confirm_window
-                ),
-            ));
-        }
+        check_count(
+            "amqp",
+            "confirm_window",
+            self.confirm_window,
+            MAX_CONFIRM_WINDOW,
+            250,
+        )?;
         check_source("amqp", self.source.as_deref())?;
         let declare = match &self.declare {
             None => None,

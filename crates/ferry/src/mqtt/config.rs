@@ -165,15 +165,13 @@ impl MqttSinkConfig {
                 ),
             ));
         }
-        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT_LIMIT {
-            return Err(invalid(
-                "max_in_flight",
-                format!(
-                    "is {}; allowed is 1 to {MAX_IN_FLIGHT_LIMIT} (default 1024)",
-                    self.max_in_flight
-                ),
-            ));
-        }
+        crate::sink_config::check_count(
+            "mqtt",
+            "max_in_flight",
+            self.max_in_flight,
+            MAX_IN_FLIGHT_LIMIT,
+            1024,
+        )?;
         if self.ack_timeout_secs == 0 {
             return Err(invalid(
                 "ack_timeout_secs",

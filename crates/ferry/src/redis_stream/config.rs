@@ -6,7 +6,7 @@ use redis::IntoConnectionInfo as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
-use crate::sink_config::{InvalidSinkConfig, check_source};
+use crate::sink_config::{InvalidSinkConfig, check_count, check_source};
 use crate::template::{Field, PLACEHOLDERS, Segment, Template};
 
 /// Largest accepted `dedup_scan_entries`: the scan runs inside Redis, which serves nothing
@@ -148,15 +148,13 @@ impl RedisStreamSinkConfig {
                 ),
             ));
         }
-        if !(1..=MAX_ENTRIES_PER_CALL).contains(&self.max_entries_per_call) {
-            return Err(invalid(
-                "max_entries_per_call",
-                format!(
-                    "is {}; allowed is 1 to {MAX_ENTRIES_PER_CALL} (default 250)",
-                    self.max_entries_per_call
-                ),
-            ));
-        }
+        check_count(
+            "redis_stream",
+            "max_entries_per_call",
+            self.max_entries_per_call,
+            MAX_ENTRIES_PER_CALL,
+            250,
+        )?;
         if self.response_timeout_secs == 0 {
             return Err(invalid(
                 "response_timeout_secs",
