@@ -264,13 +264,19 @@ impl OutboxStore for PgOutbox {
         partition: u32,
         limit: usize,
     ) -> Result<Vec<ferry_core::Message>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with(queries::FETCH_BEGIN)
+            .await
+            .map_err(store_error)?;
         let rows: Vec<OutboxRow> =
             sqlx::query_as(sqlx::AssertSqlSafe(self.statements.fetch.as_str()))
                 .bind(partition as i32)
                 .bind(limit as i64)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
         rows.into_iter().map(TryInto::try_into).collect()
     }
 

@@ -5,6 +5,13 @@ pub(super) const ENQUEUE: &str = "SELECT message_id, message_version, message_pa
 
 pub(super) const PARTITIONS: &str = "SELECT value FROM {p}meta WHERE key = 'partitions'";
 
+/// Opens the transaction [`FETCH`] runs in. Only an ordered index scan reads a partition's
+/// head without touching the rest of its backlog; with sorting off, a plan made from
+/// missing or stale statistics (an outbox filled since autovacuum last analysed it) cannot
+/// read and sort the whole partition for every batch instead, as PostgreSQL otherwise
+/// does for the first executions on each connection.
+pub(super) const FETCH_BEGIN: &str = "BEGIN READ ONLY; SET LOCAL enable_sort = off";
+
 /// `{cols}` is `sql::OUTBOX_COLUMNS`.
 pub(super) const FETCH: &str = "SELECT {cols} FROM {p}outbox \
      WHERE partition_no = $1 AND published_at IS NULL ORDER BY sequence LIMIT $2";
