@@ -58,6 +58,34 @@ impl StoreNats for PgNats {
 
 common::scenarios::scenario_tests!(PgNats);
 
+/// The same relay publishing structured-mode events: reconciliation after each kill reads
+/// the partition keys from the bodies.
+struct PgNatsStructured(PgNats);
+
+impl StoreNats for PgNatsStructured {
+    async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
+        let tag = unique_tag();
+        let sink = format!(
+            "{}content_mode = \"structured\"\n",
+            nats_sink_section(&tag, duplicate_window_secs)
+        );
+        Self(PgNats::with_sink(&tag, partitions, &sink, extra_outbox).await)
+    }
+
+    fn scenario(&self) -> &Scenario {
+        self.0.scenario()
+    }
+
+    fn outbox(&self) -> &impl Producer {
+        self.0.outbox()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g2_g3_g4_kill_nine_in_structured_mode_loses_and_duplicates_nothing() {
+    common::scenarios::kill_nine_at_random_points::<PgNatsStructured>().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g5_a_paused_zombie_relay_is_fenced_with_jetstream_subject_sequences() {
     common::scenarios::zombie_is_fenced(PgNats::fenced(8).await).await;

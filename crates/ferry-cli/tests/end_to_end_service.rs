@@ -429,20 +429,7 @@ impl Consumer {
                 next = messages.next() => next,
             };
             let message = next.unwrap().unwrap();
-            let headers: Vec<(String, String)> = message
-                .headers
-                .iter()
-                .flat_map(|h| h.iter())
-                .flat_map(|(k, vs)| {
-                    vs.iter()
-                        .map(move |v| (k.to_string(), v.as_str().to_owned()))
-                })
-                .collect();
-            let received = ReceivedMessage::from_binary(
-                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                message.payload.clone(),
-            )
-            .unwrap();
+            let received = ferry::nats::decode_message(&message).unwrap();
             handled += 1;
             let crash = received.id.as_u128().is_multiple_of(7) && dropped.insert(received.id);
             self.handle(&inbox, api, &received, crash).await;

@@ -2,14 +2,15 @@
 //!
 //! Binary content mode: the attributes travel as protocol headers with a binding-specific
 //! prefix (`ce-` for NATS and HTTP, `ce_` for Kafka, `cloudEvents:` for AMQP) and the payload
-//! is the body, untouched. Structured mode (files, stdout) is one JSON object per line.
+//! is the body, untouched. Structured mode (files, stdout, and NATS when configured) is one
+//! JSON object: the event with its payload as `data`.
 
 use std::borrow::Cow;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
@@ -23,6 +24,31 @@ pub mod ext {
     pub const AGGREGATE_VERSION: &str = "aggregateversion";
     pub const PARTITION_KEY: &str = "partitionkey";
     pub const SEQUENCE: &str = "sequence";
+}
+
+/// The media type of a structured-mode event in the JSON event format: the `content-type`
+/// by which a receiver tells a structured message from a binary one.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// How an event travels in a protocol message: the two content modes of a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentMode {
+    /// The attributes as protocol headers, the payload as the body, untouched.
+    #[default]
+    Binary,
+    /// The whole event as one JSON object in the body ([`to_structured_json`]), under the
+    /// content type [`STRUCTURED_CONTENT_TYPE`].
+    Structured,
+}
+
+/// Whether a message's `content-type` says it holds a structured-mode event (any
+/// CloudEvents event format, e.g. `application/cloudevents+json; charset=utf-8`).
+pub fn is_structured_content_type(content_type: &str) -> bool {
+    const PREFIX: &str = "application/cloudevents";
+    content_type
+        .get(..PREFIX.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(PREFIX))
 }
 
 /// How the CloudEvents `source` attribute is made.
@@ -349,6 +375,16 @@ mod tests {
                 Some("00-abc-def-01")
             );
         }
+    }
+
+    #[test]
+    fn structured_content_types_are_the_cloudevents_formats() {
+        assert!(is_structured_content_type(STRUCTURED_CONTENT_TYPE));
+        assert!(is_structured_content_type(
+            "Application/CloudEvents+json; charset=utf-8"
+        ));
+        assert!(!is_structured_content_type("application/json"));
+        assert!(!is_structured_content_type("application/cloud"));
     }
 
     #[test]

@@ -81,19 +81,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("consuming {} as {}", args.stream, args.consumer);
     while let Some(message) = messages.next().await {
         let message = message?;
-        let headers: Vec<(String, String)> = message
-            .headers
-            .iter()
-            .flat_map(|h| h.iter())
-            .flat_map(|(k, vs)| {
-                vs.iter()
-                    .map(move |v| (k.to_string(), v.as_str().to_owned()))
-            })
-            .collect();
-        let received = ReceivedMessage::from_binary(
-            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            message.payload.clone(),
-        )?;
+        let received = ferry::nats::decode_message(&message)?;
 
         let mut tx = db.pool().begin_with("BEGIN IMMEDIATE").await?;
         let outcome = inbox

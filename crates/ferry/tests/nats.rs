@@ -12,6 +12,7 @@ use chrono::{DateTime, TimeZone as _, Utc};
 use futures::StreamExt as _;
 use uuid::Uuid;
 
+use ferry::cloudevents::ContentMode;
 use ferry::nats::{NatsSink, NatsSinkConfig};
 use ferry::{Delivery, Headers, Message, ReceivedMessage, ReconcileRequest, Sink, SinkError};
 
@@ -190,6 +191,69 @@ async fn publishes_cloudevents_headers_that_rebuild_the_message() -> Result {
 }
 
 #[tokio::test]
+async fn structured_mode_sends_the_event_as_json_with_two_headers() -> Result {
+    let config = NatsSinkConfig {
+        content_mode: ContentMode::Structured,
+        source: Some("urn:shop".into()),
+        ..unique_config()
+    };
+    let sink = NatsSink::connect(&config).await?;
+    let mut batch = vec![
+        message("42", 1, r#"{"total":10}"#),
+        message("42", 2, vec![0u8, 159, 146, 150]),
+    ];
+    batch[1]
+        .headers
+        .insert("content-type".into(), "application/octet-stream".into());
+    positions(sink.publish(&batch).await)?;
+
+    let stored = stream_messages(&config).await?;
+    assert_eq!(stored.len(), batch.len());
+    for (sent, got) in batch.iter().zip(&stored) {
+        let headers = header_map(got);
+        let expected = HashMap::from([
+            ("Nats-Msg-Id".to_owned(), sent.id.to_string()),
+            (
+                "content-type".to_owned(),
+                "application/cloudevents+json".to_owned(),
+            ),
+        ]);
+        assert_eq!(headers, expected);
+        let event: serde_json::Value = serde_json::from_slice(&got.payload)?;
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["id"], sent.id.to_string());
+        assert_eq!(event["source"], "urn:shop");
+        assert_eq!(event["type"], "order.paid");
+        assert_eq!(event["partitionkey"], sent.partition_key.as_str());
+        assert_eq!(event["datacontenttype"], sent.content_type());
+
+        let received = ferry::nats::decode_message(got)?;
+        assert_eq!(received.id, sent.id);
+        assert_eq!(received.version, sent.version);
+        assert_eq!(received.aggregate_id, sent.aggregate_id);
+        assert_eq!(received.partition_key, sent.partition_key);
+        assert_eq!(received.payload, sent.payload);
+        assert_eq!(received.time, Some(sent.created_at));
+        assert_eq!(
+            received.headers.get("traceparent"),
+            sent.headers.get("traceparent")
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&stored[0].payload).contains(r#""data":{"total":10}"#),
+        "a JSON payload is embedded as data"
+    );
+    let binary: serde_json::Value = serde_json::from_slice(&stored[1].payload)?;
+    assert_eq!(
+        binary["data_base64"], "AJ+Slg==",
+        "other payloads as base64"
+    );
+
+    sink.shutdown().await;
+    delete_stream(&config).await
+}
+
+#[tokio::test]
 async fn subject_placeholders_are_sanitised_tokens() -> Result {
     let base = unique_config();
     let prefix = base.subjects[0].trim_end_matches(".>").to_string();
@@ -307,8 +371,18 @@ async fn a_stuck_broker_costs_one_ack_timeout_per_batch() -> Result {
 
 #[tokio::test]
 async fn reconcile_finds_exactly_the_partitions_ids_beyond_the_checkpoint() -> Result {
+    reconcile_finds_the_partitions_ids(ContentMode::Binary).await
+}
+
+#[tokio::test]
+async fn reconcile_reads_the_partition_keys_of_structured_events_from_their_bodies() -> Result {
+    reconcile_finds_the_partitions_ids(ContentMode::Structured).await
+}
+
+async fn reconcile_finds_the_partitions_ids(content_mode: ContentMode) -> Result {
     let config = NatsSinkConfig {
         duplicate_window_secs: 1,
+        content_mode,
         ..unique_config()
     };
     let sink = NatsSink::connect(&config).await?;

@@ -280,17 +280,9 @@ impl Reader {
                     .info()
                     .map_err(|err| anyhow::anyhow!("unreadable JetStream reply subject: {err}"))?
                     .stream_sequence;
-                let decoded = match &message.headers {
-                    Some(headers) => ReceivedMessage::from_binary(
-                        headers.iter().flat_map(|(name, values)| {
-                            values.iter().map(move |v| (name.as_ref(), v.as_str()))
-                        }),
-                        message.payload.clone(),
-                    )
-                    .map_err(|err| err.to_string()),
-                    None => Err("a message without headers".to_owned()),
-                };
-                Ok(Some(decoded))
+                Ok(Some(
+                    ferry::nats::decode_message(&message).map_err(|err| err.to_string()),
+                ))
             }
             #[cfg(feature = "kafka")]
             Self::Kafka(reader) => Ok(reader

@@ -550,21 +550,7 @@ pub async fn read_nats_stream(stream: &str) -> Vec<ReceivedMessage> {
             .expect("stream read timed out")
             .unwrap()
             .unwrap();
-        let headers = message.headers.clone().unwrap_or_default();
-        let pairs: Vec<(String, String)> = headers
-            .iter()
-            .flat_map(|(k, vs)| {
-                vs.iter()
-                    .map(move |v| (k.to_string(), v.as_str().to_owned()))
-            })
-            .collect();
-        received.push(
-            ReceivedMessage::from_binary(
-                pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                message.payload.clone(),
-            )
-            .unwrap(),
-        );
+        received.push(ferry::nats::decode_message(&message).unwrap());
     }
     received
 }

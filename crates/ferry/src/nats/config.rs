@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::ServerAddr;
+use ferry_core::cloudevents::ContentMode;
 use secrecy::SecretString;
 use serde::Deserialize;
 
@@ -40,6 +41,14 @@ pub const MAX_ACKS_IN_FLIGHT_LIMIT: usize = 1 << 20;
 ///   module docs of `nats`). It needs subjects that only one partition writes: unset
 ///   means on when `subject_template` has `{partition}` and no `{aggregate_id}` (one
 ///   check per subject per batch would then be one per message), off otherwise.
+/// - `content_mode = "binary"`: how the CloudEvents travel. `"binary"`: the attributes as
+///   `ce-*` headers and the payload untouched as the body. `"structured"`: the whole event
+///   as one JSON object in the body (`content-type: application/cloudevents+json`, the
+///   payload as `data`, or `data_base64` when it is not JSON), with `Nats-Msg-Id` and
+///   `content-type` the only headers: for consumers that read only message bodies (the
+///   original NATS binding, bridges that forward bodies). Both are CloudEvents NATS
+///   bindings that stock SDKs read, at the same drain rate (BENCHMARKS.md section 7);
+///   `ferry::nats::decode_message` reads either.
 /// - `source`: the CloudEvents `source` of every event; unset means
 ///   `ferry://<aggregate_type>`.
 /// - `credentials_file`: a NATS `.creds` file (JWT and NKey seed); unset means none.
@@ -55,6 +64,7 @@ pub struct NatsSinkConfig {
     pub max_acks_in_flight: usize,
     pub ack_timeout_secs: u64,
     pub fencing: Option<bool>,
+    pub content_mode: ContentMode,
     pub source: Option<String>,
     pub credentials_file: Option<PathBuf>,
     pub token: Option<SecretString>,
@@ -71,6 +81,7 @@ impl Default for NatsSinkConfig {
             max_acks_in_flight: 4096,
             ack_timeout_secs: 10,
             fencing: None,
+            content_mode: ContentMode::Binary,
             source: None,
             credentials_file: None,
             token: None,
@@ -403,6 +414,21 @@ mod tests {
         };
         let checked = config.check().expect("valid");
         assert_eq!(checked.servers.len(), 2);
+    }
+
+    #[test]
+    fn content_mode_is_binary_or_structured() {
+        let config: NatsSinkConfig =
+            serde_json::from_str(r#"{"content_mode":"structured"}"#).expect("parses");
+        assert_eq!(config.content_mode, ContentMode::Structured);
+        assert_eq!(NatsSinkConfig::default().content_mode, ContentMode::Binary);
+        let err = serde_json::from_str::<NatsSinkConfig>(r#"{"content_mode":"batched"}"#)
+            .expect_err("unknown mode");
+        let text = err.to_string();
+        assert!(
+            text.contains("batched") && text.contains("structured"),
+            "{text}"
+        );
     }
 
     #[test]

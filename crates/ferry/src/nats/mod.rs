@@ -1,9 +1,12 @@
 //! The NATS JetStream sink (DESIGN.md §3, §6).
 //!
-//! Each message is published to a subject rendered from `subject_template`, with the
-//! CloudEvents attributes as `ce-*` headers (binary content mode), `content-type`, the
-//! user headers, and `Nats-Msg-Id` = message id so that the stream drops a re-send within
-//! its duplicate window. A batch is sent whole before any ack is awaited (acks pipelined;
+//! Each message is published to a subject rendered from `subject_template`, with
+//! `Nats-Msg-Id` = message id so that the stream drops a re-send within its duplicate
+//! window. In binary content mode (the default) the CloudEvents attributes travel as `ce-*`
+//! headers beside `content-type` and the user headers, and the payload is the body; in
+//! structured mode (`content_mode = "structured"`) the body is the whole event as JSON
+//! under `content-type: application/cloudevents+json`, and those two are the only headers
+//! (for consumers that read bodies only). [`decode_message`] reads either. A batch is sent whole before any ack is awaited (acks pipelined;
 //! JetStream is fast only with many in flight), and each ack's stream sequence becomes the
 //! message's [`Delivery::position`], which the relay records as the partition checkpoint.
 //!
@@ -39,14 +42,20 @@ use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, HeaderMap};
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use ferry_core::cloudevents::{Source, binary_attributes, ext, user_headers};
+use ferry_core::cloudevents::{
+    ContentMode, DecodeError, STRUCTURED_CONTENT_TYPE, Source, binary_attributes, ext,
+    is_structured_content_type, to_structured_json, user_headers,
+};
 use ferry_core::message::CONTENT_TYPE_HEADER;
-use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError, report_unsent};
+use ferry_core::{
+    Delivery, Lease, Message, ReceivedMessage, ReconcileRequest, Sink, SinkError, report_unsent,
+};
 
 pub use config::{InvalidNatsConfig, MAX_ACKS_IN_FLIGHT_LIMIT, NatsSinkConfig};
 use subject::SubjectTemplate;
@@ -72,6 +81,7 @@ pub struct NatsSink {
     stream: String,
     template: SubjectTemplate,
     source: Source,
+    content_mode: ContentMode,
     /// Acks awaited at once, across concurrent batches; a batch takes its permits
     /// all at once per window, so batches never deadlock holding part of what they need.
     in_flight: Semaphore,
@@ -204,6 +214,7 @@ impl NatsSink {
                 .source
                 .clone()
                 .map_or(Source::PerAggregateType, Source::Fixed),
+            content_mode: config.content_mode,
             in_flight: Semaphore::new(config.max_acks_in_flight),
             window: config.max_acks_in_flight,
             ack_timeout: checked.ack_timeout,
@@ -364,12 +375,12 @@ impl NatsSink {
         subject: String,
         expected_last: Option<u64>,
     ) -> Result<PublishAckFuture, SinkError> {
-        let mut headers = self.headers(message)?;
+        let (mut headers, body) = self.encode(message)?;
         if let Some(sequence) = expected_last {
             headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, sequence.to_string());
         }
         self.jetstream
-            .publish_with_headers(subject, headers, message.payload.clone())
+            .publish_with_headers(subject, headers, body)
             .await
             .map_err(|err| match err.kind() {
                 PublishErrorKind::MaxPayloadExceeded => SinkError::permanent(format!(
@@ -382,22 +393,34 @@ impl NatsSink {
             })
     }
 
-    /// User headers first, so that ferry's own headers win on a name clash.
-    fn headers(&self, message: &Message) -> Result<HeaderMap, SinkError> {
+    /// The headers and body of `message` in the configured content mode. In binary mode the
+    /// user headers go first, so that ferry's own headers win on a name clash; in structured
+    /// mode they are inside the event.
+    fn encode(&self, message: &Message) -> Result<(HeaderMap, Bytes), SinkError> {
         let mut headers = HeaderMap::new();
-        for (name, value) in user_headers(message) {
-            let header = HeaderName::from_str(name).map_err(|_| {
-                SinkError::permanent(format!(
-                    "header name {name:?} cannot be sent in nats: use visible ASCII without ':'"
-                ))
-            })?;
-            headers.insert(header, header_value(name, Cow::Borrowed(value))?);
-        }
-        for (attribute, value) in binary_attributes(message, &self.source) {
-            let name = ce_header(attribute)?;
-            let value = header_value(name.as_ref(), value)?;
-            headers.insert(name, value);
-        }
+        let (content_type, body) = match self.content_mode {
+            ContentMode::Binary => {
+                for (name, value) in user_headers(message) {
+                    let header = HeaderName::from_str(name).map_err(|_| {
+                        SinkError::permanent(format!(
+                            "header name {name:?} cannot be sent in nats: use visible ASCII \
+                             without ':'"
+                        ))
+                    })?;
+                    headers.insert(header, header_value(name, Cow::Borrowed(value))?);
+                }
+                for (attribute, value) in binary_attributes(message, &self.source) {
+                    let name = ce_header(attribute)?;
+                    let value = header_value(name.as_ref(), value)?;
+                    headers.insert(name, value);
+                }
+                (message.content_type(), message.payload.clone())
+            }
+            ContentMode::Structured => (
+                STRUCTURED_CONTENT_TYPE,
+                Bytes::from(to_structured_json(message, &self.source)),
+            ),
+        };
         // The broker's dedup key: the message id (`ce-id`), suffixed on a deliberate
         // redelivery so that the duplicate window does not drop it (`Message::dedup_id`).
         headers.insert(
@@ -406,13 +429,15 @@ impl NatsSink {
         );
         headers.insert(
             HeaderName::from_static(CONTENT_TYPE_HEADER),
-            header_value(CONTENT_TYPE_HEADER, Cow::Borrowed(message.content_type()))?,
+            header_value(CONTENT_TYPE_HEADER, Cow::Borrowed(content_type))?,
         );
-        Ok(headers)
+        Ok((headers, body))
     }
 
-    /// Reads the stream from `start` to `last` (headers only) and collects the ids of
-    /// messages whose partition key `owns_key` accepts.
+    /// Reads the stream from `start` to `last` and collects the ids of messages whose
+    /// partition key `owns_key` accepts. In binary mode the headers hold the key and the
+    /// bodies are not fetched; in structured mode the key is in the body. Messages written
+    /// in the other mode before a mode change are read as far as they carry their key.
     async fn scan(
         &self,
         stream: &jetstream::stream::Stream,
@@ -425,7 +450,7 @@ impl NatsSink {
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: start,
                 },
-                headers_only: true,
+                headers_only: self.content_mode == ContentMode::Binary,
                 ..Default::default()
             })
             .await
@@ -466,7 +491,11 @@ impl NatsSink {
                 break;
             }
             scanned += 1;
-            if let Some(id) = message.headers.as_ref().and_then(|h| owned_id(h, owns_key)) {
+            if let Some(id) = message
+                .headers
+                .as_ref()
+                .and_then(|h| owned_id(h, &message.payload, owns_key))
+            {
                 ids.push(id);
             }
             // `pending` reaching 0 before `last` means the rest was deleted meanwhile.
@@ -646,15 +675,60 @@ fn dedup_covers(since_expiry: Duration, window: Duration) -> bool {
 /// The message id of a stored message of the partition, from its headers. A redelivery's
 /// `Nats-Msg-Id` (`<id>:<attempt>`) is not a UUID and yields nothing: it must never mark a
 /// pending later attempt as already sent.
-fn owned_id(headers: &HeaderMap, owns_key: &(dyn Fn(&str) -> bool + Sync)) -> Option<Uuid> {
-    let key = headers.get(HeaderName::from_static(PARTITION_KEY_HEADER))?;
-    if !owns_key(key.as_str()) {
+fn owned_id(
+    headers: &HeaderMap,
+    body: &[u8],
+    owns_key: &(dyn Fn(&str) -> bool + Sync),
+) -> Option<Uuid> {
+    if !owns_key(&partition_key(headers, body)?) {
         return None;
     }
     headers
         .get(NATS_MESSAGE_ID)
         .or_else(|| headers.get(HeaderName::from_static(ID_HEADER)))
         .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+}
+
+/// The partition key of a stored message: its `ce-partitionkey` header in binary mode, the
+/// `partitionkey` attribute of the event in the body in structured mode.
+fn partition_key<'m>(headers: &'m HeaderMap, body: &[u8]) -> Option<Cow<'m, str>> {
+    if let Some(key) = headers.get(HeaderName::from_static(PARTITION_KEY_HEADER)) {
+        return Some(Cow::Borrowed(key.as_str()));
+    }
+    let content_type = headers.get(HeaderName::from_static(CONTENT_TYPE_HEADER))?;
+    if !is_structured_content_type(content_type.as_str()) {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Keyed {
+        partitionkey: String,
+    }
+    let event: Keyed = serde_json::from_slice(body).ok()?;
+    Some(Cow::Owned(event.partitionkey))
+}
+
+/// Rebuilds a message this sink published, as a consumer does (e.g. before handing it to
+/// an inbox): structured when its `content-type` is a CloudEvents event format, binary
+/// otherwise, whichever `content_mode` the relay had.
+pub fn decode_message(message: &async_nats::Message) -> Result<ReceivedMessage, DecodeError> {
+    let headers = message.headers.as_ref();
+    let structured = headers
+        .and_then(|h| h.get(HeaderName::from_static(CONTENT_TYPE_HEADER)))
+        .is_some_and(|content_type| is_structured_content_type(content_type.as_str()));
+    if structured {
+        let event = std::str::from_utf8(&message.payload)
+            .map_err(|err| DecodeError::Json(format!("the body is not UTF-8: {err}")))?;
+        return ReceivedMessage::from_structured_json(event);
+    }
+    let pairs = headers
+        .into_iter()
+        .flat_map(|h| h.iter())
+        .flat_map(|(name, values)| {
+            values
+                .iter()
+                .map(move |value| (name.as_ref(), value.as_str()))
+        });
+    ReceivedMessage::from_binary(pairs, message.payload.clone())
 }
 
 /// `ce-<attribute>`, without allocating for the attributes ferry sends.
@@ -799,9 +873,23 @@ mod tests {
         headers.insert(PARTITION_KEY_HEADER, "order/1");
         headers.insert(ID_HEADER, id.to_string().as_str());
         headers.insert(NATS_MESSAGE_ID, id.to_string().as_str());
-        assert_eq!(owned_id(&headers, &|_| true), Some(id));
+        assert_eq!(owned_id(&headers, b"", &|_| true), Some(id));
         headers.insert(NATS_MESSAGE_ID, format!("{id}:2").as_str());
-        assert_eq!(owned_id(&headers, &|_| true), None);
+        assert_eq!(owned_id(&headers, b"", &|_| true), None);
+    }
+
+    #[test]
+    fn reconciliation_reads_the_key_of_a_structured_event_from_its_body() {
+        let id = Uuid::now_v7();
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE_HEADER, STRUCTURED_CONTENT_TYPE);
+        headers.insert(NATS_MESSAGE_ID, id.to_string().as_str());
+        let body = br#"{"specversion":"1.0","partitionkey":"order/1","data":{"a":[1]}}"#;
+        assert_eq!(owned_id(&headers, body, &|key| key == "order/1"), Some(id));
+        assert_eq!(owned_id(&headers, body, &|key| key == "order/2"), None);
+        assert_eq!(owned_id(&headers, b"not json", &|_| true), None);
+        headers.insert(CONTENT_TYPE_HEADER, "application/json");
+        assert_eq!(owned_id(&headers, body, &|_| true), None);
     }
 
     #[test]
