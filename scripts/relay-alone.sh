@@ -18,10 +18,12 @@ bin=${FERRY_BIN:-$(dirname "$0")/../target/release/ferry}
 prefix=ra_$(date +%s)_
 export FERRY_OUTBOX__TABLE_PREFIX=$prefix FERRY_LOG=${FERRY_LOG:-error}
 sql() { psql -q -h 127.0.0.1 -U postgres -d test "$@"; }
+# CPU ticks of the processes named $1, with their reaped children's (the postmaster's
+# cutime/cstime keep the time of backends that exited between the two samples).
 ticks() {
   local total=0 pid used
   for pid in $(pgrep -x "$1"); do
-    used=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    used=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null || echo 0)
     total=$((total + used))
   done
   echo "$total"
