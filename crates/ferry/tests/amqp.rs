@@ -10,7 +10,6 @@ mod rebuilt;
 #[path = "support/tcp_proxy.rs"]
 mod tcp_proxy;
 
-use rebuilt::assert_rebuilt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,6 +27,7 @@ use ferry::amqp::lapin::{self, Channel, Connection, ConnectionProperties, Exchan
 use ferry::amqp::{AmqpDeclare, AmqpSink, AmqpSinkConfig, decode_delivery};
 use ferry::{Delivery, Headers, Message, ReceivedMessage, Sink, SinkError};
 
+use rebuilt::assert_rebuilt;
 use tcp_proxy::{TcpProxy, address_of};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;

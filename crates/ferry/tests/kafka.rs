@@ -9,7 +9,6 @@
 #[path = "support/rebuilt.rs"]
 mod rebuilt;
 
-use rebuilt::assert_rebuilt;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -24,6 +23,8 @@ use uuid::Uuid;
 
 use ferry::kafka::{CommittedReader, CommittedRecord, KafkaSink, KafkaSinkConfig};
 use ferry::{Delivery, Headers, Lease, Message, ReconcileRequest, Sink, SinkError, Takeover};
+
+use rebuilt::assert_rebuilt;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

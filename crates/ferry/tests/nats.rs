@@ -6,7 +6,6 @@
 #[path = "support/rebuilt.rs"]
 mod rebuilt;
 
-use rebuilt::assert_rebuilt;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -19,6 +18,8 @@ use uuid::Uuid;
 use ferry::cloudevents::ContentMode;
 use ferry::nats::{NatsSink, NatsSinkConfig};
 use ferry::{Delivery, Headers, Message, ReceivedMessage, ReconcileRequest, Sink, SinkError};
+
+use rebuilt::assert_rebuilt;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

@@ -9,7 +9,6 @@ mod rebuilt;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use rebuilt::assert_rebuilt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,6 +20,7 @@ use ferry::redis_stream::redis::{self, AsyncCommands as _};
 use ferry::redis_stream::{RedisStreamSink, RedisStreamSinkConfig, decode_stream_id};
 use ferry::{Delivery, Headers, Message, Sink, SinkError};
 
+use rebuilt::assert_rebuilt;
 use redis_server::{PrivateRedis, free_port};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;

@@ -6,9 +6,11 @@
 //! headers beside `content-type` and the user headers, and the payload is the body; in
 //! structured mode (`content_mode = "structured"`) the body is the whole event as JSON
 //! under `content-type: application/cloudevents+json`, and those two are the only headers
-//! (for consumers that read bodies only). [`decode_message`] reads either. A batch is sent whole before any ack is awaited (acks pipelined;
-//! JetStream is fast only with many in flight), and each ack's stream sequence becomes the
-//! message's [`Delivery::position`], which the relay records as the partition checkpoint.
+//! (for consumers that read bodies only). [`decode_message`] reads either.
+//!
+//! A batch is sent whole before any ack is awaited (acks pipelined; JetStream is fast only
+//! with many in flight), and each ack's stream sequence becomes the message's
+//! [`Delivery::position`], which the relay records as the partition checkpoint.
 //!
 //! After an unclean takeover, [`Sink::reconcile`] reads the stream's tail beyond that
 //! checkpoint and returns the ids of the partition's messages already stored, so that a
