@@ -528,7 +528,19 @@ fn lease(partition: u32, epoch: i64, owner: &str) -> ferry::Lease {
 /// refuses it at the subject's first message, and nothing after that is stored.
 #[tokio::test]
 async fn a_zombie_relays_batch_is_refused_by_jetstream_when_fencing() -> Result {
-    let mut config = unique_config();
+    zombie_is_refused(ContentMode::Binary).await
+}
+
+#[tokio::test]
+async fn a_zombie_relays_structured_batch_is_refused_by_jetstream_when_fencing() -> Result {
+    zombie_is_refused(ContentMode::Structured).await
+}
+
+async fn zombie_is_refused(content_mode: ContentMode) -> Result {
+    let mut config = NatsSinkConfig {
+        content_mode,
+        ..unique_config()
+    };
     let prefix = config.subjects[0].trim_end_matches(".>").to_owned();
     config.subject_template = format!("{prefix}.{{aggregate_type}}.p{{partition}}");
     assert_eq!(config.fencing, None, "on by default for partition subjects");
