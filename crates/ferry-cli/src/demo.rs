@@ -47,7 +47,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("ferry demo in {}", dir.display());
 
     let outbox = Arc::new(
-        SqliteOutbox::connect(&sqlite_url(&dir, "shop.db"), StoreSettings::default()).await?,
+        SqliteOutbox::connect(&sqlite_url(&dir, "shop.db"), 4, StoreSettings::default()).await?,
     );
     outbox.migrate(PARTITIONS).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, status TEXT NOT NULL, total INTEGER NOT NULL)")
@@ -93,12 +93,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     let consumer =
-        SqliteOutbox::connect(&sqlite_url(&dir, "billing.db"), StoreSettings::default()).await?;
+        SqliteOutbox::connect(&sqlite_url(&dir, "billing.db"), 4, StoreSettings::default()).await?;
     consumer.migrate(PARTITIONS).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS order_view (id TEXT PRIMARY KEY, status TEXT NOT NULL, events INTEGER NOT NULL)")
         .execute(consumer.pool())
         .await?;
-    let inbox = SqliteInbox::new("billing", consumer.table_prefix().clone());
+    let inbox = SqliteInbox::new("billing", consumer.table_prefix());
     let lines = std::fs::read_to_string(&events_path)?;
     let first = consume(consumer.pool(), &inbox, &lines).await?;
     println!(

@@ -56,7 +56,7 @@ impl Store {
             StoreConfig::Sqlite { path } => {
                 let url = format!("sqlite://{}", path.display());
                 Self::Sqlite(Arc::new(
-                    SqliteOutbox::connect(&url, settings)
+                    SqliteOutbox::connect(&url, 4, settings)
                         .await
                         .with_context(|| format!("opening SQLite database {}", path.display()))?,
                 ))

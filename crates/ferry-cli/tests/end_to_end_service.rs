@@ -350,7 +350,7 @@ impl Consumer {
     async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("consumer.db").display());
-        let db = SqliteOutbox::connect(&url, Default::default())
+        let db = SqliteOutbox::connect(&url, 4, Default::default())
             .await
             .unwrap();
         db.migrate(1).await.unwrap();
@@ -420,7 +420,7 @@ impl Consumer {
             .await
             .unwrap();
         let mut messages = consumer.messages().await.unwrap();
-        let inbox = SqliteInbox::new("billing", TablePrefix::default());
+        let inbox = SqliteInbox::new("billing", &TablePrefix::default());
         let mut handled = 0;
         let mut dropped = HashSet::new();
         loop {
@@ -634,7 +634,7 @@ async fn kill_nine_between_every_two_steps() {
     serve = restart(serve, "after-delivery").await;
 
     let consumer = Consumer::new().await;
-    let inbox = SqliteInbox::new("billing", TablePrefix::default());
+    let inbox = SqliteInbox::new("billing", &TablePrefix::default());
     let stream = service.stream_messages().await;
     let first = stream.iter().find(|m| m.id == confirmed).unwrap();
     assert!(consumer.handle(&inbox, api, first, false).await, "applied");

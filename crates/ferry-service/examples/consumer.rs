@@ -47,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let db = SqliteOutbox::connect(
         &format!("sqlite://{}", args.database),
+        4,
         StoreSettings::default(),
     )
     .await?;
@@ -57,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(db.pool())
     .await?;
-    let inbox = SqliteInbox::new(&args.consumer, TablePrefix::default());
+    let inbox = SqliteInbox::new(&args.consumer, &TablePrefix::default());
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

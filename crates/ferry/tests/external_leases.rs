@@ -598,7 +598,7 @@ async fn sqlite_adoption_fences_marks_by_epoch_and_owner() {
         external_leases: true,
         ..StoreSettings::default()
     };
-    let outbox = ferry::sqlite::SqliteOutbox::connect(&url, settings)
+    let outbox = ferry::sqlite::SqliteOutbox::connect(&url, 4, settings)
         .await
         .unwrap();
     outbox.migrate(1).await.unwrap();

@@ -358,7 +358,7 @@ async fn relay_recovers_from_a_broker_down_at_start_and_restarted_mid_run() -> R
     let sink = Arc::new(MqttSink::connect(&config).await?);
 
     let url = format!("sqlite://{}", broker.path().join("outbox.db").display());
-    let outbox = Arc::new(SqliteOutbox::connect(&url, StoreSettings::default()).await?);
+    let outbox = Arc::new(SqliteOutbox::connect(&url, 4, StoreSettings::default()).await?);
     outbox.migrate(4).await?;
     let mut relay_config = RelayConfig::new("mqtt-test");
     relay_config.batch_size = 50;

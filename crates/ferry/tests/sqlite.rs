@@ -36,7 +36,7 @@ impl TestDb {
 
     /// A second store on the same file, as another process would open it.
     async fn open_again(&self, settings: StoreSettings) -> SqliteOutbox {
-        SqliteOutbox::connect(&self.url(), settings)
+        SqliteOutbox::connect(&self.url(), 4, settings)
             .await
             .expect("reopen the database")
     }
@@ -61,7 +61,7 @@ fn settings(retention: Duration) -> StoreSettings {
 async fn unmigrated(settings: StoreSettings) -> TestDb {
     let dir = tempfile::tempdir().expect("temporary directory");
     let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
-    let outbox = SqliteOutbox::connect(&url, settings)
+    let outbox = SqliteOutbox::connect(&url, 4, settings)
         .await
         .expect("connect");
     TestDb { dir, outbox }
@@ -718,7 +718,7 @@ async fn inbox_applies_each_message_once_and_never_a_stale_version() {
         .execute(pool)
         .await
         .expect("business table");
-    let inbox = SqliteInbox::new("billing", TablePrefix::default());
+    let inbox = SqliteInbox::new("billing", &TablePrefix::default());
 
     let enqueued = enqueue_committed(
         &db.outbox,
@@ -825,7 +825,7 @@ async fn inbox_applies_each_message_once_and_never_a_stale_version() {
     assert_eq!(db.count("SELECT COUNT(*) FROM applied").await, 2);
 
     // Another consumer has its own record.
-    let other = SqliteInbox::new("shipping", TablePrefix::default());
+    let other = SqliteInbox::new("shipping", &TablePrefix::default());
     let mut tx = pool.begin().await.expect("begin");
     let outcome = other
         .process(&mut tx, &received[1], apply)
@@ -914,7 +914,7 @@ async fn two_relays_deliver_everything_in_order() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
     let producer = Arc::new(
-        SqliteOutbox::connect(&url, StoreSettings::default())
+        SqliteOutbox::connect(&url, 4, StoreSettings::default())
             .await
             .expect("connect"),
     );
@@ -923,7 +923,7 @@ async fn two_relays_deliver_everything_in_order() {
     let sink = Arc::new(RecordingSink::default());
     let start_relay = async |name: &str| {
         let store = Arc::new(
-            SqliteOutbox::connect(&url, StoreSettings::default())
+            SqliteOutbox::connect(&url, 4, StoreSettings::default())
                 .await
                 .expect("connect"),
         );

@@ -333,7 +333,7 @@ impl Relayed {
     async fn start(sink: WebhookSink, partitions: u32) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
-        let outbox = Arc::new(SqliteOutbox::connect(&url, StoreSettings::default()).await?);
+        let outbox = Arc::new(SqliteOutbox::connect(&url, 4, StoreSettings::default()).await?);
         outbox.migrate(partitions).await?;
         let mut relay_config = RelayConfig::new("webhook-test");
         relay_config.batch_size = 50;

@@ -8,38 +8,37 @@
 //! reach of other `ferry serve` instances in the same statement (`FOR UPDATE SKIP LOCKED`
 //! on PostgreSQL; SQLite has one writer at a time).
 
+mod dialect;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
 use ferry::message::DELIVERY_ATTEMPT_HEADER;
-use ferry::sql::TablePrefix;
+use ferry::postgres::PgDialect;
+use ferry::sqlite::SqliteDialect;
 use ferry::{EnqueueError, Headers, NewMessage, StoreError};
 
 use crate::state::{Status, Transition};
 
-pub use postgres::PgServiceStore;
-pub use sqlite::SqliteServiceStore;
+pub use dialect::{ServiceDialect, ServiceQueries};
+pub use sql::SqlServiceStore;
 
-/// The schema version of the service's own table, per store, kept in `<prefix>meta` under
-/// [`SCHEMA_VERSION_KEY`] beside the outbox's.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The service's store in PostgreSQL.
+pub type PgServiceStore = SqlServiceStore<PgDialect>;
 
-/// The `<prefix>meta` key of the service's schema version.
+/// The service's store in SQLite.
+pub type SqliteServiceStore = SqlServiceStore<SqliteDialect>;
+
+/// The `<prefix>meta` key of the service's schema version, kept beside the outbox's.
 pub const SCHEMA_VERSION_KEY: &str = "service_schema_version";
-
-/// Rows deleted per statement by the retention purge.
-const PURGE_BATCH: i64 = 5000;
 
 /// A validated message to prepare.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +119,8 @@ impl Record {
             .ok_or_else(|| corrupt(self.id, "read without its payload"))
     }
 
-    /// What the outbox gets on confirmation: the same id; the outbox assigns the version.
+    /// What the outbox gets on confirmation (the outbox assigns the version) and on a
+    /// redelivery (the version it assigned then): the same id.
     fn new_message(&self) -> Result<NewMessage, StoreError> {
         Ok(NewMessage {
             aggregate_type: self.aggregate_type.clone(),
@@ -141,12 +141,6 @@ impl Record {
             headers.insert(DELIVERY_ATTEMPT_HEADER.into(), self.attempts.to_string());
         }
         headers
-    }
-
-    fn partition_key_or_default(&self) -> String {
-        self.partition_key.clone().unwrap_or_else(|| {
-            ferry::message::default_partition_key(&self.aggregate_type, &self.aggregate_id)
-        })
     }
 }
 
@@ -315,16 +309,6 @@ const TRANSITIONS: [Transition; 5] = [
     Transition::RetryDelivery,
 ];
 
-/// The record's columns, in the order both stores' row types read them.
-const COLUMNS: &str = "id, status, aggregate_type, aggregate_id, event_type, payload, headers, \
-     partition_key, check_url, version, checks, deliveries, attempts, reason, created_at, \
-     updated_at, next_check_at, confirmed_at, delivered_at, ack_deadline";
-
-/// [`COLUMNS`] with the payload left out (listings).
-fn columns_without_payload(null_payload: &str) -> String {
-    COLUMNS.replace("payload,", &format!("{null_payload} AS payload,"))
-}
-
 fn corrupt(id: Uuid, what: impl std::fmt::Display) -> StoreError {
     StoreError::Other(format!("service message {id}: {what}").into())
 }
@@ -338,16 +322,6 @@ fn enqueue_error(id: Uuid, err: EnqueueError) -> StoreError {
             format!("the outbox refused message {id}: {other} (keep service.max_payload_bytes within outbox.max_payload_bytes)").into(),
         ),
     }
-}
-
-/// Seconds, for interval arithmetic in SQL.
-fn secs(duration: Duration) -> f64 {
-    duration.as_secs_f64()
-}
-
-/// Milliseconds, for SQLite's integer clock; saturating.
-fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn status_names(statuses: &[Status]) -> Vec<&'static str> {
@@ -368,126 +342,6 @@ fn dead_letter_reason(policy: &AckPolicy) -> String {
         "not acknowledged after {} deliveries",
         policy.max_deliveries
     )
-}
-
-/// The SQL of one store. Placeholders: `{p}` the table prefix, `{cols}` the record's
-/// [`COLUMNS`], `{list_cols}` the same without the payload, `{now}` the store's clock, and
-/// in `transition` `{target}` and `{assign}` (see [`transition_assignments`]).
-#[derive(Debug)]
-struct Dialect {
-    migration: &'static str,
-    /// `{now}` in this store's SQL.
-    now: &'static str,
-    /// A NULL of the payload's type, for listings.
-    null_payload: &'static str,
-    prepare: &'static str,
-    get: &'static str,
-    transition: &'static str,
-    set_version: &'static str,
-    list: &'static str,
-    claim_checks: &'static str,
-    check_retry: &'static str,
-    check_failed: &'static str,
-    mark_delivered: &'static str,
-    dead_letter: &'static str,
-    redeliver: &'static str,
-    requeue_delete: &'static str,
-    requeue_insert: &'static str,
-    purge: &'static str,
-    stats: &'static str,
-    read_meta: &'static str,
-    write_meta: &'static str,
-}
-
-/// A [`Dialect`] rendered once for a table prefix.
-#[derive(Debug)]
-struct Statements {
-    migration: String,
-    prepare: SqlStr,
-    get: SqlStr,
-    transitions: Vec<(Transition, SqlStr)>,
-    set_version: SqlStr,
-    list: SqlStr,
-    claim_checks: SqlStr,
-    check_retry: SqlStr,
-    check_failed: SqlStr,
-    mark_delivered: SqlStr,
-    dead_letter: SqlStr,
-    redeliver: SqlStr,
-    requeue_delete: SqlStr,
-    requeue_insert: SqlStr,
-    purge: SqlStr,
-    stats: SqlStr,
-    read_meta: SqlStr,
-    write_meta: SqlStr,
-}
-
-impl Statements {
-    fn new(prefix: &TablePrefix, dialect: &Dialect) -> Self {
-        let list_columns = columns_without_payload(dialect.null_payload);
-        let text = |sql: &str| {
-            prefix
-                .render(sql)
-                .replace("{cols}", COLUMNS)
-                .replace("{list_cols}", &list_columns)
-                .replace("{now}", dialect.now)
-        };
-        // The prefix is a validated identifier; the rest are constants of this crate.
-        let r = |sql: &str| AssertSqlSafe(Arc::<str>::from(text(sql))).into_sql_str();
-        Self {
-            migration: prefix.render(dialect.migration),
-            prepare: r(dialect.prepare),
-            get: r(dialect.get),
-            transitions: TRANSITIONS
-                .into_iter()
-                .map(|t| {
-                    let sql = dialect
-                        .transition
-                        .replace("{target}", t.target().as_str())
-                        .replace("{assign}", transition_assignments(t));
-                    (t, r(&sql))
-                })
-                .collect(),
-            set_version: r(dialect.set_version),
-            list: r(dialect.list),
-            claim_checks: r(dialect.claim_checks),
-            check_retry: r(dialect.check_retry),
-            check_failed: r(dialect.check_failed),
-            mark_delivered: r(dialect.mark_delivered),
-            dead_letter: r(dialect.dead_letter),
-            redeliver: r(dialect.redeliver),
-            requeue_delete: r(dialect.requeue_delete),
-            requeue_insert: r(dialect.requeue_insert),
-            purge: r(dialect.purge),
-            stats: r(dialect.stats),
-            read_meta: r(dialect.read_meta),
-            write_meta: r(dialect.write_meta),
-        }
-    }
-
-    fn transition(&self, transition: Transition) -> SqlStr {
-        self.transitions
-            .iter()
-            .find(|(t, _)| *t == transition)
-            .map(|(_, sql)| sql.clone())
-            .expect("a statement is rendered for every transition")
-    }
-}
-
-/// Whether the service's schema must be created, given the version recorded in `meta`.
-fn needs_migration(recorded: Option<String>) -> Result<bool, StoreError> {
-    let current: i64 = match recorded {
-        None => 0,
-        Some(text) => text.parse().map_err(|_| {
-            StoreError::Schema(format!("{SCHEMA_VERSION_KEY} is not a number: {text:?}"))
-        })?,
-    };
-    if current > SCHEMA_VERSION {
-        return Err(StoreError::Schema(format!(
-            "the database has ferry service schema version {current}, newer than this ferry's {SCHEMA_VERSION}; upgrade ferry"
-        )));
-    }
-    Ok(current < 1)
 }
 
 /// A prepare whose id was already stored: the same message again, or a conflict.
@@ -515,38 +369,6 @@ async fn refused(store: &dyn ServiceStore, id: Uuid) -> Result<Moved, StoreError
         Some(record) => Moved::Stayed(record),
         None => Moved::NotFound,
     })
-}
-
-/// Claims from the claim statement's rows `(id, check_url, checks)`.
-fn claims_from_rows(
-    rows: impl IntoIterator<Item = (Uuid, String, i64)>,
-) -> Result<Vec<CheckClaim>, StoreError> {
-    rows.into_iter()
-        .map(|(id, check_url, checks)| {
-            Ok(CheckClaim {
-                id,
-                check_url,
-                checks: to_u32(id, "checks", checks)?,
-            })
-        })
-        .collect()
-}
-
-/// Runs `delete_batch` (which deletes at most [`PURGE_BATCH`] rows) until a batch comes
-/// back short; returns the total.
-async fn purge_in_batches<F, Fut>(mut delete_batch: F) -> Result<u64, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<u64, StoreError>>,
-{
-    let mut purged = 0;
-    loop {
-        let deleted = delete_batch().await?;
-        purged += deleted;
-        if deleted < PURGE_BATCH as u64 {
-            return Ok(purged);
-        }
-    }
 }
 
 /// [`Stats`] from the stats statement's rows `(status, count, age of the oldest)`.
@@ -634,13 +456,5 @@ mod tests {
         let headers = record.delivery_headers();
         assert_eq!(headers[DELIVERY_ATTEMPT_HEADER], "3");
         assert_eq!(headers["traceparent"], "00-x");
-        assert_eq!(record.partition_key_or_default(), "order/1");
-    }
-
-    #[test]
-    fn listing_columns_leave_the_payload_out() {
-        let columns = columns_without_payload("NULL");
-        assert!(columns.contains("NULL AS payload,"));
-        assert_eq!(columns.matches("payload").count(), 1);
     }
 }

@@ -152,7 +152,7 @@ impl Backing {
             }
             Backend::Sqlite => {
                 let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
-                let outbox = SqliteOutbox::connect(&url, settings)
+                let outbox = SqliteOutbox::connect(&url, 4, settings)
                     .await
                     .expect("open SQLite");
                 outbox.migrate(PARTITIONS).await.expect("migrate outbox");

@@ -378,12 +378,13 @@ pub(crate) async fn unacked_messages_are_redelivered_then_dead_lettered(backend:
             "sqlite://{}",
             inbox_dir.path().join("consumer.db").display()
         ),
+        2,
         Default::default(),
     )
     .await
     .expect("consumer database");
     consumer_db.migrate(1).await.expect("inbox tables");
-    let inbox = SqliteInbox::new("billing", TablePrefix::default());
+    let inbox = SqliteInbox::new("billing", &TablePrefix::default());
     let mut applied = 0;
     for message in &sent {
         let mut tx = consumer_db.pool().begin().await.expect("tx");

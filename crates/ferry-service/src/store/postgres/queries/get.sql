@@ -1,0 +1,1 @@
+SELECT {cols} FROM {p}service_messages WHERE id = $1

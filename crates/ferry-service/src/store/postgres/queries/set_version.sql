@@ -1,0 +1,1 @@
+UPDATE {p}service_messages SET version = $2 WHERE id = $1

@@ -1,0 +1,1 @@
+DELETE FROM {p}relays WHERE relay_id = $1

@@ -1,0 +1,1 @@
+SELECT checkpoint FROM {p}leases WHERE partition_no = $1

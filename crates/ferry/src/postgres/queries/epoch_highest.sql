@@ -1,0 +1,1 @@
+SELECT coalesce(max(epoch), 0)::int8 AS epoch FROM {p}leases

@@ -1,0 +1,1 @@
+CREATE TABLE IF NOT EXISTS {p}meta (key text PRIMARY KEY, value text NOT NULL)

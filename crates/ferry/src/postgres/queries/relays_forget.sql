@@ -1,0 +1,1 @@
+DELETE FROM {p}relays WHERE expires_at < now() - interval '1 hour'

@@ -1,0 +1,1 @@
+SELECT count(*) AS live FROM {p}relays WHERE expires_at > now()

@@ -1,0 +1,125 @@
+//! Rows of ferry's tables as the core's types. Every dialect's statements return the same
+//! column names and types (see [`Queries`](super::Queries)), so each is read once here.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use tracing::warn;
+
+use ferry_core::{Headers, Message, PartitionStatus, StoreError, Takeover};
+
+use super::driver::{Driver, RowExt};
+use super::error::corrupt;
+
+type Row<DB> = <DB as sqlx::Database>::Row;
+
+/// An outbox row (the `fetch` columns) as a message.
+pub(crate) fn message<DB: Driver>(row: &Row<DB>) -> Result<Message, sqlx::Error> {
+    let id: uuid::Uuid = row.col("id")?;
+    let version: i64 = row.col("version")?;
+    let partition: i32 = row.col("partition_no")?;
+    let headers: Json<Headers> = row.col("headers")?;
+    let payload: Vec<u8> = row.col("payload")?;
+    let decode = |what: &str| sqlx::Error::Decode(format!("outbox row {id}: {what}").into());
+    Ok(Message {
+        id,
+        version: u64::try_from(version).map_err(|_| decode("negative version"))?,
+        partition: u32::try_from(partition).map_err(|_| decode("partition out of range"))?,
+        aggregate_type: row.col("aggregate_type")?,
+        aggregate_id: row.col("aggregate_id")?,
+        event_type: row.col("event_type")?,
+        payload: Bytes::from(payload),
+        headers: headers.0,
+        partition_key: row.col("partition_key")?,
+        created_at: row.col("created_at")?,
+        sequence: row.col("sequence")?,
+    })
+}
+
+/// A `status` row.
+pub(crate) fn partition_status<DB: Driver>(row: &Row<DB>) -> Result<PartitionStatus, sqlx::Error> {
+    let partition: i32 = row.col("partition_no")?;
+    let backlog: i64 = row.col("backlog")?;
+    let expires_at_ms: Option<i64> = row.col("expires_at_ms")?;
+    let oldest: Option<f64> = row.col("oldest_age_secs")?;
+    let decode = |what: &str| sqlx::Error::Decode(format!("lease row {partition}: {what}").into());
+    Ok(PartitionStatus {
+        partition: u32::try_from(partition).map_err(|_| decode("partition out of range"))?,
+        owner: row.col("owner")?,
+        epoch: row.col("epoch")?,
+        lease_expires_at: expires_at_ms.and_then(DateTime::<Utc>::from_timestamp_millis),
+        backlog: u64::try_from(backlog).map_err(|_| decode("negative backlog"))?,
+        // A clock step back can make a fresh row look younger than zero.
+        oldest_unpublished_age_secs: oldest.map(|age| age.max(0.0)),
+        blocked_reason: row.col("blocked_reason")?,
+    })
+}
+
+/// A lease row as it was before a grant: what decides the takeover kind.
+#[derive(Debug)]
+pub(crate) struct FreeLease {
+    pub(crate) partition: u32,
+    pub(crate) epoch: i64,
+    clean: bool,
+    checkpoint: Option<i64>,
+    since_expiry_ms: i64,
+}
+
+impl FreeLease {
+    pub(crate) fn read<DB: Driver>(row: &Row<DB>) -> Result<Self, sqlx::Error> {
+        let partition: i32 = row.col("partition_no")?;
+        Ok(Self {
+            partition: u32::try_from(partition).map_err(|_| {
+                sqlx::Error::Decode(format!("lease row {partition} out of range").into())
+            })?,
+            epoch: row.col("epoch")?,
+            clean: row.col("clean")?,
+            checkpoint: row.col("checkpoint")?,
+            since_expiry_ms: row.col("since_expiry_ms")?,
+        })
+    }
+
+    /// Clean if never granted (`clean` starts true) or released by an owner that marked
+    /// all it published; otherwise the owner vanished or released uncleanly, and the new
+    /// owner must reconcile.
+    pub(crate) fn takeover(&self) -> Takeover {
+        if self.clean {
+            return Takeover::Clean;
+        }
+        Takeover::Unclean {
+            since_expiry: Duration::from_millis(self.since_expiry_ms.max(0).unsigned_abs()),
+            checkpoint: self.checkpoint.and_then(|c| {
+                let checkpoint = u64::try_from(c).ok();
+                if checkpoint.is_none() {
+                    // Without it, reconciliation looks further back: slower, never wrong.
+                    warn!(
+                        partition = self.partition,
+                        checkpoint = c,
+                        "ignoring a negative checkpoint"
+                    );
+                }
+                checkpoint
+            }),
+        }
+    }
+}
+
+/// A sink checkpoint as the lease tables store it (a signed 64-bit integer).
+pub(crate) fn stored_checkpoint(checkpoint: Option<u64>) -> Result<Option<i64>, StoreError> {
+    checkpoint
+        .map(|c| {
+            i64::try_from(c).map_err(|_| {
+                corrupt(format!(
+                    "checkpoint {c} is beyond what the lease table holds"
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// A duration in whole milliseconds, saturating.
+pub(crate) fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,215 @@
+//! [`OutboxStore`] for [`SqlOutbox`]: what the relay reads, marks and reports.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::SqlSafeStr;
+use tracing::debug;
+use uuid::Uuid;
+
+use ferry_core::{Lease, Message, OutboxStore, PartitionStatus, StoreError, Wakers};
+
+use super::dialect::Dialect;
+use super::driver::RowExt;
+use super::error::store_error;
+use super::outbox::SqlOutbox;
+use super::row::{self, millis, stored_checkpoint};
+use super::statement::Arg;
+
+/// Rows deleted per purge statement: each holds its locks (SQLite: the database's write
+/// lock, which producers wait for) until it ends, so a large purge runs as many short ones.
+const PURGE_BATCH: i64 = 5000;
+
+#[async_trait]
+impl<D: Dialect> OutboxStore for SqlOutbox<D> {
+    async fn partitions(&self) -> Result<u32, StoreError> {
+        let mut conn = self.acquire().await?;
+        self.partition_count(&mut conn).await
+    }
+
+    /// Reads committed rows only, with no cursor: a row that commits late with a lower
+    /// sequence is returned by the next fetch.
+    async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let args = [
+            partition.into(),
+            Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        let fetch = &self.statements.fetch;
+        let rows = match D::FETCH_BEGIN {
+            Some(begin) => {
+                let mut tx = self
+                    .pool()
+                    .begin_with(begin.into_sql_str())
+                    .await
+                    .map_err(store_error::<D>)?;
+                let rows = fetch.fetch_all::<D>(&mut tx, &args).await?;
+                tx.commit().await.map_err(store_error::<D>)?;
+                rows
+            }
+            None => {
+                fetch
+                    .fetch_all::<D>(&mut *self.acquire().await?, &args)
+                    .await?
+            }
+        };
+        rows.iter()
+            .map(row::message::<D::Db>)
+            .collect::<Result<_, _>>()
+            .map_err(store_error::<D>)
+    }
+
+    /// Checks the lease and marks in one write transaction: the check updates (and so
+    /// locks) the lease row, which every grant and adoption also updates, so none can come
+    /// between the check and the mark (G5).
+    async fn mark_published(
+        &self,
+        lease: &Lease,
+        ids: &[Uuid],
+        checkpoint: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let checkpoint = stored_checkpoint(checkpoint)?;
+        let s = &self.statements;
+        let mut tx = self.begin_write().await?;
+        let held = s
+            .lease_check
+            .execute::<D>(
+                &mut tx,
+                &[
+                    lease.partition.into(),
+                    lease.epoch.into(),
+                    Arg::Text(&lease.owner),
+                    Arg::OptInt(checkpoint),
+                ],
+            )
+            .await?;
+        if held == 0 {
+            // Dropping `tx` rolls back; nothing was changed anyway.
+            return Err(StoreError::fenced(lease));
+        }
+        let mark = if self.retention().is_zero() {
+            &s.mark_delete
+        } else {
+            &s.mark_keep
+        };
+        let mut marked = 0;
+        for chunk in ids.chunks(D::MAX_IDS_PER_STATEMENT) {
+            marked += mark
+                .for_ids(chunk.len())
+                .execute::<D>(&mut tx, &[lease.partition.into(), Arg::Ids(chunk)])
+                .await?;
+        }
+        tx.commit().await.map_err(store_error::<D>)?;
+        debug!(
+            partition = lease.partition,
+            epoch = lease.epoch,
+            requested = ids.len(),
+            marked,
+            checkpoint,
+            "marked published"
+        );
+        Ok(marked)
+    }
+
+    async fn set_blocked(&self, lease: &Lease, reason: Option<&str>) -> Result<(), StoreError> {
+        let changed = self
+            .statements
+            .blocked_set
+            .execute::<D>(
+                &mut *self.acquire().await?,
+                &[
+                    lease.partition.into(),
+                    lease.epoch.into(),
+                    Arg::Text(&lease.owner),
+                    Arg::OptText(reason),
+                ],
+            )
+            .await?;
+        if changed == 0 {
+            return Err(StoreError::fenced(lease));
+        }
+        Ok(())
+    }
+
+    /// Raises the epoch and reads the checkpoint in one write transaction: the update locks
+    /// the lease row against marks and other adoptions until the read is done.
+    async fn adopt(&self, lease: &Lease) -> Result<Option<u64>, StoreError> {
+        let s = &self.statements;
+        let mut tx = self.begin_write().await?;
+        let adopted = s
+            .adopt
+            .execute::<D>(
+                &mut tx,
+                &[
+                    lease.partition.into(),
+                    lease.epoch.into(),
+                    Arg::Text(&lease.owner),
+                ],
+            )
+            .await?;
+        if adopted == 0 {
+            return Err(StoreError::fenced(lease));
+        }
+        let checkpoint: Option<i64> = s
+            .checkpoint_read
+            .fetch_one::<D>(&mut tx, &[lease.partition.into()])
+            .await?
+            .col("checkpoint")
+            .map_err(store_error::<D>)?;
+        tx.commit().await.map_err(store_error::<D>)?;
+        debug!(
+            partition = lease.partition,
+            epoch = lease.epoch,
+            checkpoint,
+            "lease adopted"
+        );
+        Ok(checkpoint.and_then(|c| u64::try_from(c).ok()))
+    }
+
+    async fn watch(&self, wakers: &Wakers) -> Result<(), StoreError> {
+        D::watch(
+            self.pool(),
+            &self.table_prefix().render("{p}outbox"),
+            wakers,
+        )
+        .await
+    }
+
+    async fn status(&self) -> Result<Vec<PartitionStatus>, StoreError> {
+        let rows = self
+            .statements
+            .status
+            .fetch_all::<D>(&mut *self.acquire().await?, &[])
+            .await?;
+        rows.iter()
+            .map(row::partition_status::<D::Db>)
+            .collect::<Result<_, _>>()
+            .map_err(store_error::<D>)
+    }
+
+    async fn purge_published(&self) -> Result<u64, StoreError> {
+        let retention = self.retention();
+        if retention.is_zero() {
+            return Ok(0);
+        }
+        let mut conn = self.acquire().await?;
+        let mut purged = 0;
+        loop {
+            let deleted = self
+                .statements
+                .purge
+                .execute::<D>(
+                    &mut conn,
+                    &[Arg::Int(millis(retention)), Arg::Int(PURGE_BATCH)],
+                )
+                .await?;
+            purged += deleted;
+            if deleted < PURGE_BATCH as u64 {
+                return Ok(purged);
+            }
+        }
+    }
+
+    fn retention(&self) -> Duration {
+        self.settings().retention
+    }
+}

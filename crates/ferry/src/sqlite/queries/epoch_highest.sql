@@ -1,0 +1,1 @@
+SELECT COALESCE(MAX(epoch), 0) AS epoch FROM {p}leases

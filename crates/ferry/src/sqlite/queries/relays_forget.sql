@@ -1,0 +1,1 @@
+DELETE FROM {p}relays WHERE expires_at <= {now} - 3600000
