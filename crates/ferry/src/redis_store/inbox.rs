@@ -8,8 +8,9 @@ use ::redis::aio::ConnectionManager;
 use ferry_core::inbox::{Admission, ProcessError, Processed};
 use ferry_core::{ReceivedMessage, StoreError};
 
+use super::error::store_error;
 use super::scripts::{INBOX_SOURCE, SCRIPTS};
-use super::{KeyPrefix, RedisWrites, millis, store_error};
+use super::{KeyPrefix, RedisWrites, millis};
 
 /// Records processed ids (each for `id_ttl`) and the last applied version per aggregate
 /// (kept for good) for one named consumer, in one script per message:

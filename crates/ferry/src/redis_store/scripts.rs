@@ -1,10 +1,11 @@
 //! ferry's Lua scripts, each `common.lua` followed by its own file. Loaded with SCRIPT LOAD
 //! and called with EVALSHA; on NOSCRIPT (after a restart or SCRIPT FLUSH) the script is
-//! loaded again and the call repeated.
+//! loaded again and the call repeated. [`ArgSink`] takes a script's arguments for either
+//! call.
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::{Cmd, Script, ScriptInvocation, ToRedisArgs};
 
 /// `#!lua` makes Redis refuse a writing script up front when it is out of memory, instead
 /// of failing at its first write; `flags=no-writes` lets read-only ones run then too.
@@ -56,3 +57,20 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     set_blocked: Script::new(script!("#!lua", "set_blocked.lua")),
     adopt: Script::new(script!("#!lua", "adopt.lua")),
 });
+
+/// Where script arguments go: a [`ScriptInvocation`] (EVALSHA) or a [`Cmd`] (EVAL).
+pub(crate) trait ArgSink {
+    fn push<T: ToRedisArgs>(&mut self, arg: T);
+}
+
+impl ArgSink for ScriptInvocation<'_> {
+    fn push<T: ToRedisArgs>(&mut self, arg: T) {
+        self.arg(arg);
+    }
+}
+
+impl ArgSink for Cmd {
+    fn push<T: ToRedisArgs>(&mut self, arg: T) {
+        self.arg(arg);
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::ArgSink;
+use super::scripts::ArgSink;
 
 /// Business writes applied together with ferry's own, all or none: the script checks every
 /// write (argument shapes, and that each key holds, or will by then hold, the type the
