@@ -14,6 +14,8 @@ pub mod partition;
 pub mod relay;
 pub mod sink;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use cloudevents::{ReceivedMessage, Source};
 pub use error::StoreError;
