@@ -4,6 +4,8 @@
 mod deadline;
 mod leases;
 mod retry;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::sync::Arc;

@@ -6,6 +6,8 @@
 
 mod sink;
 mod store;
+#[cfg(test)]
+mod tests;
 
 pub use sink::{Outcome, ScriptedSink, SinkEvent};
 pub use store::{MarkAttempt, MemoryStore, Release};

@@ -101,31 +101,12 @@ impl ScriptedSink {
 
     /// The batches handed to `publish` for `partition`, in order.
     pub fn batches(&self, partition: u32) -> Vec<Vec<Uuid>> {
-        self.lock()
-            .events
-            .iter()
-            .filter_map(|event| match event {
-                SinkEvent::Published {
-                    partition: p, ids, ..
-                } if *p == partition => Some(ids.clone()),
-                _ => None,
-            })
-            .collect()
+        self.id_lists(partition, false)
     }
 
     /// Every message of `partition` acked so far, in ack order.
     pub fn acked(&self, partition: u32) -> Vec<Uuid> {
-        self.lock()
-            .events
-            .iter()
-            .filter_map(|event| match event {
-                SinkEvent::Acked {
-                    partition: p, ids, ..
-                } if *p == partition => Some(ids.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect()
+        self.id_lists(partition, true).concat()
     }
 
     /// Partitions opened again before they were closed: two workers at once.
@@ -144,6 +125,23 @@ impl ScriptedSink {
             }
         }
         overlaps
+    }
+
+    /// The ids of `partition`'s batches as handed over, or as acked.
+    fn id_lists(&self, partition: u32, acked: bool) -> Vec<Vec<Uuid>> {
+        self.lock()
+            .events
+            .iter()
+            .filter_map(|event| match event {
+                SinkEvent::Published {
+                    partition: p, ids, ..
+                } if !acked && *p == partition => Some(ids.clone()),
+                SinkEvent::Acked {
+                    partition: p, ids, ..
+                } if acked && *p == partition => Some(ids.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
