@@ -1,7 +1,7 @@
 //! The consumer inbox: apply each message exactly once and never a stale version (G4).
 
 use crate::cloudevents::ReceivedMessage;
-use crate::store::StoreError;
+use crate::error::StoreError;
 
 /// The inbox's verdict on a received message, recorded in the consumer's transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

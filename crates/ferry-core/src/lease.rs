@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::store::StoreError;
+use crate::error::StoreError;
 
 /// Ownership of one partition by one relay. Every grant increments `epoch`; the store
 /// refuses marks made with an older epoch (G5).
@@ -15,6 +15,17 @@ pub struct Lease {
     pub owner: String,
     /// How the previous owner left, which decides whether the new owner must reconcile.
     pub takeover: Takeover,
+}
+
+impl StoreError {
+    /// The error of a write that found `lease` no longer current and changed nothing.
+    /// (Defined here, next to [`Lease`], so that the error module depends on nothing.)
+    pub fn fenced(lease: &Lease) -> Self {
+        Self::Fenced {
+            partition: lease.partition,
+            epoch: lease.epoch,
+        }
+    }
 }
 
 /// How a partition was handed over.

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod cloudevents;
+mod error;
 pub mod inbox;
 pub mod lease;
 pub mod message;
@@ -13,12 +14,15 @@ pub mod partition;
 pub mod relay;
 pub mod sink;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use cloudevents::{ReceivedMessage, Source};
+pub use error::StoreError;
 pub use inbox::{Admission, Decision, Inbox, ProcessError, Processed};
 pub use lease::{Lease, LeaseStore, Takeover};
 pub use message::{EnqueueError, Enqueued, Headers, InvalidMessage, Message, NewMessage};
 pub use partition::partition_for;
 pub use relay::{Relay, RelayConfig, RelayError, RelayStats};
 pub use sink::{Delivery, ReconcileRequest, Sink, SinkError, report_unsent};
-pub use store::{OutboxStore, PartitionStatus, StoreError, Wakers};
+pub use store::{OutboxStore, PartitionStatus, Wakers};

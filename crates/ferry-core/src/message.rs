@@ -195,7 +195,7 @@ pub enum EnqueueError {
     #[error("invalid message: {0}")]
     Invalid(#[from] InvalidMessage),
     #[error("enqueue failed: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::error::StoreError),
 }
 
 /// What the store assigned to an enqueued message.

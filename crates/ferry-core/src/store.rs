@@ -7,44 +7,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+pub use crate::error::StoreError;
 use crate::lease::Lease;
 use crate::message::Message;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// An error from a store (outbox or leases).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The lease's epoch is no longer current (expired or granted to another relay): the
-    /// statement changed nothing. Never retried with the same lease.
-    #[error("partition {partition} is fenced: lease epoch {epoch} is no longer current")]
-    Fenced { partition: u32, epoch: i64 },
-    /// The store could not be reached or failed transiently; retry with backoff.
-    #[error("store unavailable: {0}")]
-    Unavailable(#[source] BoxError),
-    /// ferry's tables are missing or from another version.
-    #[error("{0} (run `ferry migrate --config <file>` first)")]
-    Schema(String),
-    /// Anything else the store rejected; not retried.
-    #[error("store error: {0}")]
-    Other(#[source] BoxError),
-}
-
-impl StoreError {
-    /// The error of a write that found `lease` no longer current and changed nothing.
-    pub fn fenced(lease: &Lease) -> Self {
-        Self::Fenced {
-            partition: lease.partition,
-            epoch: lease.epoch,
-        }
-    }
-
-    /// Whether the same call may succeed later.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
-    }
-}
 
 /// What `ferry status` shows for one partition.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -1,0 +1,399 @@
+//! The worker of one owned partition, for the life of one lease: open the partition in the
+//! sink, reconcile after an unclean takeover, then fetch → publish → fenced mark, with
+//! backoff after failures and a blocked reason while the sink rejects a message.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use super::deadline::LeaseDeadline;
+use super::retry::{Failed, Interrupted, Retry, ensure_held, wait};
+use super::{RelayConfig, RelayStats, error_chain};
+use crate::backoff::Backoff;
+use crate::error::StoreError;
+use crate::lease::{Lease, LeaseStore, Takeover};
+use crate::message::Message;
+use crate::partition::partition_for;
+use crate::sink::{Delivery, ReconcileRequest, Sink, SinkError};
+use crate::store::{OutboxStore, Wakers};
+
+/// Owns one partition for the life of one lease.
+pub(super) struct Worker {
+    pub(super) lease: Lease,
+    pub(super) partitions: u32,
+    pub(super) store: Arc<dyn OutboxStore>,
+    pub(super) leases: Arc<dyn LeaseStore>,
+    pub(super) sink: Arc<dyn Sink>,
+    pub(super) config: Arc<RelayConfig>,
+    pub(super) stats: Arc<RelayStats>,
+    pub(super) wakers: Arc<Wakers>,
+    pub(super) deadline: Arc<LeaseDeadline>,
+    /// Graceful stop: finish the batch in flight, then release.
+    pub(super) stop: CancellationToken,
+}
+
+/// What the worker carries from one batch to the next.
+struct Progress {
+    /// Paces retries after failed fetches and publishes; reset by a batch that fully passed.
+    backoff: Backoff,
+    /// Whether a blocked reason is recorded for the partition.
+    blocked: bool,
+    /// A failed publish may still have reached the broker: until a later batch has been
+    /// fully acked and marked, the next owner must reconcile.
+    maybe_unmarked: bool,
+}
+
+/// What the sink's outcomes for one batch come to.
+struct Published<'a> {
+    /// The messages the sink acknowledged, in batch order.
+    acked: Vec<Uuid>,
+    /// The highest broker position among the acks, if no message failed: a checkpoint past
+    /// an unacked message could hide it from reconciliation.
+    checkpoint: Option<u64>,
+    /// The first message that failed, with its error.
+    failure: Option<(&'a Message, SinkError)>,
+}
+
+impl<'a> Published<'a> {
+    fn sort(batch: &'a [Message], outcomes: Vec<Result<Delivery, SinkError>>) -> Self {
+        let mut acked = Vec::with_capacity(batch.len());
+        let mut checkpoint = None;
+        let mut failure = None;
+        for (message, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Ok(delivery) => {
+                    acked.push(message.id);
+                    checkpoint = checkpoint.max(delivery.position);
+                }
+                Err(err) => {
+                    if failure.is_none() {
+                        failure = Some((message, err));
+                    }
+                }
+            }
+        }
+        if failure.is_some() {
+            checkpoint = None;
+        }
+        Self {
+            acked,
+            checkpoint,
+            failure,
+        }
+    }
+}
+
+impl Worker {
+    fn partition(&self) -> u32 {
+        self.lease.partition
+    }
+
+    pub(super) async fn run(self) {
+        let partition = self.partition();
+        let outcome = self.relay_partition().await;
+        self.sink.close_partition(partition).await;
+        match outcome {
+            Ok(clean) => {
+                if let Err(err) = self.leases.release(&self.lease, clean).await {
+                    warn!(partition, error = %err, "failed to release lease; it will expire");
+                } else {
+                    debug!(partition, clean, "lease released");
+                }
+            }
+            Err(Interrupted::Stopped | Interrupted::SinkFenced) => {
+                if let Err(err) = self.leases.release(&self.lease, false).await {
+                    warn!(partition, error = %err, "failed to release lease; it will expire");
+                }
+            }
+            Err(Interrupted::LeaseLost) => {
+                self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    partition,
+                    epoch = self.lease.epoch,
+                    "stopped: lease no longer held"
+                );
+            }
+        }
+    }
+
+    /// Relays until asked to stop. `Ok(clean)` says whether every message possibly
+    /// published under this lease was marked.
+    async fn relay_partition(&self) -> Result<bool, Interrupted> {
+        let takeover = self.takeover().await?;
+        self.open_sink_partition().await?;
+        if let Takeover::Unclean {
+            since_expiry,
+            checkpoint,
+        } = takeover
+        {
+            self.reconcile(checkpoint, since_expiry).await?;
+        }
+        let mut progress = Progress {
+            backoff: self.config.backoff(),
+            blocked: false,
+            maybe_unmarked: false,
+        };
+        while !self.stop.is_cancelled() {
+            self.ensure_lease()?;
+            let Some(batch) = self.fetch(&mut progress.backoff).await? else {
+                continue;
+            };
+            if batch.is_empty() {
+                self.wait_for_messages().await;
+                continue;
+            }
+            self.ensure_lease()?;
+            let published = self.publish(&batch).await;
+            if !published.acked.is_empty() {
+                self.mark(&published.acked, published.checkpoint).await?;
+            }
+            let failed = batch.len() - published.acked.len();
+            self.settle(&mut progress, published.failure, failed)
+                .await?;
+        }
+        self.ensure_lease()?;
+        Ok(!progress.maybe_unmarked)
+    }
+
+    fn ensure_lease(&self) -> Result<(), Interrupted> {
+        ensure_held(&self.deadline)
+    }
+
+    /// Waits before a retry; gives up if stopped or if the lease runs out meanwhile.
+    async fn pause(&self, delay: Duration) -> Result<(), Interrupted> {
+        wait(delay, Some(&self.stop), Some(&self.deadline)).await
+    }
+
+    /// The retry of one of this worker's steps: while the lease lasts.
+    fn retry(&self, what: &'static str) -> Retry<'_> {
+        Retry::new(what, self.config.backoff())
+            .in_partition(self.partition())
+            .while_held(&self.deadline)
+    }
+
+    /// How the previous owner left; with external leases, completed by the store.
+    async fn takeover(&self) -> Result<Takeover, Interrupted> {
+        if self.config.external_leases {
+            self.adopt().await
+        } else {
+            Ok(self.lease.takeover.clone())
+        }
+    }
+
+    /// Has the store adopt an external lease, retrying outages while the lease lasts;
+    /// returns the takeover completed with the checkpoint the store recorded.
+    async fn adopt(&self) -> Result<Takeover, Interrupted> {
+        self.ensure_lease()?;
+        let recorded = self
+            .retry("adopting the lease failed")
+            .until(&self.stop)
+            .run(|| async move {
+                match self.store.adopt(&self.lease).await {
+                    Ok(recorded) => Ok(recorded),
+                    Err(StoreError::Fenced { partition, epoch }) => {
+                        error!(
+                            partition,
+                            epoch,
+                            "the outbox already holds a newer fencing epoch than the lease backend granted; the backend lost its epochs (e.g. Redis restarted without persistence) or relays use different lease backends: restart the relays so that the backend's epochs start above the outbox's"
+                        );
+                        Err(Failed::Stop(Interrupted::LeaseLost))
+                    }
+                    Err(err) => Err(Failed::Retry(err)),
+                }
+            })
+            .await?;
+        Ok(match self.lease.takeover {
+            Takeover::Clean => Takeover::Clean,
+            Takeover::Unclean {
+                since_expiry,
+                checkpoint,
+            } => {
+                let checkpoint = checkpoint.max(recorded);
+                info!(
+                    partition = self.partition(),
+                    epoch = self.lease.epoch,
+                    ?checkpoint,
+                    "lease adopted; reconciling from the checkpoint the outbox recorded"
+                );
+                Takeover::Unclean {
+                    since_expiry,
+                    checkpoint,
+                }
+            }
+        })
+    }
+
+    /// Lets the sink claim the partition before anything is reconciled or published,
+    /// retrying while the lease lasts.
+    async fn open_sink_partition(&self) -> Result<(), Interrupted> {
+        self.ensure_lease()?;
+        self.retry("the sink cannot open the partition")
+            .until(&self.stop)
+            .run(|| async move {
+                self.sink
+                    .open_partition(&self.lease)
+                    .await
+                    .map_err(Failed::Retry)
+            })
+            .await
+    }
+
+    /// After an unclean takeover, marks what the previous owner published but never
+    /// marked, so it is not sent again (G4).
+    async fn reconcile(
+        &self,
+        checkpoint: Option<u64>,
+        since_expiry: Duration,
+    ) -> Result<(), Interrupted> {
+        let partition = self.partition();
+        let partitions = self.partitions;
+        let owns_key = move |key: &str| partition_for(key, partitions) == partition;
+        let request = ReconcileRequest {
+            partition,
+            checkpoint,
+            since_expiry,
+            owns_key: &owns_key,
+        };
+        self.ensure_lease()?;
+        let ids = self
+            .retry("reconciliation failed")
+            .until(&self.stop)
+            .run(|| async move { self.sink.reconcile(request).await.map_err(Failed::Retry) })
+            .await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        info!(
+            partition,
+            found = ids.len(),
+            "reconciled: already in the broker, marking instead of re-sending"
+        );
+        self.stats
+            .reconciled
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.mark(&ids, None).await
+    }
+
+    /// The partition's next unpublished messages; `None` after a failed read, once the
+    /// backoff's delay has passed.
+    async fn fetch(&self, backoff: &mut Backoff) -> Result<Option<Vec<Message>>, Interrupted> {
+        let partition = self.partition();
+        match self.store.fetch(partition, self.config.batch_size).await {
+            Ok(batch) => Ok(Some(batch)),
+            Err(err) => {
+                warn!(partition, error = %err, "fetch failed");
+                self.pause(backoff.next_delay()).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Waits for a wake-up, the poll interval or a stop, whichever comes first.
+    async fn wait_for_messages(&self) {
+        tokio::select! {
+            _ = self.wakers.wait(self.partition()) => {}
+            _ = sleep(self.config.poll_interval) => {}
+            _ = self.stop.cancelled() => {}
+        }
+    }
+
+    /// Publishes `batch` and counts what the sink acknowledged.
+    async fn publish<'b>(&self, batch: &'b [Message]) -> Published<'b> {
+        let outcomes = self.sink.publish(batch).await;
+        let published = Published::sort(batch, outcomes);
+        self.stats
+            .published
+            .fetch_add(published.acked.len() as u64, Ordering::Relaxed);
+        published
+    }
+
+    /// Marks acked messages, retrying store outages while the lease lasts. Not cut short by
+    /// a graceful stop: marking what was published is what makes the release clean.
+    async fn mark(&self, ids: &[Uuid], checkpoint: Option<u64>) -> Result<(), Interrupted> {
+        let marked = self
+            .retry("mark failed")
+            .run(|| async move {
+                match self
+                    .store
+                    .mark_published(&self.lease, ids, checkpoint)
+                    .await
+                {
+                    Ok(marked) => Ok(marked),
+                    Err(StoreError::Fenced { partition, epoch }) => {
+                        warn!(partition, epoch, "mark refused: lease taken over; stopping");
+                        Err(Failed::Stop(Interrupted::LeaseLost))
+                    }
+                    Err(err) => Err(Failed::Retry(err)),
+                }
+            })
+            .await?;
+        self.stats.marked.fetch_add(marked, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Once a batch's acked messages are marked: a batch that fully passed resets the
+    /// backoff and unblocks the partition; a fenced sink stops the worker; any other
+    /// failure is counted (`failed` messages), blocks the partition if permanent, and waits
+    /// the backoff's delay before the partition is read again.
+    async fn settle(
+        &self,
+        progress: &mut Progress,
+        failure: Option<(&Message, SinkError)>,
+        failed: usize,
+    ) -> Result<(), Interrupted> {
+        let partition = self.partition();
+        let Some((message, err)) = failure else {
+            progress.maybe_unmarked = false;
+            progress.backoff.reset();
+            if progress.blocked {
+                self.unblock().await;
+                progress.blocked = false;
+            }
+            return Ok(());
+        };
+        if err.is_fenced() {
+            error!(partition, message_id = %message.id, error = %err, "the sink fenced this partition: stopping it without marking more");
+            return Err(Interrupted::SinkFenced);
+        }
+        progress.maybe_unmarked = true;
+        self.stats
+            .publish_failures
+            .fetch_add(failed as u64, Ordering::Relaxed);
+        let delay = progress.backoff.next_delay();
+        if err.is_retryable() {
+            warn!(partition, message_id = %message.id, failed, error = %err, retry_in_ms = delay.as_millis() as u64, "publish failed; retrying in order");
+        } else {
+            self.block(message, &err).await;
+            progress.blocked = true;
+        }
+        self.pause(delay).await
+    }
+
+    /// Records why the partition cannot move: the sink rejects `message` for good.
+    async fn block(&self, message: &Message, err: &SinkError) {
+        let reason = format!(
+            "message {} (sequence {}) rejected: {}",
+            message.id,
+            message.sequence,
+            error_chain(err)
+        );
+        error!(partition = self.partition(), message_id = %message.id, error = %err, "partition blocked: the sink rejects a message; nothing after it is sent until it passes or an operator removes it");
+        self.set_blocked(Some(&reason)).await;
+    }
+
+    async fn unblock(&self) {
+        info!(partition = self.partition(), "partition unblocked");
+        self.set_blocked(None).await;
+    }
+
+    async fn set_blocked(&self, reason: Option<&str>) {
+        if let Err(err) = self.store.set_blocked(&self.lease, reason).await {
+            warn!(partition = self.partition(), error = %err, "failed to record the partition's blocked state");
+        }
+    }
+}
