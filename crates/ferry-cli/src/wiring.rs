@@ -25,10 +25,7 @@ use ferry::webhook::WebhookSink;
 use ferry::{LeaseStore, OutboxStore, Sink, StoreError};
 use ferry_service::{PgServiceStore, ServiceStore, SqliteServiceStore};
 
-use crate::config::{Config, LeasesConfig, SinkConfig, StoreConfig};
-
-/// Why `[service]` is refused on other stores.
-pub(crate) const SERVICE_STORES: &str = "the reliable message service ([service]) keeps its messages in PostgreSQL or SQLite: set store.type = \"postgres\" or \"sqlite\", or remove the [service] section";
+use crate::config::{Config, LeasesConfig, SERVICE_STORES, SinkConfig, StoreConfig};
 
 /// An opened outbox store; it is its own lease store.
 #[derive(Debug, Clone)]
