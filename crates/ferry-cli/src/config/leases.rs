@@ -8,7 +8,7 @@ use serde::Deserialize;
 /// store keeps refusing marks made under older epochs (fencing).
 #[derive(Debug, Default, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub(crate) enum LeasesConfig {
+pub enum LeasesConfig {
     /// In the outbox store's own lease table. The default.
     #[default]
     Store,
@@ -44,7 +44,7 @@ fn default_etcd_key_prefix() -> String {
 }
 
 impl LeasesConfig {
-    pub(crate) fn is_external(&self) -> bool {
+    pub fn is_external(&self) -> bool {
         !matches!(self, Self::Store)
     }
 

@@ -21,33 +21,33 @@ use ferry::redis_store::{KeyPrefix, RedisSettings};
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry_service::ServiceConfig;
 
-pub(crate) use leases::LeasesConfig;
-pub(crate) use relay::RelaySection;
-pub(crate) use sink::SinkConfig;
+pub use leases::LeasesConfig;
+pub use relay::RelaySection;
+pub use sink::SinkConfig;
 #[cfg(not(feature = "kafka"))]
-pub(crate) use sink::kafka_not_built;
-pub(crate) use store::{OutboxConfig, SERVICE_STORES, StoreConfig};
+pub use sink::kafka_not_built;
+pub use store::{OutboxConfig, SERVICE_STORES, StoreConfig};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Config {
-    pub(crate) store: StoreConfig,
+pub struct Config {
+    pub store: StoreConfig,
     #[serde(default)]
-    pub(crate) outbox: OutboxConfig,
-    pub(crate) sink: SinkConfig,
+    pub outbox: OutboxConfig,
+    pub sink: SinkConfig,
     #[serde(default)]
-    pub(crate) relay: RelaySection,
+    pub relay: RelaySection,
     #[serde(default)]
-    pub(crate) leases: LeasesConfig,
+    pub leases: LeasesConfig,
     /// The reliable message service (`ferry serve`); its tables are created by `ferry
     /// migrate` when this section is present.
     #[serde(default)]
-    pub(crate) service: Option<ServiceConfig>,
+    pub service: Option<ServiceConfig>,
 }
 
 impl Config {
     /// Reads `path`, applies `FERRY_<SECTION>__<KEY>` overrides and validates.
-    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
         if !path.exists() {
             bail!(
                 "config file {} not found (examples/ has one per store and sink)",
@@ -58,9 +58,8 @@ impl Config {
             .with_context(|| format!("invalid config {}", path.display()))
     }
 
-    /// Parses TOML text (with env overrides).
-    #[cfg(test)]
-    pub(crate) fn from_toml(text: &str) -> anyhow::Result<Self> {
+    /// Parses TOML text (with env overrides) and validates: for configs made in code.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         Self::from_figment(Figment::from(Toml::string(text)))
     }
 
@@ -77,7 +76,7 @@ impl Config {
         Ok(config)
     }
 
-    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         self.outbox.validate()?;
         self.relay.validate()?;
         self.store.validate()?;
@@ -98,7 +97,7 @@ impl Config {
         self.leases.validate()
     }
 
-    pub(crate) fn store_settings(&self) -> StoreSettings {
+    pub fn store_settings(&self) -> StoreSettings {
         StoreSettings {
             table_prefix: TablePrefix::new(self.outbox.table_prefix.clone()).unwrap_or_default(),
             max_payload_bytes: self.outbox.max_payload_bytes,
@@ -108,7 +107,7 @@ impl Config {
     }
 
     /// The Redis store's settings: its key prefix and the shared `[outbox]` settings.
-    pub(crate) fn redis_settings(&self, key_prefix: &str) -> RedisSettings {
+    pub fn redis_settings(&self, key_prefix: &str) -> RedisSettings {
         RedisSettings {
             key_prefix: KeyPrefix::new(key_prefix).unwrap_or_default(),
             max_payload_bytes: self.outbox.max_payload_bytes,
@@ -117,7 +116,7 @@ impl Config {
         }
     }
 
-    pub(crate) fn relay_config(&self) -> ferry::RelayConfig {
+    pub fn relay_config(&self) -> ferry::RelayConfig {
         self.relay.relay_config(self.leases.is_external())
     }
 }

@@ -8,22 +8,22 @@ use serde::Deserialize;
 /// How the relay runs; see `ferry_core::RelayConfig` for what each setting does.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct RelaySection {
+pub struct RelaySection {
     /// Unique among relays sharing the outbox. Defaults to `<hostname>-<pid>`.
-    pub(crate) relay_id: Option<String>,
+    pub relay_id: Option<String>,
     /// Defaults to 1000.
-    pub(crate) batch_size: usize,
+    pub batch_size: usize,
     /// Defaults to 10.
-    pub(crate) lease_ttl_secs: u64,
+    pub lease_ttl_secs: u64,
     /// How often an idle partition is looked at again when no wake-up comes: the pick-up
     /// latency on stores without notifications (SQLite, MySQL). Defaults to 1000.
-    pub(crate) poll_interval_ms: u64,
+    pub poll_interval_ms: u64,
     /// Defaults to 100.
-    pub(crate) retry_initial_ms: u64,
+    pub retry_initial_ms: u64,
     /// Defaults to 30000.
-    pub(crate) retry_max_ms: u64,
+    pub retry_max_ms: u64,
     /// Defaults to 10.
-    pub(crate) shutdown_timeout_secs: u64,
+    pub shutdown_timeout_secs: u64,
 }
 
 impl Default for RelaySection {

@@ -16,7 +16,7 @@ use ferry::webhook::WebhookSinkConfig;
 /// Where messages go.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub(crate) enum SinkConfig {
+pub enum SinkConfig {
     Nats(NatsSinkConfig),
     RedisStream(RedisStreamSinkConfig),
     Amqp(AmqpSinkConfig),
@@ -55,7 +55,7 @@ impl SinkConfig {
 
 /// The error for a Kafka sink in a ferry built without it.
 #[cfg(not(feature = "kafka"))]
-pub(crate) fn kafka_not_built() -> anyhow::Error {
+pub fn kafka_not_built() -> anyhow::Error {
     anyhow::anyhow!(
         "sink.type = \"kafka\" needs a ferry built with Kafka support: \
          cargo install ferry-cli --features kafka (or cargo build --features kafka)"

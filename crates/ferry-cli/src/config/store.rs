@@ -10,12 +10,12 @@ use ferry::redis_store::KeyPrefix;
 use ferry::sql::TablePrefix;
 
 /// Why `[service]` is refused on other stores.
-pub(crate) const SERVICE_STORES: &str = "the reliable message service ([service]) keeps its messages in PostgreSQL or SQLite: set store.type = \"postgres\" or \"sqlite\", or remove the [service] section";
+pub const SERVICE_STORES: &str = "the reliable message service ([service]) keeps its messages in PostgreSQL or SQLite: set store.type = \"postgres\" or \"sqlite\", or remove the [service] section";
 
 /// Where the outbox lives.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub(crate) enum StoreConfig {
+pub enum StoreConfig {
     Postgres {
         /// `postgres://user:password@host:port/database`; a secret, never logged.
         url: SecretString,
@@ -58,7 +58,7 @@ fn default_key_prefix() -> String {
 
 impl StoreConfig {
     /// Whether the reliable message service can keep its messages in this store.
-    pub(crate) fn holds_service(&self) -> bool {
+    pub fn holds_service(&self) -> bool {
         matches!(self, Self::Postgres { .. } | Self::Sqlite { .. })
     }
 
@@ -81,15 +81,15 @@ impl StoreConfig {
 /// Settings of the outbox tables, the same for every SQL store.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct OutboxConfig {
+pub struct OutboxConfig {
     /// Prefix of every ferry table. Defaults to `ferry_`.
-    pub(crate) table_prefix: String,
+    pub table_prefix: String,
     /// Partition count P, fixed by the first `ferry migrate`. Defaults to 16.
-    pub(crate) partitions: u32,
+    pub partitions: u32,
     /// Keep published rows this long for replay; 0 deletes them when marked. Defaults to 0.
-    pub(crate) retention_secs: u64,
+    pub retention_secs: u64,
     /// Largest payload accepted by `enqueue`. Defaults to 1048576 (1 MiB).
-    pub(crate) max_payload_bytes: usize,
+    pub max_payload_bytes: usize,
 }
 
 impl Default for OutboxConfig {
