@@ -1,19 +1,17 @@
-//! The `ferry` command: a thin layer over the `ferry` library.
+//! The `ferry` command: a thin layer over the `ferry` library and this crate's config and
+//! wiring (`ferry-bench` is a binary of its own, in `crates/ferry-bench`).
 
-mod bench;
-mod config;
 mod demo;
 mod serve;
-mod wiring;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
-use crate::config::Config;
+use ferry_cli::config::Config;
+use ferry_cli::process::{init_logging, shutdown_on_signal};
+use ferry_cli::wiring;
 
 /// jemalloc instead of glibc's malloc: the relay allocates and frees many small buffers
 /// per message (headers, rows, acks) across worker threads, and glibc's consolidation of
@@ -64,16 +62,13 @@ enum Command {
     },
     /// Run an order service, the relay and an inbox consumer on embedded SQLite.
     Demo(demo::DemoArgs),
-    /// Produce, relay and consume messages on tables and a stream (or file) of the bench's
-    /// own, removed afterwards; print throughput, latency, memory and a consistency check.
-    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The demo and the bench print their own story; info logs would drown it.
-    let default_level = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
+    // The demo prints its own story; info logs would drown it.
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
         "warn"
     } else {
         "info"
@@ -85,20 +80,6 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs to stderr, filtered by `FERRY_LOG` (e.g. `ferry=debug`), else `default_level`.
-fn init_logging(json: bool, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 
@@ -163,7 +144,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
     }
 }
 
@@ -214,22 +194,4 @@ fn print_status(status: &[ferry::PartitionStatus]) {
     let backlog: u64 = status.iter().map(|p| p.backlog).sum();
     let blocked = status.iter().filter(|p| p.blocked_reason.is_some()).count();
     println!("total backlog {backlog}, {blocked} partition(s) blocked");
-}
-
-/// A token cancelled by the first SIGTERM or SIGINT.
-fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let token = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("shutdown requested: finishing in-flight batches and releasing leases");
-        cancel.cancel();
-    });
-    Ok(token)
 }

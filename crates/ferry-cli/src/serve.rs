@@ -6,10 +6,10 @@ use std::path::Path;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use ferry_cli::config::Config;
+use ferry_cli::process::shutdown_on_signal;
+use ferry_cli::wiring;
 use ferry_service::Service;
-
-use crate::config::Config;
-use crate::wiring;
 
 pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
@@ -21,7 +21,7 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     })?;
     let tokens = service_config.tokens()?;
     let addr = service_config.listen_addr()?;
-    let shutdown = crate::shutdown_on_signal()?;
+    let shutdown = shutdown_on_signal()?;
     let Some(store) =
         wiring::retry_until_ready("store", &shutdown, || wiring::Store::open(&config)).await?
     else {

@@ -25,14 +25,11 @@ use ferry::webhook::WebhookSink;
 use ferry::{LeaseStore, OutboxStore, Sink, StoreError};
 use ferry_service::{PgServiceStore, ServiceStore, SqliteServiceStore};
 
-use crate::config::{Config, LeasesConfig, SinkConfig, StoreConfig};
-
-/// Why `[service]` is refused on other stores.
-pub(crate) const SERVICE_STORES: &str = "the reliable message service ([service]) keeps its messages in PostgreSQL or SQLite: set store.type = \"postgres\" or \"sqlite\", or remove the [service] section";
+use crate::config::{Config, LeasesConfig, SERVICE_STORES, SinkConfig, StoreConfig};
 
 /// An opened outbox store; it is its own lease store.
 #[derive(Debug, Clone)]
-pub(crate) enum Store {
+pub enum Store {
     Postgres(Arc<PgOutbox>),
     Sqlite(Arc<SqliteOutbox>),
     Mysql(Arc<MyOutbox>),
@@ -40,7 +37,7 @@ pub(crate) enum Store {
 }
 
 impl Store {
-    pub(crate) async fn open(config: &Config) -> anyhow::Result<Self> {
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
         let settings = config.store_settings();
         Ok(match &config.store {
             StoreConfig::Postgres { url, pool_size } => Self::Postgres(Arc::new(
@@ -69,7 +66,7 @@ impl Store {
         })
     }
 
-    pub(crate) async fn migrate(&self, partitions: u32) -> anyhow::Result<()> {
+    pub async fn migrate(&self, partitions: u32) -> anyhow::Result<()> {
         match self {
             Self::Postgres(s) => s.migrate(partitions).await?,
             Self::Sqlite(s) => s.migrate(partitions).await?,
@@ -80,7 +77,7 @@ impl Store {
     }
 
     /// Where `migrate` put the outbox, for its report.
-    pub(crate) fn describe(&self, config: &Config) -> String {
+    pub fn describe(&self, config: &Config) -> String {
         match self {
             Self::Postgres(_) | Self::Sqlite(_) | Self::Mysql(_) => {
                 format!("table prefix {:?}", config.outbox.table_prefix)
@@ -94,7 +91,7 @@ impl Store {
         }
     }
 
-    pub(crate) fn outbox(&self) -> Arc<dyn OutboxStore> {
+    pub fn outbox(&self) -> Arc<dyn OutboxStore> {
         match self {
             Self::Postgres(s) => s.clone(),
             Self::Sqlite(s) => s.clone(),
@@ -104,7 +101,7 @@ impl Store {
     }
 
     /// The reliable message service's store, sharing this store's pool.
-    pub(crate) fn service(&self) -> anyhow::Result<Arc<dyn ServiceStore>> {
+    pub fn service(&self) -> anyhow::Result<Arc<dyn ServiceStore>> {
         Ok(match self {
             Self::Postgres(s) => Arc::new(PgServiceStore::new(Arc::clone(s))),
             Self::Sqlite(s) => Arc::new(SqliteServiceStore::new(Arc::clone(s))),
@@ -112,7 +109,7 @@ impl Store {
         })
     }
 
-    pub(crate) fn leases(&self) -> Arc<dyn LeaseStore> {
+    pub fn leases(&self) -> Arc<dyn LeaseStore> {
         match self {
             Self::Postgres(s) => s.clone(),
             Self::Sqlite(s) => s.clone(),
@@ -136,7 +133,7 @@ impl Store {
 /// Where the relay's partition leases live: the store itself, or a backend outside it
 /// whose grants the store adopts.
 #[derive(Debug, Clone)]
-pub(crate) enum Leases {
+pub enum Leases {
     Store(Store),
     Redis(Arc<RedisLeases>),
     #[cfg(feature = "etcd-lease")]
@@ -146,7 +143,7 @@ pub(crate) enum Leases {
 impl Leases {
     /// Opens the configured backend for `store`'s partitions, with epochs above every one
     /// the store holds.
-    pub(crate) async fn open(config: &Config, store: &Store) -> anyhow::Result<Self> {
+    pub async fn open(config: &Config, store: &Store) -> anyhow::Result<Self> {
         if !config.leases.is_external() {
             return Ok(Self::Store(store.clone()));
         }
@@ -190,7 +187,7 @@ impl Leases {
         })
     }
 
-    pub(crate) fn lease_store(&self) -> Arc<dyn LeaseStore> {
+    pub fn lease_store(&self) -> Arc<dyn LeaseStore> {
         match self {
             Self::Store(store) => store.leases(),
             Self::Redis(leases) => leases.clone(),
@@ -201,7 +198,7 @@ impl Leases {
 
     /// Who holds each partition, per a backend outside the store (whose status cannot
     /// know); `None` when the store holds the leases and reports them itself.
-    pub(crate) async fn owners(&self) -> Result<Option<BTreeMap<u32, String>>, StoreError> {
+    pub async fn owners(&self) -> Result<Option<BTreeMap<u32, String>>, StoreError> {
         Ok(Some(match self {
             Self::Store(_) => return Ok(None),
             Self::Redis(leases) => leases.owners().await?,
@@ -211,7 +208,7 @@ impl Leases {
     }
 }
 
-pub(crate) async fn open_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+pub async fn open_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
     Ok(match config {
         SinkConfig::Nats(nats) => Arc::new(
             NatsSink::connect(nats)
@@ -258,7 +255,7 @@ pub(crate) async fn open_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sin
 /// `Ok(None)`), logging each failure with its cause: an unreachable database or broker at
 /// start is an outage to wait out. Errors retrying cannot fix (a bad URL, missing tables)
 /// are returned at once.
-pub(crate) async fn retry_until_ready<T, F, Fut>(
+pub async fn retry_until_ready<T, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     mut open: F,

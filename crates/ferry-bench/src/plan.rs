@@ -6,16 +6,16 @@
 //! is the outbox and the relay, not lock queues (and no two transactions can deadlock).
 
 /// The aggregate type of every bench message; `aggregate_id` is the aggregate's index.
-pub(super) const AGGREGATE_TYPE: &str = "bench";
+pub(crate) const AGGREGATE_TYPE: &str = "bench";
 
 /// The event type of every bench message.
-pub(super) const EVENT_TYPE: &str = "bench.event";
+pub(crate) const EVENT_TYPE: &str = "bench.event";
 
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Plan {
-    pub(super) messages: u64,
-    pub(super) aggregates: u32,
-    pub(super) producers: u32,
+pub(crate) struct Plan {
+    pub(crate) messages: u64,
+    pub(crate) aggregates: u32,
+    pub(crate) producers: u32,
 }
 
 /// Part `index` of `total` split into `parts` near-equal parts, the larger ones first.
@@ -25,7 +25,7 @@ fn share(total: u64, parts: u64, index: u64) -> u64 {
 
 impl Plan {
     /// Messages producer `producer` writes.
-    pub(super) fn messages_of(&self, producer: u32) -> u64 {
+    pub(crate) fn messages_of(&self, producer: u32) -> u64 {
         share(
             self.messages,
             u64::from(self.producers),
@@ -44,14 +44,14 @@ impl Plan {
     }
 
     /// The aggregate index of producer `producer`'s `k`-th message.
-    pub(super) fn aggregate(&self, producer: u32, k: u64) -> u32 {
+    pub(crate) fn aggregate(&self, producer: u32, k: u64) -> u32 {
         let local = k % self.aggregates_of(producer).max(1);
         // local < aggregates / producers + 1, so the index is below `aggregates`.
         producer + self.producers * local as u32
     }
 
     /// How many messages (and so versions: 1 to n) each aggregate gets.
-    pub(super) fn versions(&self) -> Vec<u64> {
+    pub(crate) fn versions(&self) -> Vec<u64> {
         let mut versions = vec![0; self.aggregates as usize];
         for producer in 0..self.producers {
             let messages = self.messages_of(producer);

@@ -15,21 +15,21 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use ferry::webhook::received_message;
 
-use super::consume::Decoded;
+use crate::decoded::Decoded;
 
 /// Where the load loop posts: answered 200 without being decoded or forwarded.
 const RAW_PATH: &str = "/raw";
 
 /// The bench's receiver; stops when dropped.
 #[derive(Debug)]
-pub(super) struct Receiver {
-    pub(super) addr: SocketAddr,
+pub(crate) struct Receiver {
+    pub(crate) addr: SocketAddr,
     messages: Mutex<Option<mpsc::UnboundedReceiver<Decoded>>>,
     _stop: DropGuard,
 }
 
 impl Receiver {
-    pub(super) async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the bench's HTTP receiver")?;
@@ -57,7 +57,7 @@ impl Receiver {
     }
 
     /// The decoded messages; the first caller gets them.
-    pub(super) fn take_messages(&self) -> anyhow::Result<mpsc::UnboundedReceiver<Decoded>> {
+    pub(crate) fn take_messages(&self) -> anyhow::Result<mpsc::UnboundedReceiver<Decoded>> {
         self.messages
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -68,7 +68,7 @@ impl Receiver {
     /// `concurrency` tasks POST `messages` in all, each one request after the other (as
     /// the sink does per partition), with `payload_bytes` bodies and no CloudEvents
     /// headers; returns the elapsed time.
-    pub(super) async fn raw_ceiling(
+    pub(crate) async fn raw_ceiling(
         &self,
         messages: u64,
         payload_bytes: usize,

@@ -15,15 +15,15 @@ use ferry::mysql::MyOutbox;
 use ferry::postgres::PgOutbox;
 use ferry::redis_store::{RedisOutbox, RedisWrites};
 use ferry::sqlite::SqliteOutbox;
+use ferry_cli::config::{Config, StoreConfig};
+use ferry_cli::wiring;
 
-use super::check::Latency;
-use super::plan::{AGGREGATE_TYPE, EVENT_TYPE, Plan};
-use crate::config::{Config, StoreConfig};
-use crate::wiring;
+use crate::check::Latency;
+use crate::plan::{AGGREGATE_TYPE, EVENT_TYPE, Plan};
 
 /// The producers' own connection to the outbox, apart from the relay's.
 #[derive(Debug)]
-pub(super) enum ProducerStore {
+pub(crate) enum ProducerStore {
     Postgres(PgOutbox),
     Sqlite(Arc<SqliteOutbox>),
     Mysql(MyOutbox),
@@ -34,7 +34,7 @@ pub(super) enum ProducerStore {
 impl ProducerStore {
     /// A PostgreSQL or MySQL pool with a connection per producer (plus one), a SQLite
     /// pool, or a Redis connection.
-    pub(super) async fn open(config: &Config, producers: u32) -> anyhow::Result<Self> {
+    pub(crate) async fn open(config: &Config, producers: u32) -> anyhow::Result<Self> {
         Ok(match &config.store {
             StoreConfig::Postgres { url, .. } => Self::Postgres(
                 PgOutbox::connect(url.expose_secret(), producers + 1, config.store_settings())
@@ -103,25 +103,25 @@ impl ProducerStore {
 
 /// What every producer shares.
 #[derive(Debug)]
-pub(super) struct Production {
-    pub(super) store: ProducerStore,
-    pub(super) plan: Plan,
-    pub(super) per_tx: u32,
+pub(crate) struct Production {
+    pub(crate) store: ProducerStore,
+    pub(crate) plan: Plan,
+    pub(crate) per_tx: u32,
     /// Copied into each message, as an application serialises each event anew.
-    pub(super) payload: String,
+    pub(crate) payload: String,
     /// Live mode: the target rate in messages per second over all producers.
-    pub(super) rate: Option<u32>,
+    pub(crate) rate: Option<u32>,
     /// Messages committed so far.
-    pub(super) produced: AtomicU64,
+    pub(crate) produced: AtomicU64,
     /// Transactions committed so far.
-    pub(super) transactions: AtomicU64,
+    pub(crate) transactions: AtomicU64,
     /// Live mode: commit instants for the latency.
-    pub(super) latency: Option<Arc<Latency>>,
+    pub(crate) latency: Option<Arc<Latency>>,
 }
 
 impl Production {
     /// Runs producer `index` until its share of the plan is committed or `stop` fires.
-    pub(super) async fn run_producer(
+    pub(crate) async fn run_producer(
         self: Arc<Self>,
         index: u32,
         started: tokio::time::Instant,
@@ -177,7 +177,7 @@ impl Production {
 }
 
 /// A JSON object of exactly `bytes` bytes (at least 8): `{"p":"xxxx…"}`.
-pub(super) fn payload(bytes: usize) -> String {
+pub(crate) fn payload(bytes: usize) -> String {
     const SHELL: usize = r#"{"p":""}"#.len();
     let mut text = String::with_capacity(bytes.max(SHELL));
     text.push_str(r#"{"p":""#);

@@ -1,11 +1,11 @@
-//! The consumer: reads the bench's NATS stream (an ordered pull consumer), Redis streams
-//! (`XREAD`), RabbitMQ queue (a consumer without acks) or tails its file, decodes each
-//! message as any consumer would ([`ReceivedMessage`]) and checks it.
+//! The readers of the bench's output: its NATS stream (an ordered pull consumer), Kafka
+//! topic (read committed), Redis streams (`XREAD`), RabbitMQ queue (a consumer without
+//! acks), file (tailed), or the messages an MQTT subscriber or the webhook receiver pushes;
+//! each message decoded as any consumer would ([`ReceivedMessage`]), and where the output
+//! ends once the relays have stopped.
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use futures::StreamExt as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::DropGuard;
 
 use ferry::ReceivedMessage;
 use ferry::amqp::decode_delivery;
@@ -24,8 +24,8 @@ use ferry::redis_stream::decode_stream_id;
 use ferry::redis_stream::redis::streams::{StreamReadOptions, StreamReadReply};
 use ferry::redis_stream::redis::{self, AsyncCommands as _};
 
-use super::check::{Checker, Latency, Verdict};
-use super::target::SinkTarget;
+use crate::decoded::Decoded;
+use crate::target::SinkTarget;
 
 /// How long one read waits before the consumer looks at its flags again.
 const POLL: Duration = Duration::from_millis(100);
@@ -36,18 +36,12 @@ const DISCOVER_EVERY: Duration = Duration::from_millis(500);
 /// Entries one `XREAD` returns at most.
 const XREAD_COUNT: usize = 2000;
 
-/// How long the final read to the end may go without a message before it gives up.
-const FINAL_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A message as a consumer decoded it, or why it could not be.
-pub(super) type Decoded = Result<ReceivedMessage, String>;
-
 /// How long a channel-fed reader (MQTT, webhook) must stay quiet, once the relays have
 /// stopped, before its output counts as complete: those sinks have no end marker to read.
 const QUIET_END: Duration = Duration::from_secs(2);
 
 /// Where messages are read from.
-enum Reader {
+pub(crate) enum Reader {
     Nats {
         stream: Box<jetstream::stream::Stream>,
         messages: Box<jetstream::consumer::pull::Ordered>,
@@ -62,7 +56,7 @@ enum Reader {
         /// Each stream and the id of its last entry read.
         streams: Vec<(String, String)>,
         discovered: Option<Instant>,
-        decoded: VecDeque<Result<ReceivedMessage, String>>,
+        decoded: VecDeque<Decoded>,
         read: u64,
     },
     Amqp {
@@ -111,7 +105,7 @@ impl std::fmt::Debug for Reader {
 
 /// Where a finished run's output ends.
 #[derive(Debug, Clone)]
-enum End {
+pub(crate) enum End {
     /// The stream's last sequence when the relays had stopped.
     Sequence(u64),
     /// How many messages the broker held (Redis: entries in all streams; RabbitMQ: read so
@@ -127,7 +121,7 @@ enum End {
 }
 
 impl Reader {
-    async fn open(target: &SinkTarget) -> anyhow::Result<Self> {
+    pub(crate) async fn open(target: &SinkTarget) -> anyhow::Result<Self> {
         match target {
             SinkTarget::Nats {
                 jetstream, stream, ..
@@ -196,7 +190,7 @@ impl Reader {
                 line: String::new(),
             }),
             SinkTarget::Mqtt { config, filter } => {
-                let (messages, task) = super::mqtt::subscribe(config, filter).await?;
+                let (messages, task) = crate::mqtt::subscribe(config, filter).await?;
                 Ok(Self::Channel {
                     messages,
                     last_at: Instant::now(),
@@ -218,8 +212,8 @@ impl Reader {
         pattern: &str,
         streams: &mut Vec<(String, String)>,
         discovered: &mut Option<Instant>,
-        decoded: &mut VecDeque<Result<ReceivedMessage, String>>,
-    ) -> anyhow::Result<Option<Result<ReceivedMessage, String>>> {
+        decoded: &mut VecDeque<Decoded>,
+    ) -> anyhow::Result<Option<Decoded>> {
         if let Some(message) = decoded.pop_front() {
             return Ok(Some(message));
         }
@@ -263,7 +257,7 @@ impl Reader {
     }
 
     /// The next message, or `None` when none came within [`POLL`] (or at the file's end).
-    async fn next(&mut self) -> anyhow::Result<Option<Result<ReceivedMessage, String>>> {
+    pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Decoded>> {
         match self {
             Self::Nats {
                 messages, position, ..
@@ -347,7 +341,7 @@ impl Reader {
     }
 
     /// Where the output ends, asked once the relays have stopped.
-    async fn end(&mut self) -> anyhow::Result<End> {
+    pub(crate) async fn end(&mut self) -> anyhow::Result<End> {
         match self {
             Self::Nats { stream, .. } => {
                 let info = stream
@@ -407,7 +401,7 @@ impl Reader {
     }
 
     /// Whether everything up to `end` was read; for a file, after `next` found nothing.
-    fn reached(&self, end: &End, idle: bool) -> anyhow::Result<bool> {
+    pub(crate) fn reached(&self, end: &End, idle: bool) -> anyhow::Result<bool> {
         Ok(match (self, end) {
             (Self::Nats { position, .. }, End::Sequence(last)) => position >= last,
             #[cfg(feature = "kafka")]
@@ -431,142 +425,4 @@ async fn open_file(path: &Path) -> anyhow::Result<tokio::fs::File> {
     tokio::fs::File::open(path)
         .await
         .with_context(|| format!("opening the bench file {}", path.display()))
-}
-
-/// Counters the consumer shares with the progress line.
-#[derive(Debug)]
-pub(super) struct Consumed {
-    origin: Instant,
-    /// Planned messages received for the first time.
-    distinct: AtomicU64,
-    /// When the last of them arrived, in microseconds after `origin`.
-    last_micros: AtomicU64,
-}
-
-impl Consumed {
-    pub(super) fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-            distinct: AtomicU64::new(0),
-            last_micros: AtomicU64::new(0),
-        }
-    }
-
-    pub(super) fn distinct(&self) -> u64 {
-        self.distinct.load(Ordering::Relaxed)
-    }
-
-    /// When the last planned message was first received.
-    pub(super) fn last_at(&self) -> Instant {
-        self.origin + Duration::from_micros(self.last_micros.load(Ordering::Relaxed))
-    }
-
-    fn record(&self, at: Instant) {
-        let micros = u64::try_from(at.saturating_duration_since(self.origin).as_micros())
-            .unwrap_or(u64::MAX);
-        self.last_micros.store(micros, Ordering::Relaxed);
-        self.distinct.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// A running consumer.
-#[derive(Debug)]
-pub(super) struct Consumer {
-    reader: Reader,
-    checker: Checker,
-    consumed: Arc<Consumed>,
-    latency: Option<Arc<Latency>>,
-    first_error: Option<String>,
-}
-
-/// What the consumer saw, once it has read everything.
-#[derive(Debug)]
-pub(super) struct ConsumerReport {
-    pub(super) checker: Checker,
-    /// The first message that could not be decoded, and why.
-    pub(super) first_error: Option<String>,
-}
-
-impl Consumer {
-    /// Opens the reader at the start of the bench's stream or file.
-    pub(super) async fn open(
-        target: &SinkTarget,
-        checker: Checker,
-        latency: Option<Arc<Latency>>,
-        consumed: Arc<Consumed>,
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
-            reader: Reader::open(target).await?,
-            checker,
-            consumed,
-            latency,
-            first_error: None,
-        })
-    }
-
-    /// Reads until `finish` fires, then on to the end of what the (stopped) relays wrote,
-    /// so that late duplicates are counted too. Returns early if `stop` fires.
-    pub(super) async fn run(
-        mut self,
-        finish: CancellationToken,
-        stop: CancellationToken,
-    ) -> anyhow::Result<ConsumerReport> {
-        let mut end = None;
-        let mut idle_since = None;
-        while !stop.is_cancelled() {
-            if end.is_none() && finish.is_cancelled() {
-                end = Some(self.reader.end().await?);
-            }
-            if let Some(end) = &end
-                && self.reader.reached(end, false)?
-            {
-                break;
-            }
-            match self.reader.next().await? {
-                Some(decoded) => {
-                    idle_since = None;
-                    self.handle(decoded, Instant::now());
-                }
-                None => {
-                    let Some(end) = &end else { continue };
-                    if self.reader.reached(end, true)? {
-                        break;
-                    }
-                    let idle = *idle_since.get_or_insert_with(Instant::now);
-                    if idle.elapsed() > FINAL_READ_TIMEOUT {
-                        bail!(
-                            "the bench output stopped short of its end ({end:?}) for {} s",
-                            FINAL_READ_TIMEOUT.as_secs()
-                        );
-                    }
-                }
-            }
-        }
-        Ok(ConsumerReport {
-            checker: self.checker,
-            first_error: self.first_error,
-        })
-    }
-
-    fn handle(&mut self, decoded: Result<ReceivedMessage, String>, at: Instant) {
-        let message = match decoded {
-            Ok(message) => message,
-            Err(err) => {
-                self.checker.undecodable();
-                self.first_error.get_or_insert(err);
-                return;
-            }
-        };
-        let verdict = self.checker.record(
-            &message.aggregate_type,
-            &message.aggregate_id,
-            message.version,
-        );
-        if verdict == Verdict::New {
-            if let Some(latency) = &self.latency {
-                latency.received(message.id, at);
-            }
-            self.consumed.record(at);
-        }
-    }
 }

@@ -9,29 +9,29 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use uuid::Uuid;
 
-use super::plan::AGGREGATE_TYPE;
+use crate::plan::AGGREGATE_TYPE;
 
 /// Counts of what arrived.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Tally {
+pub(crate) struct Tally {
     /// Every message read from the sink.
-    pub(super) received: u64,
+    pub(crate) received: u64,
     /// Planned versions received for the first time.
-    pub(super) distinct: u64,
+    pub(crate) distinct: u64,
     /// Versions received again. The bench's tables are new, so each version of an
     /// aggregate has exactly one message id: a repeated version is a repeated id.
-    pub(super) duplicates: u64,
+    pub(crate) duplicates: u64,
     /// Versions that arrived after a higher version of the same aggregate.
-    pub(super) out_of_order: u64,
+    pub(crate) out_of_order: u64,
     /// Messages no producer committed: another aggregate, or a version beyond the plan.
-    pub(super) unexpected: u64,
+    pub(crate) unexpected: u64,
     /// Messages that are not valid CloudEvents of ferry's shape.
-    pub(super) undecodable: u64,
+    pub(crate) undecodable: u64,
 }
 
 /// What a received message turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Verdict {
+pub(crate) enum Verdict {
     New,
     Duplicate,
     Unexpected,
@@ -40,7 +40,7 @@ pub(super) enum Verdict {
 /// Per-aggregate bookkeeping in one bit per planned message, so that checking a million
 /// messages costs the bench process kilobytes, not the megabytes of an id set.
 #[derive(Debug)]
-pub(super) struct Checker {
+pub(crate) struct Checker {
     /// `offsets[i]..offsets[i + 1]` are aggregate `i`'s bits, one per planned version.
     offsets: Vec<u64>,
     seen: Vec<u64>,
@@ -51,7 +51,7 @@ pub(super) struct Checker {
 
 impl Checker {
     /// `versions[i]` is how many versions aggregate `i` is planned to get.
-    pub(super) fn new(versions: &[u64]) -> Self {
+    pub(crate) fn new(versions: &[u64]) -> Self {
         let mut offsets = Vec::with_capacity(versions.len() + 1);
         let mut total = 0;
         offsets.push(0);
@@ -67,7 +67,7 @@ impl Checker {
         }
     }
 
-    pub(super) fn record(
+    pub(crate) fn record(
         &mut self,
         aggregate_type: &str,
         aggregate_id: &str,
@@ -103,22 +103,22 @@ impl Checker {
         Verdict::New
     }
 
-    pub(super) fn undecodable(&mut self) {
+    pub(crate) fn undecodable(&mut self) {
         self.tally.received += 1;
         self.tally.undecodable += 1;
     }
 
-    pub(super) fn tally(&self) -> Tally {
+    pub(crate) fn tally(&self) -> Tally {
         self.tally
     }
 
     /// Planned versions never received.
-    pub(super) fn missing(&self) -> u64 {
+    pub(crate) fn missing(&self) -> u64 {
         self.offsets.last().copied().unwrap_or(0) - self.tally.distinct
     }
 
     /// The sum of every kind of failure: zero means the run kept ferry's guarantees.
-    pub(super) fn problems(&self) -> u64 {
+    pub(crate) fn problems(&self) -> u64 {
         let t = &self.tally;
         self.missing() + t.duplicates + t.out_of_order + t.unexpected + t.undecodable
     }
@@ -126,7 +126,7 @@ impl Checker {
 
 /// Commit-to-consume latency in live mode, in microseconds.
 #[derive(Debug)]
-pub(super) struct Latency {
+pub(crate) struct Latency {
     pending: Mutex<HashMap<Uuid, Seen>>,
     histogram: Mutex<Histogram<u64>>,
     /// Messages consumed before their producer's `commit()` had returned.
@@ -145,7 +145,7 @@ enum Seen {
 const LATENCY_CEILING: Duration = Duration::from_secs(600);
 
 impl Latency {
-    pub(super) fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         Ok(Self {
             pending: Mutex::default(),
             histogram: Mutex::new(Histogram::new_with_bounds(
@@ -158,7 +158,7 @@ impl Latency {
     }
 
     /// Called right after `commit()` returned for `ids`.
-    pub(super) fn committed(&self, ids: &[Uuid], at: Instant) {
+    pub(crate) fn committed(&self, ids: &[Uuid], at: Instant) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         for id in ids {
             match pending.remove(id) {
@@ -175,7 +175,7 @@ impl Latency {
     }
 
     /// Called when a message is consumed for the first time.
-    pub(super) fn received(&self, id: Uuid, at: Instant) {
+    pub(crate) fn received(&self, id: Uuid, at: Instant) {
         let committed = {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
             match pending.remove(&id) {
@@ -199,14 +199,14 @@ impl Latency {
             .saturating_record(micros.max(1));
     }
 
-    pub(super) fn histogram(&self) -> Histogram<u64> {
+    pub(crate) fn histogram(&self) -> Histogram<u64> {
         self.histogram
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    pub(super) fn early(&self) -> u64 {
+    pub(crate) fn early(&self) -> u64 {
         self.early.load(Ordering::Relaxed)
     }
 }

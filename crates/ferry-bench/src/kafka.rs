@@ -23,7 +23,7 @@ fn admin(config: &KafkaSinkConfig) -> anyhow::Result<AdminClient<DefaultClientCo
 }
 
 /// Creates `topics` with the sink's partition count and replication factor.
-pub(super) async fn create_topics(config: &KafkaSinkConfig, topics: &[&str]) -> anyhow::Result<()> {
+pub(crate) async fn create_topics(config: &KafkaSinkConfig, topics: &[&str]) -> anyhow::Result<()> {
     let replication = config.topic_replication_factor.map_or(-1, i32::from);
     let partitions = i32::try_from(config.topic_partitions)?;
     let new: Vec<NewTopic<'_>> = topics
@@ -43,7 +43,7 @@ pub(super) async fn create_topics(config: &KafkaSinkConfig, topics: &[&str]) -> 
     Ok(())
 }
 
-pub(super) async fn delete_topics(config: &KafkaSinkConfig, topics: &[&str]) -> anyhow::Result<()> {
+pub(crate) async fn delete_topics(config: &KafkaSinkConfig, topics: &[&str]) -> anyhow::Result<()> {
     for result in admin(config)?
         .delete_topics(topics, &AdminOptions::new())
         .await?
@@ -58,21 +58,21 @@ pub(super) async fn delete_topics(config: &KafkaSinkConfig, topics: &[&str]) -> 
 
 /// What the raw loops send.
 #[derive(Debug)]
-pub(super) struct RawLoad<'a> {
-    pub(super) topic: &'a str,
-    pub(super) messages: u64,
-    pub(super) aggregates: u32,
-    pub(super) payload: &'a [u8],
+pub(crate) struct RawLoad<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) messages: u64,
+    pub(crate) aggregates: u32,
+    pub(crate) payload: &'a [u8],
     /// Records per transaction in the transactional loop (the relay's batch size).
-    pub(super) batch: usize,
+    pub(crate) batch: usize,
     /// Concurrent transactional producers (the outbox's partitions).
-    pub(super) producers: u32,
+    pub(crate) producers: u32,
 }
 
 /// Runs both raw loops and prints their rates: one idempotent `acks=all` producer with
 /// every record in flight at once, then `producers` transactional producers committing
 /// `batch` records per transaction, as the relays do.
-pub(super) async fn print_raw_ceiling(
+pub(crate) async fn print_raw_ceiling(
     config: &KafkaSinkConfig,
     load: &RawLoad<'_>,
 ) -> anyhow::Result<()> {
@@ -152,7 +152,7 @@ async fn send_all(
     for n in range {
         let key = format!(
             "{}/{}",
-            super::plan::AGGREGATE_TYPE,
+            crate::plan::AGGREGATE_TYPE,
             n % u64::from(load.aggregates)
         );
         let mut headers = OwnedHeaders::new_with_capacity(11);

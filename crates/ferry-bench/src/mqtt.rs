@@ -14,7 +14,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use ferry::mqtt::{MqttSinkConfig, received_publish};
 
-use super::consume::Decoded;
+use crate::decoded::Decoded;
 
 fn options(config: &MqttSinkConfig, role: &str) -> anyhow::Result<MqttOptions> {
     let suffix = &uuid::Uuid::now_v7().simple().to_string()[16..];
@@ -42,7 +42,7 @@ async fn poll_until(
 
 /// Subscribes to `filter` at QoS 1 and forwards every message, decoded as a consumer would
 /// ([`received_message`]), until the guard drops.
-pub(super) async fn subscribe(
+pub(crate) async fn subscribe(
     config: &MqttSinkConfig,
     filter: &str,
 ) -> anyhow::Result<(mpsc::UnboundedReceiver<Decoded>, DropGuard)> {
@@ -91,7 +91,7 @@ pub(super) async fn subscribe(
 /// One rumqttc client publishing `messages` QoS 1 messages of `payload_bytes` to `topic`
 /// with up to `in_flight` unacknowledged, without properties; returns the elapsed time
 /// from the first publish to the last PUBACK.
-pub(super) async fn raw_ceiling(
+pub(crate) async fn raw_ceiling(
     config: &MqttSinkConfig,
     topic: &str,
     messages: u64,

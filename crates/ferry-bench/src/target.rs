@@ -1,7 +1,7 @@
-//! The bench's own tables, stream and file: a bench never reads or writes the user's
-//! outbox or stream, and removes what it made unless asked to keep it.
+//! What the bench made and must remove: its outbox (through an admin store) and its
+//! stream, topics, queue or file; and the sink's raw ceiling, measured on them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -9,109 +9,34 @@ use async_nats::jetstream;
 use async_nats::{ConnectOptions, ServerAddr};
 use secrecy::ExposeSecret;
 
+use ferry::amqp::AmqpSinkConfig;
 use ferry::amqp::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use ferry::amqp::lapin::{self, ConnectionProperties};
-use ferry::amqp::{AmqpDeclare, AmqpSinkConfig};
 use ferry::file::FileSinkConfig;
 use ferry::mqtt::MqttSinkConfig;
 use ferry::nats::NatsSinkConfig;
 use ferry::redis_stream::redis::{self, AsyncCommands as _};
+use ferry_cli::config::{Config, SinkConfig, StoreConfig};
+use ferry_cli::wiring;
 
+use crate::cleanup::remove_outbox;
 #[cfg(feature = "kafka")]
-use super::plan::AGGREGATE_TYPE;
-use crate::config::{Config, SinkConfig, StoreConfig};
-use crate::wiring;
-
-/// Points `config` at names of the bench's own, derived from `tag`: tables `bench_<tag>_*`
-/// (Redis keys `bench:<tag>:*`); for NATS the stream `<stream>_bench_<tag>` with subjects `<stream>_bench_<tag>.>`; for
-/// Kafka the topic `ferry_bench_<tag>.bench` and transactional ids
-/// `<prefix>-bench-<tag>-p<N>`; for Redis streams `bench_<tag>.<stream_template>`; for
-/// RabbitMQ the exchange and queue `bench_<tag>`, declared by the sink (topic, bound with
-/// `#`); for a file sink `<stem>.bench_<tag>.jsonl` next to the configured file. Refuses
-/// stdout, which the bench cannot read back.
-pub(super) fn isolate(config: &mut Config, tag: &str) -> anyhow::Result<()> {
-    config.outbox.table_prefix = format!("bench_{tag}_");
-    if let StoreConfig::Redis { key_prefix, .. } = &mut config.store {
-        *key_prefix = format!("bench:{tag}:");
-    }
-    match &mut config.sink {
-        SinkConfig::Nats(nats) => {
-            let name = format!("{}_bench_{tag}", nats.stream);
-            nats.subject_template = bench_template(&nats.subject_template, &name, '.');
-            nats.subjects = vec![format!("{name}.>")];
-            nats.stream = name;
-        }
-        #[cfg(feature = "kafka")]
-        SinkConfig::Kafka(kafka) => {
-            kafka.topic_template = format!("ferry_bench_{tag}.{{aggregate_type}}");
-            kafka.transactional_id_prefix =
-                format!("{}-bench-{tag}", kafka.transactional_id_prefix);
-        }
-        #[cfg(not(feature = "kafka"))]
-        SinkConfig::Kafka(_) => return Err(crate::config::kafka_not_built()),
-        SinkConfig::RedisStream(redis) => {
-            redis.stream_template = format!("bench_{tag}.{}", redis.stream_template);
-        }
-        SinkConfig::Amqp(amqp) => {
-            let name = format!("bench_{tag}");
-            amqp.exchange_template = name.clone();
-            amqp.declare = Some(AmqpDeclare {
-                queue: Some(name),
-                ..AmqpDeclare::default()
-            });
-        }
-        SinkConfig::File(file) if file.path != Path::new("-") => {
-            let stem = file
-                .path
-                .file_stem()
-                .map_or_else(|| "ferry".into(), |s| s.to_string_lossy().into_owned());
-            file.path = file
-                .path
-                .with_file_name(format!("{stem}.bench_{tag}.jsonl"));
-        }
-        SinkConfig::Mqtt(mqtt) => {
-            mqtt.topic_template =
-                bench_template(&mqtt.topic_template, &format!("bench_{tag}"), '/');
-        }
-        SinkConfig::Webhook(webhook) => {
-            // The bench posts to a receiver of its own; Target::create puts its port in.
-            webhook.url = format!("http://127.0.0.1:9/bench_{tag}/{{aggregate_type}}");
-            webhook.signing_secret = None;
-            webhook.bearer_token = None;
-        }
-        SinkConfig::File(_) | SinkConfig::Stdout { .. } => bail!(
-            "ferry bench cannot read its messages back from stdout: use a config whose sink is \
-             nats or a file (e.g. examples/postgres-nats.toml)"
-        ),
-    }
-    config
-        .validate()
-        .context("the bench's derived names do not make a valid config")
-}
-
-/// The configured subject or topic template with its first level (levels separated by
-/// `separator`) replaced by `prefix` when that level is fixed text
-/// (`ferry.{aggregate_type}.{event_type}` becomes `<prefix>.{aggregate_type}.{event_type}`),
-/// else with `prefix` and the separator put in front.
-fn bench_template(template: &str, prefix: &str, separator: char) -> String {
-    match template.split_once(separator) {
-        Some((first, rest)) if !first.contains('{') => format!("{prefix}{separator}{rest}"),
-        _ => format!("{prefix}{separator}{template}"),
-    }
-}
+use crate::plan::AGGREGATE_TYPE;
+use crate::raw::RawTarget;
+use crate::webhook::Receiver;
 
 /// What the bench made and must remove: its tables or keys (through an admin store) and
 /// its stream or file.
 #[derive(Debug)]
-pub(super) struct Target {
+pub(crate) struct Target {
     /// The table prefix, or the key prefix for Redis.
-    pub(super) prefix: String,
-    pub(super) store: wiring::Store,
-    pub(super) sink: SinkTarget,
+    pub(crate) prefix: String,
+    pub(crate) store: wiring::Store,
+    pub(crate) sink: SinkTarget,
 }
 
 #[derive(Debug)]
-pub(super) enum SinkTarget {
+pub(crate) enum SinkTarget {
     Nats {
         jetstream: Box<jetstream::Context>,
         stream: String,
@@ -145,13 +70,13 @@ pub(super) enum SinkTarget {
         /// `<bench prefix>/#`: every topic the bench's template renders.
         filter: String,
     },
-    Webhook(super::webhook::Receiver),
+    Webhook(Receiver),
 }
 
 impl Target {
     /// Connects to the sink (for the consumer and the clean-up) and the store, and creates
     /// the bench's tables. Nothing is created before both are reachable.
-    pub(super) async fn create(config: &mut Config) -> anyhow::Result<Self> {
+    pub(crate) async fn create(config: &mut Config) -> anyhow::Result<Self> {
         let sink = match &mut config.sink {
             SinkConfig::Nats(nats) => SinkTarget::Nats {
                 jetstream: Box::new(jetstream::new(connect_nats(nats).await?)),
@@ -167,7 +92,7 @@ impl Target {
                         .replace("{aggregate_type}", aggregate_type)
                 };
                 let (topic, raw_topic) = (topic_of(AGGREGATE_TYPE), topic_of("raw"));
-                super::kafka::create_topics(kafka, &[&topic, &raw_topic]).await?;
+                crate::kafka::create_topics(kafka, &[&topic, &raw_topic]).await?;
                 SinkTarget::Kafka {
                     config: Box::new(kafka.clone()),
                     topic,
@@ -175,7 +100,7 @@ impl Target {
                 }
             }
             #[cfg(not(feature = "kafka"))]
-            SinkConfig::Kafka(_) => return Err(crate::config::kafka_not_built()),
+            SinkConfig::Kafka(_) => return Err(crate::isolate::kafka_not_built()),
             SinkConfig::RedisStream(redis) => {
                 let url = redis.url.expose_secret();
                 // Reads of thousands of entries on a busy box outlast the 500 ms default.
@@ -212,7 +137,7 @@ impl Target {
                 config: mqtt.clone(),
             },
             SinkConfig::Webhook(webhook) => {
-                let receiver = super::webhook::Receiver::start().await?;
+                let receiver = Receiver::start().await?;
                 webhook.url = webhook
                     .url
                     .replace("127.0.0.1:9", &receiver.addr.to_string());
@@ -236,7 +161,7 @@ impl Target {
     }
 
     /// Where the messages go, for the report.
-    pub(super) fn describe_sink(&self) -> String {
+    pub(crate) fn describe_sink(&self) -> String {
         match &self.sink {
             SinkTarget::Nats {
                 stream, subjects, ..
@@ -263,7 +188,7 @@ impl Target {
     /// The broker's or receiver's own ceiling, measured the same way the sink would be
     /// used but without ferry (no outbox, no CloudEvents): one line per measurement, none
     /// for sinks without one here (Kafka's is measured before the relays start).
-    pub(super) async fn raw_ceiling(
+    pub(crate) async fn raw_ceiling(
         &self,
         messages: u64,
         payload: &str,
@@ -274,7 +199,7 @@ impl Target {
             SinkTarget::Mqtt { config, filter } => {
                 let topic = format!("{}_raw/x", filter.trim_end_matches("/#"));
                 let elapsed =
-                    super::mqtt::raw_ceiling(config, &topic, messages, payload.len()).await?;
+                    crate::mqtt::raw_ceiling(config, &topic, messages, payload.len()).await?;
                 vec![format!(
                     "raw ceiling: one rumqttc client publishing QoS 1 without properties, up to {} in flight: {messages} in {:.2} s, {:.0} msg/s",
                     config.max_in_flight,
@@ -292,8 +217,23 @@ impl Target {
                     rate(elapsed)
                 )]
             }
-            SinkTarget::RedisStream { .. } | SinkTarget::Amqp { .. } => {
-                super::raw::ceiling(&self.sink, messages, payload).await?
+            SinkTarget::RedisStream {
+                connection,
+                raw_stream,
+                ..
+            } => {
+                let target = RawTarget::Redis {
+                    connection,
+                    stream: raw_stream,
+                };
+                crate::raw::ceiling(target, messages, payload).await?
+            }
+            SinkTarget::Amqp { connection, name } => {
+                let target = RawTarget::Amqp {
+                    connection,
+                    exchange: name,
+                };
+                crate::raw::ceiling(target, messages, payload).await?
             }
             #[cfg(feature = "kafka")]
             SinkTarget::Kafka { .. } => Vec::new(),
@@ -302,7 +242,7 @@ impl Target {
     }
 
     /// The bench's tables or keys, for the report.
-    pub(super) fn describe_store(&self) -> String {
+    pub(crate) fn describe_store(&self) -> String {
         match &self.store {
             wiring::Store::Redis(_) => format!("keys {}*", self.prefix),
             wiring::Store::Postgres(_) | wiring::Store::Sqlite(_) | wiring::Store::Mysql(_) => {
@@ -312,7 +252,7 @@ impl Target {
     }
 
     /// The bench's tables or keys and stream or file, for the report.
-    pub(super) fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let sink = match &self.sink {
             SinkTarget::Nats { stream, .. } => format!("stream {stream}"),
             #[cfg(feature = "kafka")]
@@ -330,15 +270,10 @@ impl Target {
 
     /// Drops the bench's tables and functions (or deletes its Redis keys) and deletes its
     /// stream or file; returns what it removed, for the report.
-    pub(super) async fn remove(&self) -> anyhow::Result<String> {
-        let prefix = &self.prefix;
-        match &self.store {
-            wiring::Store::Postgres(outbox) => drop_postgres(outbox.pool(), prefix).await,
-            wiring::Store::Sqlite(outbox) => drop_sqlite(outbox.pool(), prefix).await,
-            wiring::Store::Mysql(outbox) => drop_mysql(outbox.pool(), prefix).await,
-            wiring::Store::Redis(outbox) => outbox.remove().await.map(drop).map_err(Into::into),
-        }
-        .with_context(|| format!("removing the bench's {}", self.describe_store()))?;
+    pub(crate) async fn remove(&self) -> anyhow::Result<String> {
+        remove_outbox(&self.store, &self.prefix)
+            .await
+            .with_context(|| format!("removing the bench's {}", self.describe_store()))?;
         match &self.sink {
             SinkTarget::Nats {
                 jetstream, stream, ..
@@ -356,7 +291,7 @@ impl Target {
                 config,
                 topic,
                 raw_topic,
-            } => super::kafka::delete_topics(config, &[topic, raw_topic])
+            } => crate::kafka::delete_topics(config, &[topic, raw_topic])
                 .await
                 .context("deleting the bench topics")?,
             SinkTarget::RedisStream {
@@ -433,173 +368,11 @@ async fn connect_nats(config: &NatsSinkConfig) -> anyhow::Result<async_nats::Cli
 }
 
 /// A connection with the sink's URL, for reading the queue back.
-pub(super) async fn connect_amqp(config: &AmqpSinkConfig) -> anyhow::Result<lapin::Connection> {
+async fn connect_amqp(config: &AmqpSinkConfig) -> anyhow::Result<lapin::Connection> {
     lapin::Connection::connect(
         config.url.expose_secret(),
         ConnectionProperties::default().with_connection_name("ferry-bench".into()),
     )
     .await
     .context("connecting to RabbitMQ (sink.url)")
-}
-
-/// Drops every table and function whose name starts with `prefix` (the trigger, indexes
-/// and identity sequences go with their tables).
-async fn drop_postgres(pool: &sqlx::PgPool, prefix: &str) -> anyhow::Result<()> {
-    let mut tx = pool.begin().await?;
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT format('%I', tablename) FROM pg_tables \
-         WHERE schemaname = current_schema() AND starts_with(tablename, $1)",
-    )
-    .bind(prefix)
-    .fetch_all(&mut *tx)
-    .await?;
-    if !tables.is_empty() {
-        let sql = format!("DROP TABLE IF EXISTS {} CASCADE", tables.join(", "));
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut *tx)
-            .await?;
-    }
-    let functions: Vec<String> = sqlx::query_scalar(
-        "SELECT p.oid::regprocedure::text FROM pg_proc p \
-         WHERE p.pronamespace = current_schema()::regnamespace AND starts_with(p.proname, $1)",
-    )
-    .bind(prefix)
-    .fetch_all(&mut *tx)
-    .await?;
-    for function in functions {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP FUNCTION IF EXISTS {function}"
-        )))
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-/// Drops every table, procedure and function of the current database whose name starts
-/// with `prefix`.
-async fn drop_mysql(pool: &sqlx::MySqlPool, prefix: &str) -> anyhow::Result<()> {
-    // LIKE would read the prefix's '_' as a wildcard: compare the leading characters.
-    let objects: Vec<(String, String)> = sqlx::query_as(
-        "SELECT 'TABLE', table_name FROM information_schema.tables \
-         WHERE table_schema = DATABASE() AND LEFT(table_name, CHAR_LENGTH(?)) = ? \
-         UNION ALL SELECT routine_type, routine_name FROM information_schema.routines \
-         WHERE routine_schema = DATABASE() AND LEFT(routine_name, CHAR_LENGTH(?)) = ?",
-    )
-    .bind(prefix)
-    .bind(prefix)
-    .bind(prefix)
-    .bind(prefix)
-    .fetch_all(pool)
-    .await?;
-    for (kind, name) in objects {
-        let quoted = name.replace('`', "``");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP {kind} IF EXISTS `{quoted}`"
-        )))
-        .execute(pool)
-        .await?;
-    }
-    Ok(())
-}
-
-/// Drops every table whose name starts with `prefix` (indexes and triggers go with them).
-async fn drop_sqlite(pool: &sqlx::SqlitePool, prefix: &str) -> anyhow::Result<()> {
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, length(?1)) = ?1",
-    )
-    .bind(prefix)
-    .fetch_all(pool)
-    .await?;
-    for table in tables {
-        let quoted = table.replace('"', "\"\"");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP TABLE IF EXISTS \"{quoted}\""
-        )))
-        .execute(pool)
-        .await?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn templates_move_under_the_bench_prefix() {
-        assert_eq!(
-            bench_template("ferry.{aggregate_type}.{event_type}", "FERRY_bench_1", '.'),
-            "FERRY_bench_1.{aggregate_type}.{event_type}"
-        );
-        assert_eq!(
-            bench_template("{aggregate_type}.{event_type}", "B", '.'),
-            "B.{aggregate_type}.{event_type}"
-        );
-        assert_eq!(bench_template("{event_type}", "B", '.'), "B.{event_type}");
-        assert_eq!(
-            bench_template("x{partition}.y", "B", '.'),
-            "B.x{partition}.y"
-        );
-    }
-
-    fn config(sink: &str) -> Config {
-        Config::from_toml(&format!(
-            "[store]\ntype = \"sqlite\"\npath = \"x.db\"\n[sink]\n{sink}\n"
-        ))
-        .expect("valid config")
-    }
-
-    #[test]
-    fn nats_and_file_sinks_get_names_of_their_own() {
-        let mut nats = config("type = \"nats\"\nstream = \"ORDERS\"");
-        isolate(&mut nats, "ab12").expect("isolated");
-        assert_eq!(nats.outbox.table_prefix, "bench_ab12_");
-        let SinkConfig::Nats(sink) = &nats.sink else {
-            panic!("still nats")
-        };
-        assert_eq!(sink.stream, "ORDERS_bench_ab12");
-        assert_eq!(sink.subjects, ["ORDERS_bench_ab12.>"]);
-        assert_eq!(
-            sink.subject_template,
-            "ORDERS_bench_ab12.{aggregate_type}.{event_type}"
-        );
-
-        let mut file = config("type = \"file\"\npath = \"/var/events.jsonl\"");
-        isolate(&mut file, "ab12").expect("isolated");
-        let SinkConfig::File(sink) = &file.sink else {
-            panic!("still a file")
-        };
-        assert_eq!(sink.path, Path::new("/var/events.bench_ab12.jsonl"));
-    }
-
-    #[test]
-    fn redis_and_rabbitmq_get_names_of_their_own() {
-        let mut redis = config("type = \"redis_stream\"");
-        isolate(&mut redis, "ab12").expect("isolated");
-        let SinkConfig::RedisStream(sink) = &redis.sink else {
-            panic!("still redis")
-        };
-        assert_eq!(
-            sink.stream_template,
-            "bench_ab12.ferry.{aggregate_type}.{partition}"
-        );
-        let mut amqp = config("type = \"amqp\"\nexchange_template = \"shop.{aggregate_type}\"");
-        isolate(&mut amqp, "ab12").expect("isolated");
-        let SinkConfig::Amqp(sink) = &amqp.sink else {
-            panic!("still amqp")
-        };
-        assert_eq!(sink.exchange_template, "bench_ab12");
-        let declare = sink.declare.as_ref().expect("declares its own queue");
-        assert_eq!(declare.queue.as_deref(), Some("bench_ab12"));
-    }
-
-    #[test]
-    fn stdout_is_refused() {
-        for sink in ["type = \"stdout\"", "type = \"file\"\npath = \"-\""] {
-            let err = isolate(&mut config(sink), "ab12").expect_err("refused");
-            assert!(err.to_string().contains("stdout"), "{err}");
-        }
-    }
 }

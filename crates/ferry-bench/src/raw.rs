@@ -12,30 +12,38 @@ use ferry::amqp::lapin::{self, BasicProperties, Confirmation};
 use ferry::cloudevents::BINARY_ATTRIBUTE_NAMES;
 use ferry::redis_stream::redis;
 
-use super::target::SinkTarget;
-
 /// Messages per raw measurement at most: enough for a steady rate.
-pub(super) const RAW_MESSAGES_MAX: u64 = 200_000;
+const RAW_MESSAGES_MAX: u64 = 200_000;
 
 /// Publishes in flight (or per pipeline) at once.
 const WINDOW: usize = 1000;
 
-/// Lines to print with the broker's raw ceiling, for the sinks that have one measured here.
-pub(super) async fn ceiling(
-    target: &SinkTarget,
+/// A broker whose raw ceiling is measured here, and where the raw loop publishes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RawTarget<'a> {
+    Redis {
+        connection: &'a redis::aio::MultiplexedConnection,
+        stream: &'a str,
+    },
+    Amqp {
+        connection: &'a lapin::Connection,
+        exchange: &'a str,
+    },
+}
+
+/// Lines to print with the broker's raw ceiling: bare messages, then messages with fields
+/// or headers shaped like ferry's.
+pub(crate) async fn ceiling(
+    target: RawTarget<'_>,
     messages: u64,
     payload: &str,
 ) -> anyhow::Result<Vec<String>> {
     let messages = messages.min(RAW_MESSAGES_MAX);
-    Ok(match target {
-        SinkTarget::RedisStream {
-            connection,
-            raw_stream,
-            ..
-        } => {
-            let mut lines = Vec::new();
+    let mut lines = Vec::new();
+    match target {
+        RawTarget::Redis { connection, stream } => {
             for with_fields in [false, true] {
-                let rate = redis_rate(connection, raw_stream, messages, payload, with_fields)
+                let rate = redis_rate(connection, stream, messages, payload, with_fields)
                     .await
                     .context("measuring raw XADD")?;
                 lines.push(format!(
@@ -44,12 +52,13 @@ pub(super) async fn ceiling(
                     rate
                 ));
             }
-            lines
         }
-        SinkTarget::Amqp { connection, name } => {
-            let mut lines = Vec::new();
+        RawTarget::Amqp {
+            connection,
+            exchange,
+        } => {
             for with_headers in [false, true] {
-                let rate = amqp_rate(connection, name, messages, payload, with_headers)
+                let rate = amqp_rate(connection, exchange, messages, payload, with_headers)
                     .await
                     .context("measuring raw publishes with confirms")?;
                 lines.push(format!(
@@ -58,10 +67,9 @@ pub(super) async fn ceiling(
                     rate
                 ));
             }
-            lines
         }
-        _ => Vec::new(),
-    })
+    }
+    Ok(lines)
 }
 
 fn rate(messages: u64, started: Instant) -> f64 {

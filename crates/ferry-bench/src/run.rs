@@ -1,0 +1,283 @@
+//! One bench run: its own outbox and sink output, the producers, the relays and the
+//! consumer, in the mode asked for; then the figures and the clean-up.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use tokio_util::sync::CancellationToken;
+
+use ferry::{Relay, RelayStats};
+use ferry_cli::config::{Config, StoreConfig};
+use ferry_cli::wiring;
+
+use crate::args::{BenchArgs, Mode};
+use crate::check::{Checker, Latency};
+use crate::consume::{Consumed, Consumer};
+use crate::isolate;
+use crate::plan::Plan;
+use crate::produce::{self, ProducerStore, Production};
+use crate::report::{
+    print_check, print_drain, print_live, print_memory, print_relay_counters, rate,
+};
+use crate::running::{RelayTask, Running};
+use crate::target::Target;
+
+/// Runs the bench as `args` say, and removes what it made unless `--keep`.
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(&args.config)?;
+    if args.producers > args.aggregates {
+        bail!(
+            "--producers ({}) must not exceed --aggregates ({}): each producer writes \
+             aggregates of its own, so that producers never queue on each other's version locks",
+            args.producers,
+            args.aggregates
+        );
+    }
+    let max_payload = config.outbox.max_payload_bytes;
+    if args.payload_bytes > max_payload as u64 {
+        bail!(
+            "--payload-bytes {} exceeds outbox.max_payload_bytes = {max_payload} in {}",
+            args.payload_bytes,
+            args.config.display()
+        );
+    }
+    let tag = format!("{:08x}", rand::random::<u32>());
+    isolate::isolate(&mut config, &tag)?;
+    let target = Target::create(&mut config).await?;
+
+    let interrupt = ferry_cli::process::shutdown_on_signal()?;
+    let stop = CancellationToken::new();
+    let mut relays = Vec::new();
+    let outcome = tokio::select! {
+        outcome = execute(&args, &config, &target, &stop, &mut relays) => outcome,
+        () = interrupt.cancelled() => Err(anyhow!("interrupted")),
+    };
+    stop.cancel();
+    let shutdown = Duration::from_secs(config.relay.shutdown_timeout_secs + 5);
+    stop_relays(relays, shutdown).await;
+    if args.keep {
+        println!("kept: {}", target.describe());
+    } else {
+        match target.remove().await {
+            Ok(removed) => println!("removed: {removed}"),
+            Err(err) if outcome.is_ok() => return Err(err),
+            Err(err) => eprintln!("warning: clean-up failed: {err:#}"),
+        }
+    }
+    let problems = outcome?;
+    if problems > 0 {
+        bail!("the consistency check found {problems} problem(s): see the check line");
+    }
+    Ok(())
+}
+
+/// Runs the bench; returns the number of consistency problems found.
+async fn execute(
+    args: &BenchArgs,
+    config: &Config,
+    target: &Target,
+    stop: &CancellationToken,
+    relays: &mut Vec<RelayTask>,
+) -> anyhow::Result<u64> {
+    let live = args.mode == Mode::Live;
+    let per_tx = args.per_tx.unwrap_or(if live { 1 } else { 100 });
+    let plan = Plan {
+        messages: args.messages,
+        aggregates: args.aggregates,
+        producers: args.producers,
+    };
+    let partitions = config.outbox.partitions;
+    let store_kind = match config.store {
+        StoreConfig::Postgres { .. } => "postgres",
+        StoreConfig::Sqlite { .. } => "sqlite",
+        StoreConfig::Mysql { .. } => "mysql",
+        StoreConfig::Redis { .. } => "redis",
+    };
+    println!(
+        "bench: {} mode, {store_kind} -> {}",
+        if live { "live" } else { "drain" },
+        target.describe_sink()
+    );
+    println!(
+        "bench outbox: {} ({partitions} partitions)",
+        target.describe_store()
+    );
+    println!(
+        "workload: {} messages, {} aggregates, {} producers, {per_tx} per transaction, {}-byte payloads, {} relay(s), batch_size {}{}",
+        args.messages,
+        args.aggregates,
+        args.producers,
+        args.payload_bytes,
+        args.relays,
+        config.relay.batch_size,
+        if live {
+            format!(", target {} msg/s", args.rate)
+        } else {
+            String::new()
+        }
+    );
+
+    let latency = if live {
+        Some(Arc::new(Latency::new()?))
+    } else {
+        None
+    };
+    let production = Arc::new(Production {
+        store: ProducerStore::open(config, args.producers).await?,
+        plan,
+        per_tx,
+        payload: produce::payload(usize::try_from(args.payload_bytes)?),
+        rate: live.then_some(args.rate),
+        produced: Default::default(),
+        transactions: Default::default(),
+        latency: latency.clone(),
+    });
+    #[cfg(feature = "kafka")]
+    if let crate::target::SinkTarget::Kafka {
+        config: kafka_config,
+        raw_topic,
+        ..
+    } = &target.sink
+    {
+        let load = crate::kafka::RawLoad {
+            topic: raw_topic,
+            messages: args.messages,
+            aggregates: args.aggregates,
+            payload: production.payload.as_bytes(),
+            batch: config.relay.batch_size,
+            producers: partitions,
+        };
+        crate::kafka::print_raw_ceiling(kafka_config, &load).await?;
+    }
+    let (ready, stats) = open_relays(config, args.relays).await?;
+    let consumed = Arc::new(Consumed::new());
+    let open_consumer = || {
+        Consumer::open(
+            &target.sink,
+            Checker::new(&plan.versions()),
+            latency.clone(),
+            Arc::clone(&consumed),
+        )
+    };
+    let mut run = Running {
+        production: Arc::clone(&production),
+        stats,
+        consumed: Arc::clone(&consumed),
+        producers: Vec::new(),
+        consumer: None,
+    };
+    let progress_stop = CancellationToken::new();
+    let _progress = progress_stop.clone().drop_guard();
+    tokio::spawn(run.progress().report(progress_stop));
+    let finish = CancellationToken::new();
+    let relay_stop = stop.child_token();
+
+    let (relay_results, report) =
+        if live {
+            let consumer = open_consumer().await?;
+            run.consumer = Some(tokio::spawn(consumer.run(finish.clone(), stop.clone())));
+            relays.extend(
+                ready
+                    .into_iter()
+                    .map(|r| tokio::spawn(r.run(relay_stop.clone()))),
+            );
+            run.wait_for_leases(partitions, relays).await?;
+            let started = Instant::now();
+            run.start_producers(stop);
+            let outcome = run.wait(args.messages, relays).await?;
+            let finished = run.finish(&relay_stop, relays, &finish).await?;
+            print_live(
+                args.rate,
+                &production,
+                started,
+                &run,
+                latency.as_deref(),
+                outcome,
+            );
+            finished
+        } else {
+            let started = Instant::now();
+            run.start_producers(stop);
+            futures::future::try_join_all(run.producers.drain(..).map(|producer| async move {
+                producer.await.context("a producer task panicked")?
+            }))
+            .await?;
+            let elapsed = started.elapsed();
+            let produced = production.produced.load(Ordering::Relaxed);
+            println!(
+                "produce: {produced} messages in {} transactions, {:.2} s, {:.0} msg/s",
+                production.transactions.load(Ordering::Relaxed),
+                elapsed.as_secs_f64(),
+                rate(produced, elapsed)
+            );
+            let backlog: u64 = target
+                .store
+                .outbox()
+                .status()
+                .await?
+                .iter()
+                .map(|p| p.backlog)
+                .sum();
+            println!("outbox backlog before the relay starts: {backlog}");
+            let consumer = open_consumer().await?;
+            run.consumer = Some(tokio::spawn(consumer.run(finish.clone(), stop.clone())));
+            let relay_started = Instant::now();
+            relays.extend(
+                ready
+                    .into_iter()
+                    .map(|r| tokio::spawn(r.run(relay_stop.clone()))),
+            );
+            let outcome = run.wait(args.messages, relays).await?;
+            let finished = run.finish(&relay_stop, relays, &finish).await?;
+            print_drain(args.messages, relay_started, &run, outcome);
+            finished
+        };
+    print_relay_counters(&run.stats);
+    for (index, result) in relay_results.into_iter().enumerate() {
+        if let Err(err) = result {
+            println!("relay {index} stopped with an error: {err:#}");
+        }
+    }
+    print_check(&report);
+    print_memory();
+    for line in target
+        .raw_ceiling(args.messages, &production.payload, partitions)
+        .await?
+    {
+        println!("{line}");
+    }
+    Ok(report.checker.problems())
+}
+
+/// Opens a store and a sink per relay (their own pools and connections, as separate
+/// processes would have); opening the first sink creates the bench stream.
+async fn open_relays(
+    config: &Config,
+    count: u32,
+) -> anyhow::Result<(Vec<Relay>, Vec<Arc<RelayStats>>)> {
+    let mut relays = Vec::new();
+    let mut stats = Vec::new();
+    for index in 0..count {
+        let store = wiring::Store::open(config).await?;
+        let sink = wiring::open_sink(&config.sink).await?;
+        let mut relay_config = config.relay_config();
+        relay_config.relay_id = format!("{}-bench{index}", relay_config.relay_id);
+        let relay = Relay::new(store.outbox(), store.leases(), sink, relay_config);
+        stats.push(relay.stats());
+        relays.push(relay);
+    }
+    Ok((relays, stats))
+}
+
+/// Signals relays to stop (the token is already cancelled) and waits for each, up to
+/// `timeout` in all; what has not stopped by then is aborted.
+async fn stop_relays(relays: Vec<RelayTask>, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for mut relay in relays {
+        if tokio::time::timeout_at(deadline, &mut relay).await.is_err() {
+            relay.abort();
+        }
+    }
+}

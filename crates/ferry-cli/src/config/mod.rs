@@ -1,0 +1,122 @@
+//! The `ferry.toml` file: TOML, then `FERRY_<SECTION>__<KEY>` environment overrides (e.g.
+//! `FERRY_STORE__URL`), then command-line flags. Unknown keys are errors. One module per
+//! section; `Config` checks what spans sections.
+
+mod leases;
+mod relay;
+mod sink;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use ferry::redis_store::{KeyPrefix, RedisSettings};
+use ferry::sql::{StoreSettings, TablePrefix};
+use ferry_service::ServiceConfig;
+
+pub use leases::LeasesConfig;
+pub use relay::RelaySection;
+pub use sink::SinkConfig;
+#[cfg(not(feature = "kafka"))]
+pub use sink::kafka_not_built;
+pub use store::{OutboxConfig, SERVICE_STORES, StoreConfig};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub relay: RelaySection,
+    #[serde(default)]
+    pub leases: LeasesConfig,
+    /// The reliable message service (`ferry serve`); its tables are created by `ferry
+    /// migrate` when this section is present.
+    #[serde(default)]
+    pub service: Option<ServiceConfig>,
+}
+
+impl Config {
+    /// Reads `path`, applies `FERRY_<SECTION>__<KEY>` overrides and validates.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        if !path.exists() {
+            bail!(
+                "config file {} not found (examples/ has one per store and sink)",
+                path.display()
+            );
+        }
+        Self::from_figment(Figment::from(Toml::file_exact(path)))
+            .with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Parses TOML text (with env overrides) and validates: for configs made in code.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        Self::from_figment(Figment::from(Toml::string(text)))
+    }
+
+    fn from_figment(figment: Figment) -> anyhow::Result<Self> {
+        // Only section-qualified variables: FERRY_TEST_… and the like are not config.
+        let env = Env::prefixed("FERRY_")
+            .filter(|key| key.as_str().contains("__"))
+            .split("__");
+        let config: Self = figment.merge(env).extract().map_err(|errors| {
+            let lines: Vec<String> = errors.into_iter().map(|e| e.to_string()).collect();
+            anyhow::anyhow!(lines.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.outbox.validate()?;
+        self.relay.validate()?;
+        self.store.validate()?;
+        self.sink.validate()?;
+        if let Some(service) = &self.service {
+            if !self.store.holds_service() {
+                bail!(SERVICE_STORES);
+            }
+            service.validate()?;
+            if service.max_payload_bytes > self.outbox.max_payload_bytes {
+                bail!(
+                    "service.max_payload_bytes = {} exceeds outbox.max_payload_bytes = {}: the outbox would refuse confirmed messages; lower the first or raise the second",
+                    service.max_payload_bytes,
+                    self.outbox.max_payload_bytes
+                );
+            }
+        }
+        self.leases.validate()
+    }
+
+    pub fn store_settings(&self) -> StoreSettings {
+        StoreSettings {
+            table_prefix: TablePrefix::new(self.outbox.table_prefix.clone()).unwrap_or_default(),
+            max_payload_bytes: self.outbox.max_payload_bytes,
+            retention: Duration::from_secs(self.outbox.retention_secs),
+            external_leases: self.leases.is_external(),
+        }
+    }
+
+    /// The Redis store's settings: its key prefix and the shared `[outbox]` settings.
+    pub fn redis_settings(&self, key_prefix: &str) -> RedisSettings {
+        RedisSettings {
+            key_prefix: KeyPrefix::new(key_prefix).unwrap_or_default(),
+            max_payload_bytes: self.outbox.max_payload_bytes,
+            retention: Duration::from_secs(self.outbox.retention_secs),
+            external_leases: self.leases.is_external(),
+        }
+    }
+
+    pub fn relay_config(&self) -> ferry::RelayConfig {
+        self.relay.relay_config(self.leases.is_external())
+    }
+}

@@ -1,0 +1,63 @@
+//! `[sink]`: where messages go. Each sink's settings and their checks are the `ferry`
+//! library's; this enum picks one by `type`.
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use ferry::amqp::AmqpSinkConfig;
+use ferry::file::FileSinkConfig;
+#[cfg(feature = "kafka")]
+use ferry::kafka::KafkaSinkConfig;
+use ferry::mqtt::MqttSinkConfig;
+use ferry::nats::NatsSinkConfig;
+use ferry::redis_stream::RedisStreamSinkConfig;
+use ferry::webhook::WebhookSinkConfig;
+
+/// Where messages go.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    Nats(NatsSinkConfig),
+    RedisStream(RedisStreamSinkConfig),
+    Amqp(AmqpSinkConfig),
+    Mqtt(MqttSinkConfig),
+    Webhook(WebhookSinkConfig),
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaSinkConfig),
+    /// Accepted by the parser so that validation can say how to get Kafka support.
+    #[cfg(not(feature = "kafka"))]
+    Kafka(serde::de::IgnoredAny),
+    File(FileSinkConfig),
+    Stdout {
+        /// CloudEvents `source`; defaults to `ferry://<aggregate_type>`.
+        #[serde(default)]
+        source: Option<String>,
+    },
+}
+
+impl SinkConfig {
+    pub(super) fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Nats(nats) => nats.validate().context("sink")?,
+            Self::RedisStream(redis) => redis.validate().context("sink")?,
+            Self::Amqp(amqp) => amqp.validate().context("sink")?,
+            Self::Mqtt(mqtt) => mqtt.validate().context("sink")?,
+            Self::Webhook(webhook) => webhook.validate().context("sink")?,
+            #[cfg(feature = "kafka")]
+            Self::Kafka(kafka) => kafka.validate().context("sink")?,
+            #[cfg(not(feature = "kafka"))]
+            Self::Kafka(_) => return Err(kafka_not_built()),
+            Self::File(_) | Self::Stdout { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// The error for a Kafka sink in a ferry built without it.
+#[cfg(not(feature = "kafka"))]
+pub fn kafka_not_built() -> anyhow::Error {
+    anyhow::anyhow!(
+        "sink.type = \"kafka\" needs a ferry built with Kafka support: \
+         cargo install ferry-cli --features kafka (or cargo build --features kafka)"
+    )
+}

@@ -1,0 +1,249 @@
+//! The config checks, and a parse of every example config in the repository.
+
+use super::*;
+
+#[test]
+fn every_example_config_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/ exists") {
+        let path = entry.expect("readable").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let loaded = Config::load(&path);
+            #[cfg(not(feature = "kafka"))]
+            if std::fs::read_to_string(&path).is_ok_and(|t| t.contains("type = \"kafka\"")) {
+                let err = format!("{:#}", loaded.expect_err("kafka is not built in"));
+                assert!(err.contains("--features kafka"), "{err}");
+                seen += 1;
+                continue;
+            }
+            loaded.unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= 4,
+        "expected an example per store and sink pair, found {seen}"
+    );
+}
+
+fn error_of(text: &str) -> String {
+    format!(
+        "{:#}",
+        Config::from_toml(text).expect_err("must be refused")
+    )
+}
+
+const MINIMAL: &str = "[store]\ntype = \"sqlite\"\npath = \"x.db\"\n[sink]\ntype = \"stdout\"\n";
+
+#[test]
+fn minimal_config_takes_the_defaults() {
+    let config = Config::from_toml(MINIMAL).expect("valid");
+    assert_eq!(config.outbox.partitions, 16);
+    assert_eq!(config.relay.batch_size, 1000);
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let err = error_of(&format!("{MINIMAL}[relay]\nbatch_sise = 5\n"));
+    assert!(err.contains("batch_sise"), "{err}");
+    let err = error_of(
+        "[store]\ntype = \"sqlite\"\npath = \"x\"\nurl = \"y\"\n[sink]\ntype = \"stdout\"\n",
+    );
+    assert!(err.contains("url"), "{err}");
+}
+
+#[test]
+fn mysql_store_takes_a_url_and_a_pool_size() {
+    let config = Config::from_toml(
+        "[store]\ntype = \"mysql\"\nurl = \"mysql://root@127.0.0.1:3306/test\"\n[sink]\ntype = \"stdout\"\n",
+    )
+    .expect("valid");
+    assert!(matches!(
+        config.store,
+        StoreConfig::Mysql { pool_size: 8, .. }
+    ));
+    let err = error_of(
+        "[store]\ntype = \"mysql\"\nurl = \"mysql://x@h/d\"\npool_size = 1\n[sink]\ntype = \"stdout\"\n",
+    );
+    assert!(err.contains("store.pool_size"), "{err}");
+    let err = error_of("[store]\ntype = \"mysql\"\n[sink]\ntype = \"stdout\"\n");
+    assert!(err.contains("url"), "{err}");
+}
+
+#[test]
+fn unknown_variants_list_the_allowed_ones() {
+    let err = error_of("[store]\ntype = \"oracle\"\n[sink]\ntype = \"stdout\"\n");
+    assert!(
+        err.contains("oracle")
+            && err.contains("postgres")
+            && err.contains("sqlite")
+            && err.contains("mysql"),
+        "{err}"
+    );
+}
+
+#[test]
+fn out_of_range_values_name_the_key_and_range() {
+    let err = error_of(&format!("{MINIMAL}[outbox]\npartitions = 0\n"));
+    assert!(
+        err.contains("outbox.partitions") && err.contains("4096"),
+        "{err}"
+    );
+    let err = error_of(&format!("{MINIMAL}[relay]\nbatch_size = 0\n"));
+    assert!(err.contains("relay.batch_size"), "{err}");
+    let err = error_of(&format!(
+        "{MINIMAL}[outbox]\ntable_prefix = \"Bad-Prefix\"\n"
+    ));
+    assert!(err.contains("table_prefix"), "{err}");
+}
+
+const SERVICE: &str = "[service]\n[[service.tokens]]\nname = \"orders\"\ntoken = \"0123456789abcdef0123\"\nscopes = [\"producer\"]\n";
+
+#[test]
+fn service_section_is_optional_and_validated() {
+    assert!(Config::from_toml(MINIMAL).expect("valid").service.is_none());
+    let config = Config::from_toml(&format!("{MINIMAL}{SERVICE}")).expect("valid");
+    assert_eq!(config.service.expect("present").max_deliveries, 5);
+    let err = error_of(&format!(
+        "{MINIMAL}{}",
+        SERVICE.replace("[service]\n", "[service]\nmax_checks = 0\n")
+    ));
+    assert!(err.contains("service.max_checks"), "{err}");
+    let err = error_of(&format!("{MINIMAL}[service]\nack_timeout = 5\n"));
+    assert!(err.contains("ack_timeout"), "{err}");
+    let err = error_of(&format!("{MINIMAL}{}", SERVICE.replace("producer", "root")));
+    assert!(err.contains("root") && err.contains("consumer"), "{err}");
+    let err = error_of(&format!(
+        "{MINIMAL}[outbox]\nmax_payload_bytes = 100\n{SERVICE}"
+    ));
+    assert!(err.contains("service.max_payload_bytes"), "{err}");
+}
+
+#[test]
+fn leases_default_to_the_store_and_external_ones_are_checked() {
+    let config = Config::from_toml(MINIMAL).expect("valid");
+    assert!(!config.leases.is_external());
+    assert!(!config.relay_config().external_leases);
+    let config = Config::from_toml(&format!(
+        "{MINIMAL}[leases]\ntype = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"
+    ))
+    .expect("valid");
+    assert!(config.relay_config().external_leases && config.store_settings().external_leases);
+    for (leases, expected) in [
+        ("type = \"zookeeper\"", "redis"),
+        ("type = \"redis\"\nurl = \"http://x\"", "leases.url"),
+        ("type = \"redis\"\nurl = \"rediss://x\"", "TLS"),
+        (
+            "type = \"redis\"\nurl = \"redis://x\"\nkey_prefix = \"\"",
+            "leases.key_prefix",
+        ),
+        ("type = \"etcd\"\nendpoints = []", "leases.endpoints"),
+        (
+            "type = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]",
+            "http://",
+        ),
+        (
+            "type = \"etcd\"\nendpoints = [\"http://x\"]\nusername = \"u\"",
+            "leases.password",
+        ),
+        (
+            "type = \"etcd\"\nendpoints = [\"http://x\"]\nurl = \"u\"",
+            "url",
+        ),
+    ] {
+        let err = error_of(&format!("{MINIMAL}[leases]\n{leases}\n"));
+        assert!(err.contains(expected), "{leases}: {err}");
+    }
+}
+
+#[test]
+fn mqtt_and_webhook_settings_are_checked_with_the_key_named() {
+    let sink = |text: &str| {
+        error_of(&format!(
+            "[store]\ntype = \"sqlite\"\npath = \"x.db\"\n[sink]\n{text}\n"
+        ))
+    };
+    let err = sink("type = \"mqtt\"\nqos = 0");
+    assert!(err.contains("`qos`") && err.contains("lost"), "{err}");
+    let err = sink("type = \"mqtt\"\ntopic_template = \"ferry/+/{aggregate_id}\"");
+    assert!(
+        err.contains("topic_template") && err.contains("wildcard"),
+        "{err}"
+    );
+    let err = sink("type = \"mqtt\"\nurl = \"mqtts://broker:8883\"");
+    assert!(err.contains("`url`") && err.contains("TLS"), "{err}");
+    let err = sink("type = \"webhook\"");
+    assert!(err.contains("`url`") && err.contains("required"), "{err}");
+    let err = sink("type = \"webhook\"\nurl = \"ftp://h/x\"");
+    assert!(err.contains("`url`") && err.contains("http"), "{err}");
+    let err = sink("type = \"webhook\"\nurl = \"http://h/{aggregate}\"");
+    assert!(
+        err.contains("`url`") && err.contains("{aggregate_id}"),
+        "{err}"
+    );
+    let err = sink("type = \"webhook\"\nurl = \"http://h/x\"\nsigning_secret = \"short\"");
+    assert!(
+        err.contains("signing_secret") && err.contains("too short"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("short\""),
+        "the secret itself is not echoed: {err}"
+    );
+}
+
+#[test]
+fn redis_and_amqp_sinks_are_validated_with_the_key_named() {
+    let store = "[store]\ntype = \"sqlite\"\npath = \"x.db\"\n";
+    let cases = [
+        ("type = \"redis_stream\"\nurl = \"http://x\"", "url"),
+        (
+            "type = \"redis_stream\"\nstream_template = \"orders\"",
+            "{partition}",
+        ),
+        ("type = \"amqp\"\nurl = \"amqp://[::1\"", "url"),
+        (
+            "type = \"amqp\"\nrouting_key_template = \"{event}\"",
+            "routing_key_template",
+        ),
+        (
+            "type = \"amqp\"\n[sink.declare]\nexchange_type = \"fan\"",
+            "declare.exchange_type",
+        ),
+    ];
+    for (sink, expected) in cases {
+        let err = error_of(&format!("{store}[sink]\n{sink}\n"));
+        assert!(err.contains(expected), "{sink}: {err}");
+    }
+    let config = Config::from_toml(&format!(
+        "{store}[sink]\ntype = \"redis_stream\"\nmax_len = 50000\n"
+    ))
+    .expect("valid");
+    assert!(matches!(config.sink, SinkConfig::RedisStream(_)));
+}
+
+#[test]
+fn redis_store_takes_a_key_prefix() {
+    let redis =
+        "[store]\ntype = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n[sink]\ntype = \"stdout\"\n";
+    let config = Config::from_toml(redis).expect("valid");
+    let StoreConfig::Redis { key_prefix, .. } = &config.store else {
+        panic!("a redis store")
+    };
+    assert_eq!(
+        config.redis_settings(key_prefix).key_prefix.as_str(),
+        "ferry:"
+    );
+    let err = error_of(&redis.replace("6379\"\n", "6379\"\nkey_prefix = \"bad prefix*\"\n"));
+    assert!(err.contains("store.key_prefix"), "{err}");
+}
+
+#[test]
+fn missing_file_is_named() {
+    let err = format!(
+        "{:#}",
+        Config::load(Path::new("/nonexistent/ferry.toml")).unwrap_err()
+    );
+    assert!(err.contains("/nonexistent/ferry.toml"), "{err}");
+}
