@@ -1,4 +1,4 @@
-//! CloudEvents 1.0 mapping of a [`Message`] (DESIGN.md §3).
+//! CloudEvents 1.0 mapping of a [`Message`] (docs/DESIGN.md §3).
 //!
 //! Binary content mode: the attributes travel as protocol headers with a binding-specific
 //! prefix (`ce-` for NATS and HTTP, `ce_` for Kafka, `cloudEvents:` for AMQP) and the payload

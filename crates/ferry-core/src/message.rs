@@ -1,4 +1,4 @@
-//! The message as it lives in the outbox and travels to the broker (DESIGN.md §3).
+//! The message as it lives in the outbox and travels to the broker (docs/DESIGN.md §3).
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,7 @@
 //! store that keeps the stores' contracts, and a sink whose every answer is scripted. They
 //! let the relay's ordering, fencing, blocking and shutdown rules be tested in seconds on
 //! tokio's paused clock. They never stand in for a real store or broker in integration
-//! tests: those run against the real services (DESIGN.md §8).
+//! tests: those run against the real services (docs/DESIGN.md §8).
 
 mod sink;
 mod store;

@@ -1,4 +1,4 @@
-//! The RabbitMQ sink, AMQP 0-9-1 (DESIGN.md §3, §6).
+//! The RabbitMQ sink, AMQP 0-9-1 (docs/DESIGN.md §3, §6).
 //!
 //! Each message is published to the exchange and with the routing key rendered from the
 //! templates, persistent (`delivery_mode` 2), with `message_id` = message id, the

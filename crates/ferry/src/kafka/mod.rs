@@ -1,4 +1,4 @@
-//! The Kafka sink (DESIGN.md §3, §6): exactly once into Kafka, fenced by producer epoch.
+//! The Kafka sink (docs/DESIGN.md §3, §6): exactly once into Kafka, fenced by producer epoch.
 //!
 //! Each record goes to the topic rendered from `topic_template`, with the partition key as
 //! its key (so one key stays in one Kafka partition, in order), the payload untouched, and

@@ -1,4 +1,4 @@
-//! The MQTT 5 sink (DESIGN.md §3, §6).
+//! The MQTT 5 sink (docs/DESIGN.md §3, §6).
 //!
 //! Each message is published with QoS 1 (or 2) to a topic rendered from `topic_template`,
 //! in CloudEvents binary content mode for MQTT 5: every attribute but `datacontenttype`

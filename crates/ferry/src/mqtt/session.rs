@@ -11,7 +11,7 @@
 //! its pending queue is emptied, and every publish not yet acknowledged fails as retryable,
 //! so the relay re-publishes it in order. A publish that reached the broker before the
 //! connection dropped is then delivered twice; MQTT has no broker-side dedup, and the
-//! consumer inbox drops the repeat (DESIGN.md §6).
+//! consumer inbox drops the repeat (docs/DESIGN.md §6).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;

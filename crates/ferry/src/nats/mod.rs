@@ -1,4 +1,4 @@
-//! The NATS JetStream sink (DESIGN.md §3, §6).
+//! The NATS JetStream sink (docs/DESIGN.md §3, §6).
 //!
 //! Each message is published to a subject rendered from `subject_template`, with
 //! `Nats-Msg-Id` = message id so that the stream drops a re-send within its duplicate

@@ -1,4 +1,4 @@
-//! The Redis Streams sink (DESIGN.md §3, §6).
+//! The Redis Streams sink (docs/DESIGN.md §3, §6).
 //!
 //! Each message becomes one entry of the stream rendered from `stream_template`, with the
 //! CloudEvents attributes as fields (`ce_id`, `ce_type`, …), `content-type`, the user

@@ -1,4 +1,4 @@
-//! The HTTP webhook sink (DESIGN.md §3, §6).
+//! The HTTP webhook sink (docs/DESIGN.md §3, §6).
 //!
 //! Each message is one `POST` in CloudEvents HTTP binary content mode: the attributes as
 //! `ce-*` headers (`ce-id`, `ce-type`, `ce-source`, `ce-specversion`, `ce-time`,
