@@ -57,7 +57,7 @@ async fn main() -> std::process::ExitCode {
     match run::run(cli.args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", ferry::ErrorChain(err.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

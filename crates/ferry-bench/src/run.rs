@@ -63,7 +63,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         match target.remove().await {
             Ok(removed) => println!("removed: {removed}"),
             Err(err) if outcome.is_ok() => return Err(err),
-            Err(err) => eprintln!("warning: clean-up failed: {err:#}"),
+            Err(err) => eprintln!(
+                "warning: clean-up failed: {}",
+                ferry::ErrorChain(err.as_ref())
+            ),
         }
     }
     let problems = outcome?;
@@ -237,7 +240,10 @@ async fn execute(
     print_relay_counters(&run.stats);
     for (index, result) in relay_results.into_iter().enumerate() {
         if let Err(err) = result {
-            println!("relay {index} stopped with an error: {err:#}");
+            println!(
+                "relay {index} stopped with an error: {}",
+                ferry::ErrorChain(err.as_ref())
+            );
         }
     }
     print_check(&report);

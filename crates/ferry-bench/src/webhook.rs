@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use ferry::ErrorChain;
 use ferry::webhook::received_message;
 
 use crate::decoded::Decoded;
@@ -46,7 +47,7 @@ impl Receiver {
                 .with_graceful_shutdown(stopped.cancelled_owned())
                 .await
             {
-                tracing::warn!(error = %err, "the bench's HTTP receiver stopped");
+                tracing::warn!(error = %ErrorChain(&err), "the bench's HTTP receiver stopped");
             }
         });
         Ok(Self {

@@ -77,7 +77,7 @@ async fn main() -> std::process::ExitCode {
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", ferry::ErrorChain(err.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -167,7 +167,7 @@ async fn show_external_owners(
         Ok(None) => {}
         Err(err) => {
             tracing::warn!(
-                error = format!("{err:#}"),
+                error = %ferry::ErrorChain(err.as_ref()),
                 "lease owners unknown: cannot read the lease backend"
             )
         }

@@ -276,7 +276,7 @@ where
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     what,
-                    error = format!("{err:#}"),
+                    error = %ferry::ErrorChain(err.as_ref()),
                     retry_in_ms = delay.as_millis() as u64,
                     "not ready"
                 );

@@ -1,6 +1,13 @@
-//! The error every store and lease backend returns. It has a module of its own, depending
-//! on no other, so that the contracts returning it (`store`, `lease`, `message`, `inbox`)
-//! depend on it rather than on each other.
+//! The error every store and lease backend returns, and how errors are printed. It has a
+//! module of its own, depending on no other, so that the contracts returning it (`store`,
+//! `lease`, `message`, `inbox`) depend on it rather than on each other.
+//!
+//! Errors that wrap another (ferry's and many libraries') repeat its message in their own
+//! and return it as [`Error::source`] too; logs and reports print the chain with
+//! [`ErrorChain`], which says each message once.
+
+use std::error::Error;
+use std::fmt;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -27,5 +34,79 @@ impl StoreError {
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// An error and its causes on one line, `error: cause: cause`, for logs and for reasons
+/// stored where no log formatter walks the chain. A cause whose text the line already holds
+/// is left out: an error that wraps another usually repeats its message.
+#[derive(Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut line = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(err) = cause {
+            let text = err.to_string();
+            if !line.contains(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            cause = err.source();
+        }
+        f.write_str(&line)
+    }
+}
+
+impl fmt::Debug for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// [`ErrorChain`] as a string.
+pub fn error_chain(err: &(dyn Error + 'static)) -> String {
+    ErrorChain(err).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{message}")]
+    struct Layer {
+        message: &'static str,
+        #[source]
+        source: Option<Box<Layer>>,
+    }
+
+    fn layers(messages: &[&'static str]) -> Layer {
+        messages
+            .iter()
+            .rev()
+            .fold(None, |source, message| {
+                Some(Layer {
+                    message,
+                    source: source.map(Box::new),
+                })
+            })
+            .expect("at least one layer")
+    }
+
+    #[test]
+    fn every_cause_is_printed_once() {
+        let err = layers(&[
+            "store unavailable",
+            "error communicating with database: Connection refused (os error 111)",
+            "Connection refused (os error 111)",
+        ]);
+        assert_eq!(
+            error_chain(&err),
+            "store unavailable: error communicating with database: Connection refused (os error 111)"
+        );
+        let unavailable = StoreError::Unavailable(Box::new(layers(&["timed out"])));
+        assert_eq!(error_chain(&unavailable), "store unavailable: timed out");
     }
 }

@@ -18,7 +18,7 @@ pub mod store;
 pub mod testing;
 
 pub use cloudevents::{ReceivedMessage, Source};
-pub use error::StoreError;
+pub use error::{ErrorChain, StoreError, error_chain};
 pub use inbox::{Admission, Decision, Inbox, ProcessError, Processed};
 pub use lease::{Lease, LeaseStore, Takeover};
 pub use message::{EnqueueError, Enqueued, Headers, InvalidMessage, Message, NewMessage};

@@ -113,7 +113,7 @@ async fn producer(
             }
             Err(err) => {
                 if totals.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("error: {err:#}");
+                    eprintln!("error: {}", ferry::ErrorChain(err.as_ref()));
                 }
             }
         }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use ferry::ErrorChain;
 use ferry::backoff::Backoff;
 
 use crate::config::ServiceSettings;
@@ -109,7 +110,7 @@ impl CheckClient {
 
 /// The error and its causes, without the request URL.
 fn error_chain(err: reqwest::Error) -> String {
-    ferry::relay::error_chain(&err.without_url())
+    ferry::error_chain(&err.without_url())
 }
 
 /// Claims due check-backs and settles them until `shutdown`; a claim in flight is finished
@@ -151,7 +152,7 @@ pub(crate) async fn run(
             }
             Err(err) => {
                 wait = backoff.next_delay();
-                warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "claiming check-backs failed");
+                warn!(error = %ErrorChain(&err), retry_in_ms = wait.as_millis() as u64, "claiming check-backs failed");
             }
         }
     }
@@ -207,7 +208,7 @@ pub(crate) async fn settle(
     };
     if let Err(err) = result {
         // The claim runs out and the message is checked again.
-        warn!(message_id = %id, error = %err, "recording a check-back outcome failed");
+        warn!(message_id = %id, error = %ErrorChain(&err), "recording a check-back outcome failed");
     }
 }
 

@@ -35,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use ferry::ErrorChain;
 use ferry::{OutboxStore, RelayStats};
 
 pub use api::{OPENAPI_JSON, ROUTES};
@@ -68,7 +69,7 @@ impl Shared {
         let stats = match self.store.stats().await {
             Ok(stats) => Some(stats),
             Err(err) => {
-                warn!(error = %err, "metrics: store unreachable");
+                warn!(error = %ErrorChain(&err), "metrics: store unreachable");
                 None
             }
         };
@@ -164,7 +165,7 @@ impl Service {
         shutdown.cancel();
         for task in [checks, maintenance] {
             if let Err(err) = task.await {
-                warn!(error = %err, "a service loop panicked");
+                warn!(error = %ErrorChain(&err), "a service loop panicked");
             }
         }
         info!("service stopped");

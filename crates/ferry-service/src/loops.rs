@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use ferry::ErrorChain;
 use ferry::StoreError;
 use ferry::backoff::Backoff;
 
@@ -67,7 +68,7 @@ pub(crate) async fn run(
             }
             Err(err) => {
                 let delay = backoff.next_delay();
-                warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "service maintenance failed");
+                warn!(error = %ErrorChain(&err), retry_in_ms = delay.as_millis() as u64, "service maintenance failed");
                 delay
             }
         };

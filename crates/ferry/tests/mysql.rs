@@ -16,8 +16,8 @@ use common::{
     retention_keeps_published_rows_until_purged, rolled_back_transaction_leaves_no_message,
     versions_per_aggregate,
 };
+use ferry::error_chain;
 use ferry::mysql::{MyInbox, MyOutbox};
-use ferry::relay::error_chain;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::{
     EnqueueError, Enqueued, Headers, InvalidMessage, LeaseStore, NewMessage, OutboxStore,

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use super::Relay;
 use super::deadline::LeaseDeadline;
 use super::worker::Worker;
+use crate::error::ErrorChain;
 use crate::lease::Lease;
 use crate::store::Wakers;
 
@@ -88,7 +89,7 @@ impl Relay {
         {
             Ok(live) => Some(live.max(1)),
             Err(err) => {
-                warn!(error = %err, "lease heartbeat failed; owned partitions stop when their leases run out");
+                warn!(error = %ErrorChain(&err), "lease heartbeat failed; owned partitions stop when their leases run out");
                 None
             }
         }
@@ -118,7 +119,7 @@ impl Relay {
                     }
                 }
             }
-            Err(err) => warn!(error = %err, "lease renewal failed"),
+            Err(err) => warn!(error = %ErrorChain(&err), "lease renewal failed"),
         }
     }
 
@@ -136,7 +137,7 @@ impl Relay {
                     workers.by_partition.insert(handle.lease.partition, handle);
                 }
             }
-            Err(err) => warn!(error = %err, "lease acquisition failed"),
+            Err(err) => warn!(error = %ErrorChain(&err), "lease acquisition failed"),
         }
     }
 
@@ -178,7 +179,7 @@ impl Relay {
                 );
                 worker.join.abort();
                 if let Err(err) = self.leases.release(&worker.lease, false).await {
-                    warn!(partition, error = %err, "failed to release lease; it will expire");
+                    warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
                 }
             }
         }

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use self::leases::Workers;
 use self::retry::{Failed, Retry};
 use crate::backoff::Backoff;
-use crate::error::StoreError;
+use crate::error::{ErrorChain, StoreError};
 use crate::lease::LeaseStore;
 use crate::sink::Sink;
 use crate::store::{OutboxStore, Wakers};
@@ -159,13 +159,13 @@ impl Relay {
                 _ = purge_tick.tick(), if purging => match self.store.purge_published().await {
                     Ok(0) => {}
                     Ok(purged) => info!(purged, "purged published messages past retention"),
-                    Err(err) => warn!(error = %err, "purge failed"),
+                    Err(err) => warn!(error = %ErrorChain(&err), "purge failed"),
                 },
             }
         }
         self.stop_workers(workers).await;
         if let Err(err) = self.leases.leave(&self.config.relay_id).await {
-            warn!(error = %err, "failed to leave the relay set; others rebalance when it expires");
+            warn!(error = %ErrorChain(&err), "failed to leave the relay set; others rebalance when it expires");
         }
         watcher.abort();
         self.sink.shutdown().await;
@@ -204,21 +204,9 @@ async fn watch_store(store: Arc<dyn OutboxStore>, wakers: Arc<Wakers>, mut backo
         match result {
             Ok(()) => backoff.reset(),
             Err(err) => {
-                warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "wake-up listener failed; polling meanwhile")
+                warn!(error = %ErrorChain(&err), retry_in_ms = delay.as_millis() as u64, "wake-up listener failed; polling meanwhile")
             }
         }
         sleep(delay).await;
     }
-}
-
-/// `err: cause: cause…`, for reasons stored where no log formatter will walk the chain.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -2,7 +2,6 @@
 //! succeeds, with the config's backoff between attempts, for as long as its bounds allow
 //! (the lease lasts, no stop was asked for).
 
-use std::fmt::Display;
 use std::time::Duration;
 
 use tokio::time::sleep;
@@ -11,6 +10,7 @@ use tracing::warn;
 
 use super::deadline::LeaseDeadline;
 use crate::backoff::Backoff;
+use crate::error::ErrorChain;
 
 /// Why a worker, or a step it retries, could not go on.
 #[derive(Debug)]
@@ -73,7 +73,11 @@ impl<'a> Retry<'a> {
 
     /// Runs `attempt` until it succeeds, fails with [`Failed::Stop`], or the retry's bounds
     /// end it.
-    pub(super) async fn run<T, E: Display, F: Future<Output = Result<T, Failed<E>>>>(
+    pub(super) async fn run<
+        T,
+        E: std::error::Error + 'static,
+        F: Future<Output = Result<T, Failed<E>>>,
+    >(
         mut self,
         mut attempt: impl FnMut() -> F,
     ) -> Result<T, Interrupted> {
@@ -86,9 +90,9 @@ impl<'a> Retry<'a> {
                     let retry_in_ms = delay.as_millis() as u64;
                     match self.partition {
                         Some(partition) => {
-                            warn!(partition, error = %err, retry_in_ms, "{}", self.what)
+                            warn!(partition, error = %ErrorChain(&err), retry_in_ms, "{}", self.what)
                         }
-                        None => warn!(error = %err, retry_in_ms, "{}", self.what),
+                        None => warn!(error = %ErrorChain(&err), retry_in_ms, "{}", self.what),
                     }
                     wait(delay, self.stop, self.lease).await?;
                 }

@@ -13,9 +13,9 @@ use uuid::Uuid;
 
 use super::deadline::LeaseDeadline;
 use super::retry::{Failed, Interrupted, Retry, ensure_held, wait};
-use super::{RelayConfig, RelayStats, error_chain};
+use super::{RelayConfig, RelayStats};
 use crate::backoff::Backoff;
-use crate::error::StoreError;
+use crate::error::{ErrorChain, StoreError, error_chain};
 use crate::lease::{Lease, LeaseStore, Takeover};
 use crate::message::Message;
 use crate::partition::partition_for;
@@ -100,14 +100,14 @@ impl Worker {
         match outcome {
             Ok(clean) => {
                 if let Err(err) = self.leases.release(&self.lease, clean).await {
-                    warn!(partition, error = %err, "failed to release lease; it will expire");
+                    warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
                 } else {
                     debug!(partition, clean, "lease released");
                 }
             }
             Err(Interrupted::Stopped | Interrupted::SinkFenced) => {
                 if let Err(err) = self.leases.release(&self.lease, false).await {
-                    warn!(partition, error = %err, "failed to release lease; it will expire");
+                    warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
                 }
             }
             Err(Interrupted::LeaseLost) => {
@@ -286,7 +286,7 @@ impl Worker {
         match self.store.fetch(partition, self.config.batch_size).await {
             Ok(batch) => Ok(Some(batch)),
             Err(err) => {
-                warn!(partition, error = %err, "fetch failed");
+                warn!(partition, error = %ErrorChain(&err), "fetch failed");
                 self.pause(backoff.next_delay()).await?;
                 Ok(None)
             }
@@ -357,7 +357,7 @@ impl Worker {
             return Ok(());
         };
         if err.is_fenced() {
-            error!(partition, message_id = %message.id, error = %err, "the sink fenced this partition: stopping it without marking more");
+            error!(partition, message_id = %message.id, error = %ErrorChain(&err), "the sink fenced this partition: stopping it without marking more");
             return Err(Interrupted::SinkFenced);
         }
         progress.maybe_unmarked = true;
@@ -366,7 +366,7 @@ impl Worker {
             .fetch_add(failed as u64, Ordering::Relaxed);
         let delay = progress.backoff.next_delay();
         if err.is_retryable() {
-            warn!(partition, message_id = %message.id, failed, error = %err, retry_in_ms = delay.as_millis() as u64, "publish failed; retrying in order");
+            warn!(partition, message_id = %message.id, failed, error = %ErrorChain(&err), retry_in_ms = delay.as_millis() as u64, "publish failed; retrying in order");
         } else {
             self.block(message, &err).await;
             progress.blocked = true;
@@ -382,7 +382,7 @@ impl Worker {
             message.sequence,
             error_chain(err)
         );
-        error!(partition = self.partition(), message_id = %message.id, error = %err, "partition blocked: the sink rejects a message; nothing after it is sent until it passes or an operator removes it");
+        error!(partition = self.partition(), message_id = %message.id, error = %ErrorChain(err), "partition blocked: the sink rejects a message; nothing after it is sent until it passes or an operator removes it");
         self.set_blocked(Some(&reason)).await;
     }
 
@@ -393,7 +393,7 @@ impl Worker {
 
     async fn set_blocked(&self, reason: Option<&str>) {
         if let Err(err) = self.store.set_blocked(&self.lease, reason).await {
-            warn!(partition = self.partition(), error = %err, "failed to record the partition's blocked state");
+            warn!(partition = self.partition(), error = %ErrorChain(&err), "failed to record the partition's blocked state");
         }
     }
 }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tracing::{error, warn};
 
+use ferry::ErrorChain;
 use ferry::StoreError;
 
 use crate::state::{Status, Transition};
@@ -100,14 +101,14 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         if err.is_retryable() {
-            warn!(error = %err, "store unavailable");
+            warn!(error = %ErrorChain(&err), "store unavailable");
             Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
                 "the store is unavailable; retry later",
             )
         } else {
-            error!(error = %err, "store error");
+            error!(error = %ErrorChain(&err), "store error");
             Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

@@ -22,6 +22,8 @@ use self::error::ApiError;
 use self::messages::{
     MessagePage, MessageView, PrepareRequest, decode_cursor, encode_cursor, parse_id,
 };
+use ferry::ErrorChain;
+
 use crate::Shared;
 use crate::auth::{Principal, Scope};
 use crate::state::{Status, Transition};
@@ -380,7 +382,7 @@ async fn healthz(State(shared): State<AppState>) -> Response {
     match shared.store.ping().await {
         Ok(()) => json(StatusCode::OK, &serde_json::json!({ "status": "ok" })),
         Err(err) => {
-            warn!(error = %err, "health check: store unreachable");
+            warn!(error = %ErrorChain(&err), "health check: store unreachable");
             json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({ "status": "unavailable", "reason": "the store does not answer" }),

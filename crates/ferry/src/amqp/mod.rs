@@ -49,6 +49,7 @@ use tokio::time::timeout;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use ferry_core::ErrorChain;
 use ferry_core::cloudevents::Source;
 use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError};
 
@@ -228,7 +229,7 @@ impl Sink for AmqpSink {
                 .close(200, ShortString::from("ferry: shutdown"))
                 .await
         {
-            warn!(server = %self.server, error = %err, "closing the amqp connection failed");
+            warn!(server = %self.server, error = %ErrorChain(&err), "closing the amqp connection failed");
         }
     }
 }

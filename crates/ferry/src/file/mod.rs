@@ -12,6 +12,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use ferry_core::ErrorChain;
 use ferry_core::cloudevents::{Source, to_structured_json};
 use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError};
 
@@ -124,7 +125,7 @@ impl Sink for FileSink {
 
     async fn shutdown(&self) {
         if let Err(err) = self.write_durably(&[]).await {
-            tracing::warn!(target = %self.target, error = %err, "final flush failed");
+            tracing::warn!(target = %self.target, error = %ErrorChain(&err), "final flush failed");
         }
     }
 }

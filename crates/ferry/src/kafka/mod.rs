@@ -36,6 +36,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use ferry_core::ErrorChain;
 use ferry_core::cloudevents::Source;
 use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
@@ -321,7 +322,7 @@ impl Sink for KafkaSink {
                 }
                 Err(TxnFailure::Message { error, .. } | TxnFailure::Transaction(error)) => {
                     if error.is_fenced() {
-                        warn!(partition, transactional_id = producer.transactional_id(), error = %error, "kafka producer fenced or unusable: closing it");
+                        warn!(partition, transactional_id = producer.transactional_id(), error = %ErrorChain(&error), "kafka producer fenced or unusable: closing it");
                         self.retire(partition, producer).await;
                     }
                     return all_failed(batch.len(), error);

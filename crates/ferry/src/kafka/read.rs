@@ -17,6 +17,7 @@ use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tracing::debug;
 
+use ferry_core::ErrorChain;
 use ferry_core::SinkError;
 use ferry_core::cloudevents::{DecodeError, ReceivedMessage};
 
@@ -159,7 +160,7 @@ impl CommittedReader {
                 format!("reading kafka failed for good: {err}"),
             )),
             Ok(Err(err)) => {
-                debug!(error = %err, "kafka reader error; it retries by itself");
+                debug!(error = %ErrorChain(&err), "kafka reader error; it retries by itself");
                 Ok(false)
             }
             Err(_idle) => Ok(false),

@@ -40,6 +40,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use ferry_core::ErrorChain;
 use ferry_core::cloudevents::{
     DecodeError, ReceivedMessage, Source, binary_attributes, user_headers,
 };
@@ -333,7 +334,7 @@ impl Sink for MqttSink {
             .take();
         let Some(mut driver) = driver else { return };
         if let Err(err) = self.client.disconnect().await {
-            warn!(broker = %self.session.broker, error = %err, "mqtt disconnect failed");
+            warn!(broker = %self.session.broker, error = %ErrorChain(&err), "mqtt disconnect failed");
         }
         if tokio::time::timeout(DISCONNECT_TIMEOUT, &mut driver)
             .await

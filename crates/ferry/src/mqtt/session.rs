@@ -28,6 +28,7 @@ use rumqttc::v5::{AsyncClient, ClientError, ConnectionError, Event, EventLoop, R
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use ferry_core::ErrorChain;
 use ferry_core::backoff::Backoff;
 use ferry_core::{Delivery, SinkError};
 
@@ -276,7 +277,7 @@ pub(super) async fn drive(mut eventloop: EventLoop, session: std::sync::Arc<Sess
                 failures += 1;
                 // One line per outage start, then one per ten attempts.
                 if was_connected || failures % 10 == 1 {
-                    warn!(broker = %session.broker, error = %err, attempts = failures, retry_in_ms = delay.as_millis() as u64, "mqtt connection lost; reconnecting");
+                    warn!(broker = %session.broker, error = %ErrorChain(&err), attempts = failures, retry_in_ms = delay.as_millis() as u64, "mqtt connection lost; reconnecting");
                 }
                 tokio::time::sleep(delay).await;
             }

@@ -49,6 +49,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use ferry_core::ErrorChain;
 use ferry_core::cloudevents::{ContentMode, Source};
 use ferry_core::{Delivery, Lease, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
@@ -205,7 +206,7 @@ impl Sink for NatsSink {
     async fn shutdown(&self) {
         self.in_flight.close();
         if let Err(err) = self.client.flush().await {
-            warn!(servers = %self.servers, error = %err, "final flush to nats failed");
+            warn!(servers = %self.servers, error = %ErrorChain(&err), "final flush to nats failed");
         }
     }
 }
@@ -259,7 +260,7 @@ async fn ensure_stream(
                 info!(stream = %config.stream, from_secs = existing.duplicate_window.as_secs(), to_secs = duplicate_window.as_secs(), "stream duplicate window updated")
             }
             Err(err) => {
-                warn!(stream = %config.stream, existing_secs = existing.duplicate_window.as_secs(), configured_secs = duplicate_window.as_secs(), error = %err, "cannot update the stream's duplicate window; dedup covers only the existing one")
+                warn!(stream = %config.stream, existing_secs = existing.duplicate_window.as_secs(), configured_secs = duplicate_window.as_secs(), error = %ErrorChain(&err), "cannot update the stream's duplicate window; dedup covers only the existing one")
             }
         }
     }
