@@ -422,3 +422,46 @@ async fn fetch_reads_only_the_head_of_an_unanalysed_backlog() {
          {MAX_BLOCKS}: a plan read the backlog of {BACKLOG} rows instead of its head"
     );
 }
+
+/// A relay paused (SIGSTOP, a stopped VM) between the statements of a mark holds its lease
+/// row locked; the server ends that transaction after 5 s idle, so another relay takes the
+/// partition over once the lease has expired, instead of skipping it until the paused one
+/// resumes, and the paused one's commit fails.
+#[tokio::test]
+async fn a_relay_paused_inside_a_write_transaction_does_not_keep_its_partition() {
+    use ferry::LeaseStore;
+    let outbox = outbox_with(1, Duration::ZERO).await;
+    let granted = outbox
+        .acquire("paused", 1, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(granted.len(), 1);
+    let mut paused = outbox.begin_write().await.unwrap();
+    let lock_lease_row = outbox
+        .table_prefix()
+        .render("UPDATE {p}leases SET checkpoint = checkpoint WHERE partition_no = 0");
+    sqlx::query(sqlx::AssertSqlSafe(lock_lease_row))
+        .execute(&mut *paused)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let waiting_since = std::time::Instant::now();
+    loop {
+        let taken = outbox
+            .acquire("successor", 1, Duration::from_secs(10))
+            .await
+            .unwrap();
+        if !taken.is_empty() {
+            break;
+        }
+        assert!(
+            waiting_since.elapsed() < Duration::from_secs(20),
+            "the paused relay's transaction kept the partition from being taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        paused.commit().await.is_err(),
+        "the server should have ended the paused transaction"
+    );
+}

@@ -49,6 +49,14 @@ impl Dialect for PgDialect {
     /// partition for every batch instead, as PostgreSQL otherwise does for the first
     /// executions on each connection.
     const FETCH_BEGIN: Option<&'static str> = Some("BEGIN READ ONLY; SET LOCAL enable_sort = off");
+    /// A write transaction holds lease rows locked between its statements; a relay paused
+    /// there (SIGSTOP, a stopped VM) would keep every other relay from taking its
+    /// partitions over until it resumes. The server ends such a transaction after 5 s
+    /// idle, well before a lease is taken over at the default TTL; the paused relay's
+    /// commit then fails and its retry is fenced. Only ferry's own transactions get the
+    /// limit, not the application's on the same pool.
+    const BEGIN_WRITE: Option<&'static str> =
+        Some("BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'");
     const MIGRATION_LOCK: Option<&'static str> = Some(include_str!("queries/migration_lock.sql"));
 
     fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
