@@ -10,6 +10,7 @@
 
 mod dialect;
 mod postgres;
+mod row;
 mod sql;
 mod sqlite;
 

@@ -8,11 +8,14 @@ use tracing::info;
 
 use ferry_core::StoreError;
 
+use sqlx::Transaction;
+use sqlx::pool::PoolConnection;
+
 use super::dialect::Dialect;
 use super::driver::{Exec, RowExt};
 use super::error::store_error;
-use super::outbox::{Connection, Statements};
-use super::{MAX_PARTITIONS, TablePrefix};
+use super::outbox::{Connection, SqlOutbox, Statements, fills};
+use super::{MAX_PARTITIONS, TablePrefix, check_partitions};
 
 /// A versioned schema.
 #[derive(Debug, Clone, Copy)]
@@ -55,8 +58,143 @@ impl Schema {
     }
 }
 
+/// The name of the lock concurrent migrations of one prefix queue on.
+const MIGRATION_LOCK_NAME: &str = "{p}migrate";
+
+/// The schema of ferry's own tables in dialect `D`.
+pub(crate) fn outbox_schema<D: Dialect>() -> Schema {
+    Schema {
+        name: "ferry",
+        version_key: "schema_version",
+        migrations: D::MIGRATIONS,
+    }
+}
+
 /// The meta key of the outbox's partition count.
 pub(crate) const PARTITIONS_KEY: &str = "partitions";
+
+/// Migrations run on a connection of their own, in one write transaction (where the
+/// database's DDL is transactional), under a lock that concurrent runs queue on.
+impl<D: Dialect> SqlOutbox<D> {
+    /// Creates or upgrades ferry's tables (and, where the database has them, the routines
+    /// producers in other languages call), with `partitions` partitions (1 to
+    /// [`MAX_PARTITIONS`](crate::sql::MAX_PARTITIONS)). Idempotent; concurrent runs queue
+    /// on a lock. The partition count is fixed at set-up, because it decides which
+    /// partition (and so which ordered stream) every key's messages are in; asking for
+    /// another count later is refused before anything changes. Where DDL is transactional
+    /// (PostgreSQL, SQLite) a failure leaves the previous version intact; elsewhere
+    /// (MySQL) every statement is idempotent and a run cut short is completed by the next.
+    pub async fn migrate(&self, partitions: u32) -> Result<(), StoreError> {
+        check_partitions(partitions)?;
+        let count = partitions.to_string();
+        let mut conn = self.migration_connection().await?;
+        let mut tx = self.begin_migration(&mut conn).await?;
+        let existing = read_number::<D>(&mut tx, &self.statements, PARTITIONS_KEY).await?;
+        check_partitions_unchanged(existing, partitions)?;
+        if existing.is_none() {
+            // Written before the migrations that hard-code P, so that a run cut short and
+            // retried with another count is refused.
+            write::<D>(
+                &mut tx,
+                &self.statements,
+                PARTITIONS_KEY,
+                u64::from(partitions),
+            )
+            .await?;
+        }
+        let fills = fills::<D>(self.table_prefix(), &[("{partitions}", &count)]);
+        apply::<D>(
+            &mut tx,
+            &self.statements,
+            self.table_prefix(),
+            &outbox_schema::<D>(),
+            &fills,
+        )
+        .await?;
+        // Every partition has a lease row; inserting the missing ones also covers a leases
+        // table emptied by hand.
+        self.statements
+            .leases_create
+            .execute::<D>(&mut tx, &[partitions.into()])
+            .await?;
+        tx.commit().await.map_err(store_error::<D>)?;
+        // A count cached before is this one: it came from this database, checked above.
+        let _ = self.partitions.set(partitions);
+        info!(
+            database = D::NAME,
+            partitions,
+            schema_version = outbox_schema::<D>().latest(),
+            prefix = self.table_prefix().as_str(),
+            "outbox ready"
+        );
+        Ok(())
+    }
+
+    /// Creates or upgrades a schema kept beside ferry's tables (same prefix, same lock as
+    /// [`Self::migrate`]), e.g. the reliable message service's. ferry's tables must exist.
+    pub async fn migrate_schema(
+        &self,
+        schema: &Schema,
+        fills: &[(&str, &str)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.migration_connection().await?;
+        let mut tx = self.begin_migration(&mut conn).await?;
+        let fills = self::fills::<D>(self.table_prefix(), fills);
+        apply::<D>(
+            &mut tx,
+            &self.statements,
+            self.table_prefix(),
+            schema,
+            &fills,
+        )
+        .await?;
+        tx.commit().await.map_err(store_error::<D>)
+    }
+
+    /// A connection of its own for a migration, closed afterwards: session settings and
+    /// session locks must not go back to the pool.
+    async fn migration_connection(&self) -> Result<PoolConnection<D::Db>, StoreError> {
+        let mut conn = self.acquire().await?;
+        conn.close_on_drop();
+        if let Some(setup) = D::MIGRATION_SESSION {
+            <D::Db as Exec>::execute_script(&mut conn, setup.into_sql_str())
+                .await
+                .map_err(store_error::<D>)?;
+        }
+        Ok(conn)
+    }
+
+    /// Opens the migration's write transaction on `conn`, takes the migration lock and
+    /// makes sure the meta table exists.
+    async fn begin_migration<'c>(
+        &self,
+        conn: &'c mut PoolConnection<D::Db>,
+    ) -> Result<Transaction<'c, D::Db>, StoreError> {
+        let conn: &mut Connection<D> = conn;
+        let mut tx = match D::BEGIN_WRITE {
+            Some(begin) => sqlx::Connection::begin_with(conn, begin.into_sql_str()).await,
+            None => sqlx::Connection::begin(conn).await,
+        }
+        .map_err(store_error::<D>)?;
+        if let Some(lock) = &self.statements.migration_lock {
+            let name = self.table_prefix().render(MIGRATION_LOCK_NAME);
+            let row = lock
+                .fetch_one::<D>(&mut tx, &[name.as_str().into()])
+                .await?;
+            let locked: bool = row.col("locked").map_err(store_error::<D>)?;
+            if !locked {
+                return Err(StoreError::Unavailable(
+                    format!("another `ferry migrate` has held the lock {name:?} for 60 s").into(),
+                ));
+            }
+        }
+        self.statements
+            .meta_create
+            .execute::<D>(&mut tx, &[])
+            .await?;
+        Ok(tx)
+    }
+}
 
 /// Applies the migrations of `schema` that the database does not have yet, rendered with
 /// `fills` (after `{p}`), and records the version. Runs inside the migration's transaction

@@ -7,18 +7,18 @@ use std::time::Duration;
 
 use sqlx::pool::{PoolConnection, PoolOptions};
 use sqlx::{Database, Pool, SqlSafeStr, Transaction};
-use tracing::{debug, info};
+use tracing::debug;
 use uuid::Uuid;
 
 use ferry_core::partition::partition_for;
 use ferry_core::{EnqueueError, Enqueued, NewMessage, StoreError};
 
 use super::dialect::{Dialect, Enqueue};
-use super::driver::{Exec, RowExt};
+use super::driver::RowExt;
 use super::error::{connect_error, corrupt, store_error};
-use super::migrate::{self, PARTITIONS_KEY, Schema};
+use super::migrate::{self, PARTITIONS_KEY};
 use super::statement::{Arg, IdListStatement, Statement};
-use super::{StoreSettings, TablePrefix, check_partitions};
+use super::{StoreSettings, TablePrefix};
 
 /// A connection of dialect `D` (of a pool or inside a transaction: pass `&mut *tx`).
 pub type Connection<D> = <<D as Dialect>::Db as Database>::Connection;
@@ -31,9 +31,6 @@ const FENCE_OWN_LEASE: &str = "epoch = $2 AND owner = $3 AND expires_at > {now}"
 /// Expiry is the lease backend's business: a newer owner adopts before it touches anything,
 /// which moves the epoch on.
 const FENCE_ADOPTED_LEASE: &str = "epoch = $2 AND owner = $3";
-
-/// The name of the lock concurrent migrations of one prefix queue on.
-const MIGRATION_LOCK_NAME: &str = "{p}migrate";
 
 /// The outbox's statements, rendered once for a table prefix and lease kind.
 #[derive(Debug)]
@@ -126,15 +123,6 @@ pub(crate) fn fills<'a, D: Dialect>(
     fills
 }
 
-/// The schema of ferry's own tables in dialect `D`.
-fn outbox_schema<D: Dialect>() -> Schema {
-    Schema {
-        name: "ferry",
-        version_key: "schema_version",
-        migrations: D::MIGRATIONS,
-    }
-}
-
 /// An outbox, its leases and its status in a SQL database. Cheap to clone; share one per
 /// process.
 #[derive(Debug)]
@@ -144,7 +132,7 @@ pub struct SqlOutbox<D: Dialect> {
     pub(crate) statements: Arc<Statements>,
     /// P, read once: it never changes after set-up, and `enqueue` must not pay a query
     /// for it per message.
-    partitions: Arc<OnceLock<u32>>,
+    pub(crate) partitions: Arc<OnceLock<u32>>,
     dialect: PhantomData<fn() -> D>,
 }
 
@@ -246,133 +234,6 @@ impl<D: Dialect> SqlOutbox<D> {
         self.pool.acquire().await.map_err(store_error::<D>)
     }
 
-    /// Creates or upgrades ferry's tables (and, where the database has them, the routines
-    /// producers in other languages call), with `partitions` partitions (1 to
-    /// [`MAX_PARTITIONS`](crate::sql::MAX_PARTITIONS)). Idempotent; concurrent runs queue
-    /// on a lock. The partition count is fixed at set-up, because it decides which
-    /// partition (and so which ordered stream) every key's messages are in; asking for
-    /// another count later is refused before anything changes. Where DDL is transactional
-    /// (PostgreSQL, SQLite) a failure leaves the previous version intact; elsewhere
-    /// (MySQL) every statement is idempotent and a run cut short is completed by the next.
-    pub async fn migrate(&self, partitions: u32) -> Result<(), StoreError> {
-        check_partitions(partitions)?;
-        let count = partitions.to_string();
-        let mut conn = self.migration_connection().await?;
-        let mut tx = self.begin_migration(&mut conn).await?;
-        let existing = migrate::read_number::<D>(&mut tx, &self.statements, PARTITIONS_KEY).await?;
-        migrate::check_partitions_unchanged(existing, partitions)?;
-        if existing.is_none() {
-            // Written before the migrations that hard-code P, so that a run cut short and
-            // retried with another count is refused.
-            migrate::write::<D>(
-                &mut tx,
-                &self.statements,
-                PARTITIONS_KEY,
-                u64::from(partitions),
-            )
-            .await?;
-        }
-        let fills = fills::<D>(self.table_prefix(), &[("{partitions}", &count)]);
-        migrate::apply::<D>(
-            &mut tx,
-            &self.statements,
-            self.table_prefix(),
-            &outbox_schema::<D>(),
-            &fills,
-        )
-        .await?;
-        // Every partition has a lease row; inserting the missing ones also covers a leases
-        // table emptied by hand.
-        self.statements
-            .leases_create
-            .execute::<D>(&mut tx, &[partitions.into()])
-            .await?;
-        tx.commit().await.map_err(store_error::<D>)?;
-        // A count cached before is this one: it came from this database, checked above.
-        let _ = self.partitions.set(partitions);
-        info!(
-            database = D::NAME,
-            partitions,
-            schema_version = outbox_schema::<D>().latest(),
-            prefix = self.table_prefix().as_str(),
-            "outbox ready"
-        );
-        Ok(())
-    }
-
-    /// Creates or upgrades a schema kept beside ferry's tables (same prefix, same lock as
-    /// [`Self::migrate`]), e.g. the reliable message service's. ferry's tables must exist.
-    pub async fn migrate_schema(
-        &self,
-        schema: &Schema,
-        fills: &[(&str, &str)],
-    ) -> Result<(), StoreError> {
-        let mut conn = self.migration_connection().await?;
-        let mut tx = self.begin_migration(&mut conn).await?;
-        let fills = self::fills::<D>(self.table_prefix(), fills);
-        migrate::apply::<D>(
-            &mut tx,
-            &self.statements,
-            self.table_prefix(),
-            schema,
-            &fills,
-        )
-        .await?;
-        tx.commit().await.map_err(store_error::<D>)
-    }
-
-    /// Checks that `schema` is at the version this code needs.
-    pub async fn check_schema(&self, schema: &Schema) -> Result<(), StoreError> {
-        let mut conn = self.acquire().await?;
-        schema.check(
-            migrate::read_number::<D>(&mut conn, &self.statements, schema.version_key).await?,
-        )
-    }
-
-    /// A connection of its own for a migration, closed afterwards: session settings and
-    /// session locks must not go back to the pool.
-    async fn migration_connection(&self) -> Result<PoolConnection<D::Db>, StoreError> {
-        let mut conn = self.acquire().await?;
-        conn.close_on_drop();
-        if let Some(setup) = D::MIGRATION_SESSION {
-            <D::Db as Exec>::execute_script(&mut conn, setup.into_sql_str())
-                .await
-                .map_err(store_error::<D>)?;
-        }
-        Ok(conn)
-    }
-
-    /// Opens the migration's write transaction on `conn`, takes the migration lock and
-    /// makes sure the meta table exists.
-    async fn begin_migration<'c>(
-        &self,
-        conn: &'c mut PoolConnection<D::Db>,
-    ) -> Result<Transaction<'c, D::Db>, StoreError> {
-        let conn: &mut Connection<D> = conn;
-        let mut tx = match D::BEGIN_WRITE {
-            Some(begin) => sqlx::Connection::begin_with(conn, begin.into_sql_str()).await,
-            None => sqlx::Connection::begin(conn).await,
-        }
-        .map_err(store_error::<D>)?;
-        if let Some(lock) = &self.statements.migration_lock {
-            let name = self.table_prefix().render(MIGRATION_LOCK_NAME);
-            let row = lock
-                .fetch_one::<D>(&mut tx, &[name.as_str().into()])
-                .await?;
-            let locked: bool = row.col("locked").map_err(store_error::<D>)?;
-            if !locked {
-                return Err(StoreError::Unavailable(
-                    format!("another `ferry migrate` has held the lock {name:?} for 60 s").into(),
-                ));
-            }
-        }
-        self.statements
-            .meta_create
-            .execute::<D>(&mut tx, &[])
-            .await?;
-        Ok(tx)
-    }
-
     /// P, from the cache or through `conn` (which may be the caller's transaction: it may
     /// hold the pool's only connection), checking that the schema is this code's.
     pub(crate) async fn partition_count(
@@ -382,7 +243,7 @@ impl<D: Dialect> SqlOutbox<D> {
         if let Some(&partitions) = self.partitions.get() {
             return Ok(partitions);
         }
-        let schema = outbox_schema::<D>();
+        let schema = migrate::outbox_schema::<D>();
         schema
             .check(migrate::read_number::<D>(conn, &self.statements, schema.version_key).await?)?;
         let recorded = migrate::read_number::<D>(conn, &self.statements, PARTITIONS_KEY).await?;
