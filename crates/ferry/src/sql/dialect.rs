@@ -72,7 +72,10 @@ pub struct Queries {
     pub outbox_requeue: &'static str,
     /// `($1 id)`: deletes the row of that id if it is kept after publishing.
     pub outbox_unkeep: &'static str,
-    /// `($1 partition, $2 limit)` → the outbox columns, unpublished, in sequence order.
+    /// `($1 partition, $2 limit)` → the unpublished rows in sequence order, with the
+    /// columns `sequence, id, partition_no, aggregate_type, aggregate_id, version,
+    /// event_type, payload, headers, partition_key, created_at` in this order (they are
+    /// read by position).
     pub fetch: &'static str,
     /// `($1 partition, $2 epoch, $3 owner, $4 checkpoint)`: records the checkpoint (never
     /// lower) only while `{fence}` holds; the row it changes is the mark's fence.

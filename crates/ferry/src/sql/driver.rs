@@ -34,18 +34,26 @@ where
     }
 }
 
-/// Reads a column as a value of type `T`.
+/// Reads a column as a value of type `T`, by name or (where rows are many and their columns
+/// fixed, as a fetch's) by position, which spares a lookup of the name per value.
 pub trait Get<T>: Database {
     fn get_value(row: &Self::Row, column: &str) -> Result<T, sqlx::Error>;
+
+    fn get_at(row: &Self::Row, index: usize) -> Result<T, sqlx::Error>;
 }
 
 impl<DB: Database, T> Get<T> for DB
 where
     T: for<'r> Decode<'r, DB> + Type<DB>,
     for<'a> &'a str: ColumnIndex<DB::Row>,
+    usize: ColumnIndex<DB::Row>,
 {
     fn get_value(row: &Self::Row, column: &str) -> Result<T, sqlx::Error> {
         row.try_get(column)
+    }
+
+    fn get_at(row: &Self::Row, index: usize) -> Result<T, sqlx::Error> {
+        row.try_get(index)
     }
 }
 
@@ -147,6 +155,11 @@ pub trait RowExt {
     fn col<T>(&self, name: &str) -> Result<T, sqlx::Error>
     where
         Self::Db: Get<T>;
+
+    /// The column at `index` as a `T`.
+    fn col_at<T>(&self, index: usize) -> Result<T, sqlx::Error>
+    where
+        Self::Db: Get<T>;
 }
 
 impl<R: Row> RowExt for R {
@@ -157,5 +170,12 @@ impl<R: Row> RowExt for R {
         Self::Db: Get<T>,
     {
         <Self::Db as Get<T>>::get_value(self, name)
+    }
+
+    fn col_at<T>(&self, index: usize) -> Result<T, sqlx::Error>
+    where
+        Self::Db: Get<T>,
+    {
+        <Self::Db as Get<T>>::get_at(self, index)
     }
 }

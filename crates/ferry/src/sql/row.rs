@@ -15,26 +15,28 @@ use super::error::corrupt;
 
 type Row<DB> = <DB as sqlx::Database>::Row;
 
-/// An outbox row (the `fetch` columns) as a message.
+/// An outbox row as a message: the `fetch` columns, read by position (a batch is a
+/// thousand rows: a name lookup per value showed in profiles), in the order
+/// [`Queries::fetch`](super::Queries::fetch) lists them.
 pub(crate) fn message<DB: Driver>(row: &Row<DB>) -> Result<Message, sqlx::Error> {
-    let id: uuid::Uuid = row.col("id")?;
-    let version: i64 = row.col("version")?;
-    let partition: i32 = row.col("partition_no")?;
-    let headers: Json<Headers> = row.col("headers")?;
-    let payload: Vec<u8> = row.col("payload")?;
+    let id: uuid::Uuid = row.col_at(1)?;
+    let partition: i32 = row.col_at(2)?;
+    let version: i64 = row.col_at(5)?;
+    let payload: Vec<u8> = row.col_at(7)?;
+    let headers: Json<Headers> = row.col_at(8)?;
     let decode = |what: &str| sqlx::Error::Decode(format!("outbox row {id}: {what}").into());
     Ok(Message {
         id,
         version: u64::try_from(version).map_err(|_| decode("negative version"))?,
         partition: u32::try_from(partition).map_err(|_| decode("partition out of range"))?,
-        aggregate_type: row.col("aggregate_type")?,
-        aggregate_id: row.col("aggregate_id")?,
-        event_type: row.col("event_type")?,
+        aggregate_type: row.col_at(3)?,
+        aggregate_id: row.col_at(4)?,
+        event_type: row.col_at(6)?,
         payload: Bytes::from(payload),
         headers: headers.0,
-        partition_key: row.col("partition_key")?,
-        created_at: row.col("created_at")?,
-        sequence: row.col("sequence")?,
+        partition_key: row.col_at(9)?,
+        created_at: row.col_at(10)?,
+        sequence: row.col_at(0)?,
     })
 }
 
