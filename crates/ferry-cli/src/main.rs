@@ -2,6 +2,7 @@
 //! wiring (`ferry-bench` is a binary of its own, in `crates/ferry-bench`).
 
 mod demo;
+mod ops;
 mod serve;
 
 use std::path::PathBuf;
@@ -60,6 +61,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the blocked partitions: the message at each one's head and why the sink
+    /// rejects it.
+    Blocked(ops::BlockedArgs),
+    /// Retry a blocked partition's head message now instead of at the next retry_max.
+    Unblock(ops::UnblockArgs),
+    /// Park an unpublished message (who, when, why recorded) so that its partition goes on.
+    Skip(ops::SkipArgs),
+    /// List parked messages.
+    Parked(ops::ParkedArgs),
+    /// Put an aggregate's parked messages back into the outbox, in order, ahead of its
+    /// later messages.
+    RequeueParked(ops::RequeueArgs),
+    /// Delete, in batches, published messages kept for replay, inbox records and parked
+    /// messages older than the bounds given.
+    Cleanup(ops::CleanupArgs),
     /// Run an order service, the relay and an inbox consumer on embedded SQLite.
     Demo(demo::DemoArgs),
 }
@@ -143,6 +159,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Blocked(args) => ops::blocked(args).await,
+        Command::Unblock(args) => ops::unblock(args).await,
+        Command::Skip(args) => ops::skip(args).await,
+        Command::Parked(args) => ops::parked(args).await,
+        Command::RequeueParked(args) => ops::requeue_parked(args).await,
+        Command::Cleanup(args) => ops::cleanup(args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

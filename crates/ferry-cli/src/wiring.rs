@@ -22,7 +22,7 @@ use ferry::redis_store::RedisOutbox;
 use ferry::redis_stream::RedisStreamSink;
 use ferry::sqlite::SqliteOutbox;
 use ferry::webhook::WebhookSink;
-use ferry::{LeaseStore, OutboxStore, Sink, StoreError};
+use ferry::{LeaseStore, OutboxAdmin, OutboxStore, Sink, StoreError};
 use ferry_service::{PgServiceStore, ServiceStore, SqliteServiceStore};
 
 use crate::config::{Config, LeasesConfig, SERVICE_STORES, SinkConfig, StoreConfig};
@@ -89,6 +89,18 @@ impl Store {
                 s.key_prefix().as_str()
             ),
         }
+    }
+
+    /// The operators' view of the outbox (blocked partitions, parked messages, cleanup).
+    pub fn admin(&self) -> anyhow::Result<Arc<dyn OutboxAdmin>> {
+        Ok(match self {
+            Self::Postgres(s) => s.clone(),
+            Self::Sqlite(s) => s.clone(),
+            Self::Mysql(s) => s.clone(),
+            Self::Redis(_) => bail!(
+                "blocked partitions, parked messages and cleanup are not available on the Redis store yet"
+            ),
+        })
     }
 
     pub fn outbox(&self) -> Arc<dyn OutboxStore> {

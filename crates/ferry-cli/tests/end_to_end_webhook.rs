@@ -31,7 +31,8 @@ struct Inbox {
     received: Vec<ReceivedMessage>,
     /// Requests whose signature did not verify.
     bad_signatures: u64,
-    /// Answers by aggregate id, instead of 200.
+    /// Answers by aggregate id (`"7"`) or by aggregate id and version (`"7/1"`), instead
+    /// of 200.
     refuse: HashMap<String, (StatusCode, String)>,
 }
 
@@ -103,7 +104,12 @@ async fn receive(
         body,
     )
     .unwrap();
-    if let Some(answer) = inbox.refuse.get(&message.aggregate_id) {
+    let version = format!("{}/{}", message.aggregate_id, message.version);
+    if let Some(answer) = inbox
+        .refuse
+        .get(&message.aggregate_id)
+        .or_else(|| inbox.refuse.get(&version))
+    {
         return answer.clone();
     }
     inbox.received.push(message);
@@ -119,12 +125,14 @@ fn free_addr() -> SocketAddr {
 
 /// A PostgreSQL outbox relayed to `http://<addr>/hooks/{aggregate_type}`, signed.
 async fn pg_to_webhook(partitions: u32, addr: SocketAddr) -> PgScenario {
-    let tag = unique_tag();
-    let sink = format!(
+    PgScenario::new(&unique_tag(), partitions, &webhook_sink(addr), "").await
+}
+
+fn webhook_sink(addr: SocketAddr) -> String {
+    format!(
         "[sink]\ntype = \"webhook\"\nurl = \"http://{addr}/hooks/{{aggregate_type}}\"\n\
              signing_secret = \"{SECRET}\"\nconnect_timeout_secs = 1\nrequest_timeout_secs = 5\n"
-    );
-    PgScenario::new(&tag, partitions, &sink, "").await
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,5 +217,196 @@ async fn a_400_blocks_its_partition_with_the_reason_in_ferry_status_until_accept
         (0, 0),
         "{report:?}"
     );
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+}
+
+/// `ferry <args> --json` (or without JSON output) in `e2e`'s config; fails on a non-zero exit.
+fn ferry_ok(e2e: &PgScenario, args: &[&str]) -> String {
+    let output = e2e.scenario.ferry(args);
+    assert!(
+        output.status.success(),
+        "ferry {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_skips_the_rejected_message_and_requeues_it_later() {
+    let addr = free_addr();
+    let receiver = Receiver::new(0);
+    receiver.inbox.lock().unwrap().refuse.insert(
+        "0/1".into(),
+        (StatusCode::BAD_REQUEST, "unknown account 0".into()),
+    );
+    let _serving = receiver.serve(addr).await;
+    // Blocked retries every 30 s: only the operator's skip lets the partition go on soon.
+    let e2e = PgScenario::new(&unique_tag(), 1, &webhook_sink(addr), "").await;
+    let relay_config =
+        e2e.scenario
+            .config_variant("slow-retry", "retry_max_ms = 1000", "retry_max_ms = 30000");
+    let produced = e2e.produce(3, 5, 1).await.unwrap();
+    let relay = e2e.scenario.relay_with_config("relay", &relay_config);
+    e2e.scenario.wait_blocked(0, &relay).await;
+
+    let blocked: serde_json::Value =
+        serde_json::from_str(&ferry_ok(&e2e, &["blocked", "--json"])).unwrap();
+    let head = &blocked[0]["head"];
+    assert_eq!(blocked[0]["partition"], 0, "{blocked}");
+    assert!(
+        blocked[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("unknown account 0")
+    );
+    assert!(blocked[0]["since"].is_string(), "{blocked}");
+    assert_eq!(
+        (head["aggregate_id"].as_str(), head["version"].as_u64()),
+        (Some("0"), Some(1))
+    );
+    let skipped = head["id"].as_str().unwrap().to_owned();
+
+    ferry_ok(
+        &e2e,
+        &[
+            "skip",
+            "--message",
+            &skipped,
+            "--reason",
+            "account 0 is unknown",
+            "--by",
+            "ops",
+        ],
+    );
+    e2e.scenario.wait_drained(Duration::from_secs(20)).await;
+    let parked: serde_json::Value =
+        serde_json::from_str(&ferry_ok(&e2e, &["parked", "--json"])).unwrap();
+    assert_eq!(parked[0]["message"]["id"], skipped.as_str(), "{parked}");
+    assert_eq!(parked[0]["parked_by"], "ops");
+    assert_eq!(parked[0]["holds_aggregate"], false);
+    {
+        let inbox = receiver.inbox.lock().unwrap();
+        let skipped = Uuid::parse_str(&skipped).unwrap();
+        let rest: HashSet<Uuid> = produced
+            .iter()
+            .copied()
+            .filter(|id| *id != skipped)
+            .collect();
+        let report = Report::of(inbox.received.clone(), &rest);
+        assert_eq!(
+            (report.missing, report.duplicates, report.out_of_order),
+            (0, 0, 0),
+            "everything but the skipped message, in order: {report:?}"
+        );
+    }
+    assert!(
+        e2e.scenario.status()[0]["blocked_reason"].is_null(),
+        "unblocked once the partition moved on"
+    );
+
+    receiver.inbox.lock().unwrap().refuse.clear();
+    ferry_ok(
+        &e2e,
+        &[
+            "requeue-parked",
+            "--aggregate-type",
+            "account",
+            "--aggregate-id",
+            "0",
+        ],
+    );
+    e2e.scenario.wait_drained(Duration::from_secs(20)).await;
+    assert!(
+        receiver
+            .inbox
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .any(|m| m.id.to_string() == skipped)
+    );
+    let none = e2e.scenario.ferry(&["unblock", "--partition", "0"]);
+    assert!(
+        !none.status.success(),
+        "partition 0 is not blocked any more"
+    );
+    assert!(String::from_utf8_lossy(&none.stderr).contains("not blocked"));
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn park_aggregate_parks_the_rejected_aggregate_in_order_while_the_rest_flows() {
+    let addr = free_addr();
+    let receiver = Receiver::new(0);
+    receiver.inbox.lock().unwrap().refuse.insert(
+        "1".into(),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "account 1 is closed".into(),
+        ),
+    );
+    let _serving = receiver.serve(addr).await;
+    let e2e = PgScenario::new(&unique_tag(), 1, &webhook_sink(addr), "").await;
+    let relay_config = e2e.scenario.config_variant(
+        "park",
+        "[relay]\n",
+        "[relay]\non_permanent_failure = \"park-aggregate\"\n",
+    );
+    let produced = e2e.produce(4, 6, 1).await.unwrap();
+    let relay = e2e.scenario.relay_with_config("relay", &relay_config);
+    e2e.scenario.wait_drained(Duration::from_secs(20)).await;
+    let parked: serde_json::Value =
+        serde_json::from_str(&ferry_ok(&e2e, &["parked", "--json"])).unwrap();
+    let versions: Vec<u64> = parked
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert_eq!(p["message"]["aggregate_id"], "1");
+            assert_eq!(p["holds_aggregate"], true);
+            assert!(
+                p["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("account 1 is closed")
+            );
+            p["message"]["version"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [1, 2, 3, 4, 5, 6],
+        "the whole aggregate, in order"
+    );
+    assert!(
+        e2e.scenario.status()[0]["blocked_reason"].is_null(),
+        "not blocked"
+    );
+    {
+        let received = &receiver.inbox.lock().unwrap().received;
+        assert!(received.iter().all(|m| m.aggregate_id != "1"));
+        assert_eq!(received.len(), 18, "the other aggregates flowed");
+    }
+
+    receiver.inbox.lock().unwrap().refuse.clear();
+    ferry_ok(
+        &e2e,
+        &[
+            "requeue-parked",
+            "--aggregate-type",
+            "account",
+            "--aggregate-id",
+            "1",
+        ],
+    );
+    e2e.scenario.wait_drained(Duration::from_secs(20)).await;
+    let report = receiver.report(&produced);
+    report.assert_perfect_after_inbox();
+    assert_eq!(
+        (report.out_of_order, report.duplicates),
+        (0, 0),
+        "{report:?}"
+    );
+    assert!(relay.logs().contains("parked it with its aggregate"));
     assert!(relay.terminate(Duration::from_secs(15)).success());
 }

@@ -4,6 +4,7 @@
 //! Architecture invariant: this crate has no database or broker driver and does no I/O of
 //! its own; drivers live in the `ferry` crate behind cargo features.
 
+pub mod admin;
 pub mod backoff;
 pub mod cloudevents;
 mod error;
@@ -17,12 +18,15 @@ pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use admin::{
+    BlockedPartition, Cleaned, CleanupBounds, OutboxAdmin, ParkedMessage, ParkedQuery,
+};
 pub use cloudevents::{ReceivedMessage, Source};
 pub use error::{ErrorChain, StoreError, error_chain};
 pub use inbox::{Admission, Decision, Inbox, ProcessError, Processed};
 pub use lease::{Lease, LeaseStore, Takeover};
 pub use message::{EnqueueError, Enqueued, Headers, InvalidMessage, Message, NewMessage};
 pub use partition::partition_for;
-pub use relay::{Relay, RelayConfig, RelayError, RelayStats};
+pub use relay::{OnPermanentFailure, Relay, RelayConfig, RelayError, RelayStats};
 pub use sink::{Delivery, ReconcileRequest, Sink, SinkError, report_unsent};
 pub use store::{OutboxStore, PartitionStatus, Wakers};

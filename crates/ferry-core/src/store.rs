@@ -68,6 +68,8 @@ impl Wakers {
 /// - `fetch` returns the unpublished messages of one partition in ascending `sequence`,
 ///   reading committed data only. It keeps no cursor: a message whose transaction commits
 ///   late, with a lower sequence than one already published, is returned by the next fetch.
+///   Messages of an aggregate held by a parked message (see [`crate::admin`]) are left out
+///   until it is requeued.
 /// - `mark_published` marks (or deletes, per the store's retention) exactly the given ids,
 ///   in one statement that also checks that `lease` is still current; if it is not, it
 ///   changes nothing and returns [`StoreError::Fenced`]. Marking an id twice is harmless.
@@ -91,8 +93,40 @@ pub trait OutboxStore: Send + Sync + 'static {
         checkpoint: Option<u64>,
     ) -> Result<u64, StoreError>;
 
-    /// Records (or, with `None`, clears) why the partition cannot move, for `status`.
+    /// Records (or, with `None`, clears) why the partition cannot move, for `status`, and
+    /// since when (kept while the reason is recorded again).
     async fn set_blocked(&self, lease: &Lease, reason: Option<&str>) -> Result<(), StoreError>;
+
+    /// Whether an operator asked to retry the partition's head now (see
+    /// [`OutboxAdmin::request_retry`](crate::admin::OutboxAdmin::request_retry)); the
+    /// request is taken, so it answers yes once. Stores without operator requests keep the
+    /// default: never.
+    async fn take_retry_request(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let _ = lease;
+        Ok(false)
+    }
+
+    /// Parks `message` (which the sink rejects for good) and every unpublished message of
+    /// its aggregate in the partition, under `lease` (fenced like a mark): they leave the
+    /// flow, holding the aggregate until an operator requeues them, while the rest of the
+    /// partition goes on (the `park-aggregate` policy). `by` names the relay. Returns how
+    /// many were parked. Stores that cannot park keep the default, which refuses.
+    async fn park_aggregate(
+        &self,
+        lease: &Lease,
+        message: &Message,
+        by: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
+        let _ = (by, reason);
+        Err(StoreError::Other(
+            format!(
+                "this outbox store cannot park messages (message {} of partition {}): use on_permanent_failure = \"block\"",
+                message.id, lease.partition
+            )
+            .into(),
+        ))
+    }
 
     /// Makes `lease`, granted by a lease backend outside this store (Redis, etcd), the
     /// partition's owner here, so that the store can fence older owners itself.

@@ -815,3 +815,36 @@ async fn g4_concurrent_consumer_instances_apply_in_version_order() {
     );
     assert_eq!(versions.last(), Some(&60));
 }
+
+#[tokio::test]
+async fn blocked_partitions_are_listed_retried_and_skipped() {
+    common::operations::blocked_partitions_are_listed_retried_and_skipped(
+        &outbox_with(1, Duration::ZERO).await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn park_aggregate_holds_the_aggregate_until_requeued() {
+    common::operations::park_aggregate_holds_the_aggregate_until_requeued(
+        &outbox_with(1, Duration::ZERO).await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cleanup_removes_what_is_past_its_bounds() {
+    let outbox = outbox_with(1, Duration::from_secs(3600)).await;
+    let inbox = MyInbox::new("cleanup", outbox.table_prefix());
+    common::operations::cleanup_removes_what_is_past_its_bounds(&outbox, async || {
+        let mut tx = outbox.pool().begin().await.unwrap();
+        inbox
+            .process(&mut tx, &common::received("1", 1), async |_, _| {
+                Ok::<(), sqlx::Error>(())
+            })
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    })
+    .await;
+}

@@ -465,3 +465,36 @@ async fn a_relay_paused_inside_a_write_transaction_does_not_keep_its_partition()
         "the server should have ended the paused transaction"
     );
 }
+
+#[tokio::test]
+async fn blocked_partitions_are_listed_retried_and_skipped() {
+    common::operations::blocked_partitions_are_listed_retried_and_skipped(
+        &outbox_with(1, Duration::ZERO).await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn park_aggregate_holds_the_aggregate_until_requeued() {
+    common::operations::park_aggregate_holds_the_aggregate_until_requeued(
+        &outbox_with(1, Duration::ZERO).await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cleanup_removes_what_is_past_its_bounds() {
+    let outbox = outbox_with(1, Duration::from_secs(3600)).await;
+    let inbox = PgInbox::new("cleanup", outbox.table_prefix());
+    common::operations::cleanup_removes_what_is_past_its_bounds(&outbox, async || {
+        let mut tx = outbox.pool().begin().await.unwrap();
+        inbox
+            .process(&mut tx, &common::received("1", 1), async |_, _| {
+                Ok::<(), sqlx::Error>(())
+            })
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    })
+    .await;
+}

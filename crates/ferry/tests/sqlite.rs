@@ -118,7 +118,8 @@ async fn migrate_is_idempotent_and_partitions_are_fixed() {
     assert_eq!(
         db.count("SELECT CAST(value AS INTEGER) FROM {p}meta WHERE key = 'schema_version'")
             .await,
-        1
+        2,
+        "the latest schema version"
     );
 
     let err = db

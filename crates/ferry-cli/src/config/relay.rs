@@ -24,6 +24,21 @@ pub struct RelaySection {
     pub retry_max_ms: u64,
     /// Defaults to 10.
     pub shutdown_timeout_secs: u64,
+    /// How often published messages past `outbox.retention_secs` are purged. Defaults to 60.
+    pub purge_interval_secs: u64,
+    /// What a message the sink rejects for good does: `"block"` (its partition stops until
+    /// it passes or an operator skips it) or `"park-aggregate"` (it and its aggregate's
+    /// later messages are parked until requeued; the rest flows). Defaults to `"block"`.
+    pub on_permanent_failure: PermanentFailurePolicy,
+}
+
+/// `relay.on_permanent_failure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PermanentFailurePolicy {
+    #[default]
+    Block,
+    ParkAggregate,
 }
 
 impl Default for RelaySection {
@@ -36,6 +51,8 @@ impl Default for RelaySection {
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
             shutdown_timeout_secs: 10,
+            purge_interval_secs: 60,
+            on_permanent_failure: PermanentFailurePolicy::Block,
         }
     }
 }
@@ -64,6 +81,9 @@ impl RelaySection {
                 self.retry_initial_ms
             );
         }
+        if self.purge_interval_secs == 0 {
+            bail!("relay.purge_interval_secs must be at least 1");
+        }
         if let Some(id) = &self.relay_id
             && id.trim().is_empty()
         {
@@ -82,6 +102,11 @@ impl RelaySection {
         config.retry_initial = Duration::from_millis(self.retry_initial_ms);
         config.retry_max = Duration::from_millis(self.retry_max_ms);
         config.shutdown_timeout = Duration::from_secs(self.shutdown_timeout_secs);
+        config.purge_interval = Duration::from_secs(self.purge_interval_secs);
+        config.on_permanent_failure = match self.on_permanent_failure {
+            PermanentFailurePolicy::Block => ferry::OnPermanentFailure::Block,
+            PermanentFailurePolicy::ParkAggregate => ferry::OnPermanentFailure::ParkAggregate,
+        };
         config.external_leases = external_leases;
         config
     }

@@ -47,6 +47,23 @@ pub struct RelayConfig {
     /// grant is then adopted by the store ([`OutboxStore::adopt`]) before the partition is
     /// touched, so that the store fences older owners. Defaults to false.
     pub external_leases: bool,
+    /// What a message the sink rejects for good does to its partition. Defaults to
+    /// [`OnPermanentFailure::Block`].
+    pub on_permanent_failure: OnPermanentFailure,
+}
+
+/// What the relay does with a message the sink rejects for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnPermanentFailure {
+    /// The partition stops at the message, with the reason recorded, and retries it every
+    /// `retry_max` (or at once when an operator asks) until it passes or an operator skips
+    /// it. Nothing behind it overtakes it.
+    #[default]
+    Block,
+    /// The message and every later message of its aggregate are parked, in order, until an
+    /// operator requeues them; the rest of the partition keeps flowing. Keys other than the
+    /// aggregate's may share the partition: their order is kept, the aggregate's is held.
+    ParkAggregate,
 }
 
 impl RelayConfig {
@@ -61,6 +78,7 @@ impl RelayConfig {
             shutdown_timeout: Duration::from_secs(10),
             purge_interval: Duration::from_secs(60),
             external_leases: false,
+            on_permanent_failure: OnPermanentFailure::Block,
         }
     }
 
@@ -82,6 +100,8 @@ pub struct RelayStats {
     pub leases_lost: AtomicU64,
     /// Messages found already in the broker when taking a partition over.
     pub reconciled: AtomicU64,
+    /// Messages parked by the `park-aggregate` policy.
+    pub parked: AtomicU64,
     /// Partitions this relay owns now.
     pub owned_partitions: AtomicU64,
 }

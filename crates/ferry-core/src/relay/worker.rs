@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::deadline::LeaseDeadline;
 use super::retry::{Failed, Interrupted, Retry, ensure_held, wait};
-use super::{RelayConfig, RelayStats};
+use super::{OnPermanentFailure, RelayConfig, RelayStats};
 use crate::backoff::Backoff;
 use crate::error::{ErrorChain, StoreError, error_chain};
 use crate::lease::{Lease, LeaseStore, Takeover};
@@ -367,21 +367,86 @@ impl Worker {
         let delay = progress.backoff.next_delay();
         if err.is_retryable() {
             warn!(partition, message_id = %message.id, failed, error = %ErrorChain(&err), retry_in_ms = delay.as_millis() as u64, "publish failed; retrying in order");
-        } else {
-            self.block(message, &err).await;
-            progress.blocked = true;
+            return self.pause(delay).await;
         }
-        self.pause(delay).await
+        if self.config.on_permanent_failure == OnPermanentFailure::ParkAggregate
+            && self.park(message, &err).await?
+        {
+            if progress.blocked {
+                self.unblock().await;
+                progress.blocked = false;
+            }
+            return Ok(());
+        }
+        self.block(message, &err).await;
+        progress.blocked = true;
+        self.blocked_pause(delay).await
+    }
+
+    /// Parks `message` with its aggregate; false if the store cannot, and the partition
+    /// blocks instead.
+    async fn park(&self, message: &Message, err: &SinkError) -> Result<bool, Interrupted> {
+        let reason = rejection(message, err);
+        let by = format!("relay {}", self.config.relay_id);
+        let parked = self
+            .retry("parking the rejected message failed")
+            .until(&self.stop)
+            .run(|| async {
+                match self
+                    .store
+                    .park_aggregate(&self.lease, message, &by, &reason)
+                    .await
+                {
+                    Ok(parked) => Ok(Some(parked)),
+                    Err(StoreError::Fenced { partition, epoch }) => {
+                        warn!(partition, epoch, "park refused: lease taken over; stopping");
+                        Err(Failed::Stop(Interrupted::LeaseLost))
+                    }
+                    Err(err) if err.is_retryable() => Err(Failed::Retry(err)),
+                    Err(err) => {
+                        error!(partition = self.partition(), error = %ErrorChain(&err), "cannot park the rejected message; blocking the partition instead");
+                        Ok(None)
+                    }
+                }
+            })
+            .await?;
+        let Some(parked) = parked else {
+            return Ok(false);
+        };
+        warn!(partition = self.partition(), message_id = %message.id, aggregate_type = %message.aggregate_type, aggregate_id = %message.aggregate_id, parked, error = %ErrorChain(err), "the sink rejects a message: parked it with its aggregate's later messages until an operator requeues them; the partition goes on");
+        self.stats.parked.fetch_add(parked, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Waits `delay` before retrying a blocked partition's head, in steps of the poll
+    /// interval, and retries at once when an operator asks (`ferry unblock`, `ferry skip`).
+    async fn blocked_pause(&self, delay: Duration) -> Result<(), Interrupted> {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            self.pause(left.min(self.config.poll_interval)).await?;
+            match self.store.take_retry_request(&self.lease).await {
+                Ok(true) => {
+                    info!(
+                        partition = self.partition(),
+                        "retrying the blocked partition now, as an operator asked"
+                    );
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    debug!(partition = self.partition(), error = %ErrorChain(&err), "reading the partition's retry requests failed")
+                }
+            }
+        }
     }
 
     /// Records why the partition cannot move: the sink rejects `message` for good.
     async fn block(&self, message: &Message, err: &SinkError) {
-        let reason = format!(
-            "message {} (sequence {}) rejected: {}",
-            message.id,
-            message.sequence,
-            error_chain(err)
-        );
+        let reason = rejection(message, err);
         error!(partition = self.partition(), message_id = %message.id, error = %ErrorChain(err), "partition blocked: the sink rejects a message; nothing after it is sent until it passes or an operator removes it");
         self.set_blocked(Some(&reason)).await;
     }
@@ -396,4 +461,14 @@ impl Worker {
             warn!(partition = self.partition(), error = %ErrorChain(&err), "failed to record the partition's blocked state");
         }
     }
+}
+
+/// Why `message` left the flow, as recorded for operators.
+fn rejection(message: &Message, err: &SinkError) -> String {
+    format!(
+        "message {} (sequence {}) rejected: {}",
+        message.id,
+        message.sequence,
+        error_chain(err)
+    )
 }

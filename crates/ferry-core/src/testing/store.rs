@@ -53,6 +53,8 @@ struct State {
     releases: Vec<Release>,
     /// Every reason `set_blocked` recorded, by partition.
     blocked_reasons: HashMap<u32, Vec<Option<String>>>,
+    /// Messages parked by `park_aggregate`, in sequence order; each holds its aggregate.
+    parked: BTreeMap<i64, Message>,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,8 @@ struct LeaseRow {
     clean: bool,
     checkpoint: Option<u64>,
     blocked_reason: Option<String>,
+    /// An operator asked to retry the partition's head now.
+    retry_requested: bool,
 }
 
 impl LeaseRow {
@@ -110,6 +114,7 @@ impl MemoryStore {
                 clean: true,
                 checkpoint: None,
                 blocked_reason: None,
+                retry_requested: false,
             })
             .collect();
         Self {
@@ -126,6 +131,7 @@ impl MemoryStore {
                 marks: Vec::new(),
                 releases: Vec::new(),
                 blocked_reasons: HashMap::new(),
+                parked: BTreeMap::new(),
             }),
             enqueued: broadcast::channel(1024).0,
         }
@@ -225,6 +231,40 @@ impl MemoryStore {
             .and_then(|row| row.blocked_reason.clone())
     }
 
+    /// Asks the relay owning `partition` to retry its head now, as `ferry unblock` does.
+    pub fn request_retry(&self, partition: u32) {
+        if let Some(row) = self.lock().leases.get_mut(partition as usize) {
+            row.retry_requested = true;
+        }
+    }
+
+    /// The parked messages' ids, in sequence order.
+    pub fn parked(&self) -> Vec<Uuid> {
+        self.lock().parked.values().map(|m| m.id).collect()
+    }
+
+    /// Puts an aggregate's parked messages back with their sequences, releasing it.
+    pub fn requeue_parked(&self, aggregate_type: &str, aggregate_id: &str) -> usize {
+        let mut state = self.lock();
+        let back: Vec<Message> = state
+            .parked
+            .values()
+            .filter(|m| m.aggregate_type == aggregate_type && m.aggregate_id == aggregate_id)
+            .cloned()
+            .collect();
+        for message in &back {
+            state.parked.remove(&message.sequence);
+            state.rows.insert(
+                message.sequence,
+                Row {
+                    message: message.clone(),
+                    published: false,
+                },
+            );
+        }
+        back.len()
+    }
+
     /// The relay holding an unexpired lease on `partition`, with its epoch.
     pub fn owner(&self, partition: u32) -> Option<(String, i64)> {
         let state = self.lock();
@@ -274,12 +314,21 @@ impl State {
         Instant::now() + self.clock_ahead
     }
 
-    /// `partition`'s unpublished messages in sequence order.
+    /// `partition`'s unpublished messages in sequence order, but for those of aggregates
+    /// held by a parked message.
     fn unpublished(&self, partition: u32) -> impl Iterator<Item = &Message> {
         self.rows
             .values()
             .filter(move |row| row.message.partition == partition && !row.published)
             .map(|row| &row.message)
+            .filter(|message| !self.holds(message))
+    }
+
+    fn holds(&self, message: &Message) -> bool {
+        self.parked.values().any(|parked| {
+            parked.aggregate_type == message.aggregate_type
+                && parked.aggregate_id == message.aggregate_id
+        })
     }
 
     /// The lease row of `lease`'s partition if `lease` is current there.
@@ -356,6 +405,43 @@ impl OutboxStore for MemoryStore {
             .or_default()
             .push(reason.map(str::to_owned));
         Ok(())
+    }
+
+    async fn take_retry_request(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let mut state = self.outbox()?;
+        Ok(state
+            .current_lease(lease)
+            .is_some_and(|row| std::mem::take(&mut row.retry_requested)))
+    }
+
+    async fn park_aggregate(
+        &self,
+        lease: &Lease,
+        message: &Message,
+        _by: &str,
+        _reason: &str,
+    ) -> Result<u64, StoreError> {
+        let mut state = self.outbox()?;
+        if state.current_lease(lease).is_none() {
+            return Err(StoreError::fenced(lease));
+        }
+        let parked: Vec<i64> = state
+            .rows
+            .iter()
+            .filter(|(_, row)| {
+                !row.published
+                    && row.message.partition == lease.partition
+                    && row.message.aggregate_type == message.aggregate_type
+                    && row.message.aggregate_id == message.aggregate_id
+            })
+            .map(|(sequence, _)| *sequence)
+            .collect();
+        for sequence in &parked {
+            if let Some(row) = state.rows.remove(sequence) {
+                state.parked.insert(*sequence, row.message);
+            }
+        }
+        Ok(parked.len() as u64)
     }
 
     /// Adopts a lease this store granted (or one from a backend that granted a higher

@@ -49,7 +49,10 @@ impl Dialect for MyDialect {
     /// The server's clock in UTC (times are `DATETIME(6)`), so that relays agree on lease
     /// expiry whatever their session's time zone.
     const FILLS: &'static [(&'static str, &'static str)] = &[("{now}", "UTC_TIMESTAMP(6)")];
-    const MIGRATIONS: &'static [&'static str] = &[include_str!("migrations/0001_initial.sql")];
+    const MIGRATIONS: &'static [&'static str] = &[
+        include_str!("migrations/0001_initial.sql"),
+        include_str!("migrations/0002_operations.sql"),
+    ];
     const ENQUEUE: Enqueue = Enqueue::Routine(include_str!("queries/enqueue.sql"));
     /// One placeholder per id; a reconciliation's longer list goes in chunks.
     const MAX_IDS_PER_STATEMENT: usize = 1024;

@@ -39,7 +39,10 @@ impl Dialect for PgDialect {
     const PLACEHOLDERS: Placeholders = Placeholders::Dollar;
     const QUERIES: Queries = crate::sql::queries!();
     const FILLS: &'static [(&'static str, &'static str)] = &[("{now}", "now()")];
-    const MIGRATIONS: &'static [&'static str] = &[include_str!("migrations/0001_initial.sql")];
+    const MIGRATIONS: &'static [&'static str] = &[
+        include_str!("migrations/0001_initial.sql"),
+        include_str!("migrations/0002_operations.sql"),
+    ];
     const ENQUEUE: Enqueue = Enqueue::Routine(include_str!("queries/enqueue.sql"));
     /// Arrays have no size limit; chunks keep a reconciliation's statements moderate.
     const MAX_IDS_PER_STATEMENT: usize = 10_000;

@@ -72,10 +72,10 @@ pub struct Queries {
     pub outbox_requeue: &'static str,
     /// `($1 id)`: deletes the row of that id if it is kept after publishing.
     pub outbox_unkeep: &'static str,
-    /// `($1 partition, $2 limit)` → the unpublished rows in sequence order, with the
-    /// columns `sequence, id, partition_no, aggregate_type, aggregate_id, version,
-    /// event_type, payload, headers, partition_key, created_at` in this order (they are
-    /// read by position).
+    /// `($1 partition, $2 limit)` → the unpublished rows in sequence order, but for those
+    /// of aggregates a parked message holds, with the columns `sequence, id, partition_no,
+    /// aggregate_type, aggregate_id, version, event_type, payload, headers, partition_key,
+    /// created_at` in this order (they are read by position).
     pub fetch: &'static str,
     /// `($1 partition, $2 epoch, $3 owner, $4 checkpoint)`: records the checkpoint (never
     /// lower) only while `{fence}` holds; the row it changes is the mark's fence.
@@ -84,8 +84,43 @@ pub struct Queries {
     pub mark_delete: &'static str,
     /// `($1 partition, $2 ids)`: stamps the rows published.
     pub mark_keep: &'static str,
-    /// `($1 partition, $2 epoch, $3 owner, $4 reason)` while `{fence}` holds.
+    /// `($1 partition, $2 epoch, $3 owner, $4 reason)` while `{fence}` holds; sets
+    /// `blocked_at` when the partition becomes blocked, clears it with the reason.
     pub blocked_set: &'static str,
+    /// `($1 partition, $2 epoch, $3 owner)` while `{fence}` holds: clears an operator's
+    /// retry request; changes a row only if there was one.
+    pub retry_take: &'static str,
+    /// `($1 partition)`: requests a retry of a blocked partition's head.
+    pub retry_request: &'static str,
+    /// `()` → `partition_no, blocked_reason, blocked_at_ms` of the blocked partitions.
+    pub blocked_list: &'static str,
+    /// `($1 partition, $2 aggregate_type, $3 aggregate_id, $4 parked_by, $5 reason)`:
+    /// copies the aggregate's unpublished rows of the partition to the parked messages,
+    /// holding the aggregate.
+    pub park_aggregate: &'static str,
+    /// `($1 partition, $2 aggregate_type, $3 aggregate_id)`: deletes them from the outbox.
+    pub outbox_delete_aggregate: &'static str,
+    /// `($1 id)` → `partition_no` of the unpublished row, locked where the database can.
+    pub outbox_partition_of: &'static str,
+    /// `($1 id, $2 parked_by, $3 reason)`: copies the unpublished row to the parked
+    /// messages, holding nothing.
+    pub park_one: &'static str,
+    /// `($1 id)`: deletes the unpublished row.
+    pub outbox_delete_one: &'static str,
+    /// `($1 aggregate_type or NULL, $2 aggregate_id, $3 after sequence, $4 limit)` → the
+    /// `fetch` columns in order, then `parked_at_ms, parked_by, reason, holds_aggregate`.
+    pub parked_list: &'static str,
+    /// `($1 id)` → the columns of `parked_list` for that message.
+    pub parked_get: &'static str,
+    /// `($1 aggregate_type, $2 aggregate_id)`: copies the aggregate's parked messages back
+    /// into the outbox with their sequences.
+    pub parked_requeue: &'static str,
+    /// `($1 aggregate_type, $2 aggregate_id)`: deletes the aggregate's parked messages.
+    pub parked_delete_aggregate: &'static str,
+    /// `($1 older_than_ms, $2 limit)`: deletes inbox records processed longer ago.
+    pub purge_inbox: &'static str,
+    /// `($1 older_than_ms, $2 limit)`: deletes parked messages parked longer ago.
+    pub purge_parked: &'static str,
     /// `($1 partition, $2 epoch, $3 owner)`: raises the fencing epoch, never lowering it.
     pub adopt: &'static str,
     /// `($1 partition)` → `checkpoint`.
@@ -140,6 +175,20 @@ macro_rules! queries {
             mark_delete: include_str!("queries/mark_delete.sql"),
             mark_keep: include_str!("queries/mark_keep.sql"),
             blocked_set: include_str!("queries/blocked_set.sql"),
+            retry_take: include_str!("queries/retry_take.sql"),
+            retry_request: include_str!("queries/retry_request.sql"),
+            blocked_list: include_str!("queries/blocked_list.sql"),
+            park_aggregate: include_str!("queries/park_aggregate.sql"),
+            outbox_delete_aggregate: include_str!("queries/outbox_delete_aggregate.sql"),
+            outbox_partition_of: include_str!("queries/outbox_partition_of.sql"),
+            park_one: include_str!("queries/park_one.sql"),
+            outbox_delete_one: include_str!("queries/outbox_delete_one.sql"),
+            parked_list: include_str!("queries/parked_list.sql"),
+            parked_get: include_str!("queries/parked_get.sql"),
+            parked_requeue: include_str!("queries/parked_requeue.sql"),
+            parked_delete_aggregate: include_str!("queries/parked_delete_aggregate.sql"),
+            purge_inbox: include_str!("queries/purge_inbox.sql"),
+            purge_parked: include_str!("queries/purge_parked.sql"),
             adopt: include_str!("queries/adopt.sql"),
             checkpoint_read: include_str!("queries/checkpoint_read.sql"),
             epoch_highest: include_str!("queries/epoch_highest.sql"),

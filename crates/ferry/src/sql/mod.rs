@@ -15,6 +15,7 @@
 //! - `migrate`: versioned schemas in `<prefix>meta`, for ferry's tables and others'.
 //! - `row`, `error`: rows as the core's types; driver errors as [`StoreError`]s.
 
+mod admin;
 mod dialect;
 mod driver;
 mod error;

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use tracing::warn;
 
-use ferry_core::{Headers, Message, PartitionStatus, StoreError, Takeover};
+use ferry_core::{
+    BlockedPartition, Headers, Message, ParkedMessage, PartitionStatus, StoreError, Takeover,
+};
 
 use super::driver::{Driver, RowExt};
 use super::error::corrupt;
@@ -38,6 +40,40 @@ pub(crate) fn message<DB: Driver>(row: &Row<DB>) -> Result<Message, sqlx::Error>
         created_at: row.col_at(10)?,
         sequence: row.col_at(0)?,
     })
+}
+
+/// A `parked_list` row: the `fetch` columns, then the parking's.
+pub(crate) fn parked<DB: Driver>(row: &Row<DB>) -> Result<ParkedMessage, sqlx::Error> {
+    let parked_at_ms: i64 = row.col("parked_at_ms")?;
+    Ok(ParkedMessage {
+        message: message::<DB>(row)?,
+        parked_at: timestamp(parked_at_ms)?,
+        parked_by: row.col("parked_by")?,
+        reason: row.col("reason")?,
+        holds_aggregate: row.col("holds_aggregate")?,
+    })
+}
+
+/// A `blocked_list` row, with the partition's head message when there is one.
+pub(crate) fn blocked<DB: Driver>(
+    row: &Row<DB>,
+    head: Option<Message>,
+) -> Result<BlockedPartition, sqlx::Error> {
+    let partition: i32 = row.col("partition_no")?;
+    let since: Option<i64> = row.col("blocked_at_ms")?;
+    Ok(BlockedPartition {
+        partition: u32::try_from(partition).map_err(|_| {
+            sqlx::Error::Decode(format!("lease row {partition} out of range").into())
+        })?,
+        reason: row.col("blocked_reason")?,
+        since: since.map(timestamp).transpose()?,
+        head,
+    })
+}
+
+fn timestamp(millis: i64) -> Result<DateTime<Utc>, sqlx::Error> {
+    DateTime::from_timestamp_millis(millis)
+        .ok_or_else(|| sqlx::Error::Decode(format!("time {millis} ms out of range").into()))
 }
 
 /// A `status` row.

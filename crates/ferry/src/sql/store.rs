@@ -13,12 +13,8 @@ use super::dialect::Dialect;
 use super::driver::RowExt;
 use super::error::store_error;
 use super::outbox::SqlOutbox;
-use super::row::{self, millis, stored_checkpoint};
+use super::row::{self, stored_checkpoint};
 use super::statement::Arg;
-
-/// Rows deleted per purge statement: each holds its locks (SQLite: the database's write
-/// lock, which producers wait for) until it ends, so a large purge runs as many short ones.
-const PURGE_BATCH: i64 = 5000;
 
 #[async_trait]
 impl<D: Dialect> OutboxStore for SqlOutbox<D> {
@@ -130,6 +126,73 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
         Ok(())
     }
 
+    async fn take_retry_request(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let taken = self
+            .statements
+            .retry_take
+            .execute::<D>(
+                &mut *self.acquire().await?,
+                &[
+                    lease.partition.into(),
+                    lease.epoch.into(),
+                    Arg::Text(&lease.owner),
+                ],
+            )
+            .await?;
+        Ok(taken > 0)
+    }
+
+    /// Checks the lease and moves the aggregate's rows in one write transaction, as a mark
+    /// does (G5).
+    async fn park_aggregate(
+        &self,
+        lease: &Lease,
+        message: &Message,
+        by: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
+        let s = &self.statements;
+        let mut tx = self.begin_write().await?;
+        let held = s
+            .lease_check
+            .execute::<D>(
+                &mut tx,
+                &[
+                    lease.partition.into(),
+                    lease.epoch.into(),
+                    Arg::Text(&lease.owner),
+                    Arg::OptInt(None),
+                ],
+            )
+            .await?;
+        if held == 0 {
+            return Err(StoreError::fenced(lease));
+        }
+        let aggregate = [
+            lease.partition.into(),
+            Arg::Text(&message.aggregate_type),
+            Arg::Text(&message.aggregate_id),
+        ];
+        let parked = s
+            .park_aggregate
+            .execute::<D>(
+                &mut tx,
+                &[
+                    aggregate[0],
+                    aggregate[1],
+                    aggregate[2],
+                    by.into(),
+                    reason.into(),
+                ],
+            )
+            .await?;
+        s.outbox_delete_aggregate
+            .execute::<D>(&mut tx, &aggregate)
+            .await?;
+        tx.commit().await.map_err(store_error::<D>)?;
+        Ok(parked)
+    }
+
     /// Raises the epoch and reads the checkpoint in one write transaction: the update locks
     /// the lease row against marks and other adoptions until the read is done.
     async fn adopt(&self, lease: &Lease) -> Result<Option<u64>, StoreError> {
@@ -188,25 +251,11 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
 
     async fn purge_published(&self) -> Result<u64, StoreError> {
         let retention = self.retention();
-        if retention.is_zero() {
-            return Ok(0);
-        }
-        let mut conn = self.acquire().await?;
-        let mut purged = 0;
-        loop {
-            let deleted = self
-                .statements
-                .purge
-                .execute::<D>(
-                    &mut conn,
-                    &[Arg::Int(millis(retention)), Arg::Int(PURGE_BATCH)],
-                )
-                .await?;
-            purged += deleted;
-            if deleted < PURGE_BATCH as u64 {
-                return Ok(purged);
-            }
-        }
+        self.purge(
+            &self.statements.purge,
+            (!retention.is_zero()).then_some(retention),
+        )
+        .await
     }
 
     fn retention(&self) -> Duration {

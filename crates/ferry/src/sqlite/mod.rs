@@ -52,7 +52,10 @@ impl Dialect for SqliteDialect {
         ("{now_text}", "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"),
         ("{now}", "CAST(unixepoch('subsec') * 1000 AS INTEGER)"),
     ];
-    const MIGRATIONS: &'static [&'static str] = &[include_str!("migrations/0001_initial.sql")];
+    const MIGRATIONS: &'static [&'static str] = &[
+        include_str!("migrations/0001_initial.sql"),
+        include_str!("migrations/0002_operations.sql"),
+    ];
     const ENQUEUE: Enqueue = Enqueue::Statements {
         bump: include_str!("queries/version_bump.sql"),
         insert: include_str!("queries/outbox_insert.sql"),

@@ -3,6 +3,8 @@
 //! of it.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod operations;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,6 +4,7 @@
 mod failures;
 mod fencing;
 mod leases;
+mod parking;
 mod shutdown;
 
 use std::sync::Arc;

@@ -1,0 +1,113 @@
+//! What an operator does with an outbox on a bad day, without editing tables by hand: see
+//! the blocked partitions, have one retried now, skip (park) a message the sink rejects
+//! for good, put parked messages back, and clean up what is kept.
+//!
+//! Parked messages leave the outbox's flow but keep everything they had (id, version,
+//! sequence, headers), so a requeued message is the same message: consumers' inboxes treat
+//! it as they would the original. A message parked by the `park-aggregate` policy *holds*
+//! its aggregate: the aggregate's later messages stay in the outbox, unpublished, until the
+//! parked ones are requeued, which puts them back with their original sequences, ahead of
+//! every later message of the aggregate (G3). A message an operator skips holds nothing:
+//! the operator chose to let its aggregate go on without it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::error::StoreError;
+use crate::message::Message;
+
+/// A partition that does not move: the sink rejects its head message for good.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockedPartition {
+    pub partition: u32,
+    /// What the sink said, as the relay recorded it.
+    pub reason: String,
+    /// When the relay recorded it.
+    pub since: Option<DateTime<Utc>>,
+    /// The partition's first unpublished message: the one rejected. `None` if it was
+    /// published or parked since.
+    pub head: Option<Message>,
+}
+
+/// A message moved out of the outbox's flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedMessage {
+    pub message: Message,
+    pub parked_at: DateTime<Utc>,
+    /// The operator who skipped it, or `relay <id>` for the `park-aggregate` policy.
+    pub parked_by: String,
+    pub reason: String,
+    /// Whether it holds its aggregate's later messages back until it is requeued.
+    pub holds_aggregate: bool,
+}
+
+/// Which parked messages to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParkedQuery {
+    /// Only this aggregate's (type, id).
+    pub aggregate: Option<(String, String)>,
+    /// Messages after this sequence (the previous page's last).
+    pub after_sequence: Option<i64>,
+    pub limit: u32,
+}
+
+/// What a cleanup removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Cleaned {
+    /// Published messages kept for replay past the bound.
+    pub published: u64,
+    /// Inbox records (processed ids) past the bound.
+    pub inbox: u64,
+    /// Parked messages past the bound.
+    pub parked: u64,
+}
+
+/// Bounds for a cleanup; `None` leaves that kind alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CleanupBounds {
+    pub published_older_than: Option<Duration>,
+    pub inbox_older_than: Option<Duration>,
+    pub parked_older_than: Option<Duration>,
+}
+
+/// The operator's view of an outbox. Every method is safe while relays run: what changes
+/// the flow (skip, requeue) is one transaction (or script) in the store, and a relay
+/// retrying a skipped message finds it gone and moves on.
+#[async_trait]
+pub trait OutboxAdmin: Send + Sync + 'static {
+    /// The blocked partitions, with the message at each one's head.
+    async fn blocked(&self) -> Result<Vec<BlockedPartition>, StoreError>;
+
+    /// Asks the relay owning `partition` to retry its head message now instead of at its
+    /// next `retry_max`. Returns whether the partition was blocked.
+    async fn request_retry(&self, partition: u32) -> Result<bool, StoreError>;
+
+    /// Moves the unpublished message `id` to the parked messages, recording who and why,
+    /// and asks its partition's relay to go on at once. `None` if no unpublished message
+    /// has that id (already published, parked or never there).
+    async fn skip(
+        &self,
+        id: Uuid,
+        by: &str,
+        reason: &str,
+    ) -> Result<Option<ParkedMessage>, StoreError>;
+
+    /// Parked messages in sequence order.
+    async fn parked(&self, query: &ParkedQuery) -> Result<Vec<ParkedMessage>, StoreError>;
+
+    /// Puts an aggregate's parked messages back into the outbox with their original
+    /// sequences, ahead of anything newer of the aggregate, and releases the aggregate.
+    /// Returns how many went back.
+    async fn requeue_parked(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes, in batches, published messages, inbox records and parked messages older
+    /// than the bounds. Idempotent.
+    async fn cleanup(&self, bounds: &CleanupBounds) -> Result<Cleaned, StoreError>;
+}

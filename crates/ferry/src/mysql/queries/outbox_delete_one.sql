@@ -1,0 +1,1 @@
+DELETE FROM {p}outbox WHERE id = $1 AND published_at IS NULL

@@ -1,0 +1,10 @@
+SELECT sequence, id, partition_no,
+       CONVERT(aggregate_type USING utf8mb4) AS aggregate_type,
+       CONVERT(aggregate_id USING utf8mb4) AS aggregate_id,
+       version, event_type, payload, headers, partition_key, created_at,
+       CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', parked_at) DIV 1000 AS SIGNED)
+           AS parked_at_ms,
+       parked_by, reason, holds_aggregate
+FROM {p}parked
+WHERE ($1 IS NULL OR (aggregate_type = $1 AND aggregate_id = $2)) AND sequence > $3
+ORDER BY sequence LIMIT $4

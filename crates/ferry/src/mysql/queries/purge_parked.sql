@@ -1,0 +1,1 @@
+DELETE FROM {p}parked WHERE parked_at < {now} - INTERVAL $1 * 1000 MICROSECOND LIMIT $2

@@ -1,0 +1,1 @@
+SELECT partition_no FROM {p}outbox WHERE id = $1 AND published_at IS NULL FOR UPDATE
