@@ -1,18 +1,18 @@
 //! The operator's commands: `blocked`, `unblock`, `skip`, `parked`, `requeue-parked` and
-//! `cleanup`, each one call to the store's [`OutboxAdmin`] (see `ferry_core::admin` for
-//! what each does to the flow), printed as a table or, with `--json`, as JSON.
+//! `cleanup`, each one call to the store's [`OutboxAdmin`](ferry::OutboxAdmin) (see
+//! `ferry_core::admin` for what each does to the flow), printed as a table or, with
+//! `--json`, as the views `ferry serve`'s `/v1/ops` routes answer with.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
-use ferry::{BlockedPartition, CleanupBounds, Message, ParkedMessage, ParkedQuery};
+use ferry::{CleanupBounds, ParkedQuery};
 use ferry_cli::config::Config;
 use ferry_cli::wiring;
+use ferry_service::api::ops::{BlockedView, ParkedView};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ConfigArg {
@@ -278,77 +278,5 @@ fn operator() -> String {
         user
     } else {
         format!("{user}@{host}")
-    }
-}
-
-/// A message as operators see it: everything but the payload, which is only sized.
-#[derive(Debug, Serialize)]
-struct MessageView {
-    id: Uuid,
-    partition: u32,
-    sequence: i64,
-    aggregate_type: String,
-    aggregate_id: String,
-    version: u64,
-    event_type: String,
-    partition_key: String,
-    created_at: DateTime<Utc>,
-    payload_bytes: usize,
-}
-
-impl From<&Message> for MessageView {
-    fn from(m: &Message) -> Self {
-        Self {
-            id: m.id,
-            partition: m.partition,
-            sequence: m.sequence,
-            aggregate_type: m.aggregate_type.clone(),
-            aggregate_id: m.aggregate_id.clone(),
-            version: m.version,
-            event_type: m.event_type.clone(),
-            partition_key: m.partition_key.clone(),
-            created_at: m.created_at,
-            payload_bytes: m.payload.len(),
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct BlockedView {
-    partition: u32,
-    reason: String,
-    since: Option<DateTime<Utc>>,
-    head: Option<MessageView>,
-}
-
-impl From<&BlockedPartition> for BlockedView {
-    fn from(b: &BlockedPartition) -> Self {
-        Self {
-            partition: b.partition,
-            reason: b.reason.clone(),
-            since: b.since,
-            head: b.head.as_ref().map(MessageView::from),
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct ParkedView {
-    message: MessageView,
-    parked_at: DateTime<Utc>,
-    parked_by: String,
-    reason: String,
-    holds_aggregate: bool,
-}
-
-impl From<&ParkedMessage> for ParkedView {
-    fn from(p: &ParkedMessage) -> Self {
-        Self {
-            message: MessageView::from(&p.message),
-            parked_at: p.parked_at,
-            parked_by: p.parked_by.clone(),
-            reason: p.reason.clone(),
-            holds_aggregate: p.holds_aggregate,
-        }
     }
 }

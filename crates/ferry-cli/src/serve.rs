@@ -53,7 +53,8 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr} (service.listen)"))?;
     let service = Service::new(service_store, service_config.settings(), tokens)
-        .with_outbox_metrics(store.outbox(), relay.as_ref().map(ferry::Relay::stats));
+        .with_outbox_metrics(store.outbox(), relay.as_ref().map(ferry::Relay::stats))
+        .with_operations(store.admin()?);
     let relay_task = relay.map(|relay| {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

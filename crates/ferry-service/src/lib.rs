@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use ferry::ErrorChain;
-use ferry::{OutboxStore, RelayStats};
+use ferry::{OutboxAdmin, OutboxStore, RelayStats};
 
 pub use api::{OPENAPI_JSON, ROUTES};
 pub use auth::{Scope, Tokens};
@@ -53,6 +53,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     outbox: Option<Arc<dyn OutboxStore>>,
     relay: Option<Arc<RelayStats>>,
+    /// The outbox's operations, for the `/v1/ops` routes.
+    admin: Option<Arc<dyn OutboxAdmin>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -112,6 +114,7 @@ impl Service {
                 metrics: Arc::default(),
                 outbox: None,
                 relay: None,
+                admin: None,
             },
         }
     }
@@ -124,6 +127,13 @@ impl Service {
     ) -> Self {
         self.shared.outbox = Some(outbox);
         self.shared.relay = relay;
+        self
+    }
+
+    /// Serves the outbox's operations (blocked partitions, skip, parked messages) under
+    /// `/v1/ops`, to admin tokens.
+    pub fn with_operations(mut self, admin: Arc<dyn OutboxAdmin>) -> Self {
+        self.shared.admin = Some(admin);
         self
     }
 

@@ -3,6 +3,7 @@
 
 pub(crate) mod error;
 pub(crate) mod messages;
+pub mod ops;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,6 +42,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/messages/{id}/cancel"),
     ("POST", "/v1/messages/{id}/ack"),
     ("POST", "/v1/messages/{id}/retry"),
+    ("GET", "/v1/ops/blocked"),
+    ("POST", "/v1/ops/partitions/{partition}/retry"),
+    ("POST", "/v1/ops/messages/{id}/skip"),
+    ("GET", "/v1/ops/parked"),
+    ("POST", "/v1/ops/parked/requeue"),
     ("GET", "/v1/openapi.json"),
     ("GET", "/metrics"),
     ("GET", "/healthz"),
@@ -70,6 +76,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .merge(ops::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))
@@ -97,7 +104,7 @@ async fn log_request(request: Request, next: Next) -> Response {
 }
 
 /// The caller, if its bearer token is valid and holds one of `allowed`.
-fn authorize<'a>(
+pub(super) fn authorize<'a>(
     shared: &'a Shared,
     headers: &HeaderMap,
     allowed: &[Scope],
@@ -132,7 +139,7 @@ fn authorize<'a>(
     Ok(principal)
 }
 
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -158,7 +165,7 @@ fn body_limit(max_payload_bytes: usize) -> usize {
 /// its end (up to [`OVERSIZE_DRAIN_BYTES`] more) and dropped before the 413 goes out:
 /// a server that answers and closes with the rest unread resets the connection, and a
 /// client still sending sees the reset instead of the 413.
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     let mut frames = body.into_data_stream();
     let mut kept = bytes::BytesMut::new();
     let mut received = 0usize;
@@ -184,7 +191,7 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     Ok(kept.freeze())
 }
 
-fn path_id(
+pub(super) fn path_id(
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Uuid, ApiError> {
     match path {
@@ -193,7 +200,7 @@ fn path_id(
     }
 }
 
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
+pub(super) fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
     (status, axum::Json(value)).into_response()
 }
 

@@ -362,3 +362,117 @@ pub(crate) async fn openapi_document_matches_the_routes(backend: Backend) {
     server.stop().await;
     backing.stop().await;
 }
+
+/// The operators' routes: a confirmed message the relay has not published yet is skipped
+/// (parked), listed, and requeued; bad input is named; only admin tokens may.
+pub(crate) async fn operations_skip_list_and_requeue(backend: Backend) {
+    let mut backing = Backing::new(backend).await;
+    backing.stop_relay().await;
+    let server = Server::start(&backing, fast_settings()).await;
+    let check = CheckServer::start().await;
+    let id = server.prepare("ops-1", &check.url).await;
+    let (status, _) = server
+        .post(&format!("/v1/messages/{id}/confirm"), Some(PRODUCER))
+        .await;
+    assert_eq!(status, 200);
+
+    let (status, blocked) = server.get("/v1/ops/blocked", Some(ADMIN)).await;
+    assert_eq!((status, blocked), (200, json!([])));
+    let (status, answer) = server.post("/v1/ops/partitions/0/retry", Some(ADMIN)).await;
+    assert_eq!((status, code(&answer)), (409, "not_blocked"));
+    let (status, answer) = server.post("/v1/ops/partitions/x/retry", Some(ADMIN)).await;
+    assert_eq!((status, code(&answer)), (400, "invalid_partition"));
+
+    let skip = |reason: &str| json!({ "reason": reason });
+    let skip_path = format!("/v1/ops/messages/{id}/skip");
+    let (status, answer) = server
+        .call(Method::POST, &skip_path, Some(PRODUCER), Some(&skip("no")))
+        .await;
+    assert_eq!((status, code(&answer)), (403, "forbidden"));
+    let (status, answer) = server
+        .call(Method::POST, &skip_path, Some(ADMIN), Some(&skip("  ")))
+        .await;
+    assert_eq!((status, code(&answer)), (400, "invalid_reason"));
+    let (status, answer) = server
+        .call(
+            Method::POST,
+            &format!("/v1/ops/messages/{}/skip", Uuid::now_v7()),
+            Some(ADMIN),
+            Some(&skip("unknown")),
+        )
+        .await;
+    assert_eq!((status, code(&answer)), (404, "not_found"));
+    let (status, parked) = server
+        .call(
+            Method::POST,
+            &skip_path,
+            Some(ADMIN),
+            Some(&skip("the consumer cannot read it")),
+        )
+        .await;
+    assert_eq!(status, 200, "{parked}");
+    assert_eq!(parked["message"]["id"], id.to_string());
+    assert_eq!(parked["message"]["aggregate_id"], "ops-1");
+    assert_eq!(parked["reason"], "the consumer cannot read it");
+    assert_eq!(parked["parked_by"], "token admin");
+    assert_eq!(parked["holds_aggregate"], false);
+    assert_eq!(backing.outbox_rows(id).await, 0, "out of the outbox");
+
+    for bad in [
+        "aggregate_type=account",
+        "limit=0",
+        "limit=1001",
+        "after=x",
+        "colour=blue",
+    ] {
+        let (status, answer) = server
+            .get(&format!("/v1/ops/parked?{bad}"), Some(ADMIN))
+            .await;
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
+    let (status, listed) = server
+        .get(
+            "/v1/ops/parked?aggregate_type=order&aggregate_id=ops-1&limit=10",
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0], parked);
+
+    let requeue = json!({ "aggregate_type": "order", "aggregate_id": "ops-1" });
+    let (status, answer) = server
+        .call(
+            Method::POST,
+            "/v1/ops/parked/requeue",
+            Some(ADMIN),
+            Some(&requeue),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["requeued"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
+    assert_eq!(backing.outbox_rows(id).await, 1, "back in the outbox");
+    let (status, answer) = server
+        .call(
+            Method::POST,
+            "/v1/ops/parked/requeue",
+            Some(ADMIN),
+            Some(&requeue),
+        )
+        .await;
+    assert_eq!((status, code(&answer)), (404, "not_found"));
+    let (status, answer) = server
+        .call(
+            Method::POST,
+            "/v1/ops/parked/requeue",
+            Some(ADMIN),
+            Some(&json!({ "aggregate_type": "order" })),
+        )
+        .await;
+    assert_eq!((status, code(&answer)), (400, "invalid_body"));
+    server.stop().await;
+    backing.stop().await;
+}

@@ -20,7 +20,7 @@ use ferry::nats::{NatsSink, NatsSinkConfig};
 use ferry::postgres::PgOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::sqlite::SqliteOutbox;
-use ferry::{LeaseStore, OutboxStore, ReceivedMessage, Relay, RelayConfig};
+use ferry::{LeaseStore, OutboxAdmin, OutboxStore, ReceivedMessage, Relay, RelayConfig};
 use ferry_service::auth::Scope;
 use ferry_service::store::AckPolicy;
 use ferry_service::{
@@ -95,25 +95,29 @@ enum Db {
     Sqlite(Arc<SqliteOutbox>),
 }
 
+/// One store seen through each of the contracts the service and its relay use.
+struct Parts {
+    store: Arc<dyn ServiceStore>,
+    outbox: Arc<dyn OutboxStore>,
+    leases: Arc<dyn LeaseStore>,
+    admin: Arc<dyn OutboxAdmin>,
+}
+
 impl Db {
-    fn parts(
-        &self,
-    ) -> (
-        Arc<dyn ServiceStore>,
-        Arc<dyn OutboxStore>,
-        Arc<dyn LeaseStore>,
-    ) {
+    fn parts(&self) -> Parts {
         match self {
-            Db::Postgres(pg) => (
-                Arc::new(PgServiceStore::new(Arc::clone(pg))),
-                pg.clone(),
-                pg.clone(),
-            ),
-            Db::Sqlite(sqlite) => (
-                Arc::new(SqliteServiceStore::new(Arc::clone(sqlite))),
-                sqlite.clone(),
-                sqlite.clone(),
-            ),
+            Db::Postgres(pg) => Parts {
+                store: Arc::new(PgServiceStore::new(Arc::clone(pg))),
+                outbox: pg.clone(),
+                leases: pg.clone(),
+                admin: pg.clone(),
+            },
+            Db::Sqlite(sqlite) => Parts {
+                store: Arc::new(SqliteServiceStore::new(Arc::clone(sqlite))),
+                outbox: sqlite.clone(),
+                leases: sqlite.clone(),
+                admin: sqlite.clone(),
+            },
         }
     }
 }
@@ -122,6 +126,7 @@ impl Db {
 pub(crate) struct Backing {
     pub(crate) store: Arc<dyn ServiceStore>,
     pub(crate) outbox: Arc<dyn OutboxStore>,
+    pub(crate) admin: Arc<dyn OutboxAdmin>,
     pub(crate) stream: String,
     prefix: TablePrefix,
     db: Db,
@@ -159,7 +164,12 @@ impl Backing {
                 Db::Sqlite(Arc::new(outbox))
             }
         };
-        let (store, outbox, leases) = db.parts();
+        let Parts {
+            store,
+            outbox,
+            leases,
+            admin,
+        } = db.parts();
         store.migrate().await.expect("migrate service");
         store.migrate().await.expect("migrate is idempotent");
         let stream = format!("SVC_{tag}");
@@ -186,6 +196,7 @@ impl Backing {
         Self {
             store,
             outbox,
+            admin,
             stream,
             prefix,
             db,
@@ -237,11 +248,16 @@ impl Backing {
             .status
     }
 
-    pub(crate) async fn stop(mut self) {
+    /// Stops the relay: confirmed messages stay in the outbox, unpublished.
+    pub(crate) async fn stop_relay(&mut self) {
         self.relay_stop.cancel();
         if let Some(relay) = self.relay.take() {
             relay.await.expect("relay stops");
         }
+    }
+
+    pub(crate) async fn stop(mut self) {
+        self.stop_relay().await;
         let client = async_nats::connect(nats_url()).await.expect("nats");
         let _ = async_nats::jetstream::new(client)
             .delete_stream(&self.stream)
@@ -321,7 +337,8 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let service = Service::new(Arc::clone(&backing.store), settings, tokens())
-            .with_outbox_metrics(Arc::clone(&backing.outbox), None);
+            .with_outbox_metrics(Arc::clone(&backing.outbox), None)
+            .with_operations(Arc::clone(&backing.admin));
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {

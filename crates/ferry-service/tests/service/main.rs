@@ -47,4 +47,5 @@ on_both_stores!(
     api::auth_is_enforced_on_every_route,
     api::bad_input_and_illegal_transitions,
     api::openapi_document_matches_the_routes,
+    api::operations_skip_list_and_requeue,
 );
