@@ -141,6 +141,16 @@ ensure_kafka() {
   fi
 }
 
+# The Python consumer of examples/consumer.py, which a test runs against NATS and
+# PostgreSQL: its client libraries, in the same venv.
+ensure_python_clients() {
+  local venv=$FERRY_SERVICES_VENV
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/python" -c "import nats, psycopg" 2>/dev/null && return 0
+  echo "services: installing nats-py and psycopg into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check nats-py==2.9.0 "psycopg[binary]==3.2.3"
+}
+
 ensure_postgres
 ensure_nats
 ensure_mariadb
@@ -150,3 +160,4 @@ ensure_mosquitto
 ensure_protoc
 ensure_etcd
 ensure_kafka
+ensure_python_clients

@@ -12,6 +12,7 @@ export FERRY_TEST_PG_URL=${FERRY_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432
 export FERRY_TEST_NATS_URL=${FERRY_TEST_NATS_URL:-nats://127.0.0.1:4222}
 export FERRY_TEST_KAFKA_BROKERS=${FERRY_TEST_KAFKA_BROKERS:-127.0.0.1:9092}
 export FERRY_TEST_KAFKA_TXN_BROKERS=${FERRY_TEST_KAFKA_TXN_BROKERS:-127.0.0.1:9192}
+export FERRY_TEST_PYTHON=${FERRY_TEST_PYTHON:-${FERRY_SERVICES_VENV:-/opt/ferry-venv}/bin/python}
 export FERRY_TEST_NOIDA_DB=${FERRY_TEST_NOIDA_DB:-${FERRY_SERVICES_VENV:-/opt/ferry-venv}/bin/noida-db}
 # Tests leave their tables behind on failure; start each run from an empty database.
 db=${FERRY_TEST_PG_URL##*/}

@@ -24,8 +24,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError};
 use uuid::Uuid;
 
 use crate::sql::{
-    Bind, Dialect, Driver, Enqueue, Fault, Placeholders, Queries, QueryResult, SqlInbox, SqlOutbox,
-    SqlQuery,
+    Bind, Dialect, Driver, Enqueue, Fault, InboxQueries, Placeholders, Queries, QueryResult,
+    SqlInbox, SqlOutbox, SqlQuery,
 };
 
 /// An outbox in MySQL or MariaDB. Cheap to clone; share one per process.
@@ -59,8 +59,7 @@ impl Dialect for MyDialect {
     const MIGRATION_SESSION: Option<&'static str> =
         Some(include_str!("queries/migration_session.sql"));
     const MIGRATION_LOCK: Option<&'static str> = Some(include_str!("queries/migration_lock.sql"));
-    const INBOX_LOCK_VERSION: Option<&'static str> =
-        Some(include_str!("queries/inbox_lock_version.sql"));
+    const INBOX: InboxQueries = InboxQueries::Routine(include_str!("queries/inbox_admit.sql"));
 
     fn connect_options(url: &str) -> Result<MySqlConnectOptions, sqlx::Error> {
         MySqlConnectOptions::from_str(url)

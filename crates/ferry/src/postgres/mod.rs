@@ -16,8 +16,8 @@ use uuid::Uuid;
 use ferry_core::{StoreError, Wakers};
 
 use crate::sql::{
-    Dialect, Driver, Enqueue, Fault, Placeholders, Queries, QueryResult, SqlInbox, SqlOutbox,
-    SqlQuery, store_error,
+    Dialect, Driver, Enqueue, Fault, InboxQueries, Placeholders, Queries, QueryResult, SqlInbox,
+    SqlOutbox, SqlQuery, store_error,
 };
 
 /// An outbox in PostgreSQL. Cheap to clone; share one per process.
@@ -61,6 +61,7 @@ impl Dialect for PgDialect {
     const BEGIN_WRITE: Option<&'static str> =
         Some("BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'");
     const MIGRATION_LOCK: Option<&'static str> = Some(include_str!("queries/migration_lock.sql"));
+    const INBOX: InboxQueries = InboxQueries::Routine(include_str!("queries/inbox_admit.sql"));
 
     fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
         PgConnectOptions::from_str(url)

@@ -52,6 +52,26 @@ pub enum Enqueue {
     },
 }
 
+/// How the consumer inbox records a message and decides on it.
+#[derive(Debug, Clone, Copy)]
+pub enum InboxQueries {
+    /// One call of the routine `ferry migrate` installs (which consumers in other
+    /// languages call too): `($1 consumer, $2 id, $3 aggregate_type, $4 aggregate_id,
+    /// $5 version)` → `decision` (`apply`, `duplicate` or `stale`) and `last_version`.
+    Routine(&'static str),
+    /// Three statements, the decision made in Rust (for databases without routines).
+    Statements {
+        /// `($1 consumer, $2 id, $3 aggregate_type, $4 aggregate_id, $5 version)`: changes
+        /// no row when the consumer recorded the id before.
+        record: &'static str,
+        /// `($1 consumer, $2 aggregate_type, $3 aggregate_id)` → `version`.
+        last_version: &'static str,
+        /// `($1 consumer, $2 aggregate_type, $3 aggregate_id, $4 version)`: changes no row
+        /// if the aggregate is already at or past `version`.
+        advance: &'static str,
+    },
+}
+
 /// The statements of one dialect, one `.sql` file each in the dialect's `queries/`
 /// folder (loaded by [`queries!`](crate::sql::queries)), written with `$n` parameters and
 /// `{p}` for the table prefix. What each returns is named after its columns; the
@@ -149,14 +169,6 @@ pub struct Queries {
     pub lease_release: &'static str,
     /// `($1 relay)`.
     pub relay_leave: &'static str,
-    /// `($1 consumer, $2 id, $3 aggregate_type, $4 aggregate_id, $5 version)`: changes
-    /// no row (or fails as a unique violation) when the consumer recorded the id before.
-    pub inbox_record: &'static str,
-    /// `($1 consumer, $2 aggregate_type, $3 aggregate_id)` → `version`.
-    pub inbox_last_version: &'static str,
-    /// `($1 consumer, $2 aggregate_type, $3 aggregate_id, $4 version)`: changes no row if
-    /// the aggregate is already at or past `version`.
-    pub inbox_advance: &'static str,
 }
 
 /// The [`Queries`] in the `queries/` folder next to the file that invokes it: every
@@ -202,9 +214,6 @@ macro_rules! queries {
             lease_renew: include_str!("queries/lease_renew.sql"),
             lease_release: include_str!("queries/lease_release.sql"),
             relay_leave: include_str!("queries/relay_leave.sql"),
-            inbox_record: include_str!("queries/inbox_record.sql"),
-            inbox_last_version: include_str!("queries/inbox_last_version.sql"),
-            inbox_advance: include_str!("queries/inbox_advance.sql"),
         }
     };
 }
@@ -243,10 +252,7 @@ pub trait Dialect: std::fmt::Debug + Send + Sync + 'static {
     /// until the migration's transaction or connection ends. None where the write
     /// transaction itself is that lock.
     const MIGRATION_LOCK: Option<&'static str> = None;
-    /// `($1 consumer, $2 aggregate_type, $3 aggregate_id)`: creates and locks the
-    /// aggregate's inbox version row before it is read, where a plain read would see a
-    /// snapshot older than the last commit.
-    const INBOX_LOCK_VERSION: Option<&'static str> = None;
+    const INBOX: InboxQueries;
 
     /// Parses a connection URL (`postgres://…`, `mysql://…`, `sqlite://…`) into the options
     /// ferry connects with.

@@ -1,5 +1,8 @@
 //! The consumer inbox in a SQL database: processed ids and applied versions kept in the
-//! consumer's own transaction (G4), for any [`Dialect`].
+//! consumer's own transaction (G4), for any [`Dialect`]. Where the database has routines
+//! (PostgreSQL, MySQL) the decision is the one `ferry migrate` installs for consumers in
+//! every language, so theirs and Rust's cannot differ; elsewhere (SQLite) three statements
+//! and [`Decision`] make the same one.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -13,19 +16,21 @@ use ferry_core::{
 };
 
 use super::TablePrefix;
-use super::dialect::Dialect;
+use super::dialect::{Dialect, InboxQueries};
 use super::driver::RowExt;
 use super::error::{corrupt, store_error};
 use super::outbox::{Connection, fills};
 use super::statement::{Arg, Statement};
 
-/// The statements of one consumer inbox.
+/// How one consumer inbox decides, rendered for its prefix.
 #[derive(Debug)]
-struct InboxStatements {
-    record: Statement,
-    lock_version: Option<Statement>,
-    last_version: Statement,
-    advance: Statement,
+enum InboxStatements {
+    Routine(Statement),
+    Statements {
+        record: Statement,
+        last_version: Statement,
+        advance: Statement,
+    },
 }
 
 /// Records processed ids and applied versions for one named consumer (shared by all its
@@ -54,15 +59,21 @@ impl<D: Dialect> SqlInbox<D> {
     pub fn new(consumer: impl Into<String>, prefix: &TablePrefix) -> Self {
         let fills = fills::<D>(prefix, &[]);
         let r = |text: &str| Statement::render(text, &fills, D::PLACEHOLDERS, None);
-        let q = D::QUERIES;
+        let statements = match D::INBOX {
+            InboxQueries::Routine(call) => InboxStatements::Routine(r(call)),
+            InboxQueries::Statements {
+                record,
+                last_version,
+                advance,
+            } => InboxStatements::Statements {
+                record: r(record),
+                last_version: r(last_version),
+                advance: r(advance),
+            },
+        };
         Self {
             consumer: consumer.into(),
-            statements: Arc::new(InboxStatements {
-                record: r(q.inbox_record),
-                lock_version: D::INBOX_LOCK_VERSION.map(r),
-                last_version: r(q.inbox_last_version),
-                advance: r(q.inbox_advance),
-            }),
+            statements: Arc::new(statements),
             dialect: PhantomData,
         }
     }
@@ -79,49 +90,96 @@ impl<D: Dialect> SqlInbox<D> {
         process(self, tx, message, handler).await
     }
 
-    /// Inserts the id; `false` if this consumer recorded it before (the statement changed
-    /// nothing, or the database refused it as a unique violation, which leaves the
-    /// transaction usable where the database reports it that way).
-    async fn record(
+    /// The routine's decision.
+    async fn call(
         &self,
+        routine: &Statement,
         conn: &mut Connection<D>,
         message: &ReceivedMessage,
         version: i64,
-    ) -> Result<bool, StoreError> {
-        let args = [
-            Arg::Text(&self.consumer),
-            Arg::Id(message.id),
-            Arg::Text(&message.aggregate_type),
-            Arg::Text(&message.aggregate_id),
-            Arg::Int(version),
-        ];
-        let statement = self.statements.record.query::<D>(&args);
-        match <D::Db as super::Exec>::execute(conn, statement).await {
-            Ok(result) => Ok(D::rows_affected(&result) > 0),
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(false),
-            Err(err) => Err(store_error::<D>(err)),
+    ) -> Result<Admission, StoreError> {
+        let row = routine
+            .fetch_one::<D>(
+                conn,
+                &[
+                    Arg::Text(&self.consumer),
+                    Arg::Id(message.id),
+                    Arg::Text(&message.aggregate_type),
+                    Arg::Text(&message.aggregate_id),
+                    Arg::Int(version),
+                ],
+            )
+            .await?;
+        let decision: String = row.col("decision").map_err(store_error::<D>)?;
+        let last: i64 = row.col("last_version").map_err(store_error::<D>)?;
+        let last = self.stored_version(message, last)?;
+        match decision.as_str() {
+            "apply" => Ok(Admission::Apply {
+                previous_version: last,
+            }),
+            "duplicate" => Ok(Admission::Duplicate),
+            "stale" => Ok(Admission::Stale {
+                last_applied_version: last,
+            }),
+            other => Err(corrupt(format!(
+                "the inbox routine answered {other:?}, not apply, duplicate or stale"
+            ))),
         }
     }
 
-    /// The aggregate's last applied version for this consumer, 0 if none.
-    async fn last_version(
+    /// The decision made here: record the id (a repeat is a duplicate), read the last
+    /// applied version, advance it only upwards; if another instance of the consumer
+    /// advanced it meanwhile, the message is stale.
+    async fn decide(
         &self,
+        [record, last_version, advance]: [&Statement; 3],
         conn: &mut Connection<D>,
         message: &ReceivedMessage,
-    ) -> Result<u64, StoreError> {
-        let key = self.key(message);
-        if let Some(lock) = &self.statements.lock_version {
-            lock.execute::<D>(conn, &key).await?;
-        }
-        let stored: Option<i64> = self
-            .statements
-            .last_version
-            .fetch_optional::<D>(conn, &key)
+        version: i64,
+    ) -> Result<Admission, StoreError> {
+        let key = [
+            Arg::Text(&self.consumer),
+            Arg::Text(&message.aggregate_type),
+            Arg::Text(&message.aggregate_id),
+        ];
+        let recorded = record
+            .execute::<D>(
+                conn,
+                &[
+                    key[0],
+                    Arg::Id(message.id),
+                    key[1],
+                    key[2],
+                    Arg::Int(version),
+                ],
+            )
             .await?
-            .map(|row| row.col("version"))
-            .transpose()
-            .map_err(store_error::<D>)?;
-        let stored = stored.unwrap_or(0);
+            > 0;
+        let read_last = async |conn: &mut Connection<D>| -> Result<u64, StoreError> {
+            let stored: Option<i64> = last_version
+                .fetch_optional::<D>(conn, &key)
+                .await?
+                .map(|row| row.col("version"))
+                .transpose()
+                .map_err(store_error::<D>)?;
+            self.stored_version(message, stored.unwrap_or(0))
+        };
+        let last = read_last(conn).await?;
+        let decision = Decision::new(message.version, recorded, last);
+        if decision.advance_to.is_some() {
+            let advanced = advance
+                .execute::<D>(conn, &[key[0], key[1], key[2], Arg::Int(version)])
+                .await?;
+            if advanced == 0 {
+                return Ok(Admission::Stale {
+                    last_applied_version: read_last(conn).await?,
+                });
+            }
+        }
+        Ok(decision.admission)
+    }
+
+    fn stored_version(&self, message: &ReceivedMessage, stored: i64) -> Result<u64, StoreError> {
         u64::try_from(stored).map_err(|_| {
             corrupt(format!(
                 "inbox of {}: negative version {stored} for {}/{}",
@@ -129,22 +187,9 @@ impl<D: Dialect> SqlInbox<D> {
             ))
         })
     }
-
-    fn key<'a>(&'a self, message: &'a ReceivedMessage) -> [Arg<'a>; 3] {
-        [
-            Arg::Text(&self.consumer),
-            Arg::Text(&message.aggregate_type),
-            Arg::Text(&message.aggregate_id),
-        ]
-    }
 }
 
 impl<'c, D: Dialect> Inbox<Transaction<'c, D::Db>> for SqlInbox<D> {
-    /// Records the id, reads the aggregate's last applied version and advances it in the
-    /// consumer's transaction. The advance changes nothing if another instance of this
-    /// consumer applied a newer version meanwhile; the message is then stale. Where the
-    /// version row is locked before it is read (MySQL), instances handling one aggregate
-    /// decide one after the other.
     async fn admit(
         &self,
         tx: &mut Transaction<'c, D::Db>,
@@ -156,39 +201,32 @@ impl<'c, D: Dialect> Inbox<Transaction<'c, D::Db>> for SqlInbox<D> {
                 message.id, message.version
             ))
         })?;
-        let recorded = self.record(tx, message, version).await?;
-        let last = self.last_version(tx, message).await?;
-        let decision = Decision::new(message.version, recorded, last);
-        match decision.admission {
-            Admission::Duplicate => {
-                debug!(consumer = %self.consumer, message_id = %message.id, "duplicate message skipped");
+        let admission = match self.statements.as_ref() {
+            InboxStatements::Routine(routine) => self.call(routine, tx, message, version).await?,
+            InboxStatements::Statements {
+                record,
+                last_version,
+                advance,
+            } => {
+                self.decide([record, last_version, advance], tx, message, version)
+                    .await?
             }
-            Admission::Stale { .. } => debug!(
+        };
+        match admission {
+            Admission::Duplicate => {
+                debug!(consumer = %self.consumer, message_id = %message.id, "duplicate message skipped")
+            }
+            Admission::Stale {
+                last_applied_version,
+            } => debug!(
                 consumer = %self.consumer,
                 message_id = %message.id,
                 version = message.version,
-                last_applied_version = last,
+                last_applied_version,
                 "stale message skipped"
             ),
-            Admission::Apply { .. } => {
-                let [consumer, aggregate_type, aggregate_id] = self.key(message);
-                let advanced = self
-                    .statements
-                    .advance
-                    .execute::<D>(
-                        tx,
-                        &[consumer, aggregate_type, aggregate_id, Arg::Int(version)],
-                    )
-                    .await?;
-                if advanced == 0 {
-                    // Another instance of this consumer applied a newer version between our
-                    // read and write.
-                    return Ok(Admission::Stale {
-                        last_applied_version: self.last_version(tx, message).await?,
-                    });
-                }
-            }
+            Admission::Apply { .. } => {}
         }
-        Ok(decision.admission)
+        Ok(admission)
     }
 }

@@ -34,7 +34,7 @@ use std::time::Duration;
 use ferry_core::StoreError;
 
 pub(crate) use dialect::queries;
-pub use dialect::{ConnectOptions, Dialect, Enqueue, Fault, Queries, QueryResult};
+pub use dialect::{ConnectOptions, Dialect, Enqueue, Fault, InboxQueries, Queries, QueryResult};
 pub use driver::{Bind, Driver, Exec, Get, RowExt, SqlQuery};
 pub use error::store_error;
 pub use inbox::SqlInbox;

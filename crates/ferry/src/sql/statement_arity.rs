@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use super::dialect::{Dialect, Enqueue};
+use super::dialect::{Dialect, Enqueue, InboxQueries};
 use super::{Statement, TablePrefix};
 
 pub(crate) fn check<D: Dialect>() {
@@ -48,9 +48,6 @@ pub(crate) fn check<D: Dialect>() {
         ("lease_renew", q.lease_renew, 4),
         ("lease_release", q.lease_release, 4),
         ("relay_leave", q.relay_leave, 1),
-        ("inbox_record", q.inbox_record, 5),
-        ("inbox_last_version", q.inbox_last_version, 3),
-        ("inbox_advance", q.inbox_advance, 4),
     ];
     match D::ENQUEUE {
         Enqueue::Routine(call) => statements.push(("enqueue", call, 7)),
@@ -59,10 +56,21 @@ pub(crate) fn check<D: Dialect>() {
             statements.push(("outbox_insert", insert, 9));
         }
     }
+    match D::INBOX {
+        InboxQueries::Routine(call) => statements.push(("inbox_admit", call, 5)),
+        InboxQueries::Statements {
+            record,
+            last_version,
+            advance,
+        } => statements.extend([
+            ("inbox_record", record, 5),
+            ("inbox_last_version", last_version, 3),
+            ("inbox_advance", advance, 4),
+        ]),
+    }
     let optional = [
         ("migration_lock", D::MIGRATION_LOCK, 1),
         ("migration_session", D::MIGRATION_SESSION, 0),
-        ("inbox_lock_version", D::INBOX_LOCK_VERSION, 3),
         ("fetch_begin", D::FETCH_BEGIN, 0),
     ];
     statements.extend(

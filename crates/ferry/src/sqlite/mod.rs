@@ -20,8 +20,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use uuid::Uuid;
 
 use crate::sql::{
-    Dialect, Driver, Enqueue, Fault, Placeholders, Queries, QueryResult, SqlInbox, SqlOutbox,
-    SqlQuery,
+    Dialect, Driver, Enqueue, Fault, InboxQueries, Placeholders, Queries, QueryResult, SqlInbox,
+    SqlOutbox, SqlQuery,
 };
 
 /// The outbox and lease store on SQLite.
@@ -63,6 +63,13 @@ impl Dialect for SqliteDialect {
     /// The ids go as one JSON array, which has no size limit.
     const MAX_IDS_PER_STATEMENT: usize = 10_000;
     const BEGIN_WRITE: Option<&'static str> = Some("BEGIN IMMEDIATE");
+    /// The id's insert takes the database's write lock, so the version read and advance
+    /// that follow cannot interleave with another instance of the consumer.
+    const INBOX: InboxQueries = InboxQueries::Statements {
+        record: include_str!("queries/inbox_record.sql"),
+        last_version: include_str!("queries/inbox_last_version.sql"),
+        advance: include_str!("queries/inbox_advance.sql"),
+    };
 
     /// Opens (creating if missing) the database at `url` (`sqlite://path/to/file.db`), in
     /// WAL mode so that the relay's reads never block producers, with a 5 s busy timeout,

@@ -1,2 +1,0 @@
-SELECT version FROM {p}inbox_versions
-WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3
