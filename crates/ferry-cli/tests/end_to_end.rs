@@ -9,7 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::scenarios::StoreNats;
-use common::{PgScenario, Producer, Scenario, nats_sink_section, nats_url, unique_tag};
+use common::{PgScenario, Producer, Scenario, nats_sink_section, unique_tag};
+use ferry_core::testing::services;
 
 /// A PostgreSQL outbox relayed to a NATS stream, both named after the scenario's tag.
 struct PgNats {
@@ -112,7 +113,13 @@ async fn assert_relay_waits(scenario: &Scenario, from: &str, to: &str, expected:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_waits_for_an_unreachable_broker_or_database_and_bad_config_is_refused() {
     let e2e = PgNats::new(2, 120, "").await;
-    assert_relay_waits(e2e.scenario(), &nats_url(), "nats://127.0.0.1:4299", "4299").await;
+    assert_relay_waits(
+        e2e.scenario(),
+        &services::nats_url(),
+        "nats://127.0.0.1:4299",
+        "4299",
+    )
+    .await;
     assert_relay_waits(
         e2e.scenario(),
         "127.0.0.1:5432",

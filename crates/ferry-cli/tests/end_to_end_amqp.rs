@@ -21,7 +21,7 @@ use futures::StreamExt as _;
 use nix::sys::signal::Signal;
 use uuid::Uuid;
 
-use common::{PgScenario, Report, kill_nine_repeatedly, service_url, unique_tag};
+use common::{PgScenario, Report, kill_nine_repeatedly, unique_tag};
 use ferry::amqp::decode_delivery;
 use ferry::amqp::lapin::options::{
     BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -30,14 +30,8 @@ use ferry::amqp::lapin::options::{
 use ferry::amqp::lapin::types::FieldTable;
 use ferry::amqp::lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use ferry::{NewMessage, ReceivedMessage};
+use ferry_core::testing::services;
 use tcp_proxy::{TcpProxy, address_of};
-
-fn amqp_url() -> String {
-    service_url(
-        "FERRY_TEST_AMQP_URL",
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-    )
-}
 
 /// A PostgreSQL outbox relayed to the topic exchange `e<tag>`, whose queue `e<tag>` (durable,
 /// declared by the test as an operator would) takes the routing keys matching `binding`.
@@ -53,9 +47,10 @@ impl PgRabbit {
     async fn new(partitions: u32, url: &str, binding: &str) -> Self {
         let tag = unique_tag();
         let name = format!("e{tag}");
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .unwrap();
+        let connection =
+            Connection::connect(&services::amqp_url(), ConnectionProperties::default())
+                .await
+                .unwrap();
         let channel = connection.create_channel().await.unwrap();
         channel
             .exchange_declare(
@@ -152,7 +147,7 @@ impl PgRabbit {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_at_random_points_loses_nothing_and_the_inbox_applies_each_once_in_order() {
-    let e2e = PgRabbit::new(8, &amqp_url(), "#").await;
+    let e2e = PgRabbit::new(8, &services::amqp_url(), "#").await;
     let producing = e2e.pg.produce(200, 60, 4);
     let (relay, mut logs) = kill_nine_repeatedly(&e2e.pg.scenario, 6).await;
     let produced = producing.await.unwrap();
@@ -168,7 +163,7 @@ async fn kill_nine_at_random_points_loses_nothing_and_the_inbox_applies_each_onc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_one_paused_past_its_lease_lose_nothing_and_keep_order_after_the_inbox() {
-    let e2e = PgRabbit::new(8, &amqp_url(), "#").await;
+    let e2e = PgRabbit::new(8, &services::amqp_url(), "#").await;
     let a = e2e.pg.scenario.relay("relay-a");
     tokio::time::sleep(Duration::from_millis(800)).await;
     let b = e2e.pg.scenario.relay("relay-b");
@@ -187,7 +182,7 @@ async fn two_relays_one_paused_past_its_lease_lose_nothing_and_keep_order_after_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_unreachable_at_start_and_cut_off_mid_run_loses_nothing() {
-    let mut proxy = TcpProxy::down(address_of(&amqp_url()));
+    let mut proxy = TcpProxy::down(address_of(&services::amqp_url()));
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let e2e = PgRabbit::new(4, &url, "#").await;
     let relay = e2e.pg.scenario.relay("relay");
@@ -219,7 +214,7 @@ async fn broker_unreachable_at_start_and_cut_off_mid_run_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_message_blocks_its_partition_visibly_until_a_queue_takes_it() {
-    let e2e = PgRabbit::new(1, &amqp_url(), "account.#").await;
+    let e2e = PgRabbit::new(1, &services::amqp_url(), "account.#").await;
     let mut tx = e2e.pg.outbox.pool().begin().await.unwrap();
     let audit = e2e
         .pg

@@ -26,14 +26,11 @@ use uuid::Uuid;
 
 use common::{
     FAST_RELAY, PgScenario, Report, kill_nine_repeatedly, outbox_section, pg_store_section,
-    service_url, unique_tag,
+    unique_tag,
 };
 use ferry::ReceivedMessage;
 use ferry::kafka::{CommittedReader, KafkaSinkConfig};
-
-fn noida() -> String {
-    service_url("FERRY_TEST_KAFKA_TXN_BROKERS", "127.0.0.1:9192")
-}
+use ferry_core::testing::services;
 
 /// `[sink]` for Kafka at `brokers`, into topics `e<tag>.<aggregate_type>` with
 /// transactional ids `e<tag>-p<N>`.
@@ -108,7 +105,7 @@ impl PgKafka {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g2_g3_g4_kill_nine_at_random_points_leaves_each_message_once_in_the_topic() {
-    let e2e = PgKafka::new(8, noida()).await;
+    let e2e = PgKafka::new(8, services::kafka_txn_brokers()).await;
     let producing = e2e.pg.produce(200, 60, 4);
     let (relay, mut logs) = kill_nine_repeatedly(&e2e.pg.scenario, 6).await;
     let produced = producing.await.unwrap();
@@ -127,7 +124,7 @@ async fn g2_g3_g4_kill_nine_at_random_points_leaves_each_message_once_in_the_top
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_share_partitions_and_the_topic_gets_everything_once_in_order() {
-    let e2e = PgKafka::new(8, noida()).await;
+    let e2e = PgKafka::new(8, services::kafka_txn_brokers()).await;
     let a = e2e.pg.scenario.relay("relay-a");
     e2e.pg.scenario.wait_for_shares(1, 8).await;
     let producing = e2e.pg.produce(50, 40, 2);
@@ -145,7 +142,7 @@ async fn relays_share_partitions_and_the_topic_gets_everything_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g5_a_paused_zombie_relay_is_fenced_and_nothing_it_sent_after_the_takeover_shows() {
-    let e2e = PgKafka::new(8, noida()).await;
+    let e2e = PgKafka::new(8, services::kafka_txn_brokers()).await;
     let a = e2e.pg.scenario.relay("relay-a");
     e2e.pg.scenario.wait_for_shares(1, 8).await;
     let producing = e2e.pg.produce(100, 60, 2);
@@ -199,10 +196,7 @@ struct OwnBroker {
 
 impl OwnBroker {
     fn new(dir: &Path) -> Self {
-        let executable = PathBuf::from(service_url(
-            "FERRY_TEST_NOIDA_DB",
-            "/opt/ferry-venv/bin/noida-db",
-        ));
+        let executable = services::noida_db();
         assert!(
             executable.exists(),
             "{} is missing: run scripts/services.sh",

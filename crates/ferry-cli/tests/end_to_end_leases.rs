@@ -14,8 +14,9 @@ use uuid::Uuid;
 
 use common::{
     FAST_RELAY, PgScenario, Report, delete_nats_stream, kill_nine_repeatedly, nats_sink_section,
-    nats_stream, outbox_section, pg_store_section, read_nats_stream, service_url, unique_tag,
+    nats_stream, outbox_section, pg_store_section, read_nats_stream, unique_tag,
 };
+use ferry_core::testing::services;
 
 /// The lease TTL of `FAST_RELAY`.
 const LEASE_TTL: Duration = Duration::from_secs(2);
@@ -31,9 +32,9 @@ impl Backend {
     /// The backend's address as it appears in the `[leases]` section.
     fn address(self) -> String {
         match self {
-            Self::Redis => service_url("FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
+            Self::Redis => services::redis_url(),
             #[cfg(feature = "etcd-lease")]
-            Self::Etcd => service_url("FERRY_TEST_ETCD_URL", "http://127.0.0.1:23790"),
+            Self::Etcd => services::etcd_url(),
         }
     }
 

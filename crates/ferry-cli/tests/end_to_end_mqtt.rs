@@ -18,13 +18,13 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
-use common::{PgScenario, Report, kill_nine_repeatedly, service_url, unique_tag};
+use common::{PgScenario, Report, kill_nine_repeatedly, unique_tag};
 use ferry::ReceivedMessage;
+use ferry_core::testing::services;
 
 /// Host and port of the shared Mosquitto.
 fn shared_broker() -> (String, u16) {
-    let url = service_url("FERRY_TEST_MQTT_URL", "mqtt://127.0.0.1:1883");
-    let url = url::Url::parse(&url).unwrap();
+    let url = url::Url::parse(&services::mqtt_url()).unwrap();
     (
         url.host_str().unwrap().to_owned(),
         url.port().unwrap_or(1883),

@@ -11,16 +11,11 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use common::scenarios::StoreNats;
-use common::{
-    FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, service_url, unique_tag,
-};
+use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
 use ferry::NewMessage;
 use ferry::mysql::MyOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
-
-fn mysql_url() -> String {
-    service_url("FERRY_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
-}
+use ferry_core::testing::services;
 
 /// Producers on MySQL. Their aggregates are their own, so no transaction waits on another's
 /// version lock and InnoDB has no deadlock to resolve.
@@ -48,7 +43,10 @@ impl StoreNats for MyNats {
         let scenario = Scenario::new(
             &tag,
             &[
-                &format!("[store]\ntype = \"mysql\"\nurl = \"{}\"\n", mysql_url()),
+                &format!(
+                    "[store]\ntype = \"mysql\"\nurl = \"{}\"\n",
+                    services::mysql_url()
+                ),
                 &outbox_section(&tag, partitions, extra_outbox),
                 &nats_sink_section(&tag, duplicate_window_secs),
                 FAST_RELAY,
@@ -59,7 +57,9 @@ impl StoreNats for MyNats {
             max_payload_bytes: 4 * 1024 * 1024,
             ..StoreSettings::default()
         };
-        let outbox = MyOutbox::connect(&mysql_url(), 6, settings).await.unwrap();
+        let outbox = MyOutbox::connect(&services::mysql_url(), 6, settings)
+            .await
+            .unwrap();
         Self { scenario, outbox }
     }
 

@@ -12,15 +12,10 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use common::scenarios::StoreNats;
-use common::{
-    FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, service_url, unique_tag,
-};
+use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
 use ferry::NewMessage;
 use ferry::redis_store::{KeyPrefix, RedisOutbox, RedisSettings, RedisWrites};
-
-fn redis_url() -> String {
-    service_url("FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-}
+use ferry_core::testing::services;
 
 fn key_prefix(tag: &str) -> String {
     format!("e{tag}:")
@@ -30,7 +25,7 @@ fn key_prefix(tag: &str) -> String {
 fn redis_store_section(tag: &str) -> String {
     format!(
         "[store]\ntype = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{}\"\n",
-        redis_url(),
+        services::redis_url(),
         key_prefix(tag)
     )
 }
@@ -69,7 +64,9 @@ impl StoreNats for RedisNats {
             max_payload_bytes: 4 * 1024 * 1024,
             ..RedisSettings::default()
         };
-        let outbox = RedisOutbox::connect(&redis_url(), settings).await.unwrap();
+        let outbox = RedisOutbox::connect(&services::redis_url(), settings)
+            .await
+            .unwrap();
         Self { scenario, outbox }
     }
 
@@ -123,7 +120,7 @@ async fn bad_redis_settings_get_clear_errors() {
     assert!(err.contains("ferry migrate"), "{err}");
 
     // Wrong credentials, a bad url, a bad prefix.
-    let url = redis_url();
+    let url = services::redis_url();
     let err = run(
         "auth",
         &url,

@@ -16,16 +16,13 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use uuid::Uuid;
 
-use common::{PgScenario, Report, kill_nine_repeatedly, service_url, unique_tag};
+use common::{PgScenario, Report, kill_nine_repeatedly, unique_tag};
 use ferry::ReceivedMessage;
 use ferry::redis_stream::decode_stream_id;
 use ferry::redis_stream::redis::streams::StreamRangeReply;
 use ferry::redis_stream::redis::{self, AsyncCommands as _};
+use ferry_core::testing::services;
 use redis_server::{PrivateRedis, free_port};
-
-fn redis_url() -> String {
-    service_url("FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-}
 
 /// A PostgreSQL outbox relayed to Redis streams `e<tag>.{aggregate_type}.{partition}`.
 struct PgRedis {
@@ -97,7 +94,7 @@ impl PgRedis {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_at_random_points_leaves_no_gap_reorder_or_duplicate_in_the_streams() {
-    let e2e = PgRedis::new(8, &redis_url()).await;
+    let e2e = PgRedis::new(8, &services::redis_url()).await;
     let producing = e2e.pg.produce(200, 60, 4);
     let (relay, mut logs) = kill_nine_repeatedly(&e2e.pg.scenario, 6).await;
     let produced = producing.await.unwrap();
@@ -116,7 +113,7 @@ async fn kill_nine_at_random_points_leaves_no_gap_reorder_or_duplicate_in_the_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_one_paused_past_its_lease_store_each_message_once_in_order() {
-    let e2e = PgRedis::new(8, &redis_url()).await;
+    let e2e = PgRedis::new(8, &services::redis_url()).await;
     let a = e2e.pg.scenario.relay("relay-a");
     tokio::time::sleep(Duration::from_millis(800)).await;
     let b = e2e.pg.scenario.relay("relay-b");
@@ -168,7 +165,7 @@ async fn redis_down_at_start_and_killed_mid_run_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_key_of_another_type_blocks_its_partition_with_the_reason_in_status() {
-    let e2e = PgRedis::new(1, &redis_url()).await;
+    let e2e = PgRedis::new(1, &services::redis_url()).await;
     let key = format!("e{}.account.0", e2e.pg.scenario.tag);
     let () = e2e
         .connection()

@@ -22,6 +22,7 @@ use ferry::message::DELIVERY_ATTEMPT_HEADER;
 use ferry::sql::TablePrefix;
 use ferry::sqlite::{SqliteInbox, SqliteOutbox};
 use ferry::{Admission, Inbox, ReceivedMessage};
+use ferry_core::testing::services;
 
 const PRODUCER: &str = "e2e-producer-token-0123456789";
 const CONSUMER: &str = "e2e-consumer-token-0123456789";
@@ -398,7 +399,7 @@ impl Consumer {
     /// the consumer crashed there): the service redelivers it.
     async fn run(&self, stream: &str, api: &Api, stop: CancellationToken) -> usize {
         use async_nats::jetstream::consumer::{AckPolicy, pull};
-        let client = async_nats::connect(common::nats_url()).await.unwrap();
+        let client = async_nats::connect(services::nats_url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
         // The stream appears when the relay first connects.
         let stream = loop {

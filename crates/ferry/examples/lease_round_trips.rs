@@ -16,15 +16,12 @@ use std::time::{Duration, Instant};
 use ferry::postgres::PgOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::{Lease, LeaseStore, NewMessage, OutboxStore};
+use ferry_core::testing::services;
 
 const PARTITIONS: u32 = 16;
 const ROUNDS: usize = 200;
 const TTL: Duration = Duration::from_secs(10);
 const MARKED_PER_BATCH: usize = 100;
-
-fn env_or(var: &str, default: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| default.into())
-}
 
 /// Median and 99th percentile of `samples`, in milliseconds.
 fn summary(mut samples: Vec<Duration>) -> String {
@@ -39,15 +36,7 @@ async fn outbox(tag: &str, external_leases: bool) -> anyhow::Result<PgOutbox> {
         external_leases,
         ..StoreSettings::default()
     };
-    let outbox = PgOutbox::connect(
-        &env_or(
-            "FERRY_TEST_PG_URL",
-            "postgres://postgres@127.0.0.1:5432/test",
-        ),
-        4,
-        settings,
-    )
-    .await?;
+    let outbox = PgOutbox::connect(&services::postgres_url(), 4, settings).await?;
     outbox.migrate(PARTITIONS).await?;
     Ok(outbox)
 }
@@ -182,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
 
     let adopting = outbox(&format!("{tag}x"), true).await?;
     let redis = ferry::redis_lease::RedisLeases::connect(
-        &env_or("FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
+        &services::redis_url(),
         &format!("lb{tag}:"),
         PARTITIONS,
         0,
@@ -193,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
 
     #[cfg(feature = "etcd-lease")]
     {
-        let endpoints = [env_or("FERRY_TEST_ETCD_URL", "http://127.0.0.1:23790")];
+        let endpoints = [services::etcd_url()];
         let etcd = ferry::etcd_lease::EtcdLeases::connect(
             ferry::etcd_lease::EtcdConnection {
                 endpoints: &endpoints,

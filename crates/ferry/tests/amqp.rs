@@ -26,16 +26,12 @@ use ferry::amqp::lapin::types::{AMQPValue, FieldTable, ShortString};
 use ferry::amqp::lapin::{self, Channel, Connection, ConnectionProperties, ExchangeKind};
 use ferry::amqp::{AmqpDeclare, AmqpSink, AmqpSinkConfig, decode_delivery};
 use ferry::{Delivery, Headers, Message, ReceivedMessage, Sink, SinkError};
+use ferry_core::testing::services;
 
 use rebuilt::assert_rebuilt;
 use tcp_proxy::{TcpProxy, address_of};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-fn amqp_url() -> String {
-    std::env::var("FERRY_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
 
 /// A topic exchange and a queue bound to it with `binding`, named after a random tag.
 struct Fixture {
@@ -48,7 +44,8 @@ struct Fixture {
 impl Fixture {
     async fn new(binding: &str) -> Result<Self> {
         let tag = &Uuid::now_v7().simple().to_string()[20..];
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let connection =
+            Connection::connect(&services::amqp_url(), ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         let fixture = Self {
             connection,
@@ -92,7 +89,7 @@ impl Fixture {
 
     fn config(&self) -> AmqpSinkConfig {
         AmqpSinkConfig {
-            url: amqp_url().into(),
+            url: services::amqp_url().into(),
             exchange_template: self.exchange.clone(),
             ..AmqpSinkConfig::default()
         }
@@ -373,7 +370,7 @@ async fn declare_sets_up_an_exchange_and_a_queue_for_demos() -> Result {
     let tag = &Uuid::now_v7().simple().to_string()[20..];
     let exchange = format!("ferrytest_demo_{tag}");
     let config = AmqpSinkConfig {
-        url: amqp_url().into(),
+        url: services::amqp_url().into(),
         exchange_template: exchange.clone(),
         declare: Some(AmqpDeclare {
             queue: Some(exchange.clone()),
@@ -385,7 +382,8 @@ async fn declare_sets_up_an_exchange_and_a_queue_for_demos() -> Result {
     all_ok(sink.publish(&[message("order", "1", 1, "{}")]).await)?;
     sink.shutdown().await;
 
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let connection =
+        Connection::connect(&services::amqp_url(), ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let queue = channel
         .queue_declare(
@@ -410,7 +408,7 @@ async fn declare_sets_up_an_exchange_and_a_queue_for_demos() -> Result {
 #[tokio::test]
 async fn a_broken_connection_is_retryable_and_the_sink_reconnects() -> Result {
     let fixture = Fixture::new("#").await?;
-    let mut proxy = TcpProxy::down(address_of(&amqp_url()));
+    let mut proxy = TcpProxy::down(address_of(&services::amqp_url()));
     let config = AmqpSinkConfig {
         url: format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port).into(),
         confirm_timeout_secs: 3,

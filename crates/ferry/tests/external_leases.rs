@@ -19,16 +19,12 @@ use uuid::Uuid;
 
 use ferry::file::{FileSink, FileSinkConfig};
 use ferry::postgres::PgOutbox;
-use ferry::sql::{StoreSettings, TablePrefix};
+use ferry::sql::{Dialect, SqlOutbox, StoreSettings, TablePrefix};
 use ferry::{
     Lease, LeaseStore, NewMessage, OutboxStore, ReceivedMessage, Relay, RelayConfig, StoreError,
     Takeover,
 };
-
-fn pg_url() -> String {
-    std::env::var("FERRY_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+use ferry_core::testing::services;
 
 fn tag() -> String {
     Uuid::now_v7().simple().to_string()[20..].to_owned()
@@ -61,14 +57,19 @@ impl Backend {
         Ok(match self {
             #[cfg(feature = "redis-lease")]
             Self::Redis => Arc::new(
-                ferry::redis_lease::RedisLeases::connect(&redis_url(), prefix, partitions, floor)
-                    .await?,
+                ferry::redis_lease::RedisLeases::connect(
+                    &services::redis_url(),
+                    prefix,
+                    partitions,
+                    floor,
+                )
+                .await?,
             ),
             #[cfg(feature = "etcd-lease")]
             Self::Etcd => Arc::new(
                 ferry::etcd_lease::EtcdLeases::connect(
                     ferry::etcd_lease::EtcdConnection {
-                        endpoints: &[etcd_url()],
+                        endpoints: &[services::etcd_url()],
                         credentials: None,
                         key_prefix: prefix,
                     },
@@ -89,7 +90,7 @@ impl Backend {
         match self {
             #[cfg(feature = "redis-lease")]
             Self::Redis => {
-                let client = ::redis::Client::open(redis_url()).unwrap();
+                let client = ::redis::Client::open(services::redis_url()).unwrap();
                 let mut connection = client.get_multiplexed_async_connection().await.unwrap();
                 let keys: Vec<String> = ::redis::cmd("KEYS")
                     .arg(format!("{prefix}*"))
@@ -104,7 +105,7 @@ impl Backend {
             }
             #[cfg(feature = "etcd-lease")]
             Self::Etcd => {
-                let mut client = etcd_client::Client::connect([etcd_url()], None)
+                let mut client = etcd_client::Client::connect([services::etcd_url()], None)
                     .await
                     .unwrap();
                 client
@@ -119,29 +120,25 @@ impl Backend {
     }
 }
 
-#[cfg(feature = "redis-lease")]
-fn redis_url() -> String {
-    std::env::var("FERRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-#[cfg(feature = "etcd-lease")]
-fn etcd_url() -> String {
-    std::env::var("FERRY_TEST_ETCD_URL").unwrap_or_else(|_| "http://127.0.0.1:23790".into())
-}
-
-/// A fresh PostgreSQL outbox whose leases live outside it.
-async fn outbox(partitions: u32) -> PgOutbox {
+/// A fresh outbox of dialect `D` at `url` whose leases live outside it.
+async fn sql_outbox<D: Dialect>(url: &str, partitions: u32) -> SqlOutbox<D> {
     let settings = StoreSettings {
         table_prefix: TablePrefix::new(format!("x{}_", tag())).unwrap(),
         external_leases: true,
         ..StoreSettings::default()
     };
-    let outbox = PgOutbox::connect(&pg_url(), 4, settings).await.unwrap();
+    let outbox = SqlOutbox::connect(url, 4, settings).await.unwrap();
     outbox.migrate(partitions).await.unwrap();
     outbox
 }
 
-async fn enqueue(outbox: &PgOutbox, aggregate: &str) -> Uuid {
+/// A fresh PostgreSQL outbox whose leases live outside it.
+async fn outbox(partitions: u32) -> PgOutbox {
+    sql_outbox(&services::postgres_url(), partitions).await
+}
+
+/// Enqueues an event of `aggregate` in a transaction of its own.
+async fn enqueue<D: Dialect>(outbox: &SqlOutbox<D>, aggregate: &str) -> Uuid {
     let mut tx = outbox.pool().begin().await.unwrap();
     let message = NewMessage::new("order", aggregate, "order.changed", "{}");
     let id = outbox.enqueue(&mut tx, message).await.unwrap().id;
@@ -178,6 +175,11 @@ async fn acquire_within(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The lease of a one-partition backend, granted to `relay` now.
+async fn grant(leases: &dyn LeaseStore, relay: &str, ttl: Duration) -> Lease {
+    leases.acquire(relay, 1, ttl).await.unwrap().pop().unwrap()
 }
 
 fn partitions_of(leases: &[Lease]) -> Vec<u32> {
@@ -246,12 +248,12 @@ async fn epochs_increase_with_every_grant(backend: Backend) {
     let leases = backend.connect(&backend.unique_prefix(), 1, 0).await;
     let mut previous = 0;
     for round in 0..6 {
-        let lease = leases
-            .acquire(&format!("relay-{}", round % 2), 1, Duration::from_secs(10))
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
+        let lease = grant(
+            leases.as_ref(),
+            &format!("relay-{}", round % 2),
+            Duration::from_secs(10),
+        )
+        .await;
         assert!(lease.epoch > previous, "{} after {previous}", lease.epoch);
         previous = lease.epoch;
         leases.release(&lease, round % 3 != 0).await.unwrap();
@@ -261,12 +263,7 @@ async fn epochs_increase_with_every_grant(backend: Backend) {
 async fn an_expired_lease_is_taken_over_uncleanly_and_cannot_be_renewed(backend: Backend) {
     let leases = backend.connect(&backend.unique_prefix(), 1, 0).await;
     let ttl = Duration::from_secs(2);
-    let first = leases
-        .acquire("relay-a", 1, ttl)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    let first = grant(leases.as_ref(), "relay-a", ttl).await;
     let (second, waited) =
         acquire_within(leases.as_ref(), "relay-b", ttl, Duration::from_secs(10)).await;
     assert!(
@@ -323,12 +320,7 @@ async fn g5_a_paused_owner_is_fenced_by_the_outbox_after_a_takeover(backend: Bac
         )
         .await;
     let ttl = Duration::from_secs(2);
-    let paused = leases
-        .acquire("relay-a", 1, ttl)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    let paused = grant(leases.as_ref(), "relay-a", ttl).await;
     assert_eq!(outbox.adopt(&paused).await.unwrap(), None);
     assert_eq!(
         outbox
@@ -377,12 +369,7 @@ async fn g5_a_paused_owner_is_fenced_by_the_outbox_after_a_takeover(backend: Bac
         1
     );
     leases.release(&taker, false).await.unwrap();
-    let next = leases
-        .acquire("relay-c", 1, ttl)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    let next = grant(leases.as_ref(), "relay-c", ttl).await;
     assert!(matches!(next.takeover, Takeover::Unclean { .. }));
     assert_eq!(outbox.adopt(&next).await.unwrap(), Some(9));
 }
@@ -393,23 +380,13 @@ async fn epochs_stay_above_the_outbox_after_the_backend_lost_its_keys(backend: B
     let outbox = outbox(1).await;
     let prefix = backend.unique_prefix();
     let leases = backend.connect(&prefix, 1, 0).await;
-    let before = leases
-        .acquire("relay-a", 1, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    let before = grant(leases.as_ref(), "relay-a", Duration::from_secs(10)).await;
     outbox.adopt(&before).await.unwrap();
     backend.wipe(&prefix).await;
     let floor = outbox.highest_epoch().await.unwrap();
     assert_eq!(floor, before.epoch);
     let leases = backend.connect(&prefix, 1, floor).await;
-    let after = leases
-        .acquire("relay-b", 1, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    let after = grant(leases.as_ref(), "relay-b", Duration::from_secs(10)).await;
     assert!(after.epoch > floor, "{} not above {floor}", after.epoch);
     outbox.adopt(&after).await.unwrap();
 }
@@ -561,25 +538,9 @@ async fn adoption_fences_marks_by_epoch_and_owner(
     assert_eq!((status[0].epoch, status[0].backlog), (base + 9, 1));
 }
 
-/// Enqueues orders 1, 2 and 3, each in a transaction of its own, into a SQL outbox (the
-/// stores' transaction types differ, so not a function); returns their ids.
-#[cfg(any(feature = "sqlite", feature = "mysql"))]
-macro_rules! orders_in_transactions_of_their_own {
-    ($outbox:expr) => {{
-        let mut ids = Vec::new();
-        for aggregate in ["1", "2", "3"] {
-            let mut tx = $outbox.pool().begin().await.unwrap();
-            let message = NewMessage::new("order", aggregate, "order.changed", "{}");
-            ids.push($outbox.enqueue(&mut tx, message).await.unwrap().id);
-            tx.commit().await.unwrap();
-        }
-        <[Uuid; 3]>::try_from(ids).unwrap()
-    }};
-}
-
-#[tokio::test]
-async fn postgres_adoption_fences_marks_by_epoch_and_owner() {
-    let outbox = outbox(1).await;
+/// The `adopt` contract on a one-partition outbox of dialect `D` at `url`.
+async fn sql_adoption_fences_marks_by_epoch_and_owner<D: Dialect>(url: &str) {
+    let outbox = sql_outbox::<D>(url, 1).await;
     let ids = [
         enqueue(&outbox, "1").await,
         enqueue(&outbox, "2").await,
@@ -589,41 +550,27 @@ async fn postgres_adoption_fences_marks_by_epoch_and_owner() {
     assert_eq!(outbox.highest_epoch().await.unwrap(), 9);
 }
 
+#[tokio::test]
+async fn postgres_adoption_fences_marks_by_epoch_and_owner() {
+    sql_adoption_fences_marks_by_epoch_and_owner::<ferry::postgres::PgDialect>(
+        &services::postgres_url(),
+    )
+    .await;
+}
+
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn sqlite_adoption_fences_marks_by_epoch_and_owner() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
-    let settings = StoreSettings {
-        external_leases: true,
-        ..StoreSettings::default()
-    };
-    let outbox = ferry::sqlite::SqliteOutbox::connect(&url, 4, settings)
-        .await
-        .unwrap();
-    outbox.migrate(1).await.unwrap();
-    let ids = orders_in_transactions_of_their_own!(outbox);
-    adoption_fences_marks_by_epoch_and_owner(&outbox, ids, 0).await;
-    assert_eq!(outbox.highest_epoch().await.unwrap(), 9);
+    sql_adoption_fences_marks_by_epoch_and_owner::<ferry::sqlite::SqliteDialect>(&url).await;
 }
 
 #[cfg(feature = "mysql")]
 #[tokio::test]
 async fn mysql_adoption_fences_marks_by_epoch_and_owner() {
-    let url = std::env::var("FERRY_TEST_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
-    let settings = StoreSettings {
-        table_prefix: TablePrefix::new(format!("x{}_", tag())).unwrap(),
-        external_leases: true,
-        ..StoreSettings::default()
-    };
-    let outbox = ferry::mysql::MyOutbox::connect(&url, 2, settings)
-        .await
-        .unwrap();
-    outbox.migrate(1).await.unwrap();
-    let ids = orders_in_transactions_of_their_own!(outbox);
-    adoption_fences_marks_by_epoch_and_owner(&outbox, ids, 0).await;
-    assert_eq!(outbox.highest_epoch().await.unwrap(), 9);
+    sql_adoption_fences_marks_by_epoch_and_owner::<ferry::mysql::MyDialect>(&services::mysql_url())
+        .await;
 }
 
 #[cfg(feature = "redis-store")]
@@ -635,7 +582,9 @@ async fn redis_store_adoption_fences_marks_by_epoch_and_owner() {
         external_leases: true,
         ..RedisSettings::default()
     };
-    let outbox = RedisOutbox::connect(&redis_url(), settings).await.unwrap();
+    let outbox = RedisOutbox::connect(&services::redis_url(), settings)
+        .await
+        .unwrap();
     outbox.migrate(1).await.unwrap();
     let mut ids = Vec::new();
     for aggregate in ["1", "2", "3"] {
@@ -700,22 +649,12 @@ mod redis_only {
         let prefix = Backend::Redis.unique_prefix();
         let running = Backend::Redis.connect(&prefix, 1, 0).await;
         let ttl = Duration::from_secs(10);
-        let first = running
-            .acquire("relay-a", 1, ttl)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
+        let first = grant(running.as_ref(), "relay-a", ttl).await;
         outbox.adopt(&first).await.unwrap();
         Backend::Redis.wipe(&prefix).await;
 
         let fresh = Backend::Redis.connect(&prefix, 1, 0).await;
-        let low = fresh
-            .acquire("relay-b", 1, ttl)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
+        let low = grant(fresh.as_ref(), "relay-b", ttl).await;
         assert!(low.epoch <= first.epoch, "{low:?}");
         assert!(matches!(
             outbox.adopt(&low).await,
@@ -723,12 +662,7 @@ mod redis_only {
         ));
         fresh.release(&low, false).await.unwrap();
 
-        let recovered = running
-            .acquire("relay-a", 1, ttl)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
+        let recovered = grant(running.as_ref(), "relay-a", ttl).await;
         assert!(recovered.epoch > first.epoch, "{recovered:?}");
         outbox.adopt(&recovered).await.unwrap();
     }

@@ -23,18 +23,11 @@ use uuid::Uuid;
 
 use ferry::kafka::{CommittedReader, CommittedRecord, KafkaSink, KafkaSinkConfig};
 use ferry::{Delivery, Headers, Lease, Message, ReconcileRequest, Sink, SinkError, Takeover};
+use ferry_core::testing::services;
 
 use rebuilt::assert_rebuilt;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-fn tansu() -> String {
-    std::env::var("FERRY_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-fn noida() -> String {
-    std::env::var("FERRY_TEST_KAFKA_TXN_BROKERS").unwrap_or_else(|_| "127.0.0.1:9192".into())
-}
 
 /// Topics `ft<tag>.<aggregate_type>` and transactional ids `ft<tag>-p<N>` of this test's own.
 fn unique_config(brokers: String) -> KafkaSinkConfig {
@@ -165,7 +158,7 @@ async fn owns_everything_reconcile(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_carry_the_key_the_topic_and_cloudevents_headers() -> Result {
-    let config = unique_config(tansu());
+    let config = unique_config(services::kafka_brokers());
     let sink = KafkaSink::connect(&config).await?;
     sink.open_partition(&lease(3, 1)).await?;
     let mut batch = vec![
@@ -219,7 +212,7 @@ async fn records_carry_the_key_the_topic_and_cloudevents_headers() -> Result {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_that_was_not_opened_is_not_published() -> Result {
-    let config = unique_config(tansu());
+    let config = unique_config(services::kafka_brokers());
     let sink = KafkaSink::connect(&config).await?;
     let outcomes = sink.publish(&batch("1", 1..=2)).await;
     assert_eq!(outcomes.len(), 2);
@@ -234,7 +227,7 @@ async fn a_partition_that_was_not_opened_is_not_published() -> Result {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_fences_the_old_producer_and_only_committed_batches_are_visible() -> Result {
-    let config = unique_config(noida());
+    let config = unique_config(services::kafka_txn_brokers());
     let old = KafkaSink::connect(&config).await?;
     let new = KafkaSink::connect(&config).await?;
     old.open_partition(&lease(0, 1)).await?;
@@ -328,7 +321,7 @@ async fn taking_a_partition_aborts_what_the_previous_owner_left_open_and_reconci
 -> Result {
     let config = KafkaSinkConfig {
         reconcile_margin_secs: 0,
-        ..unique_config(noida())
+        ..unique_config(services::kafka_txn_brokers())
     };
     let first_owner = KafkaSink::connect(&config).await?;
     first_owner.open_partition(&lease(0, 1)).await?;
@@ -387,7 +380,7 @@ async fn taking_a_partition_aborts_what_the_previous_owner_left_open_and_reconci
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_kafka_refuses_stops_the_batch_after_committing_what_precedes_it() -> Result {
-    let config = unique_config(noida());
+    let config = unique_config(services::kafka_txn_brokers());
     let sink = KafkaSink::connect(&config).await?;
     sink.open_partition(&lease(0, 1)).await?;
     let mut messages = batch("1", 1..=4);
@@ -436,7 +429,7 @@ async fn an_unreachable_cluster_is_a_retryable_error_naming_it() {
 async fn a_controlled_librdkafka_property_is_refused_at_connect() {
     let config = KafkaSinkConfig {
         librdkafka: [("enable.idempotence".to_owned(), "false".to_owned())].into(),
-        ..unique_config(tansu())
+        ..unique_config(services::kafka_brokers())
     };
     let err = KafkaSink::connect(&config).await.expect_err("refused");
     assert!(!err.is_retryable(), "{err}");

@@ -22,6 +22,7 @@ use ferry::mqtt::{MqttSink, MqttSinkConfig, received_publish};
 use ferry::sql::StoreSettings;
 use ferry::sqlite::SqliteOutbox;
 use ferry::{Message, NewMessage, OutboxStore, ReceivedMessage, Relay, RelayConfig, Sink};
+use ferry_core::testing::services;
 
 mod common;
 
@@ -30,8 +31,7 @@ use common::order_message as message;
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn shared_broker() -> (String, u16) {
-    let url =
-        std::env::var("FERRY_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+    let url = services::mqtt_url();
     let rest = url
         .trim_start_matches("mqtt://")
         .trim_start_matches("tcp://");

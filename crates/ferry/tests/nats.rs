@@ -18,21 +18,18 @@ use uuid::Uuid;
 use ferry::cloudevents::ContentMode;
 use ferry::nats::{NatsSink, NatsSinkConfig};
 use ferry::{Delivery, Headers, Message, ReceivedMessage, ReconcileRequest, Sink, SinkError};
+use ferry_core::testing::services;
 
 use rebuilt::assert_rebuilt;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-fn nats_url() -> String {
-    std::env::var("FERRY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
 
 /// A config with a stream and subject prefix of its own.
 fn unique_config() -> NatsSinkConfig {
     let tag = Uuid::now_v7().simple().to_string();
     let prefix = format!("ferrytest{}", &tag[20..]);
     NatsSinkConfig {
-        url: nats_url(),
+        url: services::nats_url(),
         stream: format!("FERRY_TEST_{}", &tag[20..]),
         subjects: vec![format!("{prefix}.>")],
         subject_template: format!("{prefix}.{{aggregate_type}}.{{event_type}}"),
@@ -78,7 +75,7 @@ fn positions(outcomes: Vec<std::result::Result<Delivery, SinkError>>) -> Result<
 }
 
 async fn jetstream_context() -> Result<jetstream::Context> {
-    let client = async_nats::connect(nats_url()).await?;
+    let client = async_nats::connect(services::nats_url()).await?;
     Ok(jetstream::new(client))
 }
 
@@ -284,7 +281,9 @@ async fn publishing_a_batch_twice_stores_it_once() -> Result {
 async fn an_oversize_message_is_permanent_and_nothing_after_it_is_sent() -> Result {
     let config = unique_config();
     let sink = NatsSink::connect(&config).await?;
-    let max_payload = async_nats::connect(nats_url()).await?.max_payload();
+    let max_payload = async_nats::connect(services::nats_url())
+        .await?
+        .max_payload();
     let batch = [
         message("1", 1, "{}"),
         message("1", 2, vec![b'x'; max_payload + 1]),
@@ -334,7 +333,7 @@ async fn a_stuck_broker_costs_one_ack_timeout_per_batch() -> Result {
     // With the stream gone and a plain subscriber on its subjects, publishes are
     // neither stored nor answered with "no responders": the acks never come.
     delete_stream(&config).await?;
-    let client = async_nats::connect(nats_url()).await?;
+    let client = async_nats::connect(services::nats_url()).await?;
     let _silent = client.subscribe(config.subjects[0].clone()).await?;
     client.flush().await?;
 

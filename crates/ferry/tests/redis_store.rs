@@ -20,14 +20,11 @@ use ferry::{
     Admission, EnqueueError, Enqueued, InvalidMessage, LeaseStore, NewMessage, OutboxStore,
     Processed, ReceivedMessage, Relay, RelayConfig, StoreError, Takeover, Wakers, partition_for,
 };
+use ferry_core::testing::services;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn redis_url() -> String {
-    std::env::var("FERRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 fn unique_prefix() -> KeyPrefix {
     KeyPrefix::new(format!("t{}:", &Uuid::now_v7().simple().to_string()[20..])).unwrap()
@@ -45,7 +42,7 @@ fn settings(prefix: KeyPrefix, retention: Duration) -> RedisSettings {
 /// A fresh outbox under a unique prefix on the shared Redis, migrated with `partitions`.
 /// Its keys are removed when the test passes (`cleanup`).
 async fn outbox_with(partitions: u32, retention: Duration) -> RedisOutbox {
-    let outbox = RedisOutbox::connect(&redis_url(), settings(unique_prefix(), retention))
+    let outbox = RedisOutbox::connect(&services::redis_url(), settings(unique_prefix(), retention))
         .await
         .unwrap();
     outbox.migrate(partitions).await.unwrap();
@@ -144,9 +141,12 @@ async fn migrate_is_idempotent_and_partitions_are_fixed() {
 
 #[tokio::test]
 async fn unmigrated_store_points_at_migrate() {
-    let outbox = RedisOutbox::connect(&redis_url(), settings(unique_prefix(), Duration::ZERO))
-        .await
-        .unwrap();
+    let outbox = RedisOutbox::connect(
+        &services::redis_url(),
+        settings(unique_prefix(), Duration::ZERO),
+    )
+    .await
+    .unwrap();
     let err = outbox.partitions().await.unwrap_err();
     assert!(matches!(err, StoreError::Schema(_)), "{err}");
     assert!(
@@ -189,7 +189,7 @@ async fn bad_urls_and_credentials_are_named() {
         "an unreachable server is an outage: {err}"
     );
 
-    let url = redis_url().replace("redis://", "redis://nobody:wrong@");
+    let url = services::redis_url().replace("redis://", "redis://nobody:wrong@");
     let err = RedisOutbox::connect(&url, settings()).await.unwrap_err();
     assert!(!err.is_retryable(), "{err}");
     assert!(err.to_string().contains("credentials"), "{err}");
@@ -808,7 +808,7 @@ async fn watch_wakes_the_partition_written_to() {
 #[tokio::test]
 async fn enqueue_command_in_a_watched_transaction() {
     let outbox = outbox().await;
-    let client = redis::Client::open(redis_url()).unwrap();
+    let client = redis::Client::open(services::redis_url()).unwrap();
     let mut tx_conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut other = raw(&outbox).await;
     let balance = format!("app:{}balance", outbox.key_prefix().as_str());

@@ -19,22 +19,19 @@ use ferry::redis_stream::redis::streams::StreamRangeReply;
 use ferry::redis_stream::redis::{self, AsyncCommands as _};
 use ferry::redis_stream::{RedisStreamSink, RedisStreamSinkConfig, decode_stream_id};
 use ferry::{Delivery, Headers, Message, Sink, SinkError};
+use ferry_core::testing::services;
 
 use rebuilt::assert_rebuilt;
 use redis_server::{PrivateRedis, free_port};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-fn redis_url() -> String {
-    std::env::var("FERRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 /// A config whose streams are `<prefix>.{aggregate_type}.{partition}` with a prefix of its own.
 fn unique_config() -> (RedisStreamSinkConfig, String) {
     let tag = Uuid::now_v7().simple().to_string();
     let prefix = format!("ferrytest{}", &tag[20..]);
     let config = RedisStreamSinkConfig {
-        url: redis_url().into(),
+        url: services::redis_url().into(),
         stream_template: format!("{prefix}.{{aggregate_type}}.{{partition}}"),
         ..RedisStreamSinkConfig::default()
     };
@@ -118,7 +115,7 @@ async fn publishes_cloudevents_fields_that_rebuild_the_message() -> Result {
     all_ok(sink.publish(&batch).await)?;
 
     let stream = format!("{prefix}.order.3");
-    let stored = entries(&redis_url(), &stream).await?;
+    let stored = entries(&services::redis_url(), &stream).await?;
     assert_eq!(ids(&stored), ["10-0", "11-0", "15-0"]);
     for (sent, entry) in batch.iter().zip(&stored.ids) {
         let field = |name: &str| -> Option<String> {
@@ -154,7 +151,7 @@ async fn publishes_cloudevents_fields_that_rebuild_the_message() -> Result {
         let received = decode_stream_id(entry)?;
         assert_rebuilt(&received, sent);
     }
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]
@@ -171,7 +168,7 @@ async fn a_batch_published_again_after_a_lost_ack_adds_nothing() -> Result {
     next.push(message("7", 301, 1000, "{}"));
     all_ok(sink.publish(&next).await)?;
 
-    let stored = entries(&redis_url(), &format!("{prefix}.order.3")).await?;
+    let stored = entries(&services::redis_url(), &format!("{prefix}.order.3")).await?;
     assert_eq!(stored.ids.len(), 301, "each message once");
     let versions: Vec<u64> = stored
         .ids
@@ -179,7 +176,7 @@ async fn a_batch_published_again_after_a_lost_ack_adds_nothing() -> Result {
         .map(|e| decode_stream_id(e).map(|m| m.version))
         .collect::<std::result::Result<_, _>>()?;
     assert_eq!(versions, (1..=301).collect::<Vec<u64>>());
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]
@@ -195,13 +192,13 @@ async fn a_late_commit_goes_after_the_top_and_a_resend_of_it_is_recognised() -> 
     let c2 = message("c", 2, 16, "{}");
     all_ok(sink.publish(&[c1.clone(), c2.clone()]).await)?;
     assert_eq!(
-        ids(&entries(&redis_url(), &stream).await?),
+        ids(&entries(&services::redis_url(), &stream).await?),
         ["10-0", "20-0", "20-1", "20-2"]
     );
     // Re-sent (a lost ack, or a new owner), alone and with new messages: found, not added.
     all_ok(sink.publish(std::slice::from_ref(&c1)).await)?;
     all_ok(sink.publish(&[c1, c2, b1, message("b", 2, 30, "{}")]).await)?;
-    let stored = entries(&redis_url(), &stream).await?;
+    let stored = entries(&services::redis_url(), &stream).await?;
     assert_eq!(ids(&stored), ["10-0", "20-0", "20-1", "20-2", "30-0"]);
     let keys: Vec<(String, u64)> = stored
         .ids
@@ -212,7 +209,7 @@ async fn a_late_commit_goes_after_the_top_and_a_resend_of_it_is_recognised() -> 
         keys,
         [("a", 1), ("b", 1), ("c", 1), ("c", 2), ("b", 2)].map(|(k, v)| (k.to_string(), v))
     );
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]
@@ -228,10 +225,10 @@ async fn a_late_commit_beyond_the_scan_is_appended_and_a_recent_copy_still_found
     let late = message("z", 1, 50, "{}");
     all_ok(sink.publish(std::slice::from_ref(&late)).await)?;
     all_ok(sink.publish(std::slice::from_ref(&late)).await)?;
-    let stored = entries(&redis_url(), &stream).await?;
+    let stored = entries(&services::redis_url(), &stream).await?;
     assert_eq!(stored.ids.len(), 11);
     assert_eq!(stored.ids[10].id, "109-1");
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]
@@ -255,13 +252,13 @@ async fn another_message_at_the_same_id_blocks_with_a_conflict() -> Result {
     let not_sent = outcomes[1].as_ref().expect_err("nothing after it");
     assert!(not_sent.is_retryable());
     assert_eq!(
-        entries(&redis_url(), &format!("{prefix}.order.3"))
+        entries(&services::redis_url(), &format!("{prefix}.order.3"))
             .await?
             .ids
             .len(),
         2
     );
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]
@@ -274,15 +271,15 @@ async fn streams_follow_the_template_and_a_key_of_another_type_is_permanent() ->
     let order = message("1", 1, 2, "{}");
     all_ok(sink.publish(&[invoice.clone(), order]).await)?;
     assert_eq!(
-        ids(&entries(&redis_url(), &format!("{prefix}.invoice.5")).await?),
+        ids(&entries(&services::redis_url(), &format!("{prefix}.invoice.5")).await?),
         ["1-0"]
     );
     assert_eq!(
-        ids(&entries(&redis_url(), &format!("{prefix}.order.3")).await?),
+        ids(&entries(&services::redis_url(), &format!("{prefix}.order.3")).await?),
         ["2-0"]
     );
 
-    let mut connection = client(&redis_url()).await?;
+    let mut connection = client(&services::redis_url()).await?;
     let _: () = connection
         .set(format!("{prefix}.note.1"), "not a stream")
         .await?;
@@ -299,7 +296,7 @@ async fn streams_follow_the_template_and_a_key_of_another_type_is_permanent() ->
         outcomes[1].is_ok(),
         "another stream of the batch is not held up"
     );
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]
@@ -311,7 +308,10 @@ async fn a_batch_goes_in_windows_and_none_is_sent_after_a_failed_one() -> Result
     all_ok(sink.publish(&batch).await)?;
     let stream = format!("{prefix}.order.3");
     let expected: Vec<String> = (1..=10).map(|n| format!("{n}-0")).collect();
-    assert_eq!(ids(&entries(&redis_url(), &stream).await?), expected);
+    assert_eq!(
+        ids(&entries(&services::redis_url(), &stream).await?),
+        expected
+    );
 
     // Windows [a11 a12 a13] [a14 a(seq 0) i1] [i2 i3 i4]: sequence 0 cannot be an entry id.
     // Within its window the failure holds up only its own stream (i1 is appended); the
@@ -336,12 +336,15 @@ async fn a_batch_goes_in_windows_and_none_is_sent_after_a_failed_one() -> Result
         assert!(err.is_retryable(), "{err}");
     }
     let expected: Vec<String> = (1..=14).map(|n| format!("{n}-0")).collect();
-    assert_eq!(ids(&entries(&redis_url(), &stream).await?), expected);
     assert_eq!(
-        ids(&entries(&redis_url(), &format!("{prefix}.invoice.3")).await?),
+        ids(&entries(&services::redis_url(), &stream).await?),
+        expected
+    );
+    assert_eq!(
+        ids(&entries(&services::redis_url(), &format!("{prefix}.invoice.3")).await?),
         ["16-0"]
     );
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]
@@ -356,12 +359,12 @@ async fn max_len_trims_each_stream_approximately() -> Result {
             .collect();
         all_ok(sink.publish(&batch).await)?;
     }
-    let length: u64 = client(&redis_url())
+    let length: u64 = client(&services::redis_url())
         .await?
         .xlen(format!("{prefix}.order.3"))
         .await?;
     assert!((1000..1200).contains(&length), "{length} entries kept");
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]
@@ -383,7 +386,7 @@ async fn two_relays_racing_on_one_partition_store_each_message_once_in_order() -
     all_ok(a)?;
     all_ok(b)?;
     all.extend(late);
-    let stored = entries(&redis_url(), &format!("{prefix}.order.3")).await?;
+    let stored = entries(&services::redis_url(), &format!("{prefix}.order.3")).await?;
     let mut received: Vec<Uuid> = stored
         .ids
         .iter()
@@ -404,7 +407,7 @@ async fn two_relays_racing_on_one_partition_store_each_message_once_in_order() -
     let mut sent: Vec<Uuid> = all.iter().map(|m| m.id).collect();
     sent.sort();
     assert_eq!(received, sent);
-    delete_streams(&redis_url(), &prefix).await
+    delete_streams(&services::redis_url(), &prefix).await
 }
 
 #[tokio::test]

@@ -20,25 +20,10 @@ use uuid::Uuid;
 use ferry::postgres::PgOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::{NewMessage, ReceivedMessage};
+use ferry_core::testing::services;
 
 pub fn ferry_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ferry"))
-}
-
-/// The service address in `var`, or the local default.
-pub fn service_url(var: &str, default: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| default.into())
-}
-
-pub fn pg_url() -> String {
-    service_url(
-        "FERRY_TEST_PG_URL",
-        "postgres://postgres@127.0.0.1:5432/test",
-    )
-}
-
-pub fn nats_url() -> String {
-    service_url("FERRY_TEST_NATS_URL", "nats://127.0.0.1:4222")
 }
 
 /// A short random tag that keeps a scenario's tables, streams and topics apart from
@@ -60,7 +45,10 @@ shutdown_timeout_secs = 5
 
 /// `[store]` for the test PostgreSQL.
 pub fn pg_store_section() -> String {
-    format!("[store]\ntype = \"postgres\"\nurl = \"{}\"\n", pg_url())
+    format!(
+        "[store]\ntype = \"postgres\"\nurl = \"{}\"\n",
+        services::postgres_url()
+    )
 }
 
 /// `[outbox]` with the scenario's own table prefix.
@@ -79,7 +67,7 @@ subjects = ["e{tag}.>"]
 subject_template = "e{tag}.{{aggregate_type}}.{{event_type}}"
 duplicate_window_secs = {duplicate_window_secs}
 "#,
-        nats = nats_url(),
+        nats = services::nats_url(),
         stream = nats_stream(tag),
     )
 }
@@ -460,7 +448,9 @@ pub async fn pg_outbox(tag: &str) -> PgOutbox {
         max_payload_bytes: 4 * 1024 * 1024,
         ..StoreSettings::default()
     };
-    PgOutbox::connect(&pg_url(), 4, settings).await.unwrap()
+    PgOutbox::connect(&services::postgres_url(), 4, settings)
+        .await
+        .unwrap()
 }
 
 /// An outbox that producers write through, whatever the store.
@@ -534,7 +524,7 @@ pub async fn produce_pg(
 
 /// Reads NATS stream `stream` from its start, in order.
 pub async fn read_nats_stream(stream: &str) -> Vec<ReceivedMessage> {
-    let client = async_nats::connect(nats_url()).await.unwrap();
+    let client = async_nats::connect(services::nats_url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(stream).await.unwrap();
     let total = stream.get_info().await.unwrap().state.messages;
@@ -556,7 +546,7 @@ pub async fn read_nats_stream(stream: &str) -> Vec<ReceivedMessage> {
 }
 
 pub async fn delete_nats_stream(stream: &str) {
-    let client = async_nats::connect(nats_url()).await.unwrap();
+    let client = async_nats::connect(services::nats_url()).await.unwrap();
     let _ = async_nats::jetstream::new(client)
         .delete_stream(stream)
         .await;

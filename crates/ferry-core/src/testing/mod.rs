@@ -1,9 +1,12 @@
-//! In-memory test doubles for the relay logic (feature `testing`): an outbox and lease
-//! store that keeps the stores' contracts, and a sink whose every answer is scripted. They
-//! let the relay's ordering, fencing, blocking and shutdown rules be tested in seconds on
-//! tokio's paused clock. They never stand in for a real store or broker in integration
-//! tests: those run against the real services (docs/DESIGN.md §8).
+//! What tests share (feature `testing`).
+//!
+//! In-memory test doubles for the relay logic: an outbox and lease store that keeps the
+//! stores' contracts, and a sink whose every answer is scripted. They let the relay's
+//! ordering, fencing, blocking and shutdown rules be tested in seconds on tokio's paused
+//! clock. They never stand in for a real store or broker in integration tests: those run
+//! against the real services (docs/DESIGN.md §8), whose addresses [`services`] gives.
 
+pub mod services;
 mod sink;
 mod store;
 #[cfg(test)]

@@ -21,6 +21,7 @@ use ferry::postgres::PgOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::sqlite::SqliteOutbox;
 use ferry::{LeaseStore, OutboxAdmin, OutboxStore, ReceivedMessage, Relay, RelayConfig};
+use ferry_core::testing::services;
 use ferry_service::auth::Scope;
 use ferry_service::store::AckPolicy;
 use ferry_service::{
@@ -32,15 +33,6 @@ pub(crate) const CONSUMER: &str = "consumer-token-0123456789";
 pub(crate) const ADMIN: &str = "admin-token-0123456789";
 
 pub(crate) const PARTITIONS: u32 = 4;
-
-pub(crate) fn pg_url() -> String {
-    std::env::var("FERRY_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-pub(crate) fn nats_url() -> String {
-    std::env::var("FERRY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Backend {
@@ -149,7 +141,7 @@ impl Backing {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = match backend {
             Backend::Postgres => {
-                let outbox = PgOutbox::connect(&pg_url(), 16, settings)
+                let outbox = PgOutbox::connect(&services::postgres_url(), 16, settings)
                     .await
                     .expect("connect to PostgreSQL");
                 outbox.migrate(PARTITIONS).await.expect("migrate outbox");
@@ -174,7 +166,7 @@ impl Backing {
         store.migrate().await.expect("migrate is idempotent");
         let stream = format!("SVC_{tag}");
         let sink = NatsSink::connect(&NatsSinkConfig {
-            url: nats_url(),
+            url: services::nats_url(),
             stream: stream.clone(),
             subjects: vec![format!("svc{tag}.>")],
             subject_template: format!("svc{tag}.{{aggregate_type}}.{{event_type}}"),
@@ -258,7 +250,9 @@ impl Backing {
 
     pub(crate) async fn stop(mut self) {
         self.stop_relay().await;
-        let client = async_nats::connect(nats_url()).await.expect("nats");
+        let client = async_nats::connect(services::nats_url())
+            .await
+            .expect("nats");
         let _ = async_nats::jetstream::new(client)
             .delete_stream(&self.stream)
             .await;
@@ -273,7 +267,9 @@ pub(crate) struct StreamMessage {
 }
 
 pub(crate) async fn read_stream(stream: &str) -> Vec<StreamMessage> {
-    let client = async_nats::connect(nats_url()).await.expect("nats");
+    let client = async_nats::connect(services::nats_url())
+        .await
+        .expect("nats");
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(stream).await.expect("stream exists");
     let total = stream.get_info().await.expect("info").state.messages;

@@ -2,8 +2,8 @@
 //! and a real NATS JetStream stream, over real HTTP. Every test has tables (or a database
 //! file) and a stream of its own, so tests run in parallel.
 //!
-//! Services: `FERRY_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
-//! `FERRY_TEST_NATS_URL` (default `nats://127.0.0.1:4222`).
+//! Services: `FERRY_TEST_PG_URL` and `FERRY_TEST_NATS_URL` (see
+//! `ferry_core::testing::services` for the defaults).
 #![allow(clippy::unwrap_used)]
 
 mod api;

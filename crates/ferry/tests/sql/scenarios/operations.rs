@@ -3,16 +3,19 @@
 
 use std::time::Duration;
 
-use ferry::{CleanupBounds, Lease, NewMessage, OutboxAdmin, ParkedQuery, StoreError};
+use ferry::sql::{SqlInbox, SqlOutbox, StoreSettings};
+use ferry::{
+    CleanupBounds, Lease, LeaseStore, NewMessage, OutboxAdmin, OutboxStore, ParkedQuery, StoreError,
+};
 
-use super::{OutboxUnderTest, enqueue_committed};
+use crate::harness::{TestDialect, TestOutbox, enqueue_committed, received, settings};
 
 /// An event of aggregate `order/<id>`.
 fn event(id: &str, n: u32) -> NewMessage {
     NewMessage::new("order", id, "order.changed", format!("{{\"n\":{n}}}"))
 }
 
-async fn lease(outbox: &impl OutboxUnderTest) -> Lease {
+async fn lease<D: TestDialect>(outbox: &SqlOutbox<D>) -> Lease {
     outbox
         .acquire("relay-a", 1, Duration::from_secs(30))
         .await
@@ -24,13 +27,11 @@ fn fetched_ids(messages: &[ferry::Message]) -> Vec<uuid::Uuid> {
     messages.iter().map(|m| m.id).collect()
 }
 
-/// On a one-partition outbox: a blocked partition is listed with its reason, since when,
-/// and its head; an operator's retry request is taken once; a skipped message is parked
-/// (holding nothing), the partition goes on, and a requeue puts it back at its place.
-pub async fn blocked_partitions_are_listed_retried_and_skipped<O>(outbox: &O)
-where
-    O: OutboxUnderTest + OutboxAdmin,
-{
+/// A blocked partition is listed with its reason, since when, and its head; an operator's
+/// retry request is taken once; a skipped message is parked (holding nothing), the
+/// partition goes on, and a requeue puts it back at its place.
+pub(crate) async fn blocked_partitions_are_listed_retried_and_skipped<D: TestDialect>() {
+    let outbox = &TestOutbox::<D>::new(1).await;
     let first = enqueue_committed(outbox, event("1", 1)).await;
     let second = enqueue_committed(outbox, event("2", 1)).await;
     let lease = lease(outbox).await;
@@ -120,13 +121,11 @@ where
     assert!(outbox.blocked().await.unwrap().is_empty());
 }
 
-/// On a one-partition outbox: the `park-aggregate` policy parks the rejected message and
-/// its aggregate's later ones, in order, under a fenced lease; the aggregate's messages
-/// committed afterwards wait; a requeue puts everything back in sequence order.
-pub async fn park_aggregate_holds_the_aggregate_until_requeued<O>(outbox: &O)
-where
-    O: OutboxUnderTest + OutboxAdmin,
-{
+/// The `park-aggregate` policy parks the rejected message and its aggregate's later ones,
+/// in order, under a fenced lease; the aggregate's messages committed afterwards wait; a
+/// requeue puts everything back in sequence order.
+pub(crate) async fn park_aggregate_holds_the_aggregate_until_requeued<D: TestDialect>() {
+    let outbox = &TestOutbox::<D>::new(1).await;
     let a1 = enqueue_committed(outbox, event("a", 1)).await;
     let b1 = enqueue_committed(outbox, event("b", 1)).await;
     let a2 = enqueue_committed(outbox, event("a", 2)).await;
@@ -192,12 +191,12 @@ where
 
 /// Cleanup removes published rows, inbox records and parked messages past their bounds,
 /// in batches, and is idempotent.
-pub async fn cleanup_removes_what_is_past_its_bounds<O>(
-    outbox: &O,
-    record_in_inbox: impl AsyncFnOnce(),
-) where
-    O: OutboxUnderTest + OutboxAdmin,
-{
+pub(crate) async fn cleanup_removes_what_is_past_its_bounds<D: TestDialect>() {
+    let settings = StoreSettings {
+        retention: Duration::from_secs(3600),
+        ..settings()
+    };
+    let outbox = &TestOutbox::<D>::with(1, settings).await;
     let published = enqueue_committed(outbox, event("1", 1)).await;
     let skipped = enqueue_committed(outbox, event("2", 1)).await;
     let pending = enqueue_committed(outbox, event("3", 1)).await;
@@ -207,7 +206,15 @@ pub async fn cleanup_removes_what_is_past_its_bounds<O>(
         .await
         .unwrap();
     outbox.skip(skipped.id, "ops", "bad").await.unwrap();
-    record_in_inbox().await;
+    let inbox = SqlInbox::<D>::new("cleanup", outbox.table_prefix());
+    let mut tx = outbox.pool().begin().await.unwrap();
+    inbox
+        .process(&mut tx, &received("1", 1), async |_, _| {
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
     let nothing_old = CleanupBounds {
         published_older_than: Some(Duration::from_secs(3600)),
         inbox_older_than: Some(Duration::from_secs(3600)),

@@ -1,0 +1,71 @@
+//! Where the services of the integration tests are: each address from its `FERRY_TEST_*`
+//! environment variable, or the local default that `.env.example` lists and
+//! `scripts/test.sh` uses. Every test crate reads its addresses here, so a variable means
+//! the same in each.
+
+use std::path::PathBuf;
+
+/// PostgreSQL: `FERRY_TEST_PG_URL`.
+pub fn postgres_url() -> String {
+    var_or(
+        "FERRY_TEST_PG_URL",
+        "postgres://postgres@127.0.0.1:5432/ferry_test",
+    )
+}
+
+/// MySQL or MariaDB: `FERRY_TEST_MYSQL_URL`.
+pub fn mysql_url() -> String {
+    var_or(
+        "FERRY_TEST_MYSQL_URL",
+        "mysql://root@127.0.0.1:3306/ferry_test",
+    )
+}
+
+/// NATS with JetStream: `FERRY_TEST_NATS_URL`.
+pub fn nats_url() -> String {
+    var_or("FERRY_TEST_NATS_URL", "nats://127.0.0.1:4222")
+}
+
+/// Redis: `FERRY_TEST_REDIS_URL`.
+pub fn redis_url() -> String {
+    var_or("FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+}
+
+/// RabbitMQ: `FERRY_TEST_AMQP_URL`.
+pub fn amqp_url() -> String {
+    var_or(
+        "FERRY_TEST_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    )
+}
+
+/// An MQTT 5 broker: `FERRY_TEST_MQTT_URL`.
+pub fn mqtt_url() -> String {
+    var_or("FERRY_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
+}
+
+/// etcd v3: `FERRY_TEST_ETCD_URL`.
+pub fn etcd_url() -> String {
+    var_or("FERRY_TEST_ETCD_URL", "http://127.0.0.1:23790")
+}
+
+/// Kafka-protocol brokers for the record mapping (Tansu): `FERRY_TEST_KAFKA_BROKERS`.
+pub fn kafka_brokers() -> String {
+    var_or("FERRY_TEST_KAFKA_BROKERS", "127.0.0.1:9092")
+}
+
+/// Kafka-protocol brokers with transactions and fencing (noida-db):
+/// `FERRY_TEST_KAFKA_TXN_BROKERS`.
+pub fn kafka_txn_brokers() -> String {
+    var_or("FERRY_TEST_KAFKA_TXN_BROKERS", "127.0.0.1:9192")
+}
+
+/// The noida-db executable, for tests that start a broker of their own:
+/// `FERRY_TEST_NOIDA_DB`.
+pub fn noida_db() -> PathBuf {
+    var_or("FERRY_TEST_NOIDA_DB", "/opt/ferry-venv/bin/noida-db").into()
+}
+
+fn var_or(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
