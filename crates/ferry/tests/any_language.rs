@@ -23,10 +23,7 @@ use ferry::postgres::PgOutbox;
 use ferry::redis_store::RedisInbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::{NewMessage, OutboxStore, Relay, RelayConfig};
-
-fn env(var: &str, default: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| default.into())
-}
+use ferry_core::testing::services;
 
 fn unique_prefix() -> TablePrefix {
     TablePrefix::new(format!("l{}_", &Uuid::now_v7().simple().to_string()[20..])).unwrap()
@@ -66,10 +63,7 @@ const EXPECTED: [&str; 6] = [
 
 #[tokio::test]
 async fn postgres_inbox_function_decides_for_psql() {
-    let url = env(
-        "FERRY_TEST_PG_URL",
-        "postgres://postgres@127.0.0.1:5432/ferry_test",
-    );
+    let url = services::postgres_url();
     let prefix = unique_prefix();
     PgOutbox::connect(&url, 2, settings(&prefix))
         .await
@@ -123,10 +117,7 @@ async fn postgres_inbox_function_decides_for_psql() {
 
 #[tokio::test]
 async fn mysql_inbox_procedure_decides_for_the_mysql_client() {
-    let url = env(
-        "FERRY_TEST_MYSQL_URL",
-        "mysql://root@127.0.0.1:3306/ferry_test",
-    );
+    let url = services::mysql_url();
     let prefix = unique_prefix();
     MyOutbox::connect(&url, 2, settings(&prefix))
         .await
@@ -191,7 +182,7 @@ async fn mysql_inbox_procedure_decides_for_the_mysql_client() {
 
 #[tokio::test]
 async fn redis_inbox_script_decides_for_redis_cli() {
-    let url = env("FERRY_TEST_REDIS_URL", "redis://127.0.0.1:6379");
+    let url = services::redis_url();
     let host_port = url.trim_start_matches("redis://").trim_end_matches('/');
     let (host, port) = host_port.split_once(':').unwrap_or((host_port, "6379"));
     let dir = tempfile::tempdir().unwrap();
@@ -241,10 +232,7 @@ async fn redis_inbox_script_decides_for_redis_cli() {
 /// duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_consumer_applies_each_event_once() {
-    let url = env(
-        "FERRY_TEST_PG_URL",
-        "postgres://postgres@127.0.0.1:5432/ferry_test",
-    );
+    let url = services::postgres_url();
     let prefix = unique_prefix();
     let outbox = Arc::new(PgOutbox::connect(&url, 4, settings(&prefix)).await.unwrap());
     outbox.migrate(2).await.unwrap();
@@ -269,7 +257,7 @@ async fn the_python_consumer_applies_each_event_once() {
     let tag = &prefix.as_str()[1..prefix.as_str().len() - 1];
     let stream = format!("PY_{tag}");
     let sink = NatsSink::connect(&NatsSinkConfig {
-        url: env("FERRY_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+        url: services::nats_url(),
         stream: stream.clone(),
         subjects: vec![format!("py{tag}.>")],
         subject_template: format!("py{tag}.{{partition}}"),
@@ -291,17 +279,17 @@ async fn the_python_consumer_applies_each_event_once() {
     stop.cancel();
     relay.await.unwrap().unwrap();
 
-    let python = env("FERRY_TEST_PYTHON", "/opt/ferry-venv/bin/python");
+    let python = services::python();
     let consumer = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/consumer.py");
     let consume = || {
         run(
-            &python,
+            python.to_str().unwrap(),
             &[
                 consumer,
                 "--pg-url",
                 &url.replacen("postgres://", "postgresql://", 1),
                 "--nats-url",
-                &env("FERRY_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+                &services::nats_url(),
                 "--stream",
                 &stream,
                 "--prefix",
@@ -340,9 +328,7 @@ async fn the_python_consumer_applies_each_event_once() {
             .all(|(_, n, max)| (*n, *max) == (10, 10)),
         "{per_aggregate:?}"
     );
-    let client = async_nats::connect(env("FERRY_TEST_NATS_URL", "nats://127.0.0.1:4222"))
-        .await
-        .unwrap();
+    let client = async_nats::connect(services::nats_url()).await.unwrap();
     async_nats::jetstream::new(client)
         .delete_stream(&stream)
         .await

@@ -66,6 +66,12 @@ pub fn noida_db() -> PathBuf {
     var_or("FERRY_TEST_NOIDA_DB", "/opt/ferry-venv/bin/noida-db").into()
 }
 
+/// A Python with nats-py and psycopg, for the Python consumer example:
+/// `FERRY_TEST_PYTHON`.
+pub fn python() -> PathBuf {
+    var_or("FERRY_TEST_PYTHON", "/opt/ferry-venv/bin/python").into()
+}
+
 fn var_or(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
 }
