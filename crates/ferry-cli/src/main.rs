@@ -3,6 +3,7 @@
 
 mod demo;
 mod ops;
+mod replay;
 mod serve;
 
 use std::path::PathBuf;
@@ -76,6 +77,9 @@ enum Command {
     /// Delete, in batches, published messages kept for replay, inbox records and parked
     /// messages older than the bounds given.
     Cleanup(ops::CleanupArgs),
+    /// Publish retained messages again (disaster recovery): by partition and sequence
+    /// range, time range, aggregate, or all; resumable, rate-limited, with progress.
+    Replay(replay::ReplayArgs),
     /// Run an order service, the relay and an inbox consumer on embedded SQLite.
     Demo(demo::DemoArgs),
 }
@@ -165,6 +169,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Parked(args) => ops::parked(args).await,
         Command::RequeueParked(args) => ops::requeue_parked(args).await,
         Command::Cleanup(args) => ops::cleanup(args).await,
+        Command::Replay(args) => replay::run(args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -61,12 +61,16 @@ impl PgKafka {
     }
 
     async fn with_relay(partitions: u32, brokers: String, relay: &str) -> Self {
+        Self::with_sections(partitions, brokers, relay, "").await
+    }
+
+    async fn with_sections(partitions: u32, brokers: String, relay: &str, outbox: &str) -> Self {
         let tag = unique_tag();
         let pg = PgScenario::from_sections(
             &tag,
             &[
                 &pg_store_section(),
-                &outbox_section(&tag, partitions, ""),
+                &outbox_section(&tag, partitions, outbox),
                 &kafka_sink_section(&tag, &brokers),
                 relay,
             ],
@@ -89,7 +93,12 @@ impl PgKafka {
 
     /// Reads the topic in read_committed, up to its end, and checks it against `produced`.
     async fn check_topic(&self, produced: &HashSet<Uuid>) -> Report {
-        let reader = CommittedReader::open(&self.sink_config(), &[self.topic()])
+        self.check(&self.topic(), produced).await
+    }
+
+    /// Reads `topic` in read_committed, up to its end, and checks it against `produced`.
+    async fn check(&self, topic: &str, produced: &HashSet<Uuid>) -> Report {
+        let reader = CommittedReader::open(&self.sink_config(), &[topic.to_owned()])
             .await
             .unwrap();
         let ends = reader.ends().await.unwrap();
@@ -319,4 +328,55 @@ async fn a_broker_down_at_start_and_restarted_mid_run_loses_nothing() {
         "the broker's restart should have interrupted publishing:\n{logs}"
     );
     assert!(relay.terminate(Duration::from_secs(15)).success());
+}
+
+/// A replay into a second topic while the live relay runs: the replay's transactional
+/// producers have ids of their own, so the relay is never fenced and keeps publishing; the
+/// replay topic holds the retained messages once each, in order, committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_beside_a_live_relay_never_fences_it() {
+    let e2e = PgKafka::with_sections(4, services::kafka_txn_brokers(), FAST_RELAY, "retention_secs = 3600").await;
+    let scenario = &e2e.pg.scenario;
+    let relay = scenario.relay("relay");
+    let first = e2e.pg.produce(20, 10, 2).await.unwrap();
+    scenario.wait_drained(Duration::from_secs(120)).await;
+
+    let replay_topic = format!("r{}.account", scenario.tag);
+    let sink = scenario.dir.path().join("replay-sink.toml");
+    std::fs::write(
+        &sink,
+        kafka_sink_section(&scenario.tag, &e2e.brokers)
+            .replace("topic_template = \"e", "topic_template = \"r"),
+    )
+    .unwrap();
+    let replaying = e2e.pg.produce(20, 10, 2);
+    let output = Command::new(common::ferry_bin())
+        .args(["replay", "--name", "into-r", "--all", "--config"])
+        .arg(&scenario.config)
+        .arg("--sink-config")
+        .arg(&sink)
+        .current_dir(scenario.dir.path())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    let second = replaying.await.unwrap();
+    scenario.wait_drained(Duration::from_secs(120)).await;
+
+    let replayed = e2e.check(&replay_topic, &first).await;
+    assert!(
+        replayed.received >= 200 && replayed.missing == 0 && replayed.duplicates == 0 && replayed.out_of_order == 0,
+        "the replay topic holds every message retained when it started, once, in order: {replayed:?}\n{text}"
+    );
+    let all: HashSet<Uuid> = first.union(&second).copied().collect();
+    e2e.check_topic(&all).await.assert_perfect(400);
+    assert!(
+        !relay.logs().contains("fenced"),
+        "the live relay was fenced:\n{}",
+        relay.logs()
+    );
 }

@@ -54,6 +54,31 @@ pub struct ParkedQuery {
     pub limit: u32,
 }
 
+/// Which published messages kept for replay to select. Every bound is inclusive; `None`
+/// leaves it open.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetainedFilter {
+    pub partition: Option<u32>,
+    pub from_sequence: Option<i64>,
+    pub to_sequence: Option<i64>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Created at or before.
+    pub until: Option<DateTime<Utc>>,
+    /// Only this aggregate's (type, id).
+    pub aggregate: Option<(String, String)>,
+}
+
+/// How many published messages a filter selects, and their range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetainedSummary {
+    pub count: u64,
+    pub first_sequence: Option<i64>,
+    pub last_sequence: Option<i64>,
+    pub first_created_at: Option<DateTime<Utc>>,
+    pub last_created_at: Option<DateTime<Utc>>,
+}
+
 /// What a cleanup removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Cleaned {
@@ -110,4 +135,32 @@ pub trait OutboxAdmin: Send + Sync + 'static {
     /// Deletes, in batches, published messages, inbox records and parked messages older
     /// than the bounds. Idempotent.
     async fn cleanup(&self, bounds: &CleanupBounds) -> Result<Cleaned, StoreError>;
+
+    /// Up to `limit` published messages kept for replay (see the store's retention) that
+    /// `filter` selects, with a sequence above `after_sequence`, in sequence order: the
+    /// order in which a replay publishes them, which keeps every key's order (a key's
+    /// messages are in one partition, in sequence order). Stores that keep no published
+    /// messages keep the default, which refuses.
+    async fn retained(
+        &self,
+        filter: &RetainedFilter,
+        after_sequence: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let _ = (filter, after_sequence, limit);
+        Err(no_replay())
+    }
+
+    /// How many messages [`retained`](Self::retained) would give, and their range.
+    async fn retained_summary(
+        &self,
+        filter: &RetainedFilter,
+    ) -> Result<RetainedSummary, StoreError> {
+        let _ = filter;
+        Err(no_replay())
+    }
+}
+
+fn no_replay() -> StoreError {
+    StoreError::Other("this outbox store cannot replay published messages yet".into())
 }

@@ -20,6 +20,7 @@ pub mod testing;
 
 pub use admin::{
     BlockedPartition, Cleaned, CleanupBounds, OutboxAdmin, ParkedMessage, ParkedQuery,
+    RetainedFilter, RetainedSummary,
 };
 pub use cloudevents::{ReceivedMessage, Source};
 pub use error::{ErrorChain, StoreError, error_chain};
@@ -27,6 +28,9 @@ pub use inbox::{Admission, Decision, Inbox, ProcessError, Processed};
 pub use lease::{Lease, LeaseStore, Takeover};
 pub use message::{EnqueueError, Enqueued, Headers, InvalidMessage, Message, NewMessage};
 pub use partition::partition_for;
-pub use relay::{OnPermanentFailure, Relay, RelayConfig, RelayError, RelayStats};
+pub use relay::{
+    OnPermanentFailure, Relay, RelayConfig, RelayError, RelayStats, Replay, ReplayCheckpoint,
+    ReplayEnd, ReplayError, ReplayOptions, ReplayProgress,
+};
 pub use sink::{Delivery, ReconcileRequest, Sink, SinkError, report_unsent};
 pub use store::{OutboxStore, PartitionStatus, Wakers};

@@ -19,6 +19,10 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 /// of the same message: the delivery attempt, 2 and up. See [`Message::dedup_id`].
 pub const DELIVERY_ATTEMPT_HEADER: &str = "ferry-delivery-attempt";
 
+/// Header set by `ferry replay` on the messages it publishes again: the replay's name. See
+/// [`Message::dedup_id`].
+pub const REPLAY_HEADER: &str = "ferry-replay";
+
 /// A message stored in the outbox, with every field the store assigned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -51,17 +55,24 @@ impl Message {
     }
 
     /// The id a sink gives the broker for its duplicate detection (NATS `Nats-Msg-Id`): the
-    /// message id, or `<id>:<attempt>` when [`DELIVERY_ATTEMPT_HEADER`] says this is a
-    /// deliberate redelivery. A redelivery keeps its message id (consumers dedup by it), so
-    /// without the suffix a broker would drop it as a duplicate of the first delivery
-    /// within its dedup window; re-sends of one attempt still share one dedup id. The
+    /// message id, suffixed `:<attempt>` when [`DELIVERY_ATTEMPT_HEADER`] says this is a
+    /// deliberate redelivery and `:replay-<name>` when [`REPLAY_HEADER`] says a replay
+    /// sends it again. Both keep the message id (consumers dedup by it), so without the
+    /// suffix a broker would drop them as duplicates of the first delivery within its dedup
+    /// window; re-sends of one attempt or one replay still share one dedup id. The
     /// suffixed form is not a UUID, so reconciliation by id never mistakes an earlier
-    /// attempt found in the broker for the pending redelivery.
+    /// delivery found in the broker for a pending one.
     pub fn dedup_id(&self) -> String {
-        match self.headers.get(DELIVERY_ATTEMPT_HEADER) {
-            Some(attempt) => format!("{}:{attempt}", self.id),
-            None => self.id.to_string(),
+        let mut id = self.id.to_string();
+        if let Some(attempt) = self.headers.get(DELIVERY_ATTEMPT_HEADER) {
+            id.push(':');
+            id.push_str(attempt);
         }
+        if let Some(replay) = self.headers.get(REPLAY_HEADER) {
+            id.push_str(":replay-");
+            id.push_str(replay);
+        }
+        id
     }
 }
 
@@ -239,6 +250,13 @@ mod tests {
             .insert(DELIVERY_ATTEMPT_HEADER.into(), "3".into());
         assert_eq!(message.dedup_id(), format!("{}:3", Uuid::nil()));
         assert!(Uuid::parse_str(&message.dedup_id()).is_err());
+        message
+            .headers
+            .insert(REPLAY_HEADER.into(), "restore-7".into());
+        assert_eq!(
+            message.dedup_id(),
+            format!("{}:3:replay-restore-7", Uuid::nil())
+        );
     }
 
     #[test]

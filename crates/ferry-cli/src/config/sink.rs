@@ -1,7 +1,11 @@
 //! `[sink]`: where messages go. Each sink's settings and their checks are the `ferry`
 //! library's; this enum picks one by `type`.
 
+use std::path::Path;
+
 use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Format, Toml};
 use serde::Deserialize;
 
 use ferry::amqp::AmqpSinkConfig;
@@ -36,6 +40,37 @@ pub enum SinkConfig {
 }
 
 impl SinkConfig {
+    /// The `[sink]` section of the config file at `path`, validated; the file's other
+    /// sections are ignored (`ferry replay --sink-config`).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        if !path.exists() {
+            anyhow::bail!("sink config file {} not found", path.display());
+        }
+        let sink: Self = Figment::from(Toml::file_exact(path))
+            .extract_inner("sink")
+            .with_context(|| format!("invalid [sink] section in {}", path.display()))?;
+        sink.validate()?;
+        Ok(sink)
+    }
+
+    /// This sink as a replay named `name` uses it, beside a live relay publishing the same
+    /// partitions: NATS without subject-sequence fencing (the replay holds no lease, and
+    /// its expected sequences would race the relay's), Kafka with transactional ids of its
+    /// own (`<prefix>-replay-<name>-p<partition>`), which fence only an earlier run of the
+    /// same replay, never the live relay's producers.
+    pub fn for_replay(mut self, name: &str) -> Self {
+        match &mut self {
+            Self::Nats(nats) => nats.fencing = Some(false),
+            #[cfg(feature = "kafka")]
+            Self::Kafka(kafka) => {
+                kafka.transactional_id_prefix =
+                    format!("{}-replay-{name}", kafka.transactional_id_prefix);
+            }
+            _ => {}
+        }
+        self
+    }
+
     pub(super) fn validate(&self) -> anyhow::Result<()> {
         match self {
             Self::Nats(nats) => nats.validate().context("sink")?,

@@ -3,6 +3,7 @@
 
 mod deadline;
 mod leases;
+mod replay;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -15,6 +16,10 @@ use std::time::Duration;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+pub use self::replay::{
+    Replay, ReplayCheckpoint, ReplayEnd, ReplayError, ReplayOptions, ReplayProgress,
+};
 
 use self::leases::Workers;
 use self::retry::{Failed, Retry};

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use ferry_core::{
-    BlockedPartition, Cleaned, CleanupBounds, OutboxAdmin, OutboxStore, ParkedMessage, ParkedQuery,
-    StoreError,
+    BlockedPartition, Cleaned, CleanupBounds, Message, OutboxAdmin, OutboxStore, ParkedMessage,
+    ParkedQuery, RetainedFilter, RetainedSummary, StoreError,
 };
 
 use super::dialect::Dialect;
@@ -83,10 +83,7 @@ impl<D: Dialect> OutboxAdmin for SqlOutbox<D> {
     }
 
     async fn parked(&self, query: &ParkedQuery) -> Result<Vec<ParkedMessage>, StoreError> {
-        let (aggregate_type, aggregate_id) = match &query.aggregate {
-            Some((kind, id)) => (Some(kind.as_str()), Some(id.as_str())),
-            None => (None, None),
-        };
+        let (aggregate_type, aggregate_id) = aggregate_args(&query.aggregate);
         self.statements
             .parked_list
             .fetch_all::<D>(
@@ -133,6 +130,54 @@ impl<D: Dialect> OutboxAdmin for SqlOutbox<D> {
                 .await?,
         })
     }
+
+    async fn retained(
+        &self,
+        filter: &RetainedFilter,
+        after_sequence: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mut args = selection(filter, after_sequence);
+        args.push(limit.into());
+        self.statements
+            .retained_page
+            .fetch_all::<D>(&mut *self.acquire().await?, &args)
+            .await?
+            .iter()
+            .map(row::message::<D::Db>)
+            .collect::<Result<_, _>>()
+            .map_err(store_error::<D>)
+    }
+
+    async fn retained_summary(
+        &self,
+        filter: &RetainedFilter,
+    ) -> Result<RetainedSummary, StoreError> {
+        let row = self
+            .statements
+            .retained_summary
+            .fetch_one::<D>(&mut *self.acquire().await?, &selection(filter, None))
+            .await?;
+        row::retained_summary::<D::Db>(&row).map_err(store_error::<D>)
+    }
+}
+
+/// The `retained_page` and `retained_summary` arguments `$1`..`$7` for `filter`, starting
+/// after `after_sequence`.
+fn selection(filter: &RetainedFilter, after_sequence: Option<i64>) -> Vec<Arg<'_>> {
+    let from = filter.from_sequence.unwrap_or(i64::MIN);
+    let from = after_sequence.map_or(from, |after| from.max(after.saturating_add(1)));
+    let millis = |time: Option<chrono::DateTime<chrono::Utc>>| time.map(|t| t.timestamp_millis());
+    let (aggregate_type, aggregate_id) = aggregate_args(&filter.aggregate);
+    vec![
+        Arg::OptInt(filter.partition.map(i64::from)),
+        Arg::Int(from),
+        Arg::Int(filter.to_sequence.unwrap_or(i64::MAX)),
+        Arg::OptInt(millis(filter.since)),
+        Arg::OptInt(millis(filter.until)),
+        Arg::OptText(aggregate_type),
+        Arg::OptText(aggregate_id),
+    ]
 }
 
 impl<D: Dialect> SqlOutbox<D> {
@@ -160,5 +205,13 @@ impl<D: Dialect> SqlOutbox<D> {
                 return Ok(purged);
             }
         }
+    }
+}
+
+/// An optional `(aggregate_type, aggregate_id)` filter as two nullable arguments.
+fn aggregate_args(aggregate: &Option<(String, String)>) -> (Option<&str>, Option<&str>) {
+    match aggregate {
+        Some((kind, id)) => (Some(kind.as_str()), Some(id.as_str())),
+        None => (None, None),
     }
 }

@@ -141,6 +141,13 @@ pub struct Queries {
     pub purge_inbox: &'static str,
     /// `($1 older_than_ms, $2 limit)`: deletes parked messages parked longer ago.
     pub purge_parked: &'static str,
+    /// `($1 partition or NULL, $2 from sequence, $3 to sequence, $4 created since (ms) or
+    /// NULL, $5 created until (ms) or NULL, $6 aggregate_type or NULL, $7 aggregate_id,
+    /// $8 limit)` → the `fetch` columns of published (kept) rows, in sequence order.
+    pub retained_page: &'static str,
+    /// The same selection without `$8` → `count, first_sequence, last_sequence,
+    /// first_created_at_ms, last_created_at_ms`.
+    pub retained_summary: &'static str,
     /// `($1 partition, $2 epoch, $3 owner)`: raises the fencing epoch, never lowering it.
     pub adopt: &'static str,
     /// `($1 partition)` → `checkpoint`.
@@ -201,6 +208,8 @@ macro_rules! queries {
             parked_delete_aggregate: include_str!("queries/parked_delete_aggregate.sql"),
             purge_inbox: include_str!("queries/purge_inbox.sql"),
             purge_parked: include_str!("queries/purge_parked.sql"),
+            retained_page: include_str!("queries/retained_page.sql"),
+            retained_summary: include_str!("queries/retained_summary.sql"),
             adopt: include_str!("queries/adopt.sql"),
             checkpoint_read: include_str!("queries/checkpoint_read.sql"),
             epoch_highest: include_str!("queries/epoch_highest.sql"),

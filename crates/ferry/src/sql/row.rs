@@ -9,7 +9,8 @@ use sqlx::types::Json;
 use tracing::warn;
 
 use ferry_core::{
-    BlockedPartition, Headers, Message, ParkedMessage, PartitionStatus, StoreError, Takeover,
+    BlockedPartition, Headers, Message, ParkedMessage, PartitionStatus, RetainedSummary,
+    StoreError, Takeover,
 };
 
 use super::driver::{Driver, RowExt};
@@ -74,6 +75,21 @@ pub(crate) fn blocked<DB: Driver>(
 fn timestamp(millis: i64) -> Result<DateTime<Utc>, sqlx::Error> {
     DateTime::from_timestamp_millis(millis)
         .ok_or_else(|| sqlx::Error::Decode(format!("time {millis} ms out of range").into()))
+}
+
+/// A `retained_summary` row.
+pub(crate) fn retained_summary<DB: Driver>(row: &Row<DB>) -> Result<RetainedSummary, sqlx::Error> {
+    let count: i64 = row.col("count")?;
+    let time = |name: &str| -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        row.col::<Option<i64>>(name)?.map(timestamp).transpose()
+    };
+    Ok(RetainedSummary {
+        count: u64::try_from(count).unwrap_or(0),
+        first_sequence: row.col("first_sequence")?,
+        last_sequence: row.col("last_sequence")?,
+        first_created_at: time("first_created_at_ms")?,
+        last_created_at: time("last_created_at_ms")?,
+    })
 }
 
 /// A `status` row.

@@ -35,6 +35,8 @@ pub(crate) fn check<D: Dialect>() {
         ("parked_delete_aggregate", q.parked_delete_aggregate, 2),
         ("purge_inbox", q.purge_inbox, 2),
         ("purge_parked", q.purge_parked, 2),
+        ("retained_page", q.retained_page, 8),
+        ("retained_summary", q.retained_summary, 7),
         ("adopt", q.adopt, 3),
         ("checkpoint_read", q.checkpoint_read, 1),
         ("epoch_highest", q.epoch_highest, 0),

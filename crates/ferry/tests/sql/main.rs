@@ -47,6 +47,7 @@ macro_rules! every_dialect_passes {
             operations::blocked_partitions_are_listed_retried_and_skipped,
             operations::park_aggregate_holds_the_aggregate_until_requeued,
             operations::cleanup_removes_what_is_past_its_bounds,
+            operations::retained_messages_are_selected_for_replay,
             inbox::g4_inbox_skips_duplicate_ids_and_stale_versions,
             inbox::g4_handler_effects_and_inbox_record_roll_back_together,
             inbox::g4_inbox_applies_each_message_once_and_never_a_stale_version,

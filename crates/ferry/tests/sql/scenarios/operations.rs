@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use ferry::sql::{SqlInbox, SqlOutbox, StoreSettings};
 use ferry::{
-    CleanupBounds, Lease, LeaseStore, NewMessage, OutboxAdmin, OutboxStore, ParkedQuery, StoreError,
+    CleanupBounds, Lease, LeaseStore, NewMessage, OutboxAdmin, OutboxStore, ParkedQuery,
+    RetainedFilter, StoreError,
 };
 
 use crate::harness::{TestDialect, TestOutbox, enqueue_committed, received, settings};
@@ -24,6 +25,10 @@ async fn lease<D: TestDialect>(outbox: &SqlOutbox<D>) -> Lease {
 }
 
 fn fetched_ids(messages: &[ferry::Message]) -> Vec<uuid::Uuid> {
+    messages.iter().map(|m| m.id).collect()
+}
+
+fn enqueued_ids(messages: &[ferry::Enqueued]) -> Vec<uuid::Uuid> {
     messages.iter().map(|m| m.id).collect()
 }
 
@@ -248,4 +253,106 @@ pub(crate) async fn cleanup_removes_what_is_past_its_bounds<D: TestDialect>() {
         [pending.id],
         "unpublished messages are never cleaned up"
     );
+}
+
+/// Retained (published, kept) messages are selected for replay by partition, sequence
+/// range, creation time and aggregate, in sequence order, paged after a sequence, with a
+/// summary of the same selection; unpublished messages are never selected.
+pub(crate) async fn retained_messages_are_selected_for_replay<D: TestDialect>() {
+    let settings = StoreSettings {
+        retention: Duration::from_secs(3600),
+        ..settings()
+    };
+    let outbox = &TestOutbox::<D>::with(2, settings).await;
+    let mut published = Vec::new();
+    for n in 0..6 {
+        published.push(enqueue_committed(outbox, event(&(n % 3).to_string(), n)).await);
+    }
+    let pending = enqueue_committed(outbox, event("0", 9)).await;
+    let leases = outbox
+        .acquire("relay-a", 2, Duration::from_secs(30))
+        .await
+        .unwrap();
+    for lease in &leases {
+        let ids: Vec<_> = published
+            .iter()
+            .filter(|m| m.partition == lease.partition)
+            .map(|m| m.id)
+            .collect();
+        outbox.mark_published(lease, &ids, None).await.unwrap();
+    }
+    let ids = |messages: Vec<ferry::Message>| fetched_ids(&messages);
+    let everything = RetainedFilter::default();
+    assert_eq!(
+        ids(outbox.retained(&everything, None, 100).await.unwrap()),
+        enqueued_ids(&published),
+        "every published message, in sequence order, none unpublished"
+    );
+    assert!(!fetched_ids(&outbox.retained(&everything, None, 100).await.unwrap()).contains(&pending.id));
+    let summary = outbox.retained_summary(&everything).await.unwrap();
+    assert_eq!(summary.count, 6);
+    assert_eq!(summary.first_sequence, Some(published[0].sequence));
+    assert_eq!(summary.last_sequence, Some(published[5].sequence));
+    let (first, last) = (summary.first_created_at.unwrap(), summary.last_created_at.unwrap());
+    assert!(first <= last && (chrono::Utc::now() - first).num_seconds().abs() < 60);
+
+    let page = outbox.retained(&everything, None, 4).await.unwrap();
+    let after = page.last().unwrap().sequence;
+    assert_eq!(
+        ids(outbox.retained(&everything, Some(after), 4).await.unwrap()),
+        enqueued_ids(&published[4..]),
+        "the next page starts after the last sequence of the previous one"
+    );
+
+    let partition = published[0].partition;
+    let in_partition = RetainedFilter {
+        partition: Some(partition),
+        ..RetainedFilter::default()
+    };
+    let expected: Vec<_> = published.iter().filter(|m| m.partition == partition).collect();
+    assert_eq!(
+        ids(outbox.retained(&in_partition, None, 100).await.unwrap()),
+        expected.iter().map(|m| m.id).collect::<Vec<_>>()
+    );
+
+    let range = RetainedFilter {
+        from_sequence: Some(published[1].sequence),
+        to_sequence: Some(published[3].sequence),
+        ..RetainedFilter::default()
+    };
+    assert_eq!(
+        ids(outbox.retained(&range, None, 100).await.unwrap()),
+        enqueued_ids(&published[1..4])
+    );
+    assert_eq!(outbox.retained_summary(&range).await.unwrap().count, 3);
+
+    let aggregate = RetainedFilter {
+        aggregate: Some(("order".into(), "1".into())),
+        ..RetainedFilter::default()
+    };
+    assert_eq!(
+        ids(outbox.retained(&aggregate, None, 100).await.unwrap()),
+        [published[1].id, published[4].id]
+    );
+
+    let future = RetainedFilter {
+        since: Some(chrono::Utc::now() + chrono::TimeDelta::minutes(5)),
+        ..RetainedFilter::default()
+    };
+    assert!(outbox.retained(&future, None, 100).await.unwrap().is_empty());
+    assert_eq!(
+        outbox.retained_summary(&future).await.unwrap(),
+        ferry::RetainedSummary::default()
+    );
+    let window = RetainedFilter {
+        since: Some(first - chrono::TimeDelta::seconds(1)),
+        until: Some(last + chrono::TimeDelta::seconds(1)),
+        ..RetainedFilter::default()
+    };
+    assert_eq!(outbox.retained_summary(&window).await.unwrap().count, 6);
+    let before = RetainedFilter {
+        until: Some(first - chrono::TimeDelta::seconds(1)),
+        ..RetainedFilter::default()
+    };
+    assert_eq!(outbox.retained_summary(&before).await.unwrap().count, 0);
 }
