@@ -89,7 +89,12 @@ impl Default for Metrics {
                 store_up: gauge!(SERVICE_STORE_UP),
                 messages: Status::ALL
                     .into_iter()
-                    .map(|status| (status, gauge!(SERVICE_MESSAGES, "status" => status.as_str())))
+                    .map(|status| {
+                        (
+                            status,
+                            gauge!(SERVICE_MESSAGES, "status" => status.as_str()),
+                        )
+                    })
                     .collect(),
                 oldest_prepared_age: gauge!(SERVICE_OLDEST_PREPARED_AGE),
                 oldest_unacked_age: gauge!(SERVICE_OLDEST_UNACKED_AGE),

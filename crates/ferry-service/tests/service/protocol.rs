@@ -114,7 +114,10 @@ pub(crate) async fn prepare_confirm_deliver_ack(backend: Backend) {
         .filter(|line| line.starts_with("ferry_outbox_backlog{partition="))
         .collect();
     assert!(!backlog.is_empty(), "per-partition backlog in:\n{metrics}");
-    assert!(backlog.iter().all(|line| line.ends_with(" 0")), "{backlog:?}");
+    assert!(
+        backlog.iter().all(|line| line.ends_with(" 0")),
+        "{backlog:?}"
+    );
     server.stop().await;
     backing.stop().await;
 }

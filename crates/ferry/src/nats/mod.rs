@@ -203,8 +203,8 @@ impl Sink for NatsSink {
         self.reconcile_tail(request).await
     }
 
-    /// The client's connection state, then one JetStream account query (bounded by
-    /// `ack_timeout`): the server answers and JetStream is on.
+    /// The client's connection state, then one stream info request (bounded by
+    /// `ack_timeout`): the server answers and JetStream holds the stream.
     async fn check(&self) -> Result<(), SinkError> {
         let state = self.client.connection_state();
         if state != async_nats::connection::State::Connected {
@@ -214,13 +214,13 @@ impl Sink for NatsSink {
             )));
         }
         self.jetstream
-            .query_account()
+            .get_stream(&self.stream)
             .await
             .map(drop)
             .map_err(|err| {
                 SinkError::retryable(format!(
-                    "nats at {} does not answer a JetStream account query",
-                    self.servers
+                    "nats at {} does not answer for stream {}",
+                    self.servers, self.stream
                 ))
                 .with_source(err)
             })
