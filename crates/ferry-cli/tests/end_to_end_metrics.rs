@@ -6,26 +6,16 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    FAST_RELAY, PgScenario, Relay, delete_nats_stream, nats_sink_section, nats_stream,
-    outbox_section, pg_store_section, read_nats_stream, unique_tag,
+    FAST_RELAY, PgScenario, Relay, delete_nats_stream, free_port, nats_sink_section, nats_stream,
+    outbox_section, pg_store_section, read_nats_stream, unique_tag, wait_listening,
 };
 
 const PARTITIONS: u32 = 4;
-
-/// A port free now, for a listener started right after.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn metrics_section(port: u16) -> String {
     format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
@@ -194,14 +184,7 @@ impl OwnNats {
     /// Starts the server (again, on the same port and store) and waits until it accepts.
     async fn restart(&mut self) {
         self.child = Some(spawn_nats(self.port, self.dir.path()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_listening(self.port, "own nats-server").await;
     }
 
     fn kill(&mut self) {

@@ -210,6 +210,17 @@ impl Api {
         }
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
     async fn post(&self, path: &str, token: &str) -> (u16, Value) {
         self.call(reqwest::Method::POST, path, token, None).await
     }
@@ -697,16 +708,7 @@ async fn serve_exports_the_metrics_of_its_relay() {
         .api
         .wait_statuses(&HashMap::from([(id, "delivered")]), Duration::from_secs(30))
         .await;
-    let metrics = service
-        .api
-        .http
-        .get(format!("{}/metrics", service.api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = service.api.metrics().await;
     for series in [
         "ferry_relay_published_total 1\n",
         "ferry_relay_marked_total 1\n",
@@ -739,16 +741,7 @@ async fn serve_without_relay_works_with_a_separate_relay() {
         .api
         .wait_statuses(&HashMap::from([(id, "delivered")]), Duration::from_secs(30))
         .await;
-    let metrics = service
-        .api
-        .http
-        .get(format!("{}/metrics", service.api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = service.api.metrics().await;
     assert!(
         !metrics.contains("ferry_relay_published_total"),
         "{metrics}"
