@@ -48,14 +48,24 @@ const LATENCY_BUCKETS: [f64; 14] = [
 const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 10_000.0];
 
 /// Installs the Prometheus exporter as the process's `metrics` recorder, with real
-/// histogram buckets for the relay's histograms. Call it before building the relay, which
-/// registers its series with the recorder installed then.
+/// histogram buckets for the relay's histograms, and its upkeep for the life of the
+/// process. Call it inside the runtime and before building the relay, which registers its
+/// series with the recorder installed then.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(RELAY_ACK_LATENCY.into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(RELAY_BATCH_SIZE.into()), &BATCH_BUCKETS)?
         .install_recorder()
-        .context("installing the Prometheus metrics recorder")
+        .context("installing the Prometheus metrics recorder")?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
 }
 
 /// What the endpoints look at, each set once it exists.
@@ -134,17 +144,6 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
     info!(%addr, "metrics and health endpoints listening");
-    let upkeep = handle.clone();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => upkeep.run_upkeep(),
-                _ = stop.cancelled() => return,
-            }
-        }
-    });
     let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
