@@ -3,16 +3,16 @@
 
 mod demo;
 mod ops;
+mod relay;
 mod replay;
 mod serve;
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use ferry_cli::config::Config;
-use ferry_cli::process::{init_logging, shutdown_on_signal};
+use ferry_cli::process::init_logging;
 use ferry_cli::wiring;
 
 /// jemalloc instead of glibc's malloc: the relay allocates and frees many small buffers
@@ -120,36 +120,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Relay { config } => {
-            let config = Config::load(&config)?;
-            let shutdown = shutdown_on_signal()?;
-            let Some(store) =
-                wiring::retry_until_ready("store", &shutdown, || wiring::Store::open(&config))
-                    .await?
-            else {
-                return Ok(());
-            };
-            let Some(leases) = wiring::retry_until_ready("leases", &shutdown, || {
-                wiring::Leases::open(&config, &store)
-            })
-            .await?
-            else {
-                return Ok(());
-            };
-            let Some(sink) =
-                wiring::retry_until_ready("sink", &shutdown, || wiring::open_sink(&config.sink))
-                    .await?
-            else {
-                return Ok(());
-            };
-            let relay = ferry::Relay::new(
-                store.outbox(),
-                leases.lease_store(),
-                sink,
-                config.relay_config(),
-            );
-            relay.run(shutdown).await.context("relay stopped")
-        }
+        Command::Relay { config } => relay::run(&config).await,
         Command::Serve { config } => serve::run(&config).await,
         Command::Status { config, json } => {
             let config = Config::load(&config)?;

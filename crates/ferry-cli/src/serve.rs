@@ -33,6 +33,13 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         .stats()
         .await
         .context("reading the service's tables")?;
+    // Installed before the relay is built, which registers its metrics with it; rendered
+    // after the service's own on `/metrics`.
+    let process_metrics = if service_config.run_relay {
+        Some(ferry_cli::health::install_recorder()?)
+    } else {
+        None
+    };
     let relay = if service_config.run_relay {
         let Some(sink) =
             wiring::retry_until_ready("sink", &shutdown, || wiring::open_sink(&config.sink))
@@ -52,9 +59,12 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (service.listen)"))?;
-    let service = Service::new(service_store, service_config.settings(), tokens)
-        .with_outbox_metrics(store.outbox(), relay.as_ref().map(ferry::Relay::stats))
+    let mut service = Service::new(service_store, service_config.settings(), tokens)
+        .with_outbox_metrics(store.outbox())
         .with_operations(store.admin()?);
+    if let Some(handle) = process_metrics {
+        service = service.with_process_metrics(handle);
+    }
     let relay_task = relay.map(|relay| {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

@@ -177,11 +177,7 @@ impl OwnBroker {
             std::os::unix::fs::PermissionsExt::from_mode(0o777),
         )
         .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         std::fs::write(
             dir.path().join("mosquitto.conf"),
             format!(
@@ -213,14 +209,7 @@ impl OwnBroker {
                 .spawn()
                 .unwrap(),
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "own mosquitto did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::wait_listening(self.port, "own mosquitto").await;
     }
 
     /// SIGTERM (the broker saves its sessions), then waits for the exit.

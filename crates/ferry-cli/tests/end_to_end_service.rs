@@ -210,6 +210,17 @@ impl Api {
         }
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
     async fn post(&self, path: &str, token: &str) -> (u16, Value) {
         self.call(reqwest::Method::POST, path, token, None).await
     }
@@ -680,6 +691,36 @@ async fn kill_nine_between_every_two_steps() {
     service.cleanup().await;
 }
 
+/// With the relay in the process, `/metrics` carries its series after the service's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_exports_the_metrics_of_its_relay() {
+    let service = Service::new(Store::Sqlite, "");
+    let producers = Producers::default();
+    let check_url = producers.clone().serve().await;
+    let serve = service.serve("serve", "info").await;
+    let id = Uuid::now_v7();
+    service.api.prepare(id, "m1", &check_url).await;
+    service
+        .api
+        .post(&format!("/v1/messages/{id}/confirm"), PRODUCER)
+        .await;
+    service
+        .api
+        .wait_statuses(&HashMap::from([(id, "delivered")]), Duration::from_secs(30))
+        .await;
+    let metrics = service.api.metrics().await;
+    for series in [
+        "ferry_relay_published_total 1\n",
+        "ferry_relay_marked_total 1\n",
+        "ferry_relay_commit_to_ack_seconds_count 1\n",
+        "ferry_service_delivered_total 1\n",
+    ] {
+        assert!(metrics.contains(series), "{series} in:\n{metrics}");
+    }
+    assert!(serve.terminate(Duration::from_secs(15)).success());
+    service.cleanup().await;
+}
+
 /// With `run_relay = false` a separate `ferry relay` moves the service's messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_without_relay_works_with_a_separate_relay() {
@@ -700,16 +741,7 @@ async fn serve_without_relay_works_with_a_separate_relay() {
         .api
         .wait_statuses(&HashMap::from([(id, "delivered")]), Duration::from_secs(30))
         .await;
-    let metrics = service
-        .api
-        .http
-        .get(format!("{}/metrics", service.api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = service.api.metrics().await;
     assert!(
         !metrics.contains("ferry_relay_published_total"),
         "{metrics}"

@@ -11,6 +11,7 @@ mod error;
 pub mod inbox;
 pub mod lease;
 pub mod message;
+pub mod metric_names;
 pub mod partition;
 pub mod relay;
 pub mod sink;
@@ -30,7 +31,7 @@ pub use message::{EnqueueError, Enqueued, Headers, InvalidMessage, Message, NewM
 pub use partition::partition_for;
 pub use relay::{
     OnPermanentFailure, Relay, RelayConfig, RelayError, RelayStats, Replay, ReplayCheckpoint,
-    ReplayEnd, ReplayError, ReplayOptions, ReplayProgress,
+    ReplayEnd, ReplayError, ReplayOptions, ReplayProgress, record_outbox_status,
 };
 pub use sink::{Delivery, ReconcileRequest, Sink, SinkError, report_unsent};
 pub use store::{OutboxStore, PartitionStatus, Wakers};

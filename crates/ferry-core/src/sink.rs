@@ -145,6 +145,13 @@ pub trait Sink: Send + Sync + 'static {
         let _ = partition;
     }
 
+    /// Whether the broker answers now, for readiness probes: cheap (a connection's state,
+    /// at most one bounded round trip), never on the publish path. An error says what is
+    /// unreachable. The default, for sinks with no connection to lose, says yes.
+    async fn check(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
     /// Flushes and closes; called once, after the last publish.
     async fn shutdown(&self) {}
 }

@@ -246,9 +246,7 @@ async fn inconclusive(
     let retry_in = (!exhausted).then(|| settings.check_delay(claim.checks));
     let changed = store.check_inconclusive(claim, retry_in, &reason).await?;
     if changed && exhausted {
-        metrics
-            .check_failed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics.count_check_failed();
         warn!(message_id = %claim.id, checks = claim.checks, reason, "check-backs exhausted: message is check_failed until an operator retries, confirms or cancels it");
     } else if changed {
         debug!(message_id = %claim.id, checks = claim.checks, reason, "check-back inconclusive; checking again later");

@@ -31,12 +31,13 @@ pub mod store;
 use std::sync::Arc;
 
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use ferry::ErrorChain;
-use ferry::{OutboxAdmin, OutboxStore, RelayStats};
+use ferry::{OutboxAdmin, OutboxStore};
 
 pub use api::{OPENAPI_JSON, ROUTES};
 pub use auth::{Scope, Tokens};
@@ -52,7 +53,8 @@ struct Shared {
     tokens: Tokens,
     metrics: Arc<Metrics>,
     outbox: Option<Arc<dyn OutboxStore>>,
-    relay: Option<Arc<RelayStats>>,
+    /// The process's metrics (the in-process relay's), rendered after the service's.
+    process_metrics: Option<PrometheusHandle>,
     /// The outbox's operations, for the `/v1/ops` routes.
     admin: Option<Arc<dyn OutboxAdmin>>,
 }
@@ -75,16 +77,15 @@ impl Shared {
                 None
             }
         };
-        let backlog = match &self.outbox {
-            Some(outbox) => outbox
-                .status()
-                .await
-                .ok()
-                .map(|partitions| partitions.iter().map(|p| p.backlog).sum()),
+        let outbox = match &self.outbox {
+            Some(outbox) => outbox.status().await.ok(),
             None => None,
         };
-        self.metrics
-            .render(stats.as_ref(), self.relay.as_deref(), backlog)
+        self.metrics.render(
+            stats.as_ref(),
+            outbox.as_deref(),
+            self.process_metrics.as_ref(),
+        )
     }
 }
 
@@ -113,20 +114,22 @@ impl Service {
                 tokens,
                 metrics: Arc::default(),
                 outbox: None,
-                relay: None,
+                process_metrics: None,
                 admin: None,
             },
         }
     }
 
-    /// Exports the outbox backlog and, when the relay runs in this process, its counters.
-    pub fn with_outbox_metrics(
-        mut self,
-        outbox: Arc<dyn OutboxStore>,
-        relay: Option<Arc<RelayStats>>,
-    ) -> Self {
+    /// Exports the outbox's per-partition backlog, oldest unpublished age and blocked state.
+    pub fn with_outbox_metrics(mut self, outbox: Arc<dyn OutboxStore>) -> Self {
         self.shared.outbox = Some(outbox);
-        self.shared.relay = relay;
+        self
+    }
+
+    /// Appends the process's registry to `/metrics`: where the relay records when it runs
+    /// in this process.
+    pub fn with_process_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.shared.process_metrics = Some(handle);
         self
     }
 

@@ -9,7 +9,6 @@
 //! `poll_interval` after its publish; its ack deadline starts then.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -83,9 +82,7 @@ async fn mark_delivered(
 ) -> Result<bool, StoreError> {
     let ids = store.mark_delivered(BATCH, &settings.ack).await?;
     if !ids.is_empty() {
-        metrics
-            .delivered
-            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        metrics.count_delivered(ids.len());
         debug!(count = ids.len(), "messages delivered");
     }
     Ok(ids.len() == BATCH as usize)
@@ -103,11 +100,7 @@ async fn redeliver(
     for id in &round.dead_lettered {
         warn!(message_id = %id, max_deliveries = settings.ack.max_deliveries, "not acknowledged after the last delivery: dead-lettered until an operator retries it");
     }
-    metrics
-        .redeliveries
-        .fetch_add(round.redelivered.len() as u64, Ordering::Relaxed);
-    metrics
-        .dead_lettered
-        .fetch_add(round.dead_lettered.len() as u64, Ordering::Relaxed);
+    metrics.count_redelivered(round.redelivered.len());
+    metrics.count_dead_lettered(round.dead_lettered.len());
     Ok(round.redelivered.len() == BATCH as usize || round.dead_lettered.len() == BATCH as usize)
 }

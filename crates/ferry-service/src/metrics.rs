@@ -1,28 +1,25 @@
-//! Prometheus text exposition for `GET /metrics`. Counters live in this process; the
-//! per-status gauges and ages are read from the store at each scrape, so every instance
-//! reports the same, current totals. Hand-rendered: a dozen series need no registry.
+//! `GET /metrics` in the Prometheus text format (names in [`ferry::metric_names`]).
+//!
+//! The service records into a registry of its own, so that two services in one process
+//! (tests, an embedding application) count apart: its counters live in this process; the
+//! per-status gauges, ages and the outbox's per-partition backlog are read from the store
+//! at each scrape, so every instance reports the same current totals (while the store does
+//! not answer, `ferry_service_store_up` is 0 and the gauges keep the last values read).
+//! When the relay runs in the same process, the process's registry, where the relay
+//! records, is rendered after it.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use ferry::RelayStats;
+use ferry::metric_names::{
+    SERVICE_CHECK_BACKS, SERVICE_CHECK_FAILED, SERVICE_DEAD_LETTERED, SERVICE_DELIVERED,
+    SERVICE_MESSAGES, SERVICE_OLDEST_PREPARED_AGE, SERVICE_OLDEST_UNACKED_AGE,
+    SERVICE_REDELIVERIES, SERVICE_STORE_UP,
+};
+use ferry::{PartitionStatus, record_outbox_status};
 
 use crate::state::Status;
 use crate::store::Stats;
-
-pub const MESSAGES: &str = "ferry_service_messages";
-pub const OLDEST_PREPARED_AGE: &str = "ferry_service_oldest_prepared_age_seconds";
-pub const OLDEST_UNACKED_AGE: &str = "ferry_service_oldest_unacked_age_seconds";
-pub const CHECK_BACKS: &str = "ferry_service_check_backs_total";
-pub const CHECK_FAILED: &str = "ferry_service_check_failed_total";
-pub const DELIVERED: &str = "ferry_service_delivered_total";
-pub const REDELIVERIES: &str = "ferry_service_redeliveries_total";
-pub const DEAD_LETTERED: &str = "ferry_service_dead_lettered_total";
-pub const STORE_UP: &str = "ferry_service_store_up";
-pub const RELAY_PUBLISHED: &str = "ferry_relay_published_total";
-pub const RELAY_PUBLISH_FAILURES: &str = "ferry_relay_publish_failures_total";
-pub const RELAY_OWNED_PARTITIONS: &str = "ferry_relay_owned_partitions";
-pub const OUTBOX_BACKLOG: &str = "ferry_outbox_backlog";
 
 /// What a check-back came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,151 +49,133 @@ impl CheckOutcome {
     }
 }
 
-/// This process's counters.
-#[derive(Debug, Default)]
+/// The service's registry and its series.
 pub struct Metrics {
-    check_backs: [AtomicU64; 4],
-    pub check_failed: AtomicU64,
-    pub delivered: AtomicU64,
-    pub redeliveries: AtomicU64,
-    pub dead_lettered: AtomicU64,
+    recorder: PrometheusRecorder,
+    series: Series,
+}
+
+/// Every series, registered up front so that a scrape shows zeros rather than nothing.
+struct Series {
+    check_backs: [Counter; 4],
+    check_failed: Counter,
+    delivered: Counter,
+    redeliveries: Counter,
+    dead_lettered: Counter,
+    store_up: Gauge,
+    messages: Vec<(Status, Gauge)>,
+    oldest_prepared_age: Gauge,
+    oldest_unacked_age: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let series = metrics::with_local_recorder(&recorder, || {
+            describe();
+            Series {
+                check_backs: CheckOutcome::ALL
+                    .map(|outcome| counter!(SERVICE_CHECK_BACKS, "outcome" => outcome.as_str())),
+                check_failed: counter!(SERVICE_CHECK_FAILED),
+                delivered: counter!(SERVICE_DELIVERED),
+                redeliveries: counter!(SERVICE_REDELIVERIES),
+                dead_lettered: counter!(SERVICE_DEAD_LETTERED),
+                store_up: gauge!(SERVICE_STORE_UP),
+                messages: Status::ALL
+                    .into_iter()
+                    .map(|status| {
+                        (
+                            status,
+                            gauge!(SERVICE_MESSAGES, "status" => status.as_str()),
+                        )
+                    })
+                    .collect(),
+                oldest_prepared_age: gauge!(SERVICE_OLDEST_PREPARED_AGE),
+                oldest_unacked_age: gauge!(SERVICE_OLDEST_UNACKED_AGE),
+            }
+        });
+        Self { recorder, series }
+    }
 }
 
 impl Metrics {
     pub fn count_check(&self, outcome: CheckOutcome) {
-        self.check_backs[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.series.check_backs[outcome as usize].increment(1);
     }
 
-    pub fn check_backs(&self, outcome: CheckOutcome) -> u64 {
-        self.check_backs[outcome as usize].load(Ordering::Relaxed)
+    pub fn count_check_failed(&self) {
+        self.series.check_failed.increment(1);
     }
 
-    /// The exposition text. `stats` is `None` when the store did not answer.
+    pub fn count_delivered(&self, messages: usize) {
+        self.series.delivered.increment(messages as u64);
+    }
+
+    pub fn count_redelivered(&self, messages: usize) {
+        self.series.redeliveries.increment(messages as u64);
+    }
+
+    pub fn count_dead_lettered(&self, messages: usize) {
+        self.series.dead_lettered.increment(messages as u64);
+    }
+
+    /// The exposition text: `stats` is `None` when the store did not answer, `outbox` the
+    /// outbox's status if read; `process` the process's registry, if the relay runs here.
     pub fn render(
         &self,
         stats: Option<&Stats>,
-        relay: Option<&RelayStats>,
-        backlog: Option<u64>,
+        outbox: Option<&[PartitionStatus]>,
+        process: Option<&PrometheusHandle>,
     ) -> String {
-        let mut out = String::with_capacity(2048);
-        header(
-            &mut out,
-            STORE_UP,
-            "gauge",
-            "1 if the store answered this scrape",
-        );
-        sample(&mut out, STORE_UP, "", stats.is_some() as u64 as f64);
+        let series = &self.series;
+        series.store_up.set(f64::from(u8::from(stats.is_some())));
         if let Some(stats) = stats {
-            header(&mut out, MESSAGES, "gauge", "messages per status");
-            for status in Status::ALL {
-                let count = stats.counts.get(&status).copied().unwrap_or(0);
-                sample(
-                    &mut out,
-                    MESSAGES,
-                    &format!("status=\"{status}\""),
-                    count as f64,
-                );
+            for (status, gauge) in &series.messages {
+                gauge.set(stats.counts.get(status).copied().unwrap_or(0) as f64);
             }
-            header(
-                &mut out,
-                OLDEST_PREPARED_AGE,
-                "gauge",
-                "seconds since the oldest prepared message was prepared (0 if none)",
-            );
-            sample(
-                &mut out,
-                OLDEST_PREPARED_AGE,
-                "",
-                stats.oldest_prepared_age_secs.unwrap_or(0.0),
-            );
-            header(
-                &mut out,
-                OLDEST_UNACKED_AGE,
-                "gauge",
-                "seconds since the oldest confirmed or delivered, not yet acknowledged message was confirmed (0 if none)",
-            );
-            sample(
-                &mut out,
-                OLDEST_UNACKED_AGE,
-                "",
-                stats.oldest_unacked_age_secs.unwrap_or(0.0),
-            );
+            series
+                .oldest_prepared_age
+                .set(stats.oldest_prepared_age_secs.unwrap_or(0.0));
+            series
+                .oldest_unacked_age
+                .set(stats.oldest_unacked_age_secs.unwrap_or(0.0));
         }
-        header(&mut out, CHECK_BACKS, "counter", "check-backs by outcome");
-        for outcome in CheckOutcome::ALL {
-            sample(
-                &mut out,
-                CHECK_BACKS,
-                &format!("outcome=\"{}\"", outcome.as_str()),
-                self.check_backs(outcome) as f64,
-            );
+        if let Some(outbox) = outbox {
+            metrics::with_local_recorder(&self.recorder, || record_outbox_status(outbox));
         }
-        for (name, help, counter) in [
-            (
-                CHECK_FAILED,
-                "messages moved to check_failed",
-                &self.check_failed,
-            ),
-            (
-                DELIVERED,
-                "messages seen published (confirmed to delivered)",
-                &self.delivered,
-            ),
-            (REDELIVERIES, "redeliveries enqueued", &self.redeliveries),
-            (DEAD_LETTERED, "messages dead-lettered", &self.dead_lettered),
-        ] {
-            header(&mut out, name, "counter", help);
-            sample(&mut out, name, "", counter.load(Ordering::Relaxed) as f64);
+        let mut text = self.recorder.handle().render();
+        if let Some(process) = process {
+            text.push_str(&process.render());
         }
-        if let Some(relay) = relay {
-            for (name, kind, help, value) in [
-                (
-                    RELAY_PUBLISHED,
-                    "counter",
-                    "messages the in-process relay published",
-                    relay.published.load(Ordering::Relaxed),
-                ),
-                (
-                    RELAY_PUBLISH_FAILURES,
-                    "counter",
-                    "failed publish attempts of the in-process relay",
-                    relay.publish_failures.load(Ordering::Relaxed),
-                ),
-                (
-                    RELAY_OWNED_PARTITIONS,
-                    "gauge",
-                    "partitions the in-process relay owns",
-                    relay.owned_partitions.load(Ordering::Relaxed),
-                ),
-            ] {
-                header(&mut out, name, kind, help);
-                sample(&mut out, name, "", value as f64);
-            }
-        }
-        if let Some(backlog) = backlog {
-            header(
-                &mut out,
-                OUTBOX_BACKLOG,
-                "gauge",
-                "unpublished outbox messages",
-            );
-            sample(&mut out, OUTBOX_BACKLOG, "", backlog as f64);
-        }
-        out
+        text
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    // Writing to a String cannot fail.
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn sample(out: &mut String, name: &str, labels: &str, value: f64) {
-    let _ = if labels.is_empty() {
-        writeln!(out, "{name} {value}")
-    } else {
-        writeln!(out, "{name}{{{labels}}} {value}")
-    };
+fn describe() {
+    describe_gauge!(SERVICE_STORE_UP, "1 if the store answered this scrape");
+    describe_gauge!(SERVICE_MESSAGES, "messages per status");
+    describe_gauge!(
+        SERVICE_OLDEST_PREPARED_AGE,
+        "seconds since the oldest prepared message was prepared (0 if none)"
+    );
+    describe_gauge!(
+        SERVICE_OLDEST_UNACKED_AGE,
+        "seconds since the oldest confirmed or delivered, not yet acknowledged message was confirmed (0 if none)"
+    );
+    describe_counter!(SERVICE_CHECK_BACKS, "check-backs by outcome");
+    describe_counter!(SERVICE_CHECK_FAILED, "messages moved to check_failed");
+    describe_counter!(
+        SERVICE_DELIVERED,
+        "messages seen published (confirmed to delivered)"
+    );
+    describe_counter!(SERVICE_REDELIVERIES, "redeliveries enqueued");
+    describe_counter!(SERVICE_DEAD_LETTERED, "messages dead-lettered");
 }
 
 #[cfg(test)]
@@ -207,20 +186,40 @@ mod tests {
     fn renders_every_status_and_counter() {
         let metrics = Metrics::default();
         metrics.count_check(CheckOutcome::RolledBack);
-        metrics.redeliveries.fetch_add(3, Ordering::Relaxed);
+        metrics.count_redelivered(3);
         let mut stats = Stats::default();
         stats.counts.insert(Status::DeadLettered, 2);
         stats.oldest_prepared_age_secs = Some(1.5);
-        let text = metrics.render(Some(&stats), None, Some(7));
+        let outbox = PartitionStatus {
+            partition: 0,
+            owner: None,
+            epoch: 0,
+            lease_expires_at: None,
+            backlog: 7,
+            oldest_unpublished_age_secs: Some(3.0),
+            blocked_reason: None,
+        };
+        let text = metrics.render(Some(&stats), Some(&[outbox]), None);
         assert!(text.contains("ferry_service_messages{status=\"dead_lettered\"} 2\n"));
         assert!(text.contains("ferry_service_messages{status=\"prepared\"} 0\n"));
         assert!(text.contains("ferry_service_check_backs_total{outcome=\"rolled_back\"} 1\n"));
+        assert!(text.contains("ferry_service_check_backs_total{outcome=\"error\"} 0\n"));
         assert!(text.contains("ferry_service_redeliveries_total 3\n"));
         assert!(text.contains("ferry_service_oldest_prepared_age_seconds 1.5\n"));
-        assert!(text.contains("ferry_outbox_backlog 7\n"));
+        assert!(text.contains("ferry_outbox_backlog{partition=\"0\"} 7\n"));
         assert!(text.contains("ferry_service_store_up 1\n"));
+        assert!(text.contains("# HELP ferry_service_delivered_total "));
         let down = metrics.render(None, None, None);
         assert!(down.contains("ferry_service_store_up 0\n"));
-        assert!(!down.contains(MESSAGES));
+    }
+
+    #[test]
+    fn two_services_count_apart() {
+        let (one, two) = (Metrics::default(), Metrics::default());
+        one.count_delivered(1);
+        assert!(
+            two.render(None, None, None)
+                .contains("ferry_service_delivered_total 0\n")
+        );
     }
 }

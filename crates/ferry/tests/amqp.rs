@@ -427,6 +427,8 @@ async fn a_broken_connection_is_retryable_and_the_sink_reconnects() -> Result {
     let first = message("order", "1", 1, "{}");
     all_ok(sink.publish(std::slice::from_ref(&first)).await)?;
 
+    sink.check().await?;
+
     proxy.cut();
     let second = message("order", "1", 2, "{}");
     let outcomes = sink.publish(std::slice::from_ref(&second)).await;
@@ -434,6 +436,11 @@ async fn a_broken_connection_is_retryable_and_the_sink_reconnects() -> Result {
         outcomes[0].as_ref().is_err_and(SinkError::is_retryable),
         "{outcomes:?}"
     );
+    let down = sink
+        .check()
+        .await
+        .expect_err("readiness sees the broker gone");
+    assert!(down.is_retryable(), "{down}");
 
     proxy.restore().await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -453,6 +460,7 @@ async fn a_broken_connection_is_retryable_and_the_sink_reconnects() -> Result {
         Some(&second.id),
         "nothing lost; a re-send may repeat: {ids:?}"
     );
+    sink.check().await?;
     sink.shutdown().await;
     fixture.remove().await
 }

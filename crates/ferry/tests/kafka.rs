@@ -160,6 +160,7 @@ async fn owns_everything_reconcile(
 async fn records_carry_the_key_the_topic_and_cloudevents_headers() -> Result {
     let config = unique_config(services::kafka_brokers());
     let sink = KafkaSink::connect(&config).await?;
+    sink.check().await?;
     sink.open_partition(&lease(3, 1)).await?;
     let mut batch = vec![
         message("order", "42", 1, 3),

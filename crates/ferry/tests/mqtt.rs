@@ -134,6 +134,7 @@ async fn attributes_travel_as_user_properties_and_decode_back() -> Result {
     let prefix = format!("ferrytest/{}", tag());
     let mut subscriber = Subscriber::start(&host, port, &format!("{prefix}/#")).await?;
     let sink = MqttSink::connect(&sink_config(&host, port, &prefix)).await?;
+    sink.check().await?;
     let batch: Vec<Message> = (1..=3).map(|v| message("a/42", v, 3)).collect();
     for outcome in sink.publish(&batch).await {
         outcome?;

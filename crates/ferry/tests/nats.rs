@@ -244,6 +244,7 @@ async fn subject_placeholders_are_sanitised_tokens() -> Result {
         ..base
     };
     let sink = NatsSink::connect(&config).await?;
+    sink.check().await?;
     let batch = [message("a.b *c>", 1, "{}"), message("", 2, "{}")];
     positions(sink.publish(&batch).await)?;
     let subjects: Vec<String> = stream_messages(&config)

@@ -102,6 +102,7 @@ async fn delete_streams(url: &str, prefix: &str) -> Result {
 async fn publishes_cloudevents_fields_that_rebuild_the_message() -> Result {
     let (config, prefix) = unique_config();
     let sink = RedisStreamSink::connect(&config).await?;
+    sink.check().await?;
     let mut batch = vec![
         message("42", 1, 10, r#"{"total":10}"#),
         message("42", 2, 11, r#"{"total":12}"#),

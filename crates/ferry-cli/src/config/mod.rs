@@ -3,6 +3,7 @@
 //! section; `Config` checks what spans sections.
 
 mod leases;
+mod metrics;
 mod relay;
 mod sink;
 mod store;
@@ -22,6 +23,7 @@ use ferry::sql::{StoreSettings, TablePrefix};
 use ferry_service::ServiceConfig;
 
 pub use leases::LeasesConfig;
+pub use metrics::MetricsSection;
 pub use relay::RelaySection;
 pub use sink::SinkConfig;
 #[cfg(not(feature = "kafka"))]
@@ -39,6 +41,9 @@ pub struct Config {
     pub relay: RelaySection,
     #[serde(default)]
     pub leases: LeasesConfig,
+    /// `ferry relay`'s metrics and health endpoints.
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// The reliable message service (`ferry serve`); its tables are created by `ferry
     /// migrate` when this section is present.
     #[serde(default)]
@@ -79,6 +84,7 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.outbox.validate()?;
         self.relay.validate()?;
+        self.metrics.validate()?;
         self.store.validate()?;
         self.sink.validate()?;
         if let Some(service) = &self.service {

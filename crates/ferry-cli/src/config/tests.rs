@@ -121,6 +121,27 @@ fn service_section_is_optional_and_validated() {
 }
 
 #[test]
+fn metrics_listen_is_optional_and_must_be_an_address() {
+    let config = Config::from_toml(MINIMAL).expect("valid");
+    assert_eq!(config.metrics.listen_addr().expect("valid"), None);
+    let config = Config::from_toml(&format!(
+        "{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9464\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        config.metrics.listen_addr().expect("valid"),
+        Some("127.0.0.1:9464".parse().expect("address"))
+    );
+    let err = error_of(&format!("{MINIMAL}[metrics]\nlisten = \"localhost\"\n"));
+    assert!(
+        err.contains("metrics.listen") && err.contains("127.0.0.1:9464"),
+        "{err}"
+    );
+    let err = error_of(&format!("{MINIMAL}[metrics]\nport = 9464\n"));
+    assert!(err.contains("port"), "{err}");
+}
+
+#[test]
 fn leases_default_to_the_store_and_external_ones_are_checked() {
     let config = Config::from_toml(MINIMAL).expect("valid");
     assert!(!config.leases.is_external());

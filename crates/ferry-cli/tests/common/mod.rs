@@ -32,6 +32,27 @@ pub fn unique_tag() -> String {
     Uuid::now_v7().simple().to_string()[20..].to_owned()
 }
 
+/// A port free now, for a server of the test's own started right after.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until a server of the test's own (`what`) accepts connections on `port`.
+pub async fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Relay settings that make takeovers quick: 2 s leases, fast polls and retries.
 pub const FAST_RELAY: &str = r#"
 [relay]

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
@@ -52,7 +51,9 @@ impl Relay {
         workers.by_partition.retain(|_, w| !w.join.is_finished());
         // The store's expiry of whatever this round renews or grants is never earlier.
         let valid_until = Instant::now() + self.config.lease_ttl;
-        let Some(live) = self.heartbeat().await else {
+        let live = self.heartbeat().await;
+        self.instruments.lease_round(live.is_some());
+        let Some(live) = live else {
             return;
         };
         self.renew(workers, valid_until).await;
@@ -74,9 +75,7 @@ impl Relay {
             .values()
             .filter(|w| !w.join.is_finished())
             .count();
-        self.stats
-            .owned_partitions
-            .store(owned as u64, Ordering::Relaxed);
+        self.instruments.owned(owned);
     }
 
     /// Tells the lease store this relay is alive; returns how many relays are, or `None`
@@ -113,7 +112,7 @@ impl Relay {
                         worker.deadline.extend_to(valid_until);
                     } else if !worker.stop.is_cancelled() {
                         warn!(partition, epoch = worker.lease.epoch, "lease lost");
-                        self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+                        self.instruments.lease_lost();
                         worker.deadline.expire();
                         worker.stop.cancel();
                     }
@@ -133,6 +132,7 @@ impl Relay {
             Ok(granted) => {
                 for lease in granted {
                     info!(partition = lease.partition, epoch = lease.epoch, takeover = ?lease.takeover, "partition acquired");
+                    self.instruments.lease_acquired();
                     let handle = self.spawn_worker(lease, workers, valid_until);
                     workers.by_partition.insert(handle.lease.partition, handle);
                 }
@@ -151,7 +151,7 @@ impl Relay {
             leases: Arc::clone(&self.leases),
             sink: Arc::clone(&self.sink),
             config: Arc::clone(&self.config),
-            stats: Arc::clone(&self.stats),
+            instruments: Arc::clone(&self.instruments),
             wakers: Arc::clone(&workers.wakers),
             deadline: Arc::clone(&deadline),
             stop: stop.clone(),

@@ -3,6 +3,7 @@
 
 mod deadline;
 mod leases;
+mod metrics;
 mod replay;
 mod retry;
 #[cfg(test)]
@@ -10,18 +11,20 @@ mod tests;
 mod worker;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use self::metrics::record_outbox_status;
 pub use self::replay::{
     Replay, ReplayCheckpoint, ReplayEnd, ReplayError, ReplayOptions, ReplayProgress,
 };
 
 use self::leases::Workers;
+use self::metrics::Instruments;
 use self::retry::{Failed, Retry};
 use crate::backoff::Backoff;
 use crate::error::{ErrorChain, StoreError};
@@ -109,6 +112,9 @@ pub struct RelayStats {
     pub parked: AtomicU64,
     /// Partitions this relay owns now.
     pub owned_partitions: AtomicU64,
+    /// Whether the last lease round reached the lease store, so that the relay holds its
+    /// leases or waits for free ones: what readiness checks.
+    pub leases_reached: AtomicBool,
 }
 
 /// A relay failed for a reason retrying cannot fix.
@@ -126,7 +132,7 @@ pub struct Relay {
     leases: Arc<dyn LeaseStore>,
     sink: Arc<dyn Sink>,
     config: Arc<RelayConfig>,
-    stats: Arc<RelayStats>,
+    instruments: Arc<Instruments>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -138,6 +144,8 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
+    /// Registers the relay's metrics with the current `metrics` recorder (install the
+    /// exporter before).
     pub fn new(
         store: Arc<dyn OutboxStore>,
         leases: Arc<dyn LeaseStore>,
@@ -149,12 +157,12 @@ impl Relay {
             leases,
             sink,
             config: Arc::new(config),
-            stats: Arc::default(),
+            instruments: Arc::new(Instruments::register()),
         }
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {
-        Arc::clone(&self.stats)
+        Arc::clone(&self.instruments.stats)
     }
 
     /// Runs until `shutdown` is cancelled, then stops fetching, lets in-flight batches

@@ -3,7 +3,6 @@
 //! backoff after failures and a blocked reason while the sink rejects a message.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::sleep;
@@ -12,8 +11,9 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use super::deadline::LeaseDeadline;
+use super::metrics::Instruments;
 use super::retry::{Failed, Interrupted, Retry, ensure_held, wait};
-use super::{OnPermanentFailure, RelayConfig, RelayStats};
+use super::{OnPermanentFailure, RelayConfig};
 use crate::backoff::Backoff;
 use crate::error::{ErrorChain, StoreError, error_chain};
 use crate::lease::{Lease, LeaseStore, Takeover};
@@ -30,7 +30,7 @@ pub(super) struct Worker {
     pub(super) leases: Arc<dyn LeaseStore>,
     pub(super) sink: Arc<dyn Sink>,
     pub(super) config: Arc<RelayConfig>,
-    pub(super) stats: Arc<RelayStats>,
+    pub(super) instruments: Arc<Instruments>,
     pub(super) wakers: Arc<Wakers>,
     pub(super) deadline: Arc<LeaseDeadline>,
     /// Graceful stop: finish the batch in flight, then release.
@@ -111,7 +111,7 @@ impl Worker {
                 }
             }
             Err(Interrupted::LeaseLost) => {
-                self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+                self.instruments.lease_lost();
                 info!(
                     partition,
                     epoch = self.lease.epoch,
@@ -273,9 +273,7 @@ impl Worker {
             found = ids.len(),
             "reconciled: already in the broker, marking instead of re-sending"
         );
-        self.stats
-            .reconciled
-            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.instruments.reconciled(ids.len());
         self.mark(&ids, None).await
     }
 
@@ -302,14 +300,12 @@ impl Worker {
         }
     }
 
-    /// Publishes `batch` and counts what the sink acknowledged.
+    /// Publishes `batch` and counts what the sink acknowledged and what failed.
     async fn publish<'b>(&self, batch: &'b [Message]) -> Published<'b> {
+        self.instruments.batch_read(batch.len());
         let outcomes = self.sink.publish(batch).await;
-        let published = Published::sort(batch, outcomes);
-        self.stats
-            .published
-            .fetch_add(published.acked.len() as u64, Ordering::Relaxed);
-        published
+        self.instruments.published(batch, &outcomes);
+        Published::sort(batch, outcomes)
     }
 
     /// Marks acked messages, retrying store outages while the lease lasts. Not cut short by
@@ -332,7 +328,7 @@ impl Worker {
                 }
             })
             .await?;
-        self.stats.marked.fetch_add(marked, Ordering::Relaxed);
+        self.instruments.marked(marked);
         Ok(())
     }
 
@@ -361,9 +357,7 @@ impl Worker {
             return Err(Interrupted::SinkFenced);
         }
         progress.maybe_unmarked = true;
-        self.stats
-            .publish_failures
-            .fetch_add(failed as u64, Ordering::Relaxed);
+        self.instruments.batch_failed(failed);
         let delay = progress.backoff.next_delay();
         if err.is_retryable() {
             warn!(partition, message_id = %message.id, failed, error = %ErrorChain(&err), retry_in_ms = delay.as_millis() as u64, "publish failed; retrying in order");
@@ -414,7 +408,7 @@ impl Worker {
             return Ok(false);
         };
         warn!(partition = self.partition(), message_id = %message.id, aggregate_type = %message.aggregate_type, aggregate_id = %message.aggregate_id, parked, error = %ErrorChain(err), "the sink rejects a message: parked it with its aggregate's later messages until an operator requeues them; the partition goes on");
-        self.stats.parked.fetch_add(parked, Ordering::Relaxed);
+        self.instruments.parked(parked);
         Ok(true)
     }
 

@@ -333,7 +333,7 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let service = Service::new(Arc::clone(&backing.store), settings, tokens())
-            .with_outbox_metrics(Arc::clone(&backing.outbox), None)
+            .with_outbox_metrics(Arc::clone(&backing.outbox))
             .with_operations(Arc::clone(&backing.admin));
         let stop = CancellationToken::new();
         let token = stop.clone();

@@ -109,7 +109,15 @@ pub(crate) async fn prepare_confirm_deliver_ack(backend: Backend) {
     );
     assert!(metric(&metrics, "ferry_service_oldest_unacked_age_seconds") > 0.0);
     assert_eq!(metric(&metrics, "ferry_service_delivered_total"), 2.0);
-    assert_eq!(metric(&metrics, "ferry_outbox_backlog"), 0.0);
+    let backlog: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("ferry_outbox_backlog{partition="))
+        .collect();
+    assert!(!backlog.is_empty(), "per-partition backlog in:\n{metrics}");
+    assert!(
+        backlog.iter().all(|line| line.ends_with(" 0")),
+        "{backlog:?}"
+    );
     server.stop().await;
     backing.stop().await;
 }

@@ -215,6 +215,11 @@ impl Sink for AmqpSink {
         Ok(Vec::new())
     }
 
+    /// The connection is open, or reopens within `confirm_timeout`.
+    async fn check(&self) -> Result<(), SinkError> {
+        self.connection().await.map(drop)
+    }
+
     async fn shutdown(&self) {
         let channels: Vec<Channel> = lock(&self.channels).drain().map(|(_, c)| c).collect();
         for channel in channels {

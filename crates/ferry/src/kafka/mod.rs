@@ -64,7 +64,8 @@ pub struct KafkaSink {
     /// `Some((partitions, replication factor))` when missing topics are created; a
     /// replication factor of -1 asks for the broker's default.
     create_topics: Option<(i32, i32)>,
-    admin: AdminClient<DefaultClientContext>,
+    /// Shared with the blocking pool for metadata requests (`check`).
+    admin: Arc<AdminClient<DefaultClientContext>>,
     producers: Mutex<HashMap<u32, Arc<PartitionProducer>>>,
     /// Topics known to exist, so that each is created (or found) once.
     known_topics: Mutex<HashSet<String>>,
@@ -137,7 +138,7 @@ impl KafkaSink {
                     config.topic_replication_factor.map_or(-1, i32::from),
                 )
             }),
-            admin,
+            admin: Arc::new(admin),
             producers: Mutex::default(),
             known_topics: Mutex::default(),
             brokers,
@@ -377,6 +378,18 @@ impl Sink for KafkaSink {
             self.retire(partition, producer).await;
             debug!(partition, "kafka producer closed");
         }
+    }
+
+    /// One metadata request to the cluster, bounded by the connect probe's timeout.
+    async fn check(&self) -> Result<(), SinkError> {
+        let admin = Arc::clone(&self.admin);
+        let timeout = self.timeout.min(CONNECT_PROBE_TIMEOUT);
+        blocking(move || admin.inner().fetch_metadata(None, timeout).map(drop))
+            .await?
+            .map_err(|err| {
+                SinkError::retryable(format!("cannot reach kafka at {}", self.brokers))
+                    .with_source(err)
+            })
     }
 
     async fn shutdown(&self) {

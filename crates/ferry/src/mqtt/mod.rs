@@ -324,6 +324,11 @@ impl Sink for MqttSink {
         Ok(Vec::new())
     }
 
+    /// The connection's state, as the last CONNACK or drop left it.
+    async fn check(&self) -> Result<(), SinkError> {
+        self.session.ensure_connected()
+    }
+
     async fn shutdown(&self) {
         self.in_flight.close();
         self.session.stop();

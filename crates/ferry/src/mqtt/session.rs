@@ -88,6 +88,19 @@ impl Session {
         }
     }
 
+    /// Whether the connection is up (a CONNACK since the last drop); an error naming the
+    /// broker otherwise.
+    pub(super) fn ensure_connected(&self) -> Result<(), SinkError> {
+        if self.connected.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(SinkError::retryable(format!(
+                "not connected to the mqtt broker at {} (reconnecting)",
+                self.broker
+            )))
+        }
+    }
+
     /// Queues one publish; the receiver yields its outcome. Fails at once, without
     /// queueing, while the connection is down: a request queued now would be sent after
     /// the reconnect, long after the relay gave up on it.
@@ -99,12 +112,7 @@ impl Session {
         payload: Bytes,
         properties: PublishProperties,
     ) -> Result<oneshot::Receiver<Result<Delivery, SinkError>>, SinkError> {
-        if !self.connected.load(Ordering::Acquire) {
-            return Err(SinkError::retryable(format!(
-                "not connected to the mqtt broker at {} (reconnecting)",
-                self.broker
-            )));
-        }
+        self.ensure_connected()?;
         let _order = self.submit.lock().await;
         let (slot, outcome) = oneshot::channel();
         self.slots().unsent.push_back(slot);

@@ -203,6 +203,29 @@ impl Sink for NatsSink {
         self.reconcile_tail(request).await
     }
 
+    /// The client's connection state, then one stream info request (bounded by
+    /// `ack_timeout`): the server answers and JetStream holds the stream.
+    async fn check(&self) -> Result<(), SinkError> {
+        let state = self.client.connection_state();
+        if state != async_nats::connection::State::Connected {
+            return Err(SinkError::retryable(format!(
+                "nats at {} is not connected ({state})",
+                self.servers
+            )));
+        }
+        self.jetstream
+            .get_stream(&self.stream)
+            .await
+            .map(drop)
+            .map_err(|err| {
+                SinkError::retryable(format!(
+                    "nats at {} does not answer for stream {}",
+                    self.servers, self.stream
+                ))
+                .with_source(err)
+            })
+    }
+
     async fn shutdown(&self) {
         self.in_flight.close();
         if let Err(err) = self.client.flush().await {

@@ -168,4 +168,13 @@ impl Sink for RedisStreamSink {
     async fn reconcile(&self, _request: ReconcileRequest<'_>) -> Result<Vec<Uuid>, SinkError> {
         Ok(Vec::new())
     }
+
+    /// One `PING`, bounded by `response_timeout`.
+    async fn check(&self) -> Result<(), SinkError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|err| connect_error(&self.server, err))
+    }
 }

@@ -4,6 +4,7 @@
 mod failures;
 mod fencing;
 mod leases;
+mod metrics;
 mod parking;
 mod shutdown;
 

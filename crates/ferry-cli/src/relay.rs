@@ -1,0 +1,45 @@
+//! `ferry relay`: the relay, with its metrics and health endpoints when `[metrics] listen`
+//! is set.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use ferry_cli::config::Config;
+use ferry_cli::health::Health;
+use ferry_cli::process::shutdown_on_signal;
+use ferry_cli::wiring;
+
+pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let shutdown = shutdown_on_signal()?;
+    // Before the relay is built: it registers its metrics with the recorder installed here.
+    let health = Health::start(&config.metrics, &shutdown).await?;
+    let Some(store) =
+        wiring::retry_until_ready("store", &shutdown, || wiring::Store::open(&config)).await?
+    else {
+        return Ok(());
+    };
+    health.watch_store(store.outbox());
+    let Some(leases) = wiring::retry_until_ready("leases", &shutdown, || {
+        wiring::Leases::open(&config, &store)
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let Some(sink) =
+        wiring::retry_until_ready("sink", &shutdown, || wiring::open_sink(&config.sink)).await?
+    else {
+        return Ok(());
+    };
+    health.watch_sink(sink.clone());
+    let relay = ferry::Relay::new(
+        store.outbox(),
+        leases.lease_store(),
+        sink,
+        config.relay_config(),
+    );
+    health.watch_relay(relay.stats());
+    relay.run(shutdown).await.context("relay stopped")
+}

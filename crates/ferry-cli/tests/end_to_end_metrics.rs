@@ -1,0 +1,272 @@
+//! `ferry relay` seen from outside, with `[metrics] listen` set: the Prometheus metrics
+//! scraped over HTTP agree with what reached the real NATS JetStream, and `/readyz` follows
+//! the broker (a NATS server of the test's own, killed and restarted; the shared one stays
+//! up for the other tests).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    FAST_RELAY, PgScenario, Relay, delete_nats_stream, free_port, nats_sink_section, nats_stream,
+    outbox_section, pg_store_section, read_nats_stream, unique_tag, wait_listening,
+};
+
+const PARTITIONS: u32 = 4;
+
+fn metrics_section(port: u16) -> String {
+    format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
+/// The relay's endpoints on `port`.
+struct Endpoints {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Endpoints {
+    fn new(port: u16) -> Self {
+        Self {
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// The status and body of `GET path`, or `None` while nothing listens.
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.unwrap()))
+    }
+
+    async fn scrape(&self) -> String {
+        let (status, text) = self.get("/metrics").await.expect("metrics served");
+        assert_eq!(status, 200, "{text}");
+        text
+    }
+
+    /// Waits until `/readyz` answers `status`; returns its body.
+    async fn wait_ready(&self, status: u16, within: Duration, relay: &Relay) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let answer = self.get("/readyz").await;
+            if let Some((got, body)) = &answer
+                && *got == status
+            {
+                return body.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz did not answer {status} within {within:?} (last: {answer:?}):\n{}",
+                relay.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The value of the series written exactly `series` (name and labels) in `text`.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+/// The sum of every series of metric `name` with labels.
+fn sum_labelled(text: &str, name: &str) -> (usize, f64) {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .map(|line| line.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    (values.len(), values.iter().sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scraped_metrics_agree_with_what_the_relay_published() {
+    let tag = unique_tag();
+    let port = free_port();
+    let pg = PgScenario::from_sections(
+        &tag,
+        &[
+            &pg_store_section(),
+            &outbox_section(&tag, PARTITIONS, ""),
+            &nats_sink_section(&tag, 120),
+            FAST_RELAY,
+            &metrics_section(port),
+        ],
+    )
+    .await;
+    let relay = pg.scenario.relay("relay");
+    let endpoints = Endpoints::new(port);
+    endpoints
+        .wait_ready(200, Duration::from_secs(30), &relay)
+        .await;
+    let (status, body) = endpoints.get("/healthz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    let produced = pg.produce(20, 10, 2).await.unwrap();
+    let n = produced.len() as f64;
+    pg.scenario.wait_drained(Duration::from_secs(60)).await;
+    let received = read_nats_stream(&nats_stream(&tag)).await;
+    assert_eq!(received.len(), produced.len());
+
+    let text = endpoints.scrape().await;
+    assert_eq!(value(&text, "ferry_relay_published_total"), n);
+    assert_eq!(value(&text, "ferry_relay_marked_total"), n);
+    for class in ["transient", "permanent", "fenced"] {
+        let series = format!("ferry_relay_publish_failures_total{{class=\"{class}\"}}");
+        assert_eq!(value(&text, &series), 0.0, "{series}");
+    }
+    assert_eq!(
+        value(&text, "ferry_relay_leases_acquired_total"),
+        f64::from(PARTITIONS)
+    );
+    assert_eq!(value(&text, "ferry_relay_leases_lost_total"), 0.0);
+    assert_eq!(
+        value(&text, "ferry_relay_owned_partitions"),
+        f64::from(PARTITIONS)
+    );
+    assert_eq!(value(&text, "ferry_relay_commit_to_ack_seconds_count"), n);
+    assert!(value(&text, "ferry_relay_commit_to_ack_seconds_sum") > 0.0);
+    assert_eq!(
+        value(
+            &text,
+            "ferry_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"}"
+        ),
+        n
+    );
+    assert_eq!(value(&text, "ferry_relay_batch_size_sum"), n);
+    for gauge in [
+        "ferry_outbox_backlog",
+        "ferry_outbox_oldest_unpublished_age_seconds",
+        "ferry_outbox_blocked",
+    ] {
+        assert_eq!(
+            sum_labelled(&text, gauge),
+            (PARTITIONS as usize, 0.0),
+            "{gauge}:\n{text}"
+        );
+    }
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+    delete_nats_stream(&nats_stream(&tag)).await;
+}
+
+/// A NATS server with JetStream of the test's own, on `port`, storing in `dir`.
+struct OwnNats {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnNats {
+    async fn start() -> Self {
+        let mut nats = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    /// Starts the server (again, on the same port and store) and waits until it accepts.
+    async fn restart(&mut self) {
+        self.child = Some(spawn_nats(self.port, self.dir.path()));
+        wait_listening(self.port, "own nats-server").await;
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_nats(port: u16, store: &Path) -> Child {
+    Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server is installed (scripts/services.sh)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_turns_unready_while_the_broker_is_down_and_ready_when_it_returns() {
+    let tag = unique_tag();
+    let port = free_port();
+    let mut nats = OwnNats::start().await;
+    let sink = nats_sink_section(&tag, 120)
+        .replace(&ferry_core::testing::services::nats_url(), &nats.url());
+    assert!(sink.contains(&nats.url()), "{sink}");
+    let pg = PgScenario::from_sections(
+        &tag,
+        &[
+            &pg_store_section(),
+            &outbox_section(&tag, PARTITIONS, ""),
+            &sink,
+            FAST_RELAY,
+            &metrics_section(port),
+        ],
+    )
+    .await;
+    let relay = pg.scenario.relay("relay");
+    let endpoints = Endpoints::new(port);
+    let body = endpoints
+        .wait_ready(200, Duration::from_secs(30), &relay)
+        .await;
+    assert!(body.contains("\"sink\":\"ok\""), "{body}");
+
+    nats.kill();
+    let body = endpoints
+        .wait_ready(503, Duration::from_secs(30), &relay)
+        .await;
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["status"], "not ready", "{body}");
+    assert_eq!(answer["checks"]["store"], "ok", "{body}");
+    assert_eq!(answer["checks"]["leases"], "ok", "{body}");
+    assert!(
+        answer["checks"]["sink"].as_str().unwrap().contains("nats"),
+        "{body}"
+    );
+    let (status, _) = endpoints.get("/healthz").await.unwrap();
+    assert_eq!(status, 200, "alive while not ready");
+
+    nats.restart().await;
+    endpoints
+        .wait_ready(200, Duration::from_secs(60), &relay)
+        .await;
+    // Ready means it works: a message enqueued now is published.
+    let produced = pg.produce(1, 1, 1).await.unwrap();
+    pg.scenario.wait_drained(Duration::from_secs(30)).await;
+    let text = endpoints.scrape().await;
+    assert_eq!(
+        value(&text, "ferry_relay_published_total"),
+        produced.len() as f64
+    );
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+}
