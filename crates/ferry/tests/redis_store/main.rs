@@ -1,8 +1,11 @@
 //! The Redis store and inbox against the real server (`FERRY_TEST_REDIS_URL`, default
 //! `redis://127.0.0.1:6379`). Each test uses its own key prefix. The persistence tests
-//! start `redis-server` processes of their own on free loopback ports.
+//! start `redis-server` processes of their own on free loopback ports. `operations.rs`:
+//! the operators' tools (blocked, skip, park, requeue, cleanup, replay selection).
 #![cfg(all(feature = "redis-store", feature = "file"))]
 #![allow(clippy::unwrap_used)]
+
+mod operations;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
