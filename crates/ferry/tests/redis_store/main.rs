@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod operations;
+#[path = "../shared/operations.rs"]
+mod shared_operations;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;

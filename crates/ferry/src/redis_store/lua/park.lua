@@ -33,10 +33,14 @@ local function main()
   if not lease_is_current(prefix .. 'lease:' .. partition, epoch, adopted_by) then
     return -1
   end
+  local found = {}
+  for _, stream in ipairs({prefix .. 'front:' .. partition, prefix .. 'p:' .. partition}) do
+    found[stream] = entries_of(stream, kind, id)
+  end
   local now = int(now_ms())
   local parked = 0
-  for _, stream in ipairs({prefix .. 'front:' .. partition, prefix .. 'p:' .. partition}) do
-    for _, item in ipairs(entries_of(stream, kind, id)) do
+  for stream, items in pairs(found) do
+    for _, item in ipairs(items) do
       park_entry(prefix, stream, item[1], item[2], partition, now, by, reason, '1')
       parked = parked + 1
     end
