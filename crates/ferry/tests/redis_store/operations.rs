@@ -15,6 +15,12 @@ use crate::shared_operations::{
 use crate::{cleanup, outbox_with, raw, received};
 
 impl OpsOutbox for RedisOutbox {
+    type Store = Self;
+
+    fn store(&self) -> &Self {
+        self
+    }
+
     async fn create(partitions: u32, retention: Duration) -> Self {
         outbox_with(partitions, retention).await
     }

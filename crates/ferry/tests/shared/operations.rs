@@ -12,9 +12,13 @@ use ferry::{
 };
 
 /// A store under test, with what the scenarios need that the contracts do not give.
-pub(crate) trait OpsOutbox: OutboxStore + OutboxAdmin + LeaseStore + Sized {
+pub(crate) trait OpsOutbox: Sized {
+    type Store: OutboxStore + OutboxAdmin + LeaseStore;
+
     /// A fresh outbox of its own, migrated, keeping published messages for `retention`.
     async fn create(partitions: u32, retention: Duration) -> Self;
+
+    fn store(&self) -> &Self::Store;
 
     /// Enqueues `message` on its own, committed.
     async fn commit(&self, message: NewMessage) -> Enqueued;
@@ -49,7 +53,11 @@ pub(crate) fn enqueued_ids(messages: &[Enqueued]) -> Vec<uuid::Uuid> {
 
 /// Marks `messages` published, each partition's (of `partitions`) in one call, in the
 /// order given.
-pub(crate) async fn mark_all<O: OpsOutbox>(outbox: &O, partitions: u32, messages: &[Enqueued]) {
+pub(crate) async fn mark_all(
+    outbox: &(impl OutboxStore + LeaseStore),
+    partitions: u32,
+    messages: &[Enqueued],
+) {
     let leases = outbox
         .acquire("relay-a", partitions as usize, Duration::from_secs(30))
         .await
@@ -75,9 +83,10 @@ fn all_parked() -> ParkedQuery {
 /// retry request is taken once; a skipped message is parked (holding nothing), the
 /// partition goes on, and a requeue puts it back at its place.
 pub(crate) async fn blocked_partitions_are_listed_retried_and_skipped<O: OpsOutbox>() {
-    let outbox = &O::create(1, Duration::ZERO).await;
-    let first = outbox.commit(event("1", 1)).await;
-    let second = outbox.commit(event("2", 1)).await;
+    let fixture = &O::create(1, Duration::ZERO).await;
+    let outbox = fixture.store();
+    let first = fixture.commit(event("1", 1)).await;
+    let second = fixture.commit(event("2", 1)).await;
     let lease = lease(outbox).await;
     assert!(outbox.blocked().await.unwrap().is_empty());
     assert!(
@@ -184,7 +193,7 @@ pub(crate) async fn blocked_partitions_are_listed_retried_and_skipped<O: OpsOutb
     assert!(outbox.fetch(0, 10).await.unwrap().is_empty());
     outbox.set_blocked(&lease, None).await.unwrap();
     assert!(outbox.blocked().await.unwrap().is_empty());
-    outbox.dispose().await;
+    fixture.dispose().await;
 }
 
 /// The `park-aggregate` policy parks the rejected message and its aggregate's later ones,
@@ -192,11 +201,12 @@ pub(crate) async fn blocked_partitions_are_listed_retried_and_skipped<O: OpsOutb
 /// requeue puts everything back in sequence order, and a second park takes requeued
 /// messages out again.
 pub(crate) async fn park_aggregate_holds_the_aggregate_until_requeued<O: OpsOutbox>() {
-    let outbox = &O::create(1, Duration::ZERO).await;
-    let a1 = outbox.commit(event("a", 1)).await;
-    let b1 = outbox.commit(event("b", 1)).await;
-    let a2 = outbox.commit(event("a", 2)).await;
-    let c1 = outbox.commit(event("c", 1)).await;
+    let fixture = &O::create(1, Duration::ZERO).await;
+    let outbox = fixture.store();
+    let a1 = fixture.commit(event("a", 1)).await;
+    let b1 = fixture.commit(event("b", 1)).await;
+    let a2 = fixture.commit(event("a", 2)).await;
+    let c1 = fixture.commit(event("c", 1)).await;
     let lease = lease(outbox).await;
     let rejected = outbox.fetch(0, 1).await.unwrap().remove(0);
     assert_eq!(rejected.id, a1.id);
@@ -225,7 +235,7 @@ pub(crate) async fn park_aggregate_holds_the_aggregate_until_requeued<O: OpsOutb
         2
     );
     assert_eq!(ids(&outbox.fetch(0, 10).await.unwrap()), [b1.id, c1.id]);
-    let a3 = outbox.commit(event("a", 3)).await;
+    let a3 = fixture.commit(event("a", 3)).await;
     assert_eq!(
         ids(&outbox.fetch(0, 10).await.unwrap()),
         [b1.id, c1.id],
@@ -285,23 +295,24 @@ pub(crate) async fn park_aggregate_holds_the_aggregate_until_requeued<O: OpsOutb
         [a1.id, b1.id, a2.id, c1.id, a3.id]
     );
     assert_eq!(outbox.requeue_parked("order", "a").await.unwrap(), 0);
-    outbox.dispose().await;
+    fixture.dispose().await;
 }
 
 /// Cleanup removes published messages, inbox records and parked messages past their
 /// bounds and is idempotent; a holding parked message that goes releases its aggregate.
 pub(crate) async fn cleanup_removes_what_is_past_its_bounds<O: OpsOutbox>() {
-    let outbox = &O::create(1, Duration::from_secs(3600)).await;
-    let published = outbox.commit(event("1", 1)).await;
-    let skipped = outbox.commit(event("2", 1)).await;
-    let pending = outbox.commit(event("3", 1)).await;
+    let fixture = &O::create(1, Duration::from_secs(3600)).await;
+    let outbox = fixture.store();
+    let published = fixture.commit(event("1", 1)).await;
+    let skipped = fixture.commit(event("2", 1)).await;
+    let pending = fixture.commit(event("3", 1)).await;
     let lease = lease(outbox).await;
     outbox
         .mark_published(&lease, &[published.id], None)
         .await
         .unwrap();
     outbox.skip(skipped.id, "ops", "bad").await.unwrap();
-    outbox.record_in_inbox("cleanup").await;
+    fixture.record_in_inbox("cleanup").await;
     let nothing_old = CleanupBounds {
         published_older_than: Some(Duration::from_secs(3600)),
         inbox_older_than: Some(Duration::from_secs(3600)),
@@ -345,7 +356,7 @@ pub(crate) async fn cleanup_removes_what_is_past_its_bounds<O: OpsOutbox>() {
     );
 
     // A parked message that holds its aggregate: cleaning it up lets the aggregate go on.
-    let held = outbox.commit(event("3", 2)).await;
+    let held = fixture.commit(event("3", 2)).await;
     let head = outbox.fetch(0, 1).await.unwrap().remove(0);
     assert_eq!(
         outbox
@@ -354,7 +365,7 @@ pub(crate) async fn cleanup_removes_what_is_past_its_bounds<O: OpsOutbox>() {
             .unwrap(),
         2
     );
-    let waiting = outbox.commit(event("3", 3)).await;
+    let waiting = fixture.commit(event("3", 3)).await;
     assert!(outbox.fetch(0, 10).await.unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let parked_only = CleanupBounds {
@@ -368,19 +379,20 @@ pub(crate) async fn cleanup_removes_what_is_past_its_bounds<O: OpsOutbox>() {
         "released: what waited behind {} flows",
         held.id
     );
-    outbox.dispose().await;
+    fixture.dispose().await;
 }
 
 /// Retained (published, kept) messages are selected for replay by partition, sequence
 /// range, creation time and aggregate, in sequence order, paged after a sequence, with a
 /// summary of the same selection; unpublished messages are never selected.
 pub(crate) async fn retained_messages_are_selected_for_replay<O: OpsOutbox>() {
-    let outbox = &O::create(2, Duration::from_secs(3600)).await;
+    let fixture = &O::create(2, Duration::from_secs(3600)).await;
+    let outbox = fixture.store();
     let mut published = Vec::new();
     for n in 0..6 {
-        published.push(outbox.commit(event(&(n % 3).to_string(), n)).await);
+        published.push(fixture.commit(event(&(n % 3).to_string(), n)).await);
     }
-    let pending = outbox.commit(event("0", 9)).await;
+    let pending = fixture.commit(event("0", 9)).await;
     // Marked in reverse: the kept index, not the order of marks, gives sequence order.
     let mut reversed = published.clone();
     reversed.reverse();
@@ -476,5 +488,5 @@ pub(crate) async fn retained_messages_are_selected_for_replay<O: OpsOutbox>() {
         ..RetainedFilter::default()
     };
     assert_eq!(outbox.retained_summary(&before).await.unwrap().count, 0);
-    outbox.dispose().await;
+    fixture.dispose().await;
 }
