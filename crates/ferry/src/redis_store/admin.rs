@@ -79,10 +79,7 @@ impl OutboxAdmin for RedisOutbox {
     }
 
     async fn parked(&self, query: &ParkedQuery) -> Result<Vec<ParkedMessage>, StoreError> {
-        let (aggregate_type, aggregate_id) = match &query.aggregate {
-            Some((kind, id)) => (kind.as_str(), id.as_str()),
-            None => ("", ""),
-        };
+        let (aggregate_type, aggregate_id) = aggregate_args(&query.aggregate);
         let mut invocation = SCRIPTS.parked.prepare_invoke();
         invocation
             .arg(self.prefix())
@@ -188,6 +185,15 @@ fn first_sequence(filter: &RetainedFilter, after_sequence: Option<i64>) -> Strin
     }
 }
 
+/// An optional `(aggregate_type, aggregate_id)` filter as the scripts take it: empty for
+/// none.
+fn aggregate_args(aggregate: &Option<(String, String)>) -> (&str, &str) {
+    match aggregate {
+        Some((kind, id)) => (kind, id),
+        None => ("", ""),
+    }
+}
+
 fn earlier(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
     a.into_iter().chain(b).min()
 }
@@ -208,10 +214,7 @@ impl RedisOutbox {
         let text = |value: Option<String>| value.unwrap_or_default();
         let millis =
             |time: Option<DateTime<Utc>>| text(time.map(|t| t.timestamp_millis().to_string()));
-        let (aggregate_type, aggregate_id) = match &filter.aggregate {
-            Some((kind, id)) => (kind.as_str(), id.as_str()),
-            None => ("", ""),
-        };
+        let (aggregate_type, aggregate_id) = aggregate_args(&filter.aggregate);
         let mut invocation = SCRIPTS.retained.prepare_invoke();
         invocation
             .arg(self.prefix())

@@ -28,6 +28,7 @@ use ferry::{
 use ferry_core::testing::services;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
+use shared_operations::backlog;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -80,16 +81,6 @@ async fn keys_of(outbox: &RedisOutbox) -> Vec<String> {
         .unwrap();
     keys.sort();
     keys
-}
-
-async fn backlog(outbox: &RedisOutbox) -> u64 {
-    outbox
-        .status()
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.backlog)
-        .sum()
 }
 
 async fn fetch_all(outbox: &RedisOutbox) -> Vec<ferry::Message> {

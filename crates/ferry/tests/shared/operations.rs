@@ -72,6 +72,17 @@ pub(crate) async fn mark_all(
     }
 }
 
+/// Unpublished messages over all partitions, as `status` counts them.
+pub(crate) async fn backlog(outbox: &impl OutboxStore) -> u64 {
+    outbox
+        .status()
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.backlog)
+        .sum()
+}
+
 fn all_parked() -> ParkedQuery {
     ParkedQuery {
         limit: 10,
@@ -171,16 +182,7 @@ pub(crate) async fn blocked_partitions_are_listed_retried_and_skipped<O: OpsOutb
         [first.id, second.id],
         "back at its original place"
     );
-    assert_eq!(
-        outbox
-            .status()
-            .await
-            .unwrap()
-            .iter()
-            .map(|p| p.backlog)
-            .sum::<u64>(),
-        2
-    );
+    assert_eq!(backlog(outbox).await, 2);
     assert!(outbox.parked(&all_parked()).await.unwrap().is_empty());
     assert_eq!(
         outbox
