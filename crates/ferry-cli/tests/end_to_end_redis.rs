@@ -334,5 +334,21 @@ async fn operators_skip_park_requeue_and_replay_on_the_redis_store() {
             .iter()
             .all(|m| m.headers.get("ferry-replay").map(String::as_str) == Some("restore"))
     );
+
+    // Cleanup removes the kept messages past its bound; nothing is left to replay.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cleaned = ferry_ok(scenario, &["cleanup", "--published-older-than", "1s"]);
+    assert!(
+        cleaned.contains(&format!("deleted {} published message(s)", produced.len())),
+        "{cleaned}"
+    );
+    let dry_run = ferry_ok(
+        scenario,
+        &["replay", "--name", "again", "--all", "--dry-run"],
+    );
+    assert!(
+        dry_run.contains("0 retained messages selected"),
+        "{dry_run}"
+    );
     e2e.cleanup().await;
 }
