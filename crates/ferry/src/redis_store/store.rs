@@ -55,7 +55,7 @@ impl OutboxStore for RedisOutbox {
 
     /// Reads the partition's stream and its requeued messages (`front:<n>`) in one round
     /// trip and merges them by sequence. While some aggregate is held by parked messages,
-    /// the stream is read through a script that leaves the held aggregates out.
+    /// both are read in one script that leaves the held aggregates out.
     async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<Message>, StoreError> {
         let key = |name: &str| self.settings.key_prefix.key(&format!("{name}:{partition}"));
         let mut conn = self.conn.clone();
@@ -77,8 +77,8 @@ impl OutboxStore for RedisOutbox {
             .query_async(&mut conn)
             .await
             .map_err(store_error)?;
-        let stream = if holds == 0 {
-            stream
+        let (front, stream) = if holds == 0 {
+            (front, stream)
         } else {
             let mut invocation = SCRIPTS.fetch_held.prepare_invoke();
             invocation.arg(self.prefix()).arg(partition).arg(limit);

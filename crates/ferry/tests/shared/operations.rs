@@ -282,6 +282,31 @@ pub(crate) async fn park_aggregate_holds_the_aggregate_until_requeued<O: OpsOutb
         [a1.id, b1.id, a2.id]
     );
 
+    // Another aggregate parked meanwhile: the requeued ones still come in sequence order.
+    let b_head = outbox
+        .fetch(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == b1.id)
+        .unwrap();
+    assert_eq!(
+        outbox
+            .park_aggregate(&lease, &b_head, "relay relay-a", "b rejected")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        ids(&outbox.fetch(0, 10).await.unwrap()),
+        [a1.id, a2.id, c1.id, a3.id]
+    );
+    assert_eq!(outbox.requeue_parked("order", "b").await.unwrap(), 1);
+    assert_eq!(
+        ids(&outbox.fetch(0, 10).await.unwrap()),
+        [a1.id, b1.id, a2.id, c1.id, a3.id]
+    );
+
     // Rejected again after the requeue: the requeued messages and a3 are parked again.
     assert_eq!(
         outbox

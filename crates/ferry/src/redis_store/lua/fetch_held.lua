@@ -1,7 +1,10 @@
 -- A fetch while some aggregates are held by parked messages (`holds`): the first `limit`
--- entries of `p:<n>` whose aggregate is not held. (Requeued messages in `front:<n>` never
--- belong to a held aggregate: parking takes them out of it.)
--- ARGV: key prefix, partition, limit. Returns the entries as XRANGE does.
+-- entries of `front:<n>`, and of `p:<n>` those whose aggregate is not held, read together
+-- so that a requeue cannot fall between them (it releases an aggregate and fills
+-- `front:<n>` in one step). Requeued messages never belong to a held aggregate: parking
+-- takes them out of `front:<n>`.
+-- ARGV: key prefix, partition, limit. Returns {front entries, stream entries}, each as
+--   XRANGE gives them.
 
 local function main()
   local prefix, partition, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -28,7 +31,7 @@ local function main()
     end
     start = '(' .. page[#page][1]
   end
-  return found
+  return {redis.call('XRANGE', prefix .. 'front:' .. partition, '-', '+', 'COUNT', limit), found}
 end
 
 return run(main)
