@@ -91,15 +91,14 @@ impl Store {
         }
     }
 
-    /// The operators' view of the outbox (blocked partitions, parked messages, cleanup).
+    /// The operators' view of the outbox (blocked partitions, parked messages, cleanup,
+    /// retained messages for replay).
     pub fn admin(&self) -> anyhow::Result<Arc<dyn OutboxAdmin>> {
         Ok(match self {
             Self::Postgres(s) => s.clone(),
             Self::Sqlite(s) => s.clone(),
             Self::Mysql(s) => s.clone(),
-            Self::Redis(_) => bail!(
-                "blocked partitions, parked messages and cleanup are not available on the Redis store yet"
-            ),
+            Self::Redis(s) => s.clone(),
         })
     }
 

@@ -8,11 +8,16 @@
 //! |---|---|---|
 //! | `meta` | hash | `partitions`, `schema_version`, `enqueue_script`, `enqueue_sha` |
 //! | `p:<n>` | stream | unpublished messages of partition n, in sequence order |
+//! | `front:<n>` | stream | requeued messages of partition n, in sequence order; fetches merge them with `p:<n>` |
 //! | `done:<n>` | stream | published messages kept for the retention |
-//! | `ids` | hash | message id → `<partition> <stream entry id>`, unpublished only |
+//! | `kept` | sorted set | sequence → `<partition> <entry id>` in `done:<n>`, for replay |
+//! | `ids` | hash | message id → `<partition> <entry id>` (`f<entry id>` in `front:<n>`), or `parked` |
+//! | `parked:<id>` | hash | a parked message: its fields, `partition`, `parked_at`, `parked_by`, `reason`, `holds` |
+//! | `parked`, `parked_at`, `parked_of:<aggregate>` | sorted sets | parked ids by sequence, by time parked, by sequence per aggregate |
+//! | `holds` | hash | aggregate → how many parked messages hold it (fetches leave its messages out) |
 //! | `versions` | hash | aggregate → last version |
 //! | `seq` | string | the last sequence handed out |
-//! | `lease:<n>` | hash | `owner`, `epoch`, `expires_at` (ms), `clean`, `checkpoint`, `blocked_reason` |
+//! | `lease:<n>` | hash | `owner`, `epoch`, `expires_at` (ms), `clean`, `checkpoint`, `blocked_reason`, `blocked_at`, `retry` |
 //! | `relays` | sorted set | live relays, scored by heartbeat expiry (ms) |
 //! | `wake` | stream | one entry per enqueue call naming its partitions (capped) |
 //! | `inbox:<consumer>:…` | | the consumer inbox, see [`RedisInbox`] |
@@ -23,10 +28,11 @@
 //!
 //! Where things are: `settings.rs` has the key prefix and settings, `connection.rs` the
 //! connection and server version check, `enqueue.rs` the enqueue calls, `store.rs` the
-//! `OutboxStore` side, `lease.rs` the `LeaseStore` side, `inbox.rs` the consumer inbox,
+//! `OutboxStore` side, `admin.rs` the `OutboxAdmin` side, `lease.rs` the `LeaseStore` side, `inbox.rs` the consumer inbox,
 //! `writes.rs` the business writes, `stream.rs` the decoding of stream entries,
 //! `scripts.rs` and `lua/` the scripts, `error.rs` the mapping of Redis's errors.
 
+mod admin;
 mod connection;
 mod enqueue;
 mod error;
@@ -44,7 +50,7 @@ use std::time::Duration;
 use ::redis::aio::ConnectionManager;
 use ::redis::{Client, FromRedisValue, ScriptInvocation, Value};
 
-use ferry_core::{OutboxStore, StoreError};
+use ferry_core::{Lease, OutboxStore, StoreError};
 
 use error::store_error;
 use scripts::SCRIPTS;
@@ -56,7 +62,7 @@ pub use settings::{InvalidKeyPrefix, KeyPrefix, MAX_KEY_PREFIX_LEN, RedisSetting
 pub use writes::RedisWrites;
 
 /// The layout of keys and scripts this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Most partitions an outbox may have (as for the SQL stores).
 pub const MAX_PARTITIONS: u32 = 4096;
@@ -187,6 +193,16 @@ impl RedisOutbox {
 
     fn prefix(&self) -> &str {
         self.settings.key_prefix.as_str()
+    }
+
+    /// The owner fenced scripts check for a lease adopted from an outside backend; empty
+    /// for the store's own leases, checked by expiry instead.
+    fn adopted_owner<'a>(&self, lease: &'a Lease) -> &'a str {
+        if self.settings.external_leases {
+            &lease.owner
+        } else {
+            ""
+        }
     }
 
     async fn invoke<T: FromRedisValue>(

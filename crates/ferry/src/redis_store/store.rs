@@ -53,10 +53,23 @@ impl OutboxStore for RedisOutbox {
         }
     }
 
+    /// Reads the partition's stream and its requeued messages (`front:<n>`) in one round
+    /// trip and merges them by sequence. While some aggregate is held by parked messages,
+    /// both are read in one script that leaves the held aggregates out.
     async fn fetch(&self, partition: u32, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let key = |name: &str| self.settings.key_prefix.key(&format!("{name}:{partition}"));
         let mut conn = self.conn.clone();
-        let reply: Value = ::redis::cmd("XRANGE")
-            .arg(self.settings.key_prefix.key(&format!("p:{partition}")))
+        let (holds, front, stream): (u64, Value, Value) = ::redis::pipe()
+            .cmd("HLEN")
+            .arg(self.settings.key_prefix.key("holds"))
+            .cmd("XRANGE")
+            .arg(key("front"))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .cmd("XRANGE")
+            .arg(key("p"))
             .arg("-")
             .arg("+")
             .arg("COUNT")
@@ -64,7 +77,21 @@ impl OutboxStore for RedisOutbox {
             .query_async(&mut conn)
             .await
             .map_err(store_error)?;
-        stream::messages(reply, partition)
+        let (front, stream) = if holds == 0 {
+            (front, stream)
+        } else {
+            let mut invocation = SCRIPTS.fetch_held.prepare_invoke();
+            invocation.arg(self.prefix()).arg(partition).arg(limit);
+            self.invoke(&invocation).await?
+        };
+        let front = stream::messages(front, partition)?;
+        let mut messages = stream::messages(stream, partition)?;
+        if !front.is_empty() {
+            messages.extend(front);
+            messages.sort_by_key(|m| m.sequence);
+            messages.truncate(limit);
+        }
+        Ok(messages)
     }
 
     async fn mark_published(
@@ -80,11 +107,7 @@ impl OutboxStore for RedisOutbox {
             .arg(lease.epoch)
             .arg(u8::from(!self.settings.retention.is_zero()))
             .arg(checkpoint.map(|c| c.to_string()).unwrap_or_default())
-            .arg(if self.settings.external_leases {
-                lease.owner.as_str()
-            } else {
-                ""
-            });
+            .arg(self.adopted_owner(lease));
         for id in ids {
             invocation.arg(id.to_string());
         }
@@ -106,6 +129,39 @@ impl OutboxStore for RedisOutbox {
             return Err(StoreError::fenced(lease));
         }
         Ok(())
+    }
+
+    async fn take_retry_request(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let mut invocation = SCRIPTS.retry.prepare_invoke();
+        invocation
+            .arg(self.prefix())
+            .arg(lease.partition)
+            .arg("take")
+            .arg(lease.epoch)
+            .arg(self.adopted_owner(lease));
+        Ok(self.invoke::<i64>(&invocation).await? > 0)
+    }
+
+    /// One script checks the lease and moves the aggregate's messages, as a mark does (G5).
+    async fn park_aggregate(
+        &self,
+        lease: &Lease,
+        message: &Message,
+        by: &str,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
+        let mut invocation = SCRIPTS.park.prepare_invoke();
+        invocation
+            .arg(self.prefix())
+            .arg(lease.partition)
+            .arg(lease.epoch)
+            .arg(self.adopted_owner(lease))
+            .arg(&message.aggregate_type)
+            .arg(&message.aggregate_id)
+            .arg(by)
+            .arg(reason);
+        let parked: i64 = self.invoke(&invocation).await?;
+        u64::try_from(parked).map_err(|_| StoreError::fenced(lease))
     }
 
     async fn adopt(&self, lease: &Lease) -> Result<Option<u64>, StoreError> {
@@ -210,11 +266,8 @@ impl OutboxStore for RedisOutbox {
         if self.settings.retention.is_zero() {
             return Ok(0);
         }
-        let mut invocation = SCRIPTS.purge.prepare_invoke();
-        invocation
-            .arg(self.prefix())
-            .arg(millis(self.settings.retention));
-        self.invoke(&invocation).await
+        self.purge(&SCRIPTS.purge_published, self.settings.retention)
+            .await
     }
 
     fn retention(&self) -> Duration {

@@ -1,12 +1,12 @@
-//! Decoding stream replies: partition entries into messages, wake-up entries into
-//! partition numbers.
+//! Decoding stream replies: partition entries into messages, parked records into parked
+//! messages, wake-up entries into partition numbers.
 
 use ::redis::Value;
 use bytes::Bytes;
 use chrono::DateTime;
 use uuid::Uuid;
 
-use ferry_core::{Headers, Message, StoreError};
+use ferry_core::{Headers, Message, ParkedMessage, StoreError};
 
 /// The entries of an `XRANGE` reply: `[[entry id, [field, value, …]], …]`.
 fn entries(reply: Value) -> Result<Vec<(String, Vec<Value>)>, StoreError> {
@@ -106,6 +106,44 @@ fn message(entry: &str, fields: Vec<Value>, partition: u32) -> Result<Message, S
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("sequence"))?,
     })
+}
+
+/// A parked record (a hash's fields, as `parked.lua` returns them): the message's fields
+/// plus `partition`, `parked_at` (ms), `parked_by`, `reason` and `holds`.
+pub(super) fn parked(fields: Vec<Value>) -> Result<ParkedMessage, StoreError> {
+    let field = |wanted: &[u8]| {
+        fields.chunks(2).find_map(|pair| match pair {
+            [Value::BulkString(name), Value::BulkString(value)] if name == wanted => {
+                Some(String::from_utf8_lossy(value).into_owned())
+            }
+            _ => None,
+        })
+    };
+    let bad = |what: &str| corrupt(&format!("a parked message without a valid {what}"));
+    let partition = field(b"partition")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| bad("partition"))?;
+    let parked_at = field(b"parked_at")
+        .and_then(|at| at.parse().ok())
+        .and_then(DateTime::from_timestamp_millis)
+        .ok_or_else(|| bad("parked_at"))?;
+    let parked_by = field(b"parked_by").ok_or_else(|| bad("parked_by"))?;
+    let reason = field(b"reason").ok_or_else(|| bad("reason"))?;
+    let holds_aggregate = field(b"holds").as_deref() == Some("1");
+    Ok(ParkedMessage {
+        message: message("parked", fields, partition)?,
+        parked_at,
+        parked_by,
+        reason,
+        holds_aggregate,
+    })
+}
+
+/// Messages from `retained.lua`'s page: `[[partition, fields], …]`.
+pub(super) fn retained(page: Vec<(u32, Vec<Value>)>) -> Result<Vec<Message>, StoreError> {
+    page.into_iter()
+        .map(|(partition, fields)| message("kept", fields, partition))
+        .collect()
 }
 
 /// Producers in other languages may send any bytes; ferry's fields are text.

@@ -75,6 +75,8 @@ macro_rules! every_server_passes {
 
 mod harness;
 mod scenarios;
+#[path = "../shared/operations.rs"]
+mod shared_operations;
 
 #[cfg(feature = "mysql")]
 mod mysql;

@@ -15,7 +15,7 @@ local function main()
     return -1
   end
   if held ~= epoch then
-    redis.call('HDEL', lease, 'blocked_reason')
+    redis.call('HDEL', lease, 'blocked_reason', 'blocked_at')
   end
   redis.call('HSET', lease, 'epoch', epoch, 'owner', owner)
   return current[3] or ''

@@ -209,3 +209,64 @@ local function apply_writes(writes)
     redis.call(write[1], write[2], unpack(write[3]))
   end
 end
+
+-- Whether the lease of `lease` (a lease hash key) with `epoch` is current: on the server's
+-- clock for the store's own leases, or, for a lease adopted from an outside backend
+-- (`adopted_by` not ''), while its epoch and owner are the adopted ones. The check every
+-- fenced write (mark, park, taking a retry request) makes first.
+local function lease_is_current(lease, epoch, adopted_by)
+  local current = redis.call('HMGET', lease, 'epoch', 'expires_at', 'owner')
+  if current[1] ~= epoch then
+    return false
+  end
+  if adopted_by == '' then
+    return (tonumber(current[2]) or 0) > now_ms()
+  end
+  return current[3] == adopted_by
+end
+
+-- A stream entry's or hash's flat {field, value, ...} list as a table.
+local function field_table(fields)
+  local t = {}
+  for i = 1, #fields, 2 do
+    t[fields[i]] = fields[i + 1]
+  end
+  return t
+end
+
+-- Where the `ids` index says an unpublished message is: its partition, the stream key and
+-- the entry id ('<partition> <entry>' in `p:<n>`, '<partition> f<entry>' in `front:<n>`,
+-- requeued messages), or nil for a message that is parked, published or unknown.
+local function locate(prefix, location)
+  local partition, front, entry = string.match(location or '', '^(%d+) (f?)(%d+%-%d+)$')
+  if not partition then
+    return nil
+  end
+  local stream = prefix .. (front == 'f' and 'front:' or 'p:') .. partition
+  return partition, stream, entry
+end
+
+-- Moves the entry `entry` of `stream` (message fields `fields`, of partition `partition`)
+-- to the parked messages: a hash per message, indexed by sequence, by aggregate and by
+-- when it was parked. `holds` ('1'/'0') says whether it holds its aggregate.
+local function park_entry(prefix, stream, entry, fields, partition, now, by, reason, holds)
+  local m = field_table(fields)
+  local parked = prefix .. 'parked:' .. m.id
+  redis.call('DEL', parked)
+  redis.call('HSET', parked, unpack(fields))
+  redis.call('HSET', parked, 'partition', partition, 'parked_at', now, 'parked_by', by,
+    'reason', reason, 'holds', holds)
+  redis.call('ZADD', prefix .. 'parked', m.sequence, m.id)
+  redis.call('ZADD', prefix .. 'parked_at', now, m.id)
+  redis.call('ZADD', prefix .. 'parked_of:' .. aggregate_field(m.aggregate_type, m.aggregate_id), m.sequence, m.id)
+  redis.call('HSET', prefix .. 'ids', m.id, 'parked')
+  redis.call('XDEL', stream, entry)
+  return m
+end
+
+-- Wakes relays blocked in XREAD for the partitions in `partitions` (a list of numbers).
+local function wake_partitions(prefix, partitions)
+  if #partitions > 0 then
+    redis.call('XADD', prefix .. 'wake', 'MAXLEN', '~', '10000', '*', 'p', table.concat(partitions, ','))
+  end
+end

@@ -48,7 +48,8 @@ local function main()
   if mode == 'check' then
     return {verdict, last}
   end
-  redis.call('SET', seen, '1', 'PX', ttl)
+  -- The record holds when it was made, for `ferry cleanup`.
+  redis.call('SET', seen, int(now_ms()), 'PX', ttl)
   if verdict == 'apply' then
     redis.call('HSET', versions, field, version)
     apply_writes(writes)

@@ -1,9 +1,8 @@
--- The fenced mark: removes published messages from their partition's stream, only while
--- the caller's lease epoch is current and unexpired on the server's clock or, for a lease
--- adopted from an outside backend, while its epoch and owner are the adopted ones.
+-- The fenced mark: removes published messages from their partition's streams, only while
+-- the caller's lease is current (see `lease_is_current`).
 -- ARGV: key prefix, partition, epoch, keep ('1': copy each message to the partition's
---   published stream for retention), checkpoint ('' for none), adopted owner ('' for the
---   store's own leases), message ids...
+--   published stream for retention, indexed by sequence in `kept`), checkpoint ('' for
+--   none), adopted owner ('' for the store's own leases), message ids...
 -- Returns the number of messages removed, or -1 (fenced: nothing changed).
 
 local CHUNK = 500
@@ -12,14 +11,7 @@ local function main()
   local prefix, partition, epoch = ARGV[1], ARGV[2], ARGV[3]
   local keep, checkpoint, adopted_by = ARGV[4] == '1', ARGV[5], ARGV[6]
   local lease = prefix .. 'lease:' .. partition
-  local current = redis.call('HMGET', lease, 'epoch', 'expires_at', 'owner')
-  if current[1] ~= epoch then
-    return -1
-  end
-  if adopted_by == '' and (tonumber(current[2]) or 0) <= now_ms() then
-    return -1
-  end
-  if adopted_by ~= '' and current[3] ~= adopted_by then
+  if not lease_is_current(lease, epoch, adopted_by) then
     return -1
   end
   if checkpoint ~= '' then
@@ -28,7 +20,6 @@ local function main()
       redis.call('HSET', lease, 'checkpoint', checkpoint)
     end
   end
-  local stream = prefix .. 'p:' .. partition
   local published = prefix .. 'done:' .. partition
   local ids = prefix .. 'ids'
   local removed = 0
@@ -40,23 +31,27 @@ local function main()
     local locations = redis.call('HMGET', ids, unpack(chunk))
     local entries, found = {}, {}
     for i, location in ipairs(locations) do
-      -- An id of another partition, or marked already, is left alone.
-      local owner, entry = string.match(location or '', '^(%d+) (.+)$')
+      -- An id of another partition, parked, or marked already, is left alone.
+      local owner, stream, entry = locate(prefix, location)
       if owner == partition then
-        entries[#entries + 1] = entry
+        entries[stream] = entries[stream] or {}
+        table.insert(entries[stream], entry)
         found[#found + 1] = chunk[i]
       end
     end
-    if #entries > 0 then
+    for stream, list in pairs(entries) do
       if keep then
-        for _, entry in ipairs(entries) do
+        for _, entry in ipairs(list) do
           local copy = redis.call('XRANGE', stream, entry, entry)[1]
           if copy then
-            redis.call('XADD', published, '*', unpack(copy[2]))
+            local kept = redis.call('XADD', published, '*', unpack(copy[2]))
+            redis.call('ZADD', prefix .. 'kept', field_table(copy[2]).sequence, partition .. ' ' .. kept)
           end
         end
       end
-      removed = removed + redis.call('XDEL', stream, unpack(entries))
+      removed = removed + redis.call('XDEL', stream, unpack(list))
+    end
+    if #found > 0 then
       redis.call('HDEL', ids, unpack(found))
     end
   end

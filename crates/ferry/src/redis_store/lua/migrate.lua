@@ -1,4 +1,6 @@
 -- Creates or upgrades an outbox under a key prefix, idempotently.
+-- Version 2 indexes published messages kept for replay by sequence (`kept`); an outbox of
+-- version 1 has its kept messages indexed here, once.
 -- ARGV: key prefix, partitions, schema version, enqueue script text, its SHA1.
 -- Lease epochs start at the server's clock in ms, so that epochs stay unique even if the
 -- Redis data set is lost and the outbox created again (a relay from before cannot match).
@@ -20,6 +22,13 @@ local function main()
     local lease = prefix .. 'lease:' .. partition
     if redis.call('EXISTS', lease) == 0 then
       redis.call('HSET', lease, 'owner', '', 'epoch', epoch, 'expires_at', '0', 'clean', '1')
+    end
+  end
+  if existing[2] == '1' then
+    for partition = 0, tonumber(partitions) - 1 do
+      for _, item in ipairs(redis.call('XRANGE', prefix .. 'done:' .. partition, '-', '+')) do
+        redis.call('ZADD', prefix .. 'kept', field_table(item[2]).sequence, partition .. ' ' .. item[1])
+      end
     end
   end
   redis.call('HSET', meta, 'partitions', partitions, 'schema_version', version,

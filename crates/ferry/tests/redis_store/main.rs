@@ -1,8 +1,13 @@
 //! The Redis store and inbox against the real server (`FERRY_TEST_REDIS_URL`, default
 //! `redis://127.0.0.1:6379`). Each test uses its own key prefix. The persistence tests
-//! start `redis-server` processes of their own on free loopback ports.
+//! start `redis-server` processes of their own on free loopback ports. `operations.rs`:
+//! the operators' tools (blocked, skip, park, requeue, cleanup, replay selection).
 #![cfg(all(feature = "redis-store", feature = "file"))]
 #![allow(clippy::unwrap_used)]
+
+mod operations;
+#[path = "../shared/operations.rs"]
+mod shared_operations;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
@@ -23,6 +28,7 @@ use ferry::{
 use ferry_core::testing::services;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
+use shared_operations::backlog;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -75,16 +81,6 @@ async fn keys_of(outbox: &RedisOutbox) -> Vec<String> {
         .unwrap();
     keys.sort();
     keys
-}
-
-async fn backlog(outbox: &RedisOutbox) -> u64 {
-    outbox
-        .status()
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.backlog)
-        .sum()
 }
 
 async fn fetch_all(outbox: &RedisOutbox) -> Vec<ferry::Message> {
