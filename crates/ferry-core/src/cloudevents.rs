@@ -4,6 +4,11 @@
 //! prefix (`ce-` for NATS and HTTP, `ce_` for Kafka, `cloudEvents:` for AMQP) and the payload
 //! is the body, untouched. Structured mode (files, stdout, and NATS when configured) is one
 //! JSON object: the event with its payload as `data`.
+//!
+//! A message's W3C trace context travels as the distributed-tracing extension
+//! (`traceparent`, `tracestate`): `ce-traceparent` and so on in binary mode, beside the plain
+//! `traceparent` header that the protocol's own tracing reads; top-level attributes in
+//! structured mode. Decoding puts them back among the headers.
 
 use std::borrow::Cow;
 
@@ -15,6 +20,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::message::{CONTENT_TYPE_HEADER, Headers, Message, default_partition_key};
+use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceParent};
 
 pub const SPEC_VERSION: &str = "1.0";
 
@@ -25,6 +31,10 @@ pub mod ext {
     pub const PARTITION_KEY: &str = "partitionkey";
     pub const SEQUENCE: &str = "sequence";
 }
+
+/// The distributed-tracing extension's attributes, sent when the message carries them (as
+/// headers of the same names).
+pub const TRACE_ATTRIBUTE_NAMES: [&str; 2] = [TRACEPARENT, TRACESTATE];
 
 /// The media type of a structured-mode event in the JSON event format: the `content-type`
 /// by which a receiver tells a structured message from a binary one.
@@ -75,7 +85,8 @@ pub fn format_time(time: &DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// The names of the attributes [`binary_attributes`] yields, in its order.
+/// The names of the attributes [`binary_attributes`] yields for every message, in its
+/// order; [`TRACE_ATTRIBUTE_NAMES`] follow when present.
 pub const BINARY_ATTRIBUTE_NAMES: [&str; 10] = [
     "specversion",
     "id",
@@ -89,13 +100,21 @@ pub const BINARY_ATTRIBUTE_NAMES: [&str; 10] = [
     ext::SEQUENCE,
 ];
 
-/// The context attributes of `message` in binary mode, without prefix, in a fixed order.
+/// The context attributes of `message` in binary mode, without prefix, in a fixed order:
+/// [`BINARY_ATTRIBUTE_NAMES`], then the trace context the message carries.
 /// `datacontenttype` is not among them: bindings carry it as their own content-type header.
 pub fn binary_attributes<'a>(
     message: &'a Message,
     source: &'a Source,
-) -> [(&'static str, Cow<'a, str>); 10] {
-    [
+) -> impl ExactSizeIterator<Item = (&'static str, Cow<'a, str>)> {
+    let mut trace = TRACE_ATTRIBUTE_NAMES
+        .into_iter()
+        .filter_map(|name| Some((name, Cow::Borrowed(message.headers.get(name)?.as_str()))));
+    let mut unused = || ("", Cow::Borrowed(""));
+    let (first, second) = (trace.next(), trace.next());
+    let present = usize::from(first.is_some()) + usize::from(second.is_some());
+    // One array, so that the iterator knows its length (a stream entry counts its fields).
+    let attributes: [(&'static str, Cow<'a, str>); 12] = [
         ("specversion", Cow::Borrowed(SPEC_VERSION)),
         ("id", Cow::Owned(message.id.to_string())),
         ("source", source.for_message(message)),
@@ -109,7 +128,12 @@ pub fn binary_attributes<'a>(
         ),
         (ext::PARTITION_KEY, Cow::Borrowed(&message.partition_key)),
         (ext::SEQUENCE, Cow::Owned(message.sequence.to_string())),
-    ]
+        first.unwrap_or_else(&mut unused),
+        second.unwrap_or_else(&mut unused),
+    ];
+    attributes
+        .into_iter()
+        .take(BINARY_ATTRIBUTE_NAMES.len() + present)
 }
 
 /// The user headers to send beside the CloudEvents attributes (all but `content-type`).
@@ -135,6 +159,10 @@ struct Structured<'a> {
     aggregateversion: u64,
     partitionkey: &'a str,
     sequence: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracestate: Option<&'a str>,
     #[serde(skip_serializing_if = "Headers::is_empty")]
     headers: Headers,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,7 +194,10 @@ pub fn to_structured_json(message: &Message, source: &Source) -> String {
         aggregateversion: message.version,
         partitionkey: &message.partition_key,
         sequence: message.sequence,
+        traceparent: message.headers.get(TRACEPARENT).map(String::as_str),
+        tracestate: message.headers.get(TRACESTATE).map(String::as_str),
         headers: user_headers(message)
+            .filter(|(name, _)| !TRACE_ATTRIBUTE_NAMES.contains(name))
             .map(|(n, v)| (n.to_owned(), v.to_owned()))
             .collect(),
         data: json_data,
@@ -191,7 +222,8 @@ pub struct ReceivedMessage {
     pub event_type: String,
     pub partition_key: String,
     pub payload: Bytes,
-    /// Headers that are not CloudEvents attributes (trace context, user headers).
+    /// Headers that are not CloudEvents attributes (user headers), and the trace context
+    /// (`traceparent`, `tracestate`: see [`Self::traceparent`]).
     pub headers: Headers,
     pub time: Option<DateTime<Utc>>,
 }
@@ -269,11 +301,28 @@ impl ReceivedMessage {
         Self::from_attributes(attributes, headers, payload)
     }
 
+    /// The producer's trace context, if the message carries a valid one: continue its
+    /// trace from `trace_id` and `parent_id` (with OpenTelemetry, the `ferry` crate's `otel`
+    /// feature makes it the parent of a span).
+    pub fn traceparent(&self) -> Option<TraceParent<'_>> {
+        TraceParent::parse(self.headers.get(TRACEPARENT)?).ok()
+    }
+
+    /// The vendor part of the producer's trace context (W3C `tracestate`).
+    pub fn tracestate(&self) -> Option<&str> {
+        self.headers.get(TRACESTATE).map(String::as_str)
+    }
+
     fn from_attributes(
         mut attributes: Headers,
-        headers: Headers,
+        mut headers: Headers,
         payload: Bytes,
     ) -> Result<Self, DecodeError> {
+        for name in TRACE_ATTRIBUTE_NAMES {
+            if let Some(value) = attributes.remove(name) {
+                headers.insert(name.to_owned(), value);
+            }
+        }
         let mut take =
             |name: &'static str| attributes.remove(name).ok_or(DecodeError::Missing(name));
         let id_text = take("id")?;
@@ -329,9 +378,11 @@ impl From<Message> for ReceivedMessage {
 mod tests {
     use super::*;
 
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
     fn sample(payload: &'static [u8], content_type: Option<&str>) -> Message {
         let mut headers = Headers::new();
-        headers.insert("traceparent".into(), "00-abc-def-01".into());
+        headers.insert(TRACEPARENT.into(), TRACE.into());
         if let Some(ct) = content_type {
             headers.insert(CONTENT_TYPE_HEADER.into(), ct.into());
         }
@@ -371,10 +422,46 @@ mod tests {
             assert_eq!(received.aggregate_id, "42");
             assert_eq!(received.partition_key, "order/42");
             assert_eq!(
-                received.headers.get("traceparent").map(String::as_str),
-                Some("00-abc-def-01")
+                received.traceparent().map(|t| t.trace_id),
+                Some("4bf92f3577b34da6a3ce929d0e0e4736")
             );
         }
+    }
+
+    #[test]
+    fn trace_context_is_the_distributed_tracing_extension() {
+        let mut m = sample(b"{}", None);
+        m.headers.insert(TRACESTATE.into(), "rojo=1".into());
+        let source = Source::default();
+        let attributes: Vec<_> = binary_attributes(&m, &source).collect();
+        assert_eq!(attributes.len(), BINARY_ATTRIBUTE_NAMES.len() + 2);
+        assert_eq!(binary_attributes(&m, &source).len(), attributes.len());
+        assert_eq!(attributes[10], (TRACEPARENT, Cow::Borrowed(TRACE)));
+        assert_eq!(attributes[11], (TRACESTATE, Cow::Borrowed("rojo=1")));
+        // The attributes alone (no plain header) carry it to a consumer.
+        let prefixed: Vec<(String, String)> = attributes
+            .iter()
+            .map(|(n, v)| (format!("ce-{n}"), v.to_string()))
+            .collect();
+        let received = ReceivedMessage::from_binary(
+            prefixed.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+            Bytes::new(),
+        )
+        .expect("decodes");
+        assert_eq!(received.traceparent().map(|t| t.parent_id), Some("00f067aa0ba902b7"));
+        assert_eq!(received.tracestate(), Some("rojo=1"));
+
+        let json = to_structured_json(&m, &source);
+        assert!(json.contains(&format!(r#""traceparent":"{TRACE}""#)), "{json}");
+        assert!(json.contains(r#""tracestate":"rojo=1""#), "{json}");
+        assert!(!json.contains(r#""headers""#), "only trace context, no other headers: {json}");
+        let received = ReceivedMessage::from_structured_json(&json).expect("decodes");
+        assert_eq!(received.traceparent().map(|t| t.trace_id), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(received.tracestate(), Some("rojo=1"));
+
+        m.headers.clear();
+        assert_eq!(binary_attributes(&m, &source).len(), BINARY_ATTRIBUTE_NAMES.len());
+        assert!(!to_structured_json(&m, &source).contains(TRACEPARENT));
     }
 
     #[test]
@@ -410,8 +497,11 @@ mod tests {
     #[test]
     fn attribute_names_are_those_yielded() {
         let m = sample(b"{}", None);
-        let names = binary_attributes(&m, &Source::default()).map(|(name, _)| name);
-        assert_eq!(names, BINARY_ATTRIBUTE_NAMES);
+        let names: Vec<_> = binary_attributes(&m, &Source::default())
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(names[..10], BINARY_ATTRIBUTE_NAMES);
+        assert_eq!(names[10..], [TRACEPARENT]);
     }
 
     #[test]

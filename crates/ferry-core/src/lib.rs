@@ -15,6 +15,7 @@ pub mod partition;
 pub mod relay;
 pub mod sink;
 pub mod store;
+pub mod trace_context;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -34,3 +35,4 @@ pub use relay::{
 };
 pub use sink::{Delivery, ReconcileRequest, Sink, SinkError, report_unsent};
 pub use store::{OutboxStore, PartitionStatus, Wakers};
+pub use trace_context::TraceParent;
