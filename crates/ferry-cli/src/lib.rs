@@ -1,10 +1,11 @@
 //! What the `ferry` binary and `ferry-bench` share: the config file ([`config`]), turning
-//! it into a store, leases and a sink ([`wiring`]), and the process's logging and shutdown
-//! ([`process`]).
+//! it into a store, leases and a sink ([`wiring`]), the process's logging and span export
+//! ([`telemetry`]) and its shutdown ([`process`]).
 //!
 //! Errors are `anyhow`'s: this library is the binaries' own start-up path, not an API for
 //! applications (those use the `ferry` crate).
 
 pub mod config;
 pub mod process;
+pub mod telemetry;
 pub mod wiring;

@@ -12,7 +12,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use ferry_cli::config::Config;
-use ferry_cli::process::{init_logging, shutdown_on_signal};
+use ferry_cli::process::shutdown_on_signal;
+use ferry_cli::telemetry::{Telemetry, init_logging};
 use ferry_cli::wiring;
 
 /// jemalloc instead of glibc's malloc: the relay allocates and frees many small buffers
@@ -93,8 +94,8 @@ async fn main() -> std::process::ExitCode {
     } else {
         "info"
     };
-    init_logging(cli.log_json, default_level);
-    match run(cli.command).await {
+    let telemetry = init_logging(cli.log_json, default_level);
+    match run(cli.command, &telemetry).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", ferry::ErrorChain(err.as_ref()));
@@ -103,7 +104,7 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command, telemetry: &Telemetry) -> anyhow::Result<()> {
     match command {
         Command::Migrate { config } => {
             let config = Config::load(&config)?;
@@ -122,6 +123,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Relay { config } => {
             let config = Config::load(&config)?;
+            let spans = telemetry.export_spans(&config.tracing)?;
             let shutdown = shutdown_on_signal()?;
             let Some(store) =
                 wiring::retry_until_ready("store", &shutdown, || wiring::Store::open(&config))
@@ -148,7 +150,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 sink,
                 config.relay_config(),
             );
-            relay.run(shutdown).await.context("relay stopped")
+            let outcome = relay.run(shutdown).await.context("relay stopped");
+            if let Some(spans) = spans {
+                spans.shutdown().await;
+            }
+            outcome
         }
         Command::Serve { config } => serve::run(&config).await,
         Command::Status { config, json } => {
