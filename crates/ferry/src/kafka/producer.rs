@@ -431,6 +431,7 @@ mod tests {
                 "ce_aggregateversion",
                 "ce_partitionkey",
                 "ce_sequence",
+                "ce_traceparent",
                 "content-type"
             ]
         );
