@@ -22,9 +22,15 @@ use crate::config::TracingSection;
 type ExportLayer = OpenTelemetryLayer<Registry, SdkTracer>;
 
 /// What [`init_logging`] installed: a slot for exporting spans.
-#[derive(Debug)]
 pub struct Telemetry {
     export: reload::Handle<Option<ExportLayer>, Registry>,
+}
+
+/// By hand: the exporting layer has no `Debug`.
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
 }
 
 /// Logs to stderr, filtered by `FERRY_LOG` (e.g. `ferry=debug`), else `default_level`.

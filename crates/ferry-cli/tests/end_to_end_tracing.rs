@@ -16,8 +16,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message as _;
 
 use common::{PgScenario, ferry_bin, nats_sink_section, nats_stream, unique_tag};
@@ -56,7 +56,10 @@ async fn receive(State(received): State<Received>, body: Bytes) -> StatusCode {
     };
     let mut received = received.lock().unwrap();
     for resource_spans in request.resource_spans {
-        let resource = resource_spans.resource.map(|r| text(&r.attributes)).unwrap_or_default();
+        let resource = resource_spans
+            .resource
+            .map(|r| text(&r.attributes))
+            .unwrap_or_default();
         let service = resource.get("service.name").cloned().unwrap_or_default();
         for scope in resource_spans.scope_spans {
             for span in scope.spans {
@@ -91,7 +94,8 @@ async fn the_relays_batches_are_exported_as_spans_over_otlp() {
     let endpoint = otlp_receiver(received.clone()).await;
     let tag = unique_tag();
     let service = format!("ferry-e2e-{tag}");
-    let tracing = format!("[tracing]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"{service}\"\n");
+    let tracing =
+        format!("[tracing]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"{service}\"\n");
     let pg = PgScenario::new(
         &tag,
         2,
@@ -115,7 +119,10 @@ async fn the_relays_batches_are_exported_as_spans_over_otlp() {
         .sum();
     assert_eq!(relayed, 100, "every message in exactly one exported batch");
     for batch in &batches {
-        assert!(["0", "1"].contains(&batch.attributes["partition"].as_str()), "{batch:?}");
+        assert!(
+            ["0", "1"].contains(&batch.attributes["partition"].as_str()),
+            "{batch:?}"
+        );
         for step in ["publish", "mark"] {
             assert!(
                 spans.iter().any(|s| s.name == step

@@ -448,19 +448,34 @@ mod tests {
             Bytes::new(),
         )
         .expect("decodes");
-        assert_eq!(received.traceparent().map(|t| t.parent_id), Some("00f067aa0ba902b7"));
+        assert_eq!(
+            received.traceparent().map(|t| t.parent_id),
+            Some("00f067aa0ba902b7")
+        );
         assert_eq!(received.tracestate(), Some("rojo=1"));
 
         let json = to_structured_json(&m, &source);
-        assert!(json.contains(&format!(r#""traceparent":"{TRACE}""#)), "{json}");
+        assert!(
+            json.contains(&format!(r#""traceparent":"{TRACE}""#)),
+            "{json}"
+        );
         assert!(json.contains(r#""tracestate":"rojo=1""#), "{json}");
-        assert!(!json.contains(r#""headers""#), "only trace context, no other headers: {json}");
+        assert!(
+            !json.contains(r#""headers""#),
+            "only trace context, no other headers: {json}"
+        );
         let received = ReceivedMessage::from_structured_json(&json).expect("decodes");
-        assert_eq!(received.traceparent().map(|t| t.trace_id), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            received.traceparent().map(|t| t.trace_id),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         assert_eq!(received.tracestate(), Some("rojo=1"));
 
         m.headers.clear();
-        assert_eq!(binary_attributes(&m, &source).len(), BINARY_ATTRIBUTE_NAMES.len());
+        assert_eq!(
+            binary_attributes(&m, &source).len(),
+            BINARY_ATTRIBUTE_NAMES.len()
+        );
         assert!(!to_structured_json(&m, &source).contains(TRACEPARENT));
     }
 

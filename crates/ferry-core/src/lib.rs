@@ -15,9 +15,9 @@ pub mod partition;
 pub mod relay;
 pub mod sink;
 pub mod store;
-pub mod trace_context;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod trace_context;
 
 pub use admin::{
     BlockedPartition, Cleaned, CleanupBounds, OutboxAdmin, ParkedMessage, ParkedQuery,

@@ -29,10 +29,15 @@ impl<'a> TraceParent<'a> {
         let mut next = || fields.next().unwrap_or("");
         let (version, trace_id, parent_id, flags, rest) = (next(), next(), next(), next(), next());
         let hex = |field: &str, len: usize| {
-            field.len() == len && field.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            field.len() == len
+                && field
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         };
         if !(hex(version, 2) && hex(trace_id, 32) && hex(parent_id, 16) && hex(flags, 2)) {
-            return Err("it must be version-traceid-parentid-flags: 2, 32, 16 and 2 lowercase hex digits joined by '-'");
+            return Err(
+                "it must be version-traceid-parentid-flags: 2, 32, 16 and 2 lowercase hex digits joined by '-'",
+            );
         }
         if version == "ff" {
             return Err("version ff is forbidden");
@@ -84,16 +89,22 @@ pub fn check_tracestate(value: &str) -> Result<(), &'static str> {
         let first = key.bytes().next().unwrap_or(b'_');
         let key_ok = key.len() <= 256
             && (first.is_ascii_lowercase() || first.is_ascii_digit())
-            && key.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/@".contains(&b)
-            });
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/@".contains(&b));
         if !key_ok {
-            return Err("a key must be lowercase letters, digits and _-*/@, starting with a letter or digit");
+            return Err(
+                "a key must be lowercase letters, digits and _-*/@, starting with a letter or digit",
+            );
         }
         let val_ok = (1..=256).contains(&val.len())
-            && val.bytes().all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=');
+            && val
+                .bytes()
+                .all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=');
         if !val_ok {
-            return Err("a value must be 1 to 256 printable ASCII characters other than ',' and '='");
+            return Err(
+                "a value must be 1 to 256 printable ASCII characters other than ',' and '='",
+            );
         }
     }
     Ok(())
@@ -111,7 +122,11 @@ mod tests {
         assert_eq!(parsed.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(parsed.parent_id, "00f067aa0ba902b7");
         assert!(parsed.sampled());
-        assert!(!TraceParent::parse(&VALID.replace("-01", "-00")).unwrap().sampled());
+        assert!(
+            !TraceParent::parse(&VALID.replace("-01", "-00"))
+                .unwrap()
+                .sampled()
+        );
         // A later version may add fields after the flags.
         let future = format!("01{}-what-comes-next", &VALID[2..]);
         assert!(TraceParent::parse(&future).is_ok());

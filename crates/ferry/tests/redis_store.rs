@@ -208,7 +208,10 @@ async fn enqueue_writes_business_keys_and_the_message_together() {
         .zadd(format!("{business}paid"), "42", 1700.5)
         .sadd(format!("{business}customers"), "c-7")
         .rpush(format!("{business}log"), "paid 42");
-    let message = order_event("42", "order.paid").with_header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    let message = order_event("42", "order.paid").with_header(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
     let enqueued = outbox.enqueue(&writes, message).await.unwrap();
     assert_eq!(enqueued.version, 1);
     assert_eq!(enqueued.partition, partition_for("order/42", 4));
@@ -235,7 +238,10 @@ async fn enqueue_writes_business_keys_and_the_message_together() {
     );
     assert_eq!(m.event_type, "order.paid");
     assert_eq!(m.payload, Bytes::from(r#"{"order":"42"}"#));
-    assert_eq!(m.headers["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    assert_eq!(
+        m.headers["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
     assert_eq!(m.partition_key, "order/42");
     assert!((chrono::Utc::now() - m.created_at).num_seconds().abs() < 60);
 
@@ -387,7 +393,10 @@ async fn another_language_calls_the_script_with_evalsha() {
     assert_eq!(status, "issued");
     let fetched = outbox.fetch(enqueued[0].partition, 10).await.unwrap();
     assert_eq!(fetched[0].event_type, "invoice.issued");
-    assert_eq!(fetched[0].headers["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    assert_eq!(
+        fetched[0].headers["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
 
     // Bad input from another language gets a FERRY_INVALID reply naming the problem.
     let err = redis::cmd("EVALSHA")
@@ -468,8 +477,16 @@ async fn the_trace_context_is_stored_from_rust_and_from_the_script() {
         ("", &["00-abc-def-01"][..], "traceparent"),
         ("", &[&PARENT.to_uppercase()[..]][..], "traceparent"),
         (r#"{"traceparent":"00-abc"}"#, &[][..], "traceparent"),
-        ("", &["", "congo=2"][..], "tracestate goes with a traceparent"),
-        (&format!(r#"{{"traceparent":"{PARENT}"}}"#)[..], &[PARENT][..], "given twice"),
+        (
+            "",
+            &["", "congo=2"][..],
+            "tracestate goes with a traceparent",
+        ),
+        (
+            &format!(r#"{{"traceparent":"{PARENT}"}}"#)[..],
+            &[PARENT][..],
+            "given twice",
+        ),
     ] {
         let err = call(headers, trace)
             .query_async::<redis::Value>(&mut conn)

@@ -61,7 +61,8 @@ async fn relay(outbox: &Arc<PgOutbox>, sink: Arc<dyn Sink>) {
     let mut config = RelayConfig::new("trace-test");
     config.poll_interval = Duration::from_millis(50);
     let stop = CancellationToken::new();
-    let relay = tokio::spawn(Relay::new(outbox.clone(), outbox.clone(), sink, config).run(stop.clone()));
+    let relay =
+        tokio::spawn(Relay::new(outbox.clone(), outbox.clone(), sink, config).run(stop.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while outbox.status().await.unwrap().iter().any(|p| p.backlog > 0) {
         assert!(tokio::time::Instant::now() < deadline, "not relayed");
@@ -74,7 +75,9 @@ async fn relay(outbox: &Arc<PgOutbox>, sink: Arc<dyn Sink>) {
 /// The consumer's side: the decoded message carries the producer's span as trace context,
 /// and a consumer span continues that trace.
 fn assert_continues(received: &ReceivedMessage, trace_id: TraceId, span_id: &str) {
-    let parent = received.traceparent().expect("the message carries a trace context");
+    let parent = received
+        .traceparent()
+        .expect("the message carries a trace context");
     assert_eq!(parent.trace_id, trace_id.to_string());
     assert_eq!(parent.parent_id, span_id);
     let consumer = tracing::info_span!("apply order event");
@@ -164,13 +167,18 @@ async fn a_consumer_continues_the_producers_trace_from_kafka() {
     let reader = CommittedReader::open(&config, &topics).await.unwrap();
     let ends = reader.ends().await.unwrap();
     let mut records = Vec::new();
-    reader.read_to(&ends, |record| records.push(record)).await.unwrap();
+    reader
+        .read_to(&ends, |record| records.push(record))
+        .await
+        .unwrap();
     reader.close().await;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .create()
         .unwrap();
-    let _ = admin.delete_topics(&[&topics[0]], &AdminOptions::new()).await;
+    let _ = admin
+        .delete_topics(&[&topics[0]], &AdminOptions::new())
+        .await;
     assert_eq!(records.len(), 1);
     let received = records.remove(0).message.unwrap();
     assert_continues(&received, trace_id, &span_id);

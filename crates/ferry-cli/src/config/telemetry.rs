@@ -71,14 +71,25 @@ mod tests {
     #[test]
     fn the_traces_path_is_added_to_a_bare_endpoint() {
         let url = |endpoint| section(endpoint).traces_url().unwrap().unwrap().to_string();
-        assert_eq!(url("http://collector:4318"), "http://collector:4318/v1/traces");
-        assert_eq!(url("https://otel.example/custom/path"), "https://otel.example/custom/path");
+        assert_eq!(
+            url("http://collector:4318"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            url("https://otel.example/custom/path"),
+            "https://otel.example/custom/path"
+        );
         assert!(TracingSection::default().traces_url().unwrap().is_none());
     }
 
     #[test]
     fn bad_endpoints_are_named() {
-        for bad in ["collector:4318", "grpc://collector:4317", "not a url", "http://"] {
+        for bad in [
+            "collector:4318",
+            "grpc://collector:4317",
+            "not a url",
+            "http://",
+        ] {
             let err = section(bad).validate().unwrap_err().to_string();
             assert!(err.contains("tracing.otlp_endpoint"), "{bad}: {err}");
         }

@@ -42,8 +42,7 @@ use uuid::Uuid;
 
 use ferry_core::ErrorChain;
 use ferry_core::cloudevents::{
-    DecodeError, ReceivedMessage, Source, TRACE_ATTRIBUTE_NAMES, binary_attributes,
-    user_headers,
+    DecodeError, ReceivedMessage, Source, TRACE_ATTRIBUTE_NAMES, binary_attributes, user_headers,
 };
 use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use ferry_core::cloudevents::{
     BINARY_ATTRIBUTE_NAMES, DecodeError, ReceivedMessage, TRACE_ATTRIBUTE_NAMES, ext,
 };
-use ferry_core::trace_context::{TRACEPARENT, TRACESTATE};
 use ferry_core::message::CONTENT_TYPE_HEADER;
+use ferry_core::trace_context::{TRACEPARENT, TRACESTATE};
 
 /// The field holding the payload.
 pub const DATA_FIELD: &str = "data";
@@ -19,12 +19,10 @@ pub const DATA_FIELD: &str = "data";
 pub(super) fn is_reserved(name: &str) -> bool {
     name == DATA_FIELD
         || name.eq_ignore_ascii_case(CONTENT_TYPE_HEADER)
-        || name
-            .strip_prefix("ce_")
-            .is_some_and(|attribute| {
-                BINARY_ATTRIBUTE_NAMES.contains(&attribute)
-                    || TRACE_ATTRIBUTE_NAMES.contains(&attribute)
-            })
+        || name.strip_prefix("ce_").is_some_and(|attribute| {
+            BINARY_ATTRIBUTE_NAMES.contains(&attribute)
+                || TRACE_ATTRIBUTE_NAMES.contains(&attribute)
+        })
 }
 
 /// `ce_<attribute>`, without allocating for the attributes ferry sends.
@@ -94,7 +92,10 @@ mod tests {
         for name in ["traceparent", "ce_custom", "dataset"] {
             assert!(!is_reserved(name), "{name}");
         }
-        for attribute in BINARY_ATTRIBUTE_NAMES.into_iter().chain(TRACE_ATTRIBUTE_NAMES) {
+        for attribute in BINARY_ATTRIBUTE_NAMES
+            .into_iter()
+            .chain(TRACE_ATTRIBUTE_NAMES)
+        {
             assert_eq!(field_name(attribute), format!("ce_{attribute}"));
         }
     }

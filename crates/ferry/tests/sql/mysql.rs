@@ -78,7 +78,10 @@ async fn json_headers_decode_whether_reported_as_text_or_binary() {
         .await
         .unwrap();
     let expected: Headers = [
-        ("traceparent".to_owned(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
+        (
+            "traceparent".to_owned(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+        ),
         ("x-city".to_owned(), "K\u{f6}ln".to_owned()),
     ]
     .into();

@@ -155,7 +155,11 @@ pub(crate) async fn enqueue_routine_takes_the_trace_context<D: TestDialect>(
         (call("3", Some(PARENT_UPPER), None), "traceparent"),
         (call("3", None, Some("rojo=1")), "tracestate"),
     ] {
-        let err = traced.fetch_one::<D>(&mut conn, &bad).await.err().expect("refused");
+        let err = traced
+            .fetch_one::<D>(&mut conn, &bad)
+            .await
+            .err()
+            .expect("refused");
         assert!(error_chain(&err).contains(named), "{}", error_chain(&err));
     }
     drop(conn);
