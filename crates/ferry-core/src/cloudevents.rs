@@ -407,7 +407,6 @@ mod tests {
         let source = Source::default();
         for prefix in BINARY_PREFIXES {
             let headers: Vec<(String, String)> = binary_attributes(&m, &source)
-                .into_iter()
                 .map(|(n, v)| (format!("{prefix}{n}"), v.into_owned()))
                 .chain(user_headers(&m).map(|(n, v)| (n.to_owned(), v.to_owned())))
                 .collect();
