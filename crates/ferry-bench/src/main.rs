@@ -53,7 +53,7 @@ struct Cli {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The bench prints its own story; info logs would drown it.
-    ferry_cli::process::init_logging(cli.log_json, "warn");
+    ferry_cli::telemetry::init_logging(cli.log_json, "warn");
     match run::run(cli.args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -1,6 +1,7 @@
 //! What the `ferry` binary and `ferry-bench` share: the config file ([`config`]), turning
-//! it into a store, leases and a sink ([`wiring`]), the process's logging and shutdown
-//! ([`process`]), and its metrics and health endpoints ([`health`]).
+//! it into a store, leases and a sink ([`wiring`]), the process's logging and span export
+//! ([`telemetry`]), its shutdown ([`process`]), and its metrics and health endpoints
+//! ([`health`]).
 //!
 //! Errors are `anyhow`'s: this library is the binaries' own start-up path, not an API for
 //! applications (those use the `ferry` crate).
@@ -8,4 +9,5 @@
 pub mod config;
 pub mod health;
 pub mod process;
+pub mod telemetry;
 pub mod wiring;

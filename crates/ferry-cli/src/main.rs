@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use ferry_cli::config::Config;
-use ferry_cli::process::init_logging;
+use ferry_cli::telemetry::{Telemetry, init_logging};
 use ferry_cli::wiring;
 
 /// jemalloc instead of glibc's malloc: the relay allocates and frees many small buffers
@@ -93,8 +93,8 @@ async fn main() -> std::process::ExitCode {
     } else {
         "info"
     };
-    init_logging(cli.log_json, default_level);
-    match run(cli.command).await {
+    let telemetry = init_logging(cli.log_json, default_level);
+    match run(cli.command, &telemetry).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", ferry::ErrorChain(err.as_ref()));
@@ -103,7 +103,7 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command, telemetry: &Telemetry) -> anyhow::Result<()> {
     match command {
         Command::Migrate { config } => {
             let config = Config::load(&config)?;
@@ -120,7 +120,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Relay { config } => relay::run(&config).await,
+        Command::Relay { config } => relay::run(&config, telemetry).await,
         Command::Serve { config } => serve::run(&config).await,
         Command::Status { config, json } => {
             let config = Config::load(&config)?;

@@ -1,5 +1,5 @@
 //! `ferry relay`: the relay, with its metrics and health endpoints when `[metrics] listen`
-//! is set.
+//! is set, and its batch spans exported when `[tracing] otlp_endpoint` is.
 
 use std::path::Path;
 
@@ -8,10 +8,12 @@ use anyhow::Context;
 use ferry_cli::config::Config;
 use ferry_cli::health::Health;
 use ferry_cli::process::shutdown_on_signal;
+use ferry_cli::telemetry::Telemetry;
 use ferry_cli::wiring;
 
-pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
+pub(crate) async fn run(path: &Path, telemetry: &Telemetry) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    let spans = telemetry.export_spans(&config.tracing)?;
     let shutdown = shutdown_on_signal()?;
     // Before the relay is built: it registers its metrics with the recorder installed here.
     let health = Health::start(&config.metrics, &shutdown).await?;
@@ -41,5 +43,9 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         config.relay_config(),
     );
     health.watch_relay(relay.stats());
-    relay.run(shutdown).await.context("relay stopped")
+    let outcome = relay.run(shutdown).await.context("relay stopped");
+    if let Some(spans) = spans {
+        spans.shutdown().await;
+    }
+    outcome
 }

@@ -18,6 +18,7 @@ pub mod sink;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod trace_context;
 
 pub use admin::{
     BlockedPartition, Cleaned, CleanupBounds, OutboxAdmin, ParkedMessage, ParkedQuery,
@@ -35,3 +36,4 @@ pub use relay::{
 };
 pub use sink::{Delivery, ReconcileRequest, Sink, SinkError, report_unsent};
 pub use store::{OutboxStore, PartitionStatus, Wakers};
+pub use trace_context::TraceParent;

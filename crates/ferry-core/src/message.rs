@@ -6,6 +6,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceParent, check_tracestate};
+
 /// Headers carried with a message: trace context (`traceparent`), `content-type`, user headers.
 pub type Headers = BTreeMap<String, String>;
 
@@ -113,6 +115,21 @@ impl NewMessage {
         self
     }
 
+    /// Carries the producer's W3C trace context (`00-<trace id>-<span id>-<flags>`): kept
+    /// with the message in the `traceparent` header and sent on every sink as the
+    /// CloudEvents distributed-tracing extension, so that consumers continue the trace.
+    /// Checked at enqueue ([`InvalidMessage::TraceContext`]). With OpenTelemetry, the
+    /// `ferry` crate's `otel` feature takes it from the current `tracing` span.
+    pub fn with_traceparent(self, traceparent: impl Into<String>) -> Self {
+        self.with_header(TRACEPARENT, traceparent)
+    }
+
+    /// The vendor-specific part of the trace context (W3C `tracestate`), sent beside the
+    /// `traceparent`, which it needs.
+    pub fn with_tracestate(self, tracestate: impl Into<String>) -> Self {
+        self.with_header(TRACESTATE, tracestate)
+    }
+
     pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
         self.partition_key = Some(key.into());
         self
@@ -166,8 +183,32 @@ impl NewMessage {
                 return Err(InvalidMessage::HeaderValue { name: name.clone() });
             }
         }
-        Ok(())
+        check_trace_context(&self.headers)
     }
+}
+
+/// A `traceparent` header must be a W3C trace context, and a `tracestate` needs one.
+fn check_trace_context(headers: &Headers) -> Result<(), InvalidMessage> {
+    let refused = |field, value: &String, reason| InvalidMessage::TraceContext {
+        field,
+        value: value.clone(),
+        reason,
+    };
+    let traceparent = headers.get(TRACEPARENT);
+    if let Some(value) = traceparent {
+        TraceParent::parse(value).map_err(|reason| refused(TRACEPARENT, value, reason))?;
+    }
+    if let Some(value) = headers.get(TRACESTATE) {
+        if traceparent.is_none() {
+            return Err(refused(
+                TRACESTATE,
+                value,
+                "a tracestate goes with a traceparent: set both",
+            ));
+        }
+        check_tracestate(value).map_err(|reason| refused(TRACESTATE, value, reason))?;
+    }
+    Ok(())
 }
 
 /// Longest aggregate type, aggregate id or event type accepted, in bytes.
@@ -196,6 +237,14 @@ pub enum InvalidMessage {
     HeaderName { name: String },
     #[error("header {name:?} has a line break in its value")]
     HeaderValue { name: String },
+    #[error(
+        "{field} {value:?} is not a W3C trace context: {reason} (e.g. traceparent \"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\")"
+    )]
+    TraceContext {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
 }
 
 /// Why `enqueue` failed. On [`EnqueueError::Invalid`] no statement ran, so the caller's
@@ -283,6 +332,35 @@ mod tests {
         assert!(matches!(
             bad_value.validate(10),
             Err(InvalidMessage::HeaderValue { .. })
+        ));
+    }
+
+    #[test]
+    fn trace_context_is_checked_at_enqueue() {
+        let traced = NewMessage::new("a", "1", "x", "")
+            .with_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .with_tracestate("rojo=00f067aa0ba902b7");
+        assert_eq!(traced.validate(10), Ok(()));
+        let bad = NewMessage::new("a", "1", "x", "").with_traceparent("00-abc-def-01");
+        let err = bad.validate(10).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                InvalidMessage::TraceContext {
+                    field: "traceparent",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("traceparent \"00-abc-def-01\""));
+        let alone = NewMessage::new("a", "1", "x", "").with_tracestate("k=v");
+        assert!(matches!(
+            alone.validate(10),
+            Err(InvalidMessage::TraceContext {
+                field: "tracestate",
+                ..
+            })
         ));
     }
 }

@@ -66,3 +66,7 @@ pub mod etcd_lease;
 
 #[cfg(feature = "redis-store")]
 pub mod redis_store;
+
+/// Trace context from and to OpenTelemetry spans (`tracing-opentelemetry`).
+#[cfg(feature = "otel")]
+pub mod otel;

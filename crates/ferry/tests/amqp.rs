@@ -235,11 +235,15 @@ async fn publishes_persistent_messages_with_cloudevents_headers_that_rebuild_the
             ("cloudEvents:partitionkey", sent.partition_key.clone()),
             ("cloudEvents:sequence", sent.sequence.to_string()),
             ("traceparent", sent.headers["traceparent"].clone()),
+            (
+                "cloudEvents:traceparent",
+                sent.headers["traceparent"].clone(),
+            ),
         ];
         for (name, value) in expect {
             assert_eq!(header(name), Some(value), "header {name}");
         }
-        assert_eq!(headers.inner().len(), 11, "no other headers: {headers:?}");
+        assert_eq!(headers.inner().len(), 12, "no other headers: {headers:?}");
 
         let received = decode_delivery(properties, &got.data)?;
         assert_rebuilt(&received, sent);

@@ -161,11 +161,12 @@ async fn publishes_cloudevents_headers_that_rebuild_the_message() -> Result {
             ("content-type", sent.content_type().to_string()),
             ("Nats-Msg-Id", sent.id.to_string()),
             ("traceparent", sent.headers["traceparent"].clone()),
+            ("ce-traceparent", sent.headers["traceparent"].clone()),
         ];
         for (name, value) in expect {
             assert_eq!(headers.get(name), Some(&value), "header {name}");
         }
-        assert_eq!(headers.len(), 13, "no other headers: {headers:?}");
+        assert_eq!(headers.len(), 14, "no other headers: {headers:?}");
         assert_eq!(got.payload, sent.payload);
 
         assert_eq!(got.subject.as_str(), format!("{prefix}.order.order_paid"));

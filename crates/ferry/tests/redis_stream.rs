@@ -138,13 +138,14 @@ async fn publishes_cloudevents_fields_that_rebuild_the_message() -> Result {
             ("ce_sequence", sent.sequence.to_string()),
             ("content-type", sent.content_type().to_string()),
             ("traceparent", sent.headers["traceparent"].clone()),
+            ("ce_traceparent", sent.headers["traceparent"].clone()),
         ];
         for (name, value) in expect {
             assert_eq!(field(name), Some(value), "field {name}");
         }
         assert_eq!(
             entry.map.len(),
-            13,
+            14,
             "no other fields: {:?}",
             entry.map.keys()
         );

@@ -7,6 +7,7 @@ mod metrics;
 mod relay;
 mod sink;
 mod store;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +30,7 @@ pub use sink::SinkConfig;
 #[cfg(not(feature = "kafka"))]
 pub use sink::kafka_not_built;
 pub use store::{OutboxConfig, SERVICE_STORES, StoreConfig};
+pub use telemetry::TracingSection;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +50,9 @@ pub struct Config {
     /// migrate` when this section is present.
     #[serde(default)]
     pub service: Option<ServiceConfig>,
+    /// Exporting the relay's spans over OTLP.
+    #[serde(default)]
+    pub tracing: TracingSection,
 }
 
 impl Config {
@@ -87,6 +92,7 @@ impl Config {
         self.metrics.validate()?;
         self.store.validate()?;
         self.sink.validate()?;
+        self.tracing.validate()?;
         if let Some(service) = &self.service {
             if !self.store.holds_service() {
                 bail!(SERVICE_STORES);

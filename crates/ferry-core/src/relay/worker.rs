@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument as _, debug, debug_span, error, info, info_span, warn};
 use uuid::Uuid;
 
 use super::deadline::LeaseDeadline;
@@ -140,24 +140,50 @@ impl Worker {
         };
         while !self.stop.is_cancelled() {
             self.ensure_lease()?;
-            let Some(batch) = self.fetch(&mut progress.backoff).await? else {
+            // Debug level: an idle partition polls, and its empty fetches are no news.
+            let fetch_span = debug_span!("fetch", partition = self.partition());
+            let fetched = self.fetch(&mut progress.backoff).instrument(fetch_span);
+            let Some(batch) = fetched.await? else {
                 continue;
             };
             if batch.is_empty() {
                 self.wait_for_messages().await;
                 continue;
             }
-            self.ensure_lease()?;
-            let published = self.publish(&batch).await;
-            if !published.acked.is_empty() {
-                self.mark(&published.acked, published.checkpoint).await?;
-            }
-            let failed = batch.len() - published.acked.len();
-            self.settle(&mut progress, published.failure, failed)
+            let batch_span = info_span!(
+                "relay_batch",
+                partition = self.partition(),
+                epoch = self.lease.epoch,
+                batch_size = batch.len(),
+                first_sequence = batch[0].sequence,
+            );
+            self.relay_batch(&batch, &mut progress)
+                .instrument(batch_span)
                 .await?;
         }
         self.ensure_lease()?;
         Ok(!progress.maybe_unmarked)
+    }
+
+    /// Publishes a fetched batch, marks what the sink acked and settles the rest, with the
+    /// publish and the mark as spans (exported over OTLP when `ferry relay` is so configured).
+    async fn relay_batch(
+        &self,
+        batch: &[Message],
+        progress: &mut Progress,
+    ) -> Result<(), Interrupted> {
+        self.ensure_lease()?;
+        let published = self
+            .publish(batch)
+            .instrument(info_span!("publish", batch_size = batch.len()))
+            .await;
+        if !published.acked.is_empty() {
+            self.mark(&published.acked, published.checkpoint)
+                .instrument(info_span!("mark", acked = published.acked.len()))
+                .await?;
+        }
+        let failed = batch.len() - published.acked.len();
+        self.settle(progress, published.failure, failed).await
     }
 
     fn ensure_lease(&self) -> Result<(), Interrupted> {

@@ -7,6 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use ferry_core::cloudevents::{DecodeError, ReceivedMessage, binary_attributes, ext};
 use ferry_core::message::CONTENT_TYPE_HEADER;
+use ferry_core::trace_context::{TRACEPARENT, TRACESTATE};
 use ferry_core::{Message, SinkError};
 
 use super::AmqpSink;
@@ -73,6 +74,8 @@ fn header_name(attribute: &'static str) -> String {
         ext::AGGREGATE_VERSION => "cloudEvents:aggregateversion",
         ext::PARTITION_KEY => "cloudEvents:partitionkey",
         ext::SEQUENCE => "cloudEvents:sequence",
+        TRACEPARENT => "cloudEvents:traceparent",
+        TRACESTATE => "cloudEvents:tracestate",
         other => return format!("{HEADER_PREFIX}{other}"),
     }
     .to_owned()
@@ -129,7 +132,7 @@ mod tests {
 
     #[test]
     fn header_names_carry_the_binding_prefix() {
-        for attribute in ["id", "type", "time", ext::SEQUENCE] {
+        for attribute in ["id", "type", "time", ext::SEQUENCE, TRACEPARENT] {
             assert_eq!(header_name(attribute), format!("cloudEvents:{attribute}"));
         }
     }

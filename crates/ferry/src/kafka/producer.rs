@@ -358,7 +358,7 @@ fn headers(message: &Message, source: &Source) -> OwnedHeaders {
         }
     }
     let mut name = String::with_capacity(32);
-    for (attribute, value) in &attributes {
+    for (attribute, value) in attributes {
         name.clear();
         name.push_str(CE_PREFIX);
         name.push_str(attribute);
@@ -431,6 +431,7 @@ mod tests {
                 "ce_aggregateversion",
                 "ce_partitionkey",
                 "ce_sequence",
+                "ce_traceparent",
                 "content-type"
             ]
         );

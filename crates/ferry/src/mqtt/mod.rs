@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 use ferry_core::ErrorChain;
 use ferry_core::cloudevents::{
-    DecodeError, ReceivedMessage, Source, binary_attributes, user_headers,
+    DecodeError, ReceivedMessage, Source, TRACE_ATTRIBUTE_NAMES, binary_attributes, user_headers,
 };
 use ferry_core::{Delivery, Message, ReconcileRequest, Sink, SinkError, report_unsent};
 
@@ -261,8 +261,10 @@ impl MqttSink {
             user_properties.push((name.to_owned(), value.into_owned()));
         }
         for (name, value) in user_headers(message) {
+            // The trace context went out as attributes of the same names.
             if !ATTRIBUTE_NAMES
                 .iter()
+                .chain(&TRACE_ATTRIBUTE_NAMES)
                 .any(|attribute| attribute.eq_ignore_ascii_case(name))
             {
                 user_properties.push((name.to_owned(), value.to_owned()));

@@ -3,7 +3,8 @@
 //!
 //! `ferry migrate` also installs the procedure `{prefix}enqueue` that
 //! [`MyOutbox::enqueue`] calls (one round trip per message), so producers in any language
-//! write the outbox exactly as the Rust API does.
+//! write the outbox exactly as the Rust API does, and `{prefix}enqueue_traced`, the same
+//! with the producer's trace context (`traceparent`, `tracestate`).
 //!
 //! MySQL has no notifications: the relay polls each owned partition every
 //! `poll_interval` when it finds nothing to do. AUTO_INCREMENT sequences may commit out of
@@ -52,6 +53,7 @@ impl Dialect for MyDialect {
     const MIGRATIONS: &'static [&'static str] = &[
         include_str!("migrations/0001_initial.sql"),
         include_str!("migrations/0002_operations.sql"),
+        include_str!("migrations/0003_trace_context.sql"),
     ];
     const ENQUEUE: Enqueue = Enqueue::Routine(include_str!("queries/enqueue.sql"));
     /// One placeholder per id; a reconciliation's longer list goes in chunks.

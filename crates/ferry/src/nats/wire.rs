@@ -13,6 +13,7 @@ use ferry_core::cloudevents::{
     is_structured_content_type, to_structured_json, user_headers,
 };
 use ferry_core::message::CONTENT_TYPE_HEADER;
+use ferry_core::trace_context::{TRACEPARENT, TRACESTATE};
 use ferry_core::{Message, ReceivedMessage, SinkError};
 
 use super::NatsSink;
@@ -121,6 +122,8 @@ fn ce_header(attribute: &'static str) -> Result<HeaderName, SinkError> {
         ext::AGGREGATE_VERSION => "ce-aggregateversion",
         ext::PARTITION_KEY => PARTITION_KEY_HEADER,
         ext::SEQUENCE => "ce-sequence",
+        TRACEPARENT => "ce-traceparent",
+        TRACESTATE => "ce-tracestate",
         other => {
             return HeaderName::from_str(&format!("ce-{other}")).map_err(|_| {
                 SinkError::permanent(format!(
@@ -152,7 +155,7 @@ mod tests {
 
     #[test]
     fn ce_headers_are_static_and_prefixed() {
-        for name in ["specversion", "id", "time", ext::PARTITION_KEY] {
+        for name in ["specversion", "id", "time", ext::PARTITION_KEY, TRACEPARENT] {
             let header = ce_header(name).expect("valid");
             let text: &str = header.as_ref();
             assert_eq!(text, format!("ce-{name}"));

@@ -42,6 +42,7 @@ impl Dialect for PgDialect {
     const MIGRATIONS: &'static [&'static str] = &[
         include_str!("migrations/0001_initial.sql"),
         include_str!("migrations/0002_operations.sql"),
+        include_str!("migrations/0003_trace_context.sql"),
     ];
     const ENQUEUE: Enqueue = Enqueue::Routine(include_str!("queries/enqueue.sql"));
     /// Arrays have no size limit; chunks keep a reconciliation's statements moderate.

@@ -5,8 +5,11 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
-use ferry_core::cloudevents::{BINARY_ATTRIBUTE_NAMES, DecodeError, ReceivedMessage, ext};
+use ferry_core::cloudevents::{
+    BINARY_ATTRIBUTE_NAMES, DecodeError, ReceivedMessage, TRACE_ATTRIBUTE_NAMES, ext,
+};
 use ferry_core::message::CONTENT_TYPE_HEADER;
+use ferry_core::trace_context::{TRACEPARENT, TRACESTATE};
 
 /// The field holding the payload.
 pub const DATA_FIELD: &str = "data";
@@ -16,9 +19,10 @@ pub const DATA_FIELD: &str = "data";
 pub(super) fn is_reserved(name: &str) -> bool {
     name == DATA_FIELD
         || name.eq_ignore_ascii_case(CONTENT_TYPE_HEADER)
-        || name
-            .strip_prefix("ce_")
-            .is_some_and(|attribute| BINARY_ATTRIBUTE_NAMES.contains(&attribute))
+        || name.strip_prefix("ce_").is_some_and(|attribute| {
+            BINARY_ATTRIBUTE_NAMES.contains(&attribute)
+                || TRACE_ATTRIBUTE_NAMES.contains(&attribute)
+        })
 }
 
 /// `ce_<attribute>`, without allocating for the attributes ferry sends.
@@ -34,6 +38,8 @@ pub(super) fn field_name(attribute: &'static str) -> Cow<'static, str> {
         ext::AGGREGATE_VERSION => "ce_aggregateversion",
         ext::PARTITION_KEY => "ce_partitionkey",
         ext::SEQUENCE => "ce_sequence",
+        TRACEPARENT => "ce_traceparent",
+        TRACESTATE => "ce_tracestate",
         other => return Cow::Owned(format!("ce_{other}")),
     })
 }
@@ -79,13 +85,17 @@ mod tests {
             "Content-Type",
             "ce_id",
             "ce_sequence",
+            "ce_traceparent",
         ] {
             assert!(is_reserved(name), "{name}");
         }
         for name in ["traceparent", "ce_custom", "dataset"] {
             assert!(!is_reserved(name), "{name}");
         }
-        for attribute in BINARY_ATTRIBUTE_NAMES {
+        for attribute in BINARY_ATTRIBUTE_NAMES
+            .into_iter()
+            .chain(TRACE_ATTRIBUTE_NAMES)
+        {
             assert_eq!(field_name(attribute), format!("ce_{attribute}"));
         }
     }

@@ -204,7 +204,10 @@ async fn enqueue_writes_business_keys_and_the_message_together() {
         .zadd(format!("{business}paid"), "42", 1700.5)
         .sadd(format!("{business}customers"), "c-7")
         .rpush(format!("{business}log"), "paid 42");
-    let message = order_event("42", "order.paid").with_header("traceparent", "00-abc-def-01");
+    let message = order_event("42", "order.paid").with_header(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
     let enqueued = outbox.enqueue(&writes, message).await.unwrap();
     assert_eq!(enqueued.version, 1);
     assert_eq!(enqueued.partition, partition_for("order/42", 4));
@@ -231,7 +234,10 @@ async fn enqueue_writes_business_keys_and_the_message_together() {
     );
     assert_eq!(m.event_type, "order.paid");
     assert_eq!(m.payload, Bytes::from(r#"{"order":"42"}"#));
-    assert_eq!(m.headers["traceparent"], "00-abc-def-01");
+    assert_eq!(
+        m.headers["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
     assert_eq!(m.partition_key, "order/42");
     assert!((chrono::Utc::now() - m.created_at).num_seconds().abs() < 60);
 
@@ -364,7 +370,7 @@ async fn another_language_calls_the_script_with_evalsha() {
         .arg("9")
         .arg("invoice.issued")
         .arg(r#"{"total":12}"#)
-        .arg(r#"{"traceparent":"00-1-2-01"}"#)
+        .arg(r#"{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#)
         .arg("")
         // SET on KEYS[1] with one argument
         .arg("SET")
@@ -383,7 +389,10 @@ async fn another_language_calls_the_script_with_evalsha() {
     assert_eq!(status, "issued");
     let fetched = outbox.fetch(enqueued[0].partition, 10).await.unwrap();
     assert_eq!(fetched[0].event_type, "invoice.issued");
-    assert_eq!(fetched[0].headers["traceparent"], "00-1-2-01");
+    assert_eq!(
+        fetched[0].headers["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
 
     // Bad input from another language gets a FERRY_INVALID reply naming the problem.
     let err = redis::cmd("EVALSHA")
@@ -406,6 +415,89 @@ async fn another_language_calls_the_script_with_evalsha() {
     assert!(err.to_string().contains("not a UUID"), "{err}");
     assert_eq!(backlog(&outbox).await, 1);
     let _: () = conn.del(&business).await.unwrap();
+    cleanup(&outbox).await;
+}
+
+/// The trace context: from Rust (`with_traceparent`), or as the script's optional trailing
+/// arguments from another language; stored with the headers, malformed ones refused with
+/// nothing written.
+#[tokio::test]
+async fn the_trace_context_is_stored_from_rust_and_from_the_script() {
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let outbox = outbox_with(1, Duration::ZERO).await;
+    let traced = order_event("1", "order.paid")
+        .with_traceparent(PARENT)
+        .with_tracestate("rojo=1");
+    outbox
+        .enqueue(&RedisWrites::new(), traced.clone())
+        .await
+        .unwrap();
+    let err = outbox
+        .enqueue(
+            &RedisWrites::new(),
+            order_event("1", "order.paid").with_traceparent("00-abc-def-01"),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("traceparent"), "{err}");
+
+    let prefix = outbox.key_prefix().as_str().to_owned();
+    let mut conn = raw(&outbox).await;
+    let sha: String = conn
+        .hget(format!("{prefix}meta"), "enqueue_sha")
+        .await
+        .unwrap();
+    // id, aggregate_type, aggregate_id, event_type, payload, headers, partition_key, no
+    // writes, then the trailing traceparent and tracestate.
+    let call = |headers: &str, trace: &[&str]| {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&sha).arg(0).arg(&prefix).arg(1).arg(0);
+        cmd.arg(Uuid::now_v7().to_string())
+            .arg("order")
+            .arg("2")
+            .arg("order.paid")
+            .arg("{}")
+            .arg(headers)
+            .arg("");
+        for value in trace {
+            cmd.arg(*value);
+        }
+        cmd
+    };
+    let reply: redis::Value = call(r#"{"x-user":"7"}"#, &[PARENT, "congo=2"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(parse_enqueued(reply).unwrap().len(), 1);
+    for (headers, trace, named) in [
+        ("", &["00-abc-def-01"][..], "traceparent"),
+        ("", &[&PARENT.to_uppercase()[..]][..], "traceparent"),
+        (r#"{"traceparent":"00-abc"}"#, &[][..], "traceparent"),
+        (
+            "",
+            &["", "congo=2"][..],
+            "tracestate goes with a traceparent",
+        ),
+        (
+            &format!(r#"{{"traceparent":"{PARENT}"}}"#)[..],
+            &[PARENT][..],
+            "given twice",
+        ),
+    ] {
+        let err = call(headers, trace)
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("FERRY_INVALID"), "{err}");
+        assert!(err.to_string().contains(named), "{named}: {err}");
+    }
+
+    let fetched = outbox.fetch(0, 10).await.unwrap();
+    assert_eq!(fetched.len(), 2, "the refused calls wrote nothing");
+    assert_eq!(fetched[0].headers, traced.headers);
+    assert_eq!(fetched[1].headers["traceparent"], PARENT);
+    assert_eq!(fetched[1].headers["tracestate"], "congo=2");
+    assert_eq!(fetched[1].headers["x-user"], "7");
     cleanup(&outbox).await;
 }
 

@@ -37,6 +37,7 @@ macro_rules! every_dialect_passes {
             enqueue::payloads_are_arbitrary_bytes_and_headers_round_trip,
             enqueue::fetch_returns_unpublished_rows_in_sequence_order,
             enqueue::g3_concurrent_writers_of_one_aggregate_get_versions_in_commit_order,
+            enqueue::trace_context_is_stored_and_reaches_the_consumer,
             leases::g5_mark_is_fenced_after_the_lease_is_taken_over,
             leases::renew_release_and_takeover_kinds,
             leases::heartbeat_counts_live_relays,

@@ -14,7 +14,9 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::harness::{TestDialect, TestOutbox, enqueue_committed, order_event};
-use crate::scenarios::servers::enqueue_routine_matches_the_rust_api;
+use crate::scenarios::servers::{
+    enqueue_routine_matches_the_rust_api, enqueue_routine_takes_the_trace_context,
+};
 
 impl TestDialect for MyDialect {
     fn database_url(_dir: &Path) -> String {
@@ -51,6 +53,16 @@ async fn wrong_credentials_are_named_and_not_retried() {
     assert!(error_chain(&err).contains("database"), "{err}");
 }
 
+#[tokio::test]
+async fn sql_enqueue_procedure_takes_the_trace_context() {
+    let outbox = TestOutbox::<MyDialect>::new(2).await;
+    enqueue_routine_takes_the_trace_context(
+        &outbox,
+        "CALL {p}enqueue_traced('order', $1, 'order.paid', '{}', NULL, NULL, NULL, $2, $3)",
+    )
+    .await;
+}
+
 /// MariaDB stores JSON as LONGTEXT and reports JSON values from functions or casts as
 /// binary strings; the store decodes both, and the procedure accepts JSON built in SQL.
 #[tokio::test]
@@ -59,14 +71,17 @@ async fn json_headers_decode_whether_reported_as_text_or_binary() {
     let procedure = outbox.table_prefix().render("{p}enqueue");
     let sql = format!(
         "CALL {procedure}('order', '7', 'order.paid', '{{\"total\": 10}}', \
-         JSON_OBJECT('traceparent', '00-abc-01', 'x-city', 'K\u{f6}ln'), NULL, NULL)"
+         JSON_OBJECT('traceparent', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', 'x-city', 'K\u{f6}ln'), NULL, NULL)"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .fetch_one(outbox.pool())
         .await
         .unwrap();
     let expected: Headers = [
-        ("traceparent".to_owned(), "00-abc-01".to_owned()),
+        (
+            "traceparent".to_owned(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+        ),
         ("x-city".to_owned(), "K\u{f6}ln".to_owned()),
     ]
     .into();

@@ -10,7 +10,9 @@ use ferry::{LeaseStore, OutboxStore};
 use ferry_core::testing::services;
 
 use crate::harness::{TestDialect, TestOutbox};
-use crate::scenarios::servers::enqueue_routine_matches_the_rust_api;
+use crate::scenarios::servers::{
+    enqueue_routine_matches_the_rust_api, enqueue_routine_takes_the_trace_context,
+};
 
 impl TestDialect for PgDialect {
     fn database_url(_dir: &Path) -> String {
@@ -32,6 +34,18 @@ async fn sql_enqueue_function_matches_the_rust_api() {
         "SELECT * FROM {p}enqueue('invoice', $1, 'invoice.sent', '{\"n\": 1}'::jsonb, \
          '{}'::jsonb, $2)",
         "SELECT * FROM {p}enqueue('order', '9', 'order.created', '{}'::jsonb)",
+    )
+    .await;
+}
+
+/// Old calls (without the trace context) keep working: `sql_enqueue_function_matches_the_rust_api`.
+#[tokio::test]
+async fn sql_enqueue_function_takes_the_trace_context() {
+    let outbox = TestOutbox::<PgDialect>::new(2).await;
+    enqueue_routine_takes_the_trace_context(
+        &outbox,
+        "SELECT * FROM {p}enqueue('order', $1, 'order.paid', '{}'::jsonb, \
+         p_traceparent => $2, p_tracestate => $3)",
     )
     .await;
 }

@@ -67,6 +67,14 @@ local function arguments(first)
     end
     return tonumber(text)
   end
+  -- The next argument if there is one, else nil: for optional trailing arguments.
+  function read.optional()
+    local value = ARGV[position]
+    if value ~= nil then
+      position = position + 1
+    end
+    return value
+  end
   function read.finish()
     if ARGV[position] ~= nil then
       invalid((#ARGV - position + 1) .. ' argument(s) left over after argument ' .. (position - 1))

@@ -6,7 +6,9 @@
 -- ARGV: key prefix, message count M (1 to 10000), write count W (0 to 10000), then for each
 --   message: id (UUID), aggregate_type, aggregate_id, event_type, payload, headers (a JSON
 --   object of strings, or '' for none), partition_key ('' for aggregate_type/aggregate_id),
---   then each write: command, key index in KEYS, argument count, arguments.
+--   then each write: command, key index in KEYS, argument count, arguments, then
+--   optionally the W3C trace context of every message of the call: traceparent, and
+--   tracestate after it ('' for none; a message's headers must not hold them as well).
 -- Returns one {id, version, partition, sequence} per message, in order.
 
 -- 32-bit FNV-1a of the key's bytes, mod P: the same as ferry's Rust `partition_for`.
@@ -20,17 +22,17 @@ local function partition_for(key, partitions)
   return h % partitions
 end
 
-local function headers_json(text)
+local function headers_table(text, what)
   if text == '' then
-    return '{}'
+    return {}
   end
   local ok, decoded = pcall(cjson.decode, text)
   if not ok or type(decoded) ~= 'table' then
-    invalid('headers must be a JSON object of strings, got ' .. text)
+    invalid(what .. ' headers must be a JSON object of strings, got ' .. text)
   end
   for header, value in pairs(decoded) do
     if type(header) ~= 'string' or type(value) ~= 'string' then
-      invalid('headers must be a JSON object of strings, got ' .. text)
+      invalid(what .. ' headers must be a JSON object of strings, got ' .. text)
     end
     if not header:match('^[!#-9;-~]+$') then
       invalid('header name "' .. header .. '" is not allowed: use visible ASCII without \':\' or quotes, e.g. "traceparent"')
@@ -38,6 +40,42 @@ local function headers_json(text)
     if value:find('[\r\n]') then
       invalid('header "' .. header .. '" has a line break in its value')
     end
+  end
+  return decoded
+end
+
+-- A W3C traceparent: version-traceid-parentid-flags, 2, 32, 16 and 2 lowercase hex digits,
+-- non-zero ids; a later version may add fields after a '-'.
+local function valid_traceparent(value)
+  local version, trace_id, parent_id, rest = value:match('^(%x%x)%-(' .. string.rep('%x', 32) .. ')%-(' .. string.rep('%x', 16) .. ')%-%x%x(.*)$')
+  return version ~= nil and value == value:lower() and version ~= 'ff'
+    and (rest == '' or (version ~= '00' and rest:sub(1, 1) == '-'))
+    and trace_id ~= string.rep('0', 32) and parent_id ~= string.rep('0', 16)
+end
+
+-- The headers as stored: the call's trace context merged in, the traceparent checked as
+-- the Rust API checks it.
+local function stored_headers(headers, text, traceparent, tracestate, what)
+  for header, value in pairs({traceparent = traceparent, tracestate = tracestate}) do
+    if value ~= '' then
+      if headers[header] ~= nil then
+        invalid(what .. ': ' .. header .. ' is given twice, as an argument and in the headers: pass it once')
+      end
+      headers[header] = value
+      text = nil
+    end
+  end
+  if headers.traceparent ~= nil and not valid_traceparent(headers.traceparent) then
+    invalid(what .. ': traceparent "' .. headers.traceparent .. '" is not a W3C trace context: use version-traceid-parentid-flags, 2, 32, 16 and 2 lowercase hex digits, non-zero ids (e.g. 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01)')
+  end
+  if headers.tracestate ~= nil and headers.traceparent == nil then
+    invalid(what .. ': a tracestate goes with a traceparent: pass both')
+  end
+  if text == nil then
+    return cjson.encode(headers)
+  end
+  if text == '' then
+    return '{}'
   end
   return text
 end
@@ -66,7 +104,8 @@ local function main()
     m.aggregate_id = name(read.next(what .. ' aggregate_id'), 'aggregate_id')
     m.event_type = name(read.next(what .. ' event_type'), 'event_type')
     m.payload = read.next(what .. ' payload')
-    m.headers = headers_json(read.next(what .. ' headers'))
+    m.headers_text = read.next(what .. ' headers')
+    m.headers = headers_table(m.headers_text, what)
     m.partition_key = read.next(what .. ' partition_key')
     if m.partition_key == '' then
       m.partition_key = m.aggregate_type .. '/' .. m.aggregate_id
@@ -75,7 +114,12 @@ local function main()
     messages[i] = m
   end
   local writes = read_writes(read, write_count, prefix)
+  local traceparent = read.optional() or ''
+  local tracestate = read.optional() or ''
   read.finish()
+  for i, m in ipairs(messages) do
+    m.headers = stored_headers(m.headers, m.headers_text, traceparent, tracestate, 'message ' .. i)
+  end
 
   -- Every check passed: nothing below can fail.
   apply_writes(writes)

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::harness::{
     TestDialect, TestOutbox, commit_messages, count, enqueue_committed, execute, lease_of,
-    order_event, settings, write,
+    order_event, relay_into_file, settings, write,
 };
 
 /// G1: a message exists if and only if the business transaction it was enqueued in
@@ -169,7 +169,7 @@ pub(crate) async fn fetch_returns_unpublished_rows_in_sequence_order<D: TestDial
         .map(|i| {
             NewMessage::new("order", i.to_string(), "order.created", vec![i as u8])
                 .with_partition_key(key)
-                .with_header("traceparent", format!("00-{i}"))
+                .with_traceparent(format!("00-{:032x}-{:016x}-01", i + 1, i + 1))
         })
         .collect();
     let enqueued = commit_messages(&outbox, messages).await;
@@ -194,7 +194,10 @@ pub(crate) async fn fetch_returns_unpublished_rows_in_sequence_order<D: TestDial
     assert_eq!(message.payload.as_ref(), [2]);
     assert_eq!(
         message.headers,
-        BTreeMap::from([("traceparent".to_owned(), "00-2".to_owned())])
+        BTreeMap::from([(
+            "traceparent".to_owned(),
+            format!("00-{:032x}-{:016x}-01", 3, 3)
+        )])
     );
     let age = chrono::Utc::now() - message.created_at;
     assert!(
@@ -255,4 +258,44 @@ pub(crate) async fn g3_concurrent_writers_of_one_aggregate_get_versions_in_commi
         (1..=90).collect::<Vec<_>>(),
         "sequence order must equal version order"
     );
+}
+
+/// The producer's trace context is stored with the message, reaches the consumer as the
+/// CloudEvents distributed-tracing extension, and a malformed one is refused before any
+/// statement runs, naming the field.
+pub(crate) async fn trace_context_is_stored_and_reaches_the_consumer<D: TestDialect>() {
+    const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let outbox = TestOutbox::<D>::new(2).await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let refused = outbox
+        .enqueue(
+            &mut tx,
+            order_event("1", "order.paid").with_traceparent("00-0af7651916cd43dd-01"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            EnqueueError::Invalid(InvalidMessage::TraceContext {
+                field: "traceparent",
+                ..
+            })
+        ),
+        "{refused}"
+    );
+    let traced = order_event("1", "order.paid")
+        .with_traceparent(PARENT)
+        .with_tracestate("congo=t61rcWkgMzE");
+    let enqueued = outbox.enqueue(&mut tx, traced.clone()).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let fetched = outbox.fetch(enqueued.partition, 10).await.unwrap();
+    assert_eq!(fetched[0].headers, traced.headers);
+    let events = relay_into_file(&outbox, 1).await;
+    let parent = events[0].traceparent().expect("the trace context arrived");
+    assert_eq!(parent.trace_id, "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(parent.parent_id, "b7ad6b7169203331");
+    assert!(parent.sampled());
+    assert_eq!(events[0].tracestate(), Some("congo=t61rcWkgMzE"));
 }

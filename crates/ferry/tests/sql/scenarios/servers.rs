@@ -127,3 +127,50 @@ pub(crate) async fn enqueue_routine_matches_the_rust_api<D: TestDialect>(
     assert_eq!((v1, v2.version), (1, 2));
     assert_eq!(v2.partition, partition_for("order/9", partitions));
 }
+
+/// The `enqueue` routine takes the producer's trace context: it is stored with the
+/// message's headers, relayed as the CloudEvents extension, and a malformed one is refused
+/// naming it. `traced` binds $1 aggregate id, $2 traceparent, $3 tracestate (NULL for none).
+pub(crate) async fn enqueue_routine_takes_the_trace_context<D: TestDialect>(
+    outbox: &TestOutbox<D>,
+    traced: &str,
+) {
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const PARENT_UPPER: &str = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01";
+    let traced = outbox.render(traced);
+    let mut conn = outbox.pool().acquire().await.unwrap();
+    let call = |id: &'static str, parent: Option<&'static str>, state: Option<&'static str>| {
+        [Arg::Text(id), Arg::OptText(parent), Arg::OptText(state)]
+    };
+    traced
+        .fetch_one::<D>(&mut conn, &call("1", Some(PARENT), Some("rojo=1")))
+        .await
+        .unwrap();
+    traced
+        .fetch_one::<D>(&mut conn, &call("2", None, None))
+        .await
+        .unwrap();
+    for (bad, named) in [
+        (call("3", Some("00-abc-def-01"), None), "traceparent"),
+        (call("3", Some(PARENT_UPPER), None), "traceparent"),
+        (call("3", None, Some("rojo=1")), "tracestate"),
+    ] {
+        let err = traced
+            .fetch_one::<D>(&mut conn, &bad)
+            .await
+            .err()
+            .expect("refused");
+        assert!(error_chain(&err).contains(named), "{}", error_chain(&err));
+    }
+    drop(conn);
+    let events = relay_into_file(outbox, 2).await;
+    assert_eq!(events.len(), 2, "the refused calls enqueued nothing");
+    let traced = events.iter().find(|e| e.aggregate_id == "1").unwrap();
+    assert_eq!(
+        traced.traceparent().map(|t| t.trace_id),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    assert_eq!(traced.tracestate(), Some("rojo=1"));
+    let untraced = events.iter().find(|e| e.aggregate_id == "2").unwrap();
+    assert!(untraced.traceparent().is_none());
+}

@@ -4,6 +4,11 @@
 //! prefix (`ce-` for NATS and HTTP, `ce_` for Kafka, `cloudEvents:` for AMQP) and the payload
 //! is the body, untouched. Structured mode (files, stdout, and NATS when configured) is one
 //! JSON object: the event with its payload as `data`.
+//!
+//! A message's W3C trace context travels as the distributed-tracing extension
+//! (`traceparent`, `tracestate`): `ce-traceparent` and so on in binary mode, beside the plain
+//! `traceparent` header that the protocol's own tracing reads; top-level attributes in
+//! structured mode. Decoding puts them back among the headers.
 
 use std::borrow::Cow;
 
@@ -15,6 +20,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::message::{CONTENT_TYPE_HEADER, Headers, Message, default_partition_key};
+use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceParent};
 
 pub const SPEC_VERSION: &str = "1.0";
 
@@ -25,6 +31,10 @@ pub mod ext {
     pub const PARTITION_KEY: &str = "partitionkey";
     pub const SEQUENCE: &str = "sequence";
 }
+
+/// The distributed-tracing extension's attributes, sent when the message carries them (as
+/// headers of the same names).
+pub const TRACE_ATTRIBUTE_NAMES: [&str; 2] = [TRACEPARENT, TRACESTATE];
 
 /// The media type of a structured-mode event in the JSON event format: the `content-type`
 /// by which a receiver tells a structured message from a binary one.
@@ -75,7 +85,8 @@ pub fn format_time(time: &DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// The names of the attributes [`binary_attributes`] yields, in its order.
+/// The names of the attributes [`binary_attributes`] yields for every message, in its
+/// order; [`TRACE_ATTRIBUTE_NAMES`] follow when present.
 pub const BINARY_ATTRIBUTE_NAMES: [&str; 10] = [
     "specversion",
     "id",
@@ -89,13 +100,21 @@ pub const BINARY_ATTRIBUTE_NAMES: [&str; 10] = [
     ext::SEQUENCE,
 ];
 
-/// The context attributes of `message` in binary mode, without prefix, in a fixed order.
+/// The context attributes of `message` in binary mode, without prefix, in a fixed order:
+/// [`BINARY_ATTRIBUTE_NAMES`], then the trace context the message carries.
 /// `datacontenttype` is not among them: bindings carry it as their own content-type header.
 pub fn binary_attributes<'a>(
     message: &'a Message,
     source: &'a Source,
-) -> [(&'static str, Cow<'a, str>); 10] {
-    [
+) -> impl ExactSizeIterator<Item = (&'static str, Cow<'a, str>)> {
+    let mut trace = TRACE_ATTRIBUTE_NAMES
+        .into_iter()
+        .filter_map(|name| Some((name, Cow::Borrowed(message.headers.get(name)?.as_str()))));
+    let mut unused = || ("", Cow::Borrowed(""));
+    let (first, second) = (trace.next(), trace.next());
+    let present = usize::from(first.is_some()) + usize::from(second.is_some());
+    // One array, so that the iterator knows its length (a stream entry counts its fields).
+    let attributes: [(&'static str, Cow<'a, str>); 12] = [
         ("specversion", Cow::Borrowed(SPEC_VERSION)),
         ("id", Cow::Owned(message.id.to_string())),
         ("source", source.for_message(message)),
@@ -109,7 +128,12 @@ pub fn binary_attributes<'a>(
         ),
         (ext::PARTITION_KEY, Cow::Borrowed(&message.partition_key)),
         (ext::SEQUENCE, Cow::Owned(message.sequence.to_string())),
-    ]
+        first.unwrap_or_else(&mut unused),
+        second.unwrap_or_else(&mut unused),
+    ];
+    attributes
+        .into_iter()
+        .take(BINARY_ATTRIBUTE_NAMES.len() + present)
 }
 
 /// The user headers to send beside the CloudEvents attributes (all but `content-type`).
@@ -135,6 +159,10 @@ struct Structured<'a> {
     aggregateversion: u64,
     partitionkey: &'a str,
     sequence: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracestate: Option<&'a str>,
     #[serde(skip_serializing_if = "Headers::is_empty")]
     headers: Headers,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,7 +194,10 @@ pub fn to_structured_json(message: &Message, source: &Source) -> String {
         aggregateversion: message.version,
         partitionkey: &message.partition_key,
         sequence: message.sequence,
+        traceparent: message.headers.get(TRACEPARENT).map(String::as_str),
+        tracestate: message.headers.get(TRACESTATE).map(String::as_str),
         headers: user_headers(message)
+            .filter(|(name, _)| !TRACE_ATTRIBUTE_NAMES.contains(name))
             .map(|(n, v)| (n.to_owned(), v.to_owned()))
             .collect(),
         data: json_data,
@@ -191,7 +222,8 @@ pub struct ReceivedMessage {
     pub event_type: String,
     pub partition_key: String,
     pub payload: Bytes,
-    /// Headers that are not CloudEvents attributes (trace context, user headers).
+    /// Headers that are not CloudEvents attributes (user headers), and the trace context
+    /// (`traceparent`, `tracestate`: see [`Self::traceparent`]).
     pub headers: Headers,
     pub time: Option<DateTime<Utc>>,
 }
@@ -269,11 +301,28 @@ impl ReceivedMessage {
         Self::from_attributes(attributes, headers, payload)
     }
 
+    /// The producer's trace context, if the message carries a valid one: continue its
+    /// trace from `trace_id` and `parent_id` (with OpenTelemetry, the `ferry` crate's `otel`
+    /// feature makes it the parent of a span).
+    pub fn traceparent(&self) -> Option<TraceParent<'_>> {
+        TraceParent::parse(self.headers.get(TRACEPARENT)?).ok()
+    }
+
+    /// The vendor part of the producer's trace context (W3C `tracestate`).
+    pub fn tracestate(&self) -> Option<&str> {
+        self.headers.get(TRACESTATE).map(String::as_str)
+    }
+
     fn from_attributes(
         mut attributes: Headers,
-        headers: Headers,
+        mut headers: Headers,
         payload: Bytes,
     ) -> Result<Self, DecodeError> {
+        for name in TRACE_ATTRIBUTE_NAMES {
+            if let Some(value) = attributes.remove(name) {
+                headers.insert(name.to_owned(), value);
+            }
+        }
         let mut take =
             |name: &'static str| attributes.remove(name).ok_or(DecodeError::Missing(name));
         let id_text = take("id")?;
@@ -326,100 +375,4 @@ impl From<Message> for ReceivedMessage {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(payload: &'static [u8], content_type: Option<&str>) -> Message {
-        let mut headers = Headers::new();
-        headers.insert("traceparent".into(), "00-abc-def-01".into());
-        if let Some(ct) = content_type {
-            headers.insert(CONTENT_TYPE_HEADER.into(), ct.into());
-        }
-        Message {
-            id: Uuid::now_v7(),
-            aggregate_type: "order".into(),
-            aggregate_id: "42".into(),
-            version: 3,
-            event_type: "order.paid".into(),
-            payload: Bytes::from_static(payload),
-            headers,
-            partition_key: "order/42".into(),
-            partition: 5,
-            created_at: Utc::now(),
-            sequence: 77,
-        }
-    }
-
-    #[test]
-    fn binary_round_trip_through_any_prefix() {
-        let m = sample(br#"{"total":10}"#, None);
-        let source = Source::default();
-        for prefix in BINARY_PREFIXES {
-            let headers: Vec<(String, String)> = binary_attributes(&m, &source)
-                .into_iter()
-                .map(|(n, v)| (format!("{prefix}{n}"), v.into_owned()))
-                .chain(user_headers(&m).map(|(n, v)| (n.to_owned(), v.to_owned())))
-                .collect();
-            let received = ReceivedMessage::from_binary(
-                headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
-                m.payload.clone(),
-            )
-            .expect("decodes");
-            assert_eq!(received.id, m.id);
-            assert_eq!(received.version, 3);
-            assert_eq!(received.aggregate_type, "order");
-            assert_eq!(received.aggregate_id, "42");
-            assert_eq!(received.partition_key, "order/42");
-            assert_eq!(
-                received.headers.get("traceparent").map(String::as_str),
-                Some("00-abc-def-01")
-            );
-        }
-    }
-
-    #[test]
-    fn structured_content_types_are_the_cloudevents_formats() {
-        assert!(is_structured_content_type(STRUCTURED_CONTENT_TYPE));
-        assert!(is_structured_content_type(
-            "Application/CloudEvents+json; charset=utf-8"
-        ));
-        assert!(!is_structured_content_type("application/json"));
-        assert!(!is_structured_content_type("application/cloud"));
-    }
-
-    #[test]
-    fn structured_embeds_json_and_encodes_the_rest() {
-        let source = Source::Fixed("urn:shop".into());
-        let json = to_structured_json(&sample(br#"{"total":10}"#, None), &source);
-        assert!(json.contains(r#""data":{"total":10}"#), "{json}");
-        assert!(json.contains(r#""source":"urn:shop""#));
-        let received = ReceivedMessage::from_structured_json(&json).expect("decodes");
-        assert_eq!(&received.payload[..], br#"{"total":10}"#);
-
-        let binary = sample(&[0, 159, 146, 150], Some("application/octet-stream"));
-        let json = to_structured_json(&binary, &source);
-        assert!(json.contains("data_base64"), "{json}");
-        let received = ReceivedMessage::from_structured_json(&json).expect("decodes");
-        assert_eq!(received.payload, binary.payload);
-        assert_eq!(received.version, 3);
-
-        let broken = sample(b"{not json", None);
-        assert!(to_structured_json(&broken, &source).contains("data_base64"));
-    }
-
-    #[test]
-    fn attribute_names_are_those_yielded() {
-        let m = sample(b"{}", None);
-        let names = binary_attributes(&m, &Source::default()).map(|(name, _)| name);
-        assert_eq!(names, BINARY_ATTRIBUTE_NAMES);
-    }
-
-    #[test]
-    fn missing_attributes_are_named() {
-        let err = ReceivedMessage::from_binary([("ce-type", "x")], Bytes::new()).unwrap_err();
-        assert_eq!(err, DecodeError::Missing("id"));
-        let err = ReceivedMessage::from_binary([("ce-id", "nope"), ("ce-type", "x")], Bytes::new())
-            .unwrap_err();
-        assert!(matches!(err, DecodeError::Invalid { name: "id", .. }));
-    }
-}
+mod tests;
