@@ -9,7 +9,8 @@ use tokio::net::TcpListener;
 use ferry_cli::config::Config;
 use ferry_cli::process::shutdown_on_signal;
 use ferry_cli::wiring;
-use ferry_service::Service;
+use ferry_service::{Dashboard, Service};
+use tracing::info;
 
 pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
@@ -52,9 +53,23 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (service.listen)"))?;
-    let service = Service::new(service_store, service_config.settings(), tokens)
+    let mut service = Service::new(service_store, service_config.settings(), tokens)
         .with_outbox_metrics(store.outbox(), relay.as_ref().map(ferry::Relay::stats))
         .with_operations(store.admin()?);
+    if config.dashboard.enabled {
+        // Its own copy of the tokens: actions take an admin-scoped one.
+        let mut dashboard = Dashboard::new(
+            store.admin()?,
+            store.outbox(),
+            service_config.tokens()?,
+            config.dashboard.settings(),
+        );
+        if let Some(relay) = &relay {
+            dashboard = dashboard.with_relay(relay.stats());
+        }
+        service = service.with_dashboard(dashboard);
+        info!(url = %format!("http://{addr}/dashboard"), "dashboard enabled");
+    }
     let relay_task = relay.map(|relay| {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

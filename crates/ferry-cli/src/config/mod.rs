@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use ferry::redis_store::{KeyPrefix, RedisSettings};
 use ferry::sql::{StoreSettings, TablePrefix};
-use ferry_service::ServiceConfig;
+use ferry_service::{DashboardConfig, ServiceConfig};
 
 pub use leases::LeasesConfig;
 pub use relay::RelaySection;
@@ -43,6 +43,9 @@ pub struct Config {
     /// migrate` when this section is present.
     #[serde(default)]
     pub service: Option<ServiceConfig>,
+    /// The web dashboard, served by `ferry serve` under `/dashboard` when enabled.
+    #[serde(default)]
+    pub dashboard: DashboardConfig,
 }
 
 impl Config {
@@ -94,6 +97,7 @@ impl Config {
                 );
             }
         }
+        self.dashboard.validate()?;
         self.leases.validate()
     }
 
