@@ -38,7 +38,10 @@ fn free_port() -> u16 {
 
 async fn wait_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "{what} did not listen on {port}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -176,7 +179,12 @@ async fn produce(http: &reqwest::Client, base: &str, aggregate_id: &str, event_t
 }
 
 /// Waits until `css` is on the page and its text satisfies `wanted`; returns the text.
-async fn wait_text(browser: &Client, css: &str, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+async fn wait_text(
+    browser: &Client,
+    css: &str,
+    what: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = String::new();
     loop {
@@ -188,7 +196,10 @@ async fn wait_text(browser: &Client, css: &str, what: &str, wanted: impl Fn(&str
             }
             last = text;
         }
-        assert!(Instant::now() < deadline, "{what}: {css} still shows {last:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {css} still shows {last:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -269,7 +280,11 @@ async fn refusals(http: &reqwest::Client, base: &str, port: u16) {
         .send()
         .await
         .unwrap();
-    assert_eq!(producer.status(), 401, "a producer token is not an admin token");
+    assert_eq!(
+        producer.status(),
+        401,
+        "a producer token is not an admin token"
+    );
     let action = http
         .post(format!("{base}/dashboard/partitions/0/retry"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -287,11 +302,12 @@ async fn refusals(http: &reqwest::Client, base: &str, port: u16) {
         .send()
         .await
         .unwrap();
-    assert_eq!(cross_site.status(), 403, "a post from another site is refused");
-    let cookie = format!(
-        "ferry_dashboard={}",
-        base64_url(ADMIN)
+    assert_eq!(
+        cross_site.status(),
+        403,
+        "a post from another site is refused"
     );
+    let cookie = format!("ferry_dashboard={}", base64_url(ADMIN));
     let forged = http
         .post(format!("{base}/dashboard/partitions/0/retry"))
         .header("cookie", cookie)
@@ -301,7 +317,11 @@ async fn refusals(http: &reqwest::Client, base: &str, port: u16) {
         .send()
         .await
         .unwrap();
-    assert_eq!(forged.status(), 403, "a cookie session needs the form's CSRF token");
+    assert_eq!(
+        forged.status(),
+        403,
+        "a cookie session needs the form's CSRF token"
+    );
     let get_action = http
         .get(format!("{base}/dashboard/partitions/0/retry"))
         .bearer_auth(ADMIN)
@@ -348,48 +368,98 @@ async fn the_dashboard_shows_the_outbox_and_acts_on_it_in_a_browser() {
         .await
         .unwrap();
     click(&browser, "#sign-in").await;
-    wait_text(&browser, ".signout span", "signed in", |t| t.contains("operator")).await;
-    // The 401 of the sign-in page is logged as a failed resource; what counts comes after.
-    driver.console(&browser).await;
+    wait_text(&browser, ".signout span", "signed in", |t| {
+        t.contains("operator")
+    })
+    .await;
+    // The 401 of the sign-in page is logged as a failed resource, which shows that the
+    // console is read; what counts comes after.
+    let signing_in = driver.console(&browser).await;
+    assert!(
+        signing_in
+            .iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.contains("401"))),
+        "the browser's console log is readable: {signing_in:?}"
+    );
 
     // Backlog while the receiver holds every request, then drained, in the same page.
     for n in 0..12 {
         produce(&http, &base, &format!("o-{n}"), "order.placed").await;
     }
-    wait_text(&browser, "#total-backlog", "backlog while held", |t| t == "12").await;
+    wait_text(&browser, "#total-backlog", "backlog while held", |t| {
+        t == "12"
+    })
+    .await;
     browser
         .execute("window.ferryTestMarker = 'same page';", vec![])
         .await
         .unwrap();
     screenshot(&browser, "partitions").await;
     receiver.gate.send_replace(true);
-    wait_text(&browser, "#total-backlog", "backlog after draining", |t| t == "0").await;
+    wait_text(&browser, "#total-backlog", "backlog after draining", |t| {
+        t == "0"
+    })
+    .await;
     let marker = browser
         .execute("return window.ferryTestMarker;", vec![])
         .await
         .unwrap();
-    assert_eq!(marker, json!("same page"), "the figure changed without a reload");
+    assert_eq!(
+        marker,
+        json!("same page"),
+        "the figure changed without a reload"
+    );
 
     // A rejected message blocks its partition; "Retry now" clears it once the receiver
     // accepts (the relay would not retry by itself within the test: retry_max_ms).
     receiver.reject.store(true, Ordering::SeqCst);
     produce(&http, &base, "bad-1", REJECTED).await;
-    browser.goto(&format!("{base}/dashboard/problems")).await.unwrap();
-    let reason = wait_text(&browser, "#blocked tbody tr .reason", "blocked reason", |t| !t.is_empty()).await;
-    assert!(reason.contains("400"), "the receiver's answer is shown: {reason}");
+    browser
+        .goto(&format!("{base}/dashboard/problems"))
+        .await
+        .unwrap();
+    let reason = wait_text(
+        &browser,
+        "#blocked tbody tr .reason",
+        "blocked reason",
+        |t| !t.is_empty(),
+    )
+    .await;
+    assert!(
+        reason.contains("400"),
+        "the receiver's answer is shown: {reason}"
+    );
     screenshot(&browser, "problems").await;
     receiver.reject.store(false, Ordering::SeqCst);
     click(&browser, "#blocked tbody tr button.retry").await;
-    wait_text(&browser, "#flash", "retry requested", |t| t.contains("retry requested")).await;
-    wait_text(&browser, "#no-blocked", "unblocked", |t| t.contains("No partition")).await;
+    wait_text(&browser, "#flash", "retry requested", |t| {
+        t.contains("retry requested")
+    })
+    .await;
+    wait_text(&browser, "#no-blocked", "unblocked", |t| {
+        t.contains("No partition")
+    })
+    .await;
     browser.goto(&format!("{base}/dashboard")).await.unwrap();
-    wait_text(&browser, "#total-backlog", "backlog after the retry", |t| t == "0").await;
+    wait_text(&browser, "#total-backlog", "backlog after the retry", |t| {
+        t == "0"
+    })
+    .await;
 
     // Skip a rejected message with a reason, then requeue it from the parked list.
     receiver.reject.store(true, Ordering::SeqCst);
     produce(&http, &base, "bad-2", REJECTED).await;
-    browser.goto(&format!("{base}/dashboard/problems")).await.unwrap();
-    wait_text(&browser, "#blocked tbody tr .reason", "blocked again", |t| t.contains("400")).await;
+    browser
+        .goto(&format!("{base}/dashboard/problems"))
+        .await
+        .unwrap();
+    wait_text(
+        &browser,
+        "#blocked tbody tr .reason",
+        "blocked again",
+        |t| t.contains("400"),
+    )
+    .await;
     browser
         .find(Locator::Css("#blocked tbody tr input[name=reason]"))
         .await
@@ -399,17 +469,38 @@ async fn the_dashboard_shows_the_outbox_and_acts_on_it_in_a_browser() {
         .unwrap();
     click(&browser, "#blocked tbody tr button.skip").await;
     wait_text(&browser, "#flash", "skipped", |t| t.contains("parked")).await;
-    wait_text(&browser, "#parked tbody tr .reason", "parked with its reason", |t| t.contains("next deploy")).await;
+    wait_text(
+        &browser,
+        "#parked tbody tr .reason",
+        "parked with its reason",
+        |t| t.contains("next deploy"),
+    )
+    .await;
     receiver.reject.store(false, Ordering::SeqCst);
     click(&browser, "#parked tbody tr button.requeue").await;
     wait_text(&browser, "#flash", "requeued", |t| t.contains("requeued")).await;
-    wait_text(&browser, "#no-parked", "requeued and published", |t| t.contains("No message")).await;
+    wait_text(&browser, "#no-parked", "requeued and published", |t| {
+        t.contains("No message")
+    })
+    .await;
 
-    browser.goto(&format!("{base}/dashboard/transactions")).await.unwrap();
-    wait_text(&browser, "#tx-delivered", "delivered transactions", |t| t == "14").await;
+    browser
+        .goto(&format!("{base}/dashboard/transactions"))
+        .await
+        .unwrap();
+    wait_text(&browser, "#tx-delivered", "delivered transactions", |t| {
+        t == "14"
+    })
+    .await;
     screenshot(&browser, "transactions").await;
-    browser.goto(&format!("{base}/dashboard/metrics")).await.unwrap();
-    wait_text(&browser, "table.metrics", "metrics", |t| t.contains("ferry_relay_published_total")).await;
+    browser
+        .goto(&format!("{base}/dashboard/metrics"))
+        .await
+        .unwrap();
+    wait_text(&browser, "table.metrics", "metrics", |t| {
+        t.contains("ferry_relay_published_total")
+    })
+    .await;
     screenshot(&browser, "metrics").await;
 
     let errors: Vec<Value> = driver

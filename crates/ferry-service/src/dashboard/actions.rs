@@ -6,10 +6,10 @@
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use super::DashboardState;
-use super::session::{self, Operator, check_post, flash, form_field, read_form, redirect};
+use super::session::{self, Operator, Refused, check_post, flash, form_field, read_form, redirect};
 use crate::api::error::ApiError;
 use crate::api::messages::parse_id;
 use crate::api::ops::{requeue_aggregate, retry_partition_now, skip_message};
@@ -19,11 +19,9 @@ async fn authorized<'a>(
     dashboard: &'a DashboardState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Operator<'a>, Vec<(String, String)>), Response> {
+) -> Result<(Operator<'a>, Vec<(String, String)>), Refused> {
     let Some(operator) = session::operator(dashboard, headers) else {
-        return Err(session::sign_in_required(Some(
-            "sign in with an admin token to act",
-        )));
+        return Err(Refused::SignIn("sign in with an admin token to act"));
     };
     let form = read_form(headers, body).await?;
     check_post(&operator, headers, form_field(&form, "csrf"))?;
@@ -44,7 +42,7 @@ pub(super) async fn retry(
 ) -> Response {
     let (operator, form) = match authorized(&dashboard, &headers, body).await {
         Ok(ok) => ok,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
     let back = match form_field(&form, "back") {
         Some("partitions") => "/dashboard",
@@ -67,7 +65,7 @@ pub(super) async fn skip(
 ) -> Response {
     let (operator, form) = match authorized(&dashboard, &headers, body).await {
         Ok(ok) => ok,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
     let outcome = match parse_id(&id) {
         Ok(id) => skip_message(
@@ -95,7 +93,7 @@ pub(super) async fn requeue(
 ) -> Response {
     let (operator, form) = match authorized(&dashboard, &headers, body).await {
         Ok(ok) => ok,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
     let kind = form_field(&form, "aggregate_type").unwrap_or("");
     let id = form_field(&form, "aggregate_id").unwrap_or("");

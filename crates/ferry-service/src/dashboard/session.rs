@@ -108,7 +108,7 @@ pub(super) fn check_post(
     operator: &Operator<'_>,
     headers: &HeaderMap,
     csrf: Option<&str>,
-) -> Result<(), Response> {
+) -> Result<(), Refused> {
     if !same_origin(headers) {
         warn!(token = %operator.principal.name, "dashboard: cross-site POST refused");
         return Err(refused(
@@ -130,13 +130,31 @@ pub(super) fn check_post(
     Ok(())
 }
 
-fn refused(status: StatusCode, message: &'static str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        message,
-    )
-        .into_response()
+/// Why a request is refused.
+#[derive(Debug)]
+pub(super) enum Refused {
+    /// No admin token: the login form, with why.
+    SignIn(&'static str),
+    /// Anything else, as plain text.
+    Plain(StatusCode, String),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::SignIn(why) => sign_in_required(Some(why)),
+            Refused::Plain(status, message) => (
+                status,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                message,
+            )
+                .into_response(),
+        }
+    }
+}
+
+fn refused(status: StatusCode, message: &str) -> Refused {
+    Refused::Plain(status, message.to_owned())
 }
 
 /// What a page that needs a sign-in answers without one: 401 with the login form.
@@ -164,11 +182,12 @@ pub(super) async fn login(
         return refused(
             StatusCode::FORBIDDEN,
             "cross-site request refused: sign in from the dashboard's own page",
-        );
+        )
+        .into_response();
     }
     let form = match read_form(&headers, body).await {
         Ok(form) => form,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
     let token = form_field(&form, "token").unwrap_or_default();
     let Some(principal) = dashboard.tokens.authenticate(token.trim()) else {
@@ -189,7 +208,7 @@ pub(super) async fn login(
 
 pub(super) async fn logout(headers: HeaderMap) -> Response {
     if !same_origin(&headers) {
-        return refused(StatusCode::FORBIDDEN, "cross-site request refused");
+        return refused(StatusCode::FORBIDDEN, "cross-site request refused").into_response();
     }
     let cookie = format!("{COOKIE}=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0");
     redirect("/dashboard/login", Some(cookie))
@@ -229,7 +248,7 @@ pub(super) fn take_flash(headers: &HeaderMap) -> Option<(String, HeaderValue)> {
 pub(super) async fn read_form(
     headers: &HeaderMap,
     body: Body,
-) -> Result<Vec<(String, String)>, Response> {
+) -> Result<Vec<(String, String)>, Refused> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -242,7 +261,7 @@ pub(super) async fn read_form(
     }
     let bytes = crate::api::read_body(body, FORM_LIMIT)
         .await
-        .map_err(|err| (err.status(), err.message().to_owned()).into_response())?;
+        .map_err(|err| Refused::Plain(err.status(), err.message().to_owned()))?;
     Ok(url::form_urlencoded::parse(&bytes).into_owned().collect())
 }
 
