@@ -88,6 +88,13 @@ ensure_protoc() {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
 }
 
+# Chromium and its WebDriver for the dashboard's browser tests (crates/ferry-cli/tests/dashboard.rs).
+ensure_chromium() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
+  echo "services: installing chromium and chromium-driver"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+}
+
 # etcd for the etcd lease backend, on its own loopback ports (FERRY_TEST_ETCD_URL).
 ensure_etcd() {
   port_open 23790 && return 0
@@ -158,6 +165,7 @@ ensure_redis
 ensure_rabbitmq
 ensure_mosquitto
 ensure_protoc
+ensure_chromium
 ensure_etcd
 ensure_kafka
 ensure_python_clients

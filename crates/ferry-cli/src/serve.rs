@@ -9,7 +9,8 @@ use tokio::net::TcpListener;
 use ferry_cli::config::Config;
 use ferry_cli::process::shutdown_on_signal;
 use ferry_cli::wiring;
-use ferry_service::Service;
+use ferry_service::{Dashboard, Service};
+use tracing::info;
 
 pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
@@ -64,6 +65,20 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
         .with_operations(store.admin()?);
     if let Some(handle) = process_metrics {
         service = service.with_process_metrics(handle);
+    }
+    if config.dashboard.enabled {
+        // Its own copy of the tokens: actions take an admin-scoped one.
+        let mut dashboard = Dashboard::new(
+            store.admin()?,
+            store.outbox(),
+            service_config.tokens()?,
+            config.dashboard.settings(),
+        );
+        if let Some(relay) = &relay {
+            dashboard = dashboard.with_relay(relay.stats());
+        }
+        service = service.with_dashboard(dashboard);
+        info!(url = %format!("http://{addr}/dashboard"), "dashboard enabled");
     }
     let relay_task = relay.map(|relay| {
         let shutdown = shutdown.clone();

@@ -23,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod checkback;
 pub mod config;
+pub mod dashboard;
 mod loops;
 pub mod metrics;
 pub mod state;
@@ -30,6 +31,7 @@ pub mod store;
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -42,6 +44,7 @@ use ferry::{OutboxAdmin, OutboxStore};
 pub use api::{OPENAPI_JSON, ROUTES};
 pub use auth::{Scope, Tokens};
 pub use config::{InvalidServiceConfig, ServiceConfig, ServiceSettings};
+pub use dashboard::{Dashboard, DashboardConfig};
 pub use metrics::Metrics;
 pub use state::{Status, Transition};
 pub use store::{PgServiceStore, ServiceStore, SqliteServiceStore};
@@ -89,6 +92,13 @@ impl Shared {
     }
 }
 
+#[async_trait]
+impl dashboard::MetricsSource for Shared {
+    async fn render(&self) -> String {
+        self.render_metrics().await
+    }
+}
+
 /// Why the service stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -103,6 +113,7 @@ pub enum ServiceError {
 #[derive(Debug)]
 pub struct Service {
     shared: Shared,
+    dashboard: Option<Dashboard>,
 }
 
 impl Service {
@@ -117,6 +128,7 @@ impl Service {
                 process_metrics: None,
                 admin: None,
             },
+            dashboard: None,
         }
     }
 
@@ -137,6 +149,12 @@ impl Service {
     /// `/v1/ops`, to admin tokens.
     pub fn with_operations(mut self, admin: Arc<dyn OutboxAdmin>) -> Self {
         self.shared.admin = Some(admin);
+        self
+    }
+
+    /// Serves `dashboard` under `/dashboard`, with this service's transactions and metrics.
+    pub fn with_dashboard(mut self, dashboard: Dashboard) -> Self {
+        self.dashboard = Some(dashboard);
         self
     }
 
@@ -170,7 +188,14 @@ impl Service {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "service listening");
         }
-        let router: Router = api::router(Arc::new(self.shared));
+        let shared = Arc::new(self.shared);
+        let mut router: Router = api::router(Arc::clone(&shared));
+        if let Some(dashboard) = self.dashboard {
+            let dashboard = dashboard
+                .with_service(Arc::clone(&shared.store))
+                .with_metrics(shared);
+            router = router.merge(dashboard.into_router(shutdown.clone()));
+        }
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await;

@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use ferry::redis_store::{KeyPrefix, RedisSettings};
 use ferry::sql::{StoreSettings, TablePrefix};
-use ferry_service::ServiceConfig;
+use ferry_service::{DashboardConfig, ServiceConfig};
 
 pub use leases::LeasesConfig;
 pub use metrics::MetricsSection;
@@ -53,6 +53,9 @@ pub struct Config {
     /// Exporting the relay's spans over OTLP.
     #[serde(default)]
     pub tracing: TracingSection,
+    /// The web dashboard, served by `ferry serve` under `/dashboard` when enabled.
+    #[serde(default)]
+    pub dashboard: DashboardConfig,
 }
 
 impl Config {
@@ -106,6 +109,7 @@ impl Config {
                 );
             }
         }
+        self.dashboard.validate()?;
         self.leases.validate()
     }
 

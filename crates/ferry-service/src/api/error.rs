@@ -43,6 +43,15 @@ impl ApiError {
         }
     }
 
+    /// What went wrong, as the API tells it (the dashboard shows the same words).
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }

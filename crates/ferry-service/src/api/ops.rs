@@ -139,6 +139,23 @@ struct RetryRequested {
     partition: u32,
 }
 
+/// Asks for a retry of blocked `partition` now: `/v1/ops` and the dashboard.
+pub(crate) async fn retry_partition_now(
+    admin: &dyn OutboxAdmin,
+    partition: u32,
+    by: &str,
+) -> Result<(), ApiError> {
+    if !admin.request_retry(partition).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_blocked",
+            format!("partition {partition} is not blocked"),
+        ));
+    }
+    info!(partition, by, "retry of a blocked partition requested");
+    Ok(())
+}
+
 async fn retry_partition(
     State(shared): State<AppState>,
     headers: HeaderMap,
@@ -154,14 +171,7 @@ async fn retry_partition(
         })?,
         Err(err) => return Err(ApiError::bad_request("invalid_partition", err.body_text())),
     };
-    if !admin(&shared)?.request_retry(partition).await? {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_blocked",
-            format!("partition {partition} is not blocked"),
-        ));
-    }
-    info!(partition, by = %principal.name, "retry of a blocked partition requested");
+    retry_partition_now(admin(&shared)?, partition, &principal.name).await?;
     Ok(json(StatusCode::ACCEPTED, &RetryRequested { partition }))
 }
 
@@ -169,6 +179,32 @@ async fn retry_partition(
 #[serde(deny_unknown_fields)]
 struct SkipRequest {
     reason: String,
+}
+
+/// Parks unpublished message `id` with `reason`, checked: `/v1/ops` and the dashboard.
+pub(crate) async fn skip_message(
+    admin: &dyn OutboxAdmin,
+    id: Uuid,
+    by: &str,
+    reason: &str,
+) -> Result<ParkedMessage, ApiError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
+        return Err(ApiError::bad_request(
+            "invalid_reason",
+            format!("reason must say why, in 1 to {MAX_REASON_CHARS} characters"),
+        ));
+    }
+    let parked = admin
+        .skip(id, &format!("token {by}"), reason)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no unpublished message {id} in the outbox (published, parked already, or never there)"
+            ))
+        })?;
+    info!(message_id = %id, by, "message skipped (parked)");
+    Ok(parked)
 }
 
 async fn skip(
@@ -181,23 +217,7 @@ async fn skip(
     let id = path_id(path)?;
     require_json(&headers)?;
     let request: SkipRequest = parse_body(&read_body(body, BODY_LIMIT).await?)?;
-    let reason = request.reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
-        return Err(ApiError::bad_request(
-            "invalid_reason",
-            format!("reason must say why, in 1 to {MAX_REASON_CHARS} characters"),
-        ));
-    }
-    let by = format!("token {}", principal.name);
-    let parked = admin(&shared)?
-        .skip(id, &by, reason)
-        .await?
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no unpublished message {id} in the outbox (published, parked already, or never there)"
-            ))
-        })?;
-    info!(message_id = %id, by = %principal.name, "message skipped (parked)");
+    let parked = skip_message(admin(&shared)?, id, &principal.name, &request.reason).await?;
     Ok(json(StatusCode::OK, &ParkedView::from(&parked)))
 }
 
@@ -279,6 +299,32 @@ struct Requeued {
     requeued: u64,
 }
 
+/// Puts an aggregate's parked messages back: `/v1/ops` and the dashboard.
+pub(crate) async fn requeue_aggregate(
+    admin: &dyn OutboxAdmin,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    by: &str,
+) -> Result<u64, ApiError> {
+    if aggregate_type.is_empty() || aggregate_id.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_aggregate",
+            "aggregate_type and aggregate_id must not be empty",
+        ));
+    }
+    let requeued = admin.requeue_parked(aggregate_type, aggregate_id).await?;
+    if requeued == 0 {
+        return Err(ApiError::not_found(format!(
+            "no parked message of {aggregate_type}/{aggregate_id}"
+        )));
+    }
+    info!(
+        aggregate_type,
+        aggregate_id, requeued, by, "parked messages requeued"
+    );
+    Ok(requeued)
+}
+
 async fn requeue(
     State(shared): State<AppState>,
     headers: HeaderMap,
@@ -287,22 +333,13 @@ async fn requeue(
     let principal = authorize(&shared, &headers, &[Scope::Admin])?;
     require_json(&headers)?;
     let request: RequeueRequest = parse_body(&read_body(body, BODY_LIMIT).await?)?;
-    if request.aggregate_type.is_empty() || request.aggregate_id.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_aggregate",
-            "aggregate_type and aggregate_id must not be empty",
-        ));
-    }
-    let requeued = admin(&shared)?
-        .requeue_parked(&request.aggregate_type, &request.aggregate_id)
-        .await?;
-    if requeued == 0 {
-        return Err(ApiError::not_found(format!(
-            "no parked message of {}/{}",
-            request.aggregate_type, request.aggregate_id
-        )));
-    }
-    info!(aggregate_type = %request.aggregate_type, aggregate_id = %request.aggregate_id, requeued, by = %principal.name, "parked messages requeued");
+    let requeued = requeue_aggregate(
+        admin(&shared)?,
+        &request.aggregate_type,
+        &request.aggregate_id,
+        &principal.name,
+    )
+    .await?;
     Ok(json(
         StatusCode::OK,
         &Requeued {
