@@ -53,7 +53,7 @@ pub const MAX_ACKS_IN_FLIGHT_LIMIT: usize = 1 << 20;
 ///   `ferry://<aggregate_type>`.
 /// - `credentials_file`: a NATS `.creds` file (JWT and NKey seed); unset means none.
 /// - `token`: a NATS auth token; unset means none. Never logged or serialised.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSinkConfig {
     pub url: String,
@@ -68,6 +68,26 @@ pub struct NatsSinkConfig {
     pub source: Option<String>,
     pub credentials_file: Option<PathBuf>,
     pub token: Option<SecretString>,
+}
+
+/// `url` may carry a user and password (`nats://user:password@host:4222`): not shown.
+impl std::fmt::Debug for NatsSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSinkConfig")
+            .field("url", &"[redacted]")
+            .field("stream", &self.stream)
+            .field("subjects", &self.subjects)
+            .field("subject_template", &self.subject_template)
+            .field("duplicate_window_secs", &self.duplicate_window_secs)
+            .field("max_acks_in_flight", &self.max_acks_in_flight)
+            .field("ack_timeout_secs", &self.ack_timeout_secs)
+            .field("fencing", &self.fencing)
+            .field("content_mode", &self.content_mode)
+            .field("source", &self.source)
+            .field("credentials_file", &self.credentials_file)
+            .field("token", &self.token)
+            .finish()
+    }
 }
 
 impl Default for NatsSinkConfig {
@@ -439,6 +459,9 @@ mod tests {
         let config: NatsSinkConfig =
             serde_json::from_str(r#"{"stream":"X","token":"s3cret"}"#).expect("parses");
         assert_eq!(config.url, "nats://127.0.0.1:4222");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let config: NatsSinkConfig =
+            serde_json::from_str(r#"{"url":"nats://u:pw-s3cret@h:4222"}"#).expect("parses");
         assert!(!format!("{config:?}").contains("s3cret"));
     }
 }
