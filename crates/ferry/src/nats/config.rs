@@ -132,7 +132,10 @@ impl InvalidNatsConfig {
 /// The checked form of a [`NatsSinkConfig`], ready to connect with.
 #[derive(Debug)]
 pub(crate) struct Checked {
+    /// Without credentials: the client logs its server addresses.
     pub(crate) servers: Vec<ServerAddr>,
+    /// The user and password the URL carried, sent in the CONNECT message instead.
+    pub(crate) credentials: Option<(String, SecretString)>,
     pub(crate) template: SubjectTemplate,
     pub(crate) duplicate_window: Duration,
     pub(crate) ack_timeout: Duration,
@@ -147,7 +150,7 @@ impl NatsSinkConfig {
     }
 
     pub(crate) fn check(&self) -> Result<Checked, InvalidNatsConfig> {
-        let servers = parse_servers(&self.url)?;
+        let (servers, credentials) = take_credentials(parse_servers(&self.url)?)?;
         check_stream_name(&self.stream)?;
         if self.subjects.is_empty() {
             return Err(InvalidNatsConfig::new(
@@ -230,6 +233,7 @@ impl NatsSinkConfig {
         };
         Ok(Checked {
             servers,
+            credentials,
             template,
             fencing,
             duplicate_window: Duration::from_secs(self.duplicate_window_secs),
@@ -259,6 +263,35 @@ fn parse_servers(url: &str) -> Result<Vec<ServerAddr>, InvalidNatsConfig> {
         ));
     }
     Ok(servers)
+}
+
+/// Moves the `user:password@` of the server URLs out of them, so that no address the
+/// client logs carries a password; every server must carry the same ones, or none.
+fn take_credentials(
+    servers: Vec<ServerAddr>,
+) -> Result<(Vec<ServerAddr>, Option<(String, SecretString)>), InvalidNatsConfig> {
+    let mut found: Option<(String, String)> = None;
+    let mut bare = Vec::with_capacity(servers.len());
+    for server in servers {
+        if let Some(user) = server.username() {
+            let these = (user.to_owned(), server.password().unwrap_or("").to_owned());
+            if found.as_ref().is_some_and(|f| *f != these) {
+                return Err(InvalidNatsConfig::new(
+                    "url",
+                    "the servers carry different users or passwords: give them all the same",
+                ));
+            }
+            found = Some(these);
+        }
+        let mut url = server.into_inner();
+        // Cannot fail: the URL has a host (ServerAddr checked it).
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        bare.push(ServerAddr::from_url(url).map_err(|err| {
+            InvalidNatsConfig::new("url", format!("{err}; expected e.g. \"nats://127.0.0.1:4222\""))
+        })?);
+    }
+    Ok((bare, found.map(|(user, pass)| (user, SecretString::from(pass)))))
 }
 
 fn check_stream_name(name: &str) -> Result<(), InvalidNatsConfig> {
@@ -299,6 +332,8 @@ fn check_filter_subject(subject: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret;
+
     use super::*;
 
     fn key_of(config: &NatsSinkConfig) -> &'static str {
@@ -434,6 +469,19 @@ mod tests {
         };
         let checked = config.check().expect("valid");
         assert_eq!(checked.servers.len(), 2);
+        let config = NatsSinkConfig {
+            url: "nats://u:pw-s3cret@a:4222, nats://u:pw-s3cret@b:4223".into(),
+            ..NatsSinkConfig::default()
+        };
+        let checked = config.check().expect("valid");
+        assert!(!format!("{:?}", checked.servers).contains("s3cret"));
+        let (user, password) = checked.credentials.expect("taken from the URL");
+        assert_eq!((user.as_str(), password.expose_secret()), ("u", "pw-s3cret"));
+        let config = NatsSinkConfig {
+            url: "nats://u:one@a:4222,nats://u:two@b:4222".into(),
+            ..NatsSinkConfig::default()
+        };
+        assert_eq!(config.check().expect_err("differ").key, "url");
     }
 
     #[test]
