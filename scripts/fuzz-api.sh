@@ -57,9 +57,10 @@ for _ in $(seq 100); do
 done
 
 status=0
-"$venv/bin/schemathesis" run "http://127.0.0.1:$port/v1/openapi.json" \
+# From the work directory: schemathesis keeps its example database in ./.schemathesis.
+(cd "$work" && "$venv/bin/schemathesis" run "http://127.0.0.1:$port/v1/openapi.json" \
   --checks all --header "Authorization: Bearer $token" \
-  --wait-for-schema 10 --no-color "$@" || status=$?
+  --wait-for-schema 10 --no-color "$@") || status=$?
 if grep -q "panicked" "$work/serve.log"; then
   grep -B2 -A10 "panicked" "$work/serve.log"
   echo "fuzz-api: ferry serve panicked" >&2

@@ -3,16 +3,14 @@
 //! whether the connection works (PostgreSQL trusts any password here, NATS has no auth) or
 //! fails (wrong port, a password the server refuses, a malformed URL).
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use uuid::Uuid;
 
-use common::{ferry_bin, unique_tag};
 use ferry_core::testing::services;
 
 const PASSWORD: &str = "s3cret-pw-Qx7";
@@ -35,6 +33,11 @@ fn wrong_port(url: &str) -> String {
     format!("{before}:1{tail}")
 }
 
+/// Tables and streams of this test's own.
+fn unique_tag() -> String {
+    Uuid::now_v7().simple().to_string()[20..].to_owned()
+}
+
 fn write_config(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).expect("config written");
@@ -45,7 +48,7 @@ fn write_config(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 /// and everything it printed.
 fn run(args: &[&str], config: &Path, run_for: Option<Duration>) -> (bool, String) {
     let out = tempfile::NamedTempFile::new().expect("temp file");
-    let mut child = Command::new(ferry_bin())
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(args)
         .arg("--config")
         .arg(config)
@@ -69,7 +72,10 @@ fn run(args: &[&str], config: &Path, run_for: Option<Duration>) -> (bool, String
         std::thread::sleep(Duration::from_millis(50));
     };
     let bytes = std::fs::read(out.path()).expect("output");
-    (status.success(), String::from_utf8_lossy(&bytes).into_owned())
+    (
+        status.success(),
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
 }
 
 fn assert_no_secret(what: &str, output: &str) {

@@ -52,7 +52,11 @@ fn variables_under(path: &[impl AsRef<str>]) -> String {
         .map(|(variable, _)| variable)
         .filter(|variable| *variable == name || variable.starts_with(&nested))
         .collect();
-    if set.is_empty() { name } else { set.join(" or ") }
+    if set.is_empty() {
+        name
+    } else {
+        set.join(" or ")
+    }
 }
 
 /// One extraction error as the user reads it: with the variable's name when the value

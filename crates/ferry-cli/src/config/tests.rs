@@ -251,6 +251,10 @@ fn missing_file_is_named() {
 /// Environment overrides, set in a `figment::Jail` (nextest runs each test in a process of
 /// its own, so no other test sees them).
 #[test]
+#[expect(
+    clippy::result_large_err,
+    reason = "figment::Jail's closure returns figment::Error"
+)]
 fn environment_overrides_apply_and_bad_ones_name_their_variable() {
     figment::Jail::expect_with(|jail| {
         jail.set_env("FERRY_RELAY__BATCH_SIZE", "250");

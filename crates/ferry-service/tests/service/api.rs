@@ -180,14 +180,20 @@ pub(crate) async fn bad_input_and_illegal_transitions(backend: Backend) {
     let (status, body) = post(null_id).await;
     assert_eq!((status, code(&body)), (400, "invalid_body"), "{body}");
     let mut no_payload = prepare_body("b", &url);
-    no_payload.as_object_mut().expect("object").remove("payload");
+    no_payload
+        .as_object_mut()
+        .expect("object")
+        .remove("payload");
     let (status, body) = post(no_payload).await;
     assert_eq!((status, code(&body)), (400, "invalid_field"), "{body}");
     let mut null_payload = prepare_body("null-payload", &url);
     null_payload["payload"] = Value::Null;
     let (status, body) = post(null_payload).await;
     assert_eq!(status, 201, "{body}");
-    assert!(body["payload"].is_null() && body.get("payload_base64").is_none(), "{body}");
+    assert!(
+        body["payload"].is_null() && body.get("payload_base64").is_none(),
+        "{body}"
+    );
 
     let mut both = prepare_body("b", &url);
     both["payload_base64"] = json!("AAAA");

@@ -135,7 +135,7 @@ pub(crate) struct Checked {
     /// Without credentials: the client logs its server addresses.
     pub(crate) servers: Vec<ServerAddr>,
     /// The user and password the URL carried, sent in the CONNECT message instead.
-    pub(crate) credentials: Option<(String, SecretString)>,
+    pub(crate) credentials: Option<Credentials>,
     pub(crate) template: SubjectTemplate,
     pub(crate) duplicate_window: Duration,
     pub(crate) ack_timeout: Duration,
@@ -265,11 +265,14 @@ fn parse_servers(url: &str) -> Result<Vec<ServerAddr>, InvalidNatsConfig> {
     Ok(servers)
 }
 
+/// A user and password for the NATS servers.
+pub(crate) type Credentials = (String, SecretString);
+
 /// Moves the `user:password@` of the server URLs out of them, so that no address the
 /// client logs carries a password; every server must carry the same ones, or none.
 fn take_credentials(
     servers: Vec<ServerAddr>,
-) -> Result<(Vec<ServerAddr>, Option<(String, SecretString)>), InvalidNatsConfig> {
+) -> Result<(Vec<ServerAddr>, Option<Credentials>), InvalidNatsConfig> {
     let mut found: Option<(String, String)> = None;
     let mut bare = Vec::with_capacity(servers.len());
     for server in servers {
@@ -288,10 +291,16 @@ fn take_credentials(
         let _ = url.set_username("");
         let _ = url.set_password(None);
         bare.push(ServerAddr::from_url(url).map_err(|err| {
-            InvalidNatsConfig::new("url", format!("{err}; expected e.g. \"nats://127.0.0.1:4222\""))
+            InvalidNatsConfig::new(
+                "url",
+                format!("{err}; expected e.g. \"nats://127.0.0.1:4222\""),
+            )
         })?);
     }
-    Ok((bare, found.map(|(user, pass)| (user, SecretString::from(pass)))))
+    Ok((
+        bare,
+        found.map(|(user, pass)| (user, SecretString::from(pass))),
+    ))
 }
 
 fn check_stream_name(name: &str) -> Result<(), InvalidNatsConfig> {
@@ -476,7 +485,10 @@ mod tests {
         let checked = config.check().expect("valid");
         assert!(!format!("{:?}", checked.servers).contains("s3cret"));
         let (user, password) = checked.credentials.expect("taken from the URL");
-        assert_eq!((user.as_str(), password.expose_secret()), ("u", "pw-s3cret"));
+        assert_eq!(
+            (user.as_str(), password.expose_secret()),
+            ("u", "pw-s3cret")
+        );
         let config = NatsSinkConfig {
             url: "nats://u:one@a:4222,nats://u:two@b:4222".into(),
             ..NatsSinkConfig::default()
