@@ -15,13 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=${FERRY_SERVICES_VENV:-/opt/ferry-venv}
-validator_version=1.37.0
-if ! "$venv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$validator_version"; then
-  echo "check-deploy: installing kubernetes-validate $validator_version into $venv"
-  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "kubernetes-validate==$validator_version"
-fi
+source scripts/venv-tool.sh
+validate=$(venv_tool kubernetes-validate 1.37.0)
 
 echo "check-deploy: Kubernetes manifests"
 manifests=(deploy/kubernetes/namespace.yaml deploy/kubernetes/secret.yaml
@@ -35,7 +30,7 @@ else
   echo "check-deploy: kubectl not installed, the kustomization is not rendered"
 fi
 for version in 1.30.0 1.37.0; do
-  "$venv/bin/kubernetes-validate" --strict --quiet -k "$version" "${manifests[@]}"
+  "$validate" --strict --quiet -k "$version" "${manifests[@]}"
 done
 
 echo "check-deploy: the image's build step (deploy/build.sh)"

@@ -9,13 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=${FERRY_SERVICES_VENV:-/opt/ferry-venv}
-schemathesis_version=4.32.5
-if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$schemathesis_version"; then
-  echo "fuzz-api: installing schemathesis $schemathesis_version into $venv"
-  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "schemathesis==$schemathesis_version"
-fi
+source scripts/venv-tool.sh
+schemathesis=$(venv_tool schemathesis 4.32.5)
 
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 cargo build -q -p ferry-cli --bin ferry
@@ -58,7 +53,7 @@ done
 
 status=0
 # From the work directory: schemathesis keeps its example database in ./.schemathesis.
-(cd "$work" && "$venv/bin/schemathesis" run "http://127.0.0.1:$port/v1/openapi.json" \
+(cd "$work" && "$schemathesis" run "http://127.0.0.1:$port/v1/openapi.json" \
   --checks all --header "Authorization: Bearer $token" \
   --wait-for-schema 10 --no-color "$@") || status=$?
 if grep -q "panicked" "$work/serve.log"; then
