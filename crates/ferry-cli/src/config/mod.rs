@@ -1,7 +1,8 @@
 //! The `ferry.toml` file: TOML, then `FERRY_<SECTION>__<KEY>` environment overrides (e.g.
-//! `FERRY_STORE__URL`), then command-line flags. Unknown keys are errors. One module per
-//! section; `Config` checks what spans sections.
+//! `FERRY_STORE__URL`, see `env.rs`), then command-line flags. Unknown keys are errors. One
+//! module per section; `Config` checks what spans sections.
 
+mod env;
 mod leases;
 mod metrics;
 mod relay;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
 use serde::Deserialize;
 
 use ferry::redis_store::{KeyPrefix, RedisSettings};
@@ -77,15 +78,14 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> anyhow::Result<Self> {
-        // Only section-qualified variables: FERRY_TEST_… and the like are not config.
-        let env = Env::prefixed("FERRY_")
-            .filter(|key| key.as_str().contains("__"))
-            .split("__");
-        let config: Self = figment.merge(env).extract().map_err(|errors| {
-            let lines: Vec<String> = errors.into_iter().map(|e| e.to_string()).collect();
-            anyhow::anyhow!(lines.join("; "))
-        })?;
-        config.validate()?;
+        let config: Self = figment
+            .merge(env::overrides())
+            .extract()
+            .map_err(|errors| {
+                let lines: Vec<String> = errors.into_iter().map(|e| env::describe(&e)).collect();
+                anyhow::anyhow!(lines.join("; "))
+            })?;
+        config.validate().map_err(env::name_overrides_in)?;
         Ok(config)
     }
 

@@ -268,3 +268,64 @@ fn missing_file_is_named() {
     );
     assert!(err.contains("/nonexistent/ferry.toml"), "{err}");
 }
+
+/// Environment overrides, set in a `figment::Jail` (nextest runs each test in a process of
+/// its own, so no other test sees them).
+#[test]
+#[expect(
+    clippy::result_large_err,
+    reason = "figment::Jail's closure returns figment::Error"
+)]
+fn environment_overrides_apply_and_bad_ones_name_their_variable() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("FERRY_RELAY__BATCH_SIZE", "250");
+        jail.set_env("FERRY_OUTBOX__TABLE_PREFIX", "app_");
+        let config = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(config.relay.batch_size, 250);
+        assert_eq!(config.outbox.table_prefix, "app_");
+
+        jail.set_env("FERRY_RELAY__BATCH_SIZE", "many");
+        let err = error_of(MINIMAL);
+        assert!(
+            err.contains("FERRY_RELAY__BATCH_SIZE") && !err.contains("many"),
+            "{err}"
+        );
+
+        jail.set_env("FERRY_RELAY__BATCH_SIZE", "0");
+        let err = error_of(MINIMAL);
+        assert!(
+            err.contains("relay.batch_size") && err.contains("FERRY_RELAY__BATCH_SIZE"),
+            "{err}"
+        );
+        jail.clear_env();
+
+        // A password that reads as a number: named, not shown, and the fix given.
+        jail.set_env("FERRY_STORE__URL", "918273645");
+        let err = error_of(
+            "[store]\ntype = \"postgres\"\nurl = \"postgres://u@h/d\"\n[sink]\ntype = \"stdout\"\n",
+        );
+        assert!(
+            err.contains("FERRY_STORE__URL") && !err.contains("918273645") && err.contains("quote"),
+            "{err}"
+        );
+        jail.set_env("FERRY_STORE__URL", "\"postgres://u:918273645@h/d\"");
+        Config::from_toml(
+            "[store]\ntype = \"postgres\"\nurl = \"postgres://u@h/d\"\n[sink]\ntype = \"stdout\"\n",
+        )
+        .expect("a quoted value is text");
+        jail.clear_env();
+
+        jail.set_env("FERRY_RELAY__BATCH_SISE", "5");
+        let err = error_of(MINIMAL);
+        assert!(err.contains("batch_sise"), "{err}");
+        Ok(())
+    });
+}
+
+/// The configs under deploy/ (Kubernetes ConfigMap source) are valid too.
+#[test]
+fn deploy_configs_parse() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/ferry.toml");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+    assert!(config.service.is_some_and(|s| !s.run_relay));
+}

@@ -21,27 +21,43 @@ const MAX_CHECK_URL_LEN: usize = 2048;
 /// Header names reserved for ferry's own use.
 const RESERVED_HEADER_PREFIX: &str = "ferry-";
 
-/// `POST /v1/messages`.
+/// `POST /v1/messages`. Optional fields may be left out but not sent as `null` (the
+/// OpenAPI document types them as strings); `"payload": null` is the JSON payload `null`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PrepareRequest {
     /// A UUID chosen by the producer, so that a retried prepare is recognised; default a
     /// new UUID v7.
+    #[serde(default, deserialize_with = "present")]
     id: Option<String>,
     aggregate_type: String,
     aggregate_id: String,
     event_type: String,
     /// A JSON payload, stored as sent.
+    #[serde(default, deserialize_with = "present")]
     payload: Option<Box<RawValue>>,
     /// Any other payload, base64-encoded.
+    #[serde(default, deserialize_with = "present")]
     payload_base64: Option<String>,
     /// The payload's media type: default `application/json` with `payload`,
     /// `application/octet-stream` with `payload_base64`.
+    #[serde(default, deserialize_with = "present")]
     content_type: Option<String>,
     #[serde(default)]
     headers: Headers,
+    #[serde(default, deserialize_with = "present")]
     partition_key: Option<String>,
     check_url: String,
+}
+
+/// An optional field that, when present, must hold a `T`: `null` is refused for text
+/// fields (serde's `Option` would take it for absent) and kept as a value for `payload`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 pub(crate) fn parse_id(text: &str) -> Result<Uuid, ApiError> {
@@ -347,9 +363,28 @@ mod tests {
     }
 
     #[test]
+    fn null_is_refused_for_text_fields_and_kept_as_a_payload() {
+        for field in ["id", "content_type", "partition_key", "payload_base64"] {
+            let err = request(&format!(r#"{{{BASE},"payload":1,"{field}":null}}"#))
+                .expect_err("null is not a string");
+            assert!(err_text(&err).contains("null"), "{field}: {err:?}");
+        }
+        let prepare = request(&format!(r#"{{{BASE},"payload":null}}"#)).expect("a JSON null");
+        assert_eq!(prepare.payload, Bytes::from("null"));
+    }
+
+    #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
         let id = Uuid::now_v7();
         assert_eq!(decode_cursor(&encode_cursor(id)).expect("valid"), id);
+        // openapi.json's pattern: 21 base64url characters and one of A, Q, g, w; any
+        // string of that shape is a cursor.
+        let cursor = encode_cursor(Uuid::max());
+        assert_eq!(cursor.len(), 22);
+        assert!(cursor.ends_with(['A', 'Q', 'g', 'w']), "{cursor}");
+        for last in ['A', 'Q', 'g', 'w'] {
+            assert!(decode_cursor(&format!("{}{last}", "_".repeat(21))).is_ok());
+        }
         assert!(decode_cursor("not-a-cursor").is_err());
         assert!(decode_cursor("").is_err());
     }

@@ -173,6 +173,28 @@ pub(crate) async fn bad_input_and_illegal_transitions(backend: Backend) {
     let (status, body) = post(huge).await;
     assert_eq!((status, code(&body)), (413, "payload_too_large"), "{body}");
 
+    // What openapi.json says: an optional field is left out, not null; exactly one of
+    // payload and payload_base64, and `"payload": null` is the JSON payload null.
+    let mut null_id = prepare_body("b", &url);
+    null_id["id"] = Value::Null;
+    let (status, body) = post(null_id).await;
+    assert_eq!((status, code(&body)), (400, "invalid_body"), "{body}");
+    let mut no_payload = prepare_body("b", &url);
+    no_payload
+        .as_object_mut()
+        .expect("object")
+        .remove("payload");
+    let (status, body) = post(no_payload).await;
+    assert_eq!((status, code(&body)), (400, "invalid_field"), "{body}");
+    let mut null_payload = prepare_body("null-payload", &url);
+    null_payload["payload"] = Value::Null;
+    let (status, body) = post(null_payload).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        body["payload"].is_null() && body.get("payload_base64").is_none(),
+        "{body}"
+    );
+
     let mut both = prepare_body("b", &url);
     both["payload_base64"] = json!("AAAA");
     let (status, body) = post(both).await;
@@ -218,6 +240,7 @@ pub(crate) async fn bad_input_and_illegal_transitions(backend: Backend) {
         ("/v1/messages/not-a-uuid", "invalid_id"),
         ("/v1/messages?status=shipped", "invalid_status"),
         ("/v1/messages?cursor=garbage", "invalid_cursor"),
+        ("/v1/messages?cursor=", "invalid_cursor"),
         ("/v1/messages?limit=0", "invalid_limit"),
         ("/v1/messages?limit=many", "invalid_limit"),
         ("/v1/messages?order=desc", "invalid_query"),

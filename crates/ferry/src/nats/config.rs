@@ -53,7 +53,7 @@ pub const MAX_ACKS_IN_FLIGHT_LIMIT: usize = 1 << 20;
 ///   `ferry://<aggregate_type>`.
 /// - `credentials_file`: a NATS `.creds` file (JWT and NKey seed); unset means none.
 /// - `token`: a NATS auth token; unset means none. Never logged or serialised.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSinkConfig {
     pub url: String,
@@ -68,6 +68,26 @@ pub struct NatsSinkConfig {
     pub source: Option<String>,
     pub credentials_file: Option<PathBuf>,
     pub token: Option<SecretString>,
+}
+
+/// `url` may carry a user and password (`nats://user:password@host:4222`): not shown.
+impl std::fmt::Debug for NatsSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSinkConfig")
+            .field("url", &"[redacted]")
+            .field("stream", &self.stream)
+            .field("subjects", &self.subjects)
+            .field("subject_template", &self.subject_template)
+            .field("duplicate_window_secs", &self.duplicate_window_secs)
+            .field("max_acks_in_flight", &self.max_acks_in_flight)
+            .field("ack_timeout_secs", &self.ack_timeout_secs)
+            .field("fencing", &self.fencing)
+            .field("content_mode", &self.content_mode)
+            .field("source", &self.source)
+            .field("credentials_file", &self.credentials_file)
+            .field("token", &self.token)
+            .finish()
+    }
 }
 
 impl Default for NatsSinkConfig {
@@ -112,7 +132,10 @@ impl InvalidNatsConfig {
 /// The checked form of a [`NatsSinkConfig`], ready to connect with.
 #[derive(Debug)]
 pub(crate) struct Checked {
+    /// Without credentials: the client logs its server addresses.
     pub(crate) servers: Vec<ServerAddr>,
+    /// The user and password the URL carried, sent in the CONNECT message instead.
+    pub(crate) credentials: Option<Credentials>,
     pub(crate) template: SubjectTemplate,
     pub(crate) duplicate_window: Duration,
     pub(crate) ack_timeout: Duration,
@@ -127,7 +150,7 @@ impl NatsSinkConfig {
     }
 
     pub(crate) fn check(&self) -> Result<Checked, InvalidNatsConfig> {
-        let servers = parse_servers(&self.url)?;
+        let (servers, credentials) = take_credentials(parse_servers(&self.url)?)?;
         check_stream_name(&self.stream)?;
         if self.subjects.is_empty() {
             return Err(InvalidNatsConfig::new(
@@ -210,6 +233,7 @@ impl NatsSinkConfig {
         };
         Ok(Checked {
             servers,
+            credentials,
             template,
             fencing,
             duplicate_window: Duration::from_secs(self.duplicate_window_secs),
@@ -239,6 +263,44 @@ fn parse_servers(url: &str) -> Result<Vec<ServerAddr>, InvalidNatsConfig> {
         ));
     }
     Ok(servers)
+}
+
+/// A user and password for the NATS servers.
+pub(crate) type Credentials = (String, SecretString);
+
+/// Moves the `user:password@` of the server URLs out of them, so that no address the
+/// client logs carries a password; every server must carry the same ones, or none.
+fn take_credentials(
+    servers: Vec<ServerAddr>,
+) -> Result<(Vec<ServerAddr>, Option<Credentials>), InvalidNatsConfig> {
+    let mut found: Option<(String, String)> = None;
+    let mut bare = Vec::with_capacity(servers.len());
+    for server in servers {
+        if let Some(user) = server.username() {
+            let these = (user.to_owned(), server.password().unwrap_or("").to_owned());
+            if found.as_ref().is_some_and(|f| *f != these) {
+                return Err(InvalidNatsConfig::new(
+                    "url",
+                    "the servers carry different users or passwords: give them all the same",
+                ));
+            }
+            found = Some(these);
+        }
+        let mut url = server.into_inner();
+        // Cannot fail: the URL has a host (ServerAddr checked it).
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        bare.push(ServerAddr::from_url(url).map_err(|err| {
+            InvalidNatsConfig::new(
+                "url",
+                format!("{err}; expected e.g. \"nats://127.0.0.1:4222\""),
+            )
+        })?);
+    }
+    Ok((
+        bare,
+        found.map(|(user, pass)| (user, SecretString::from(pass))),
+    ))
 }
 
 fn check_stream_name(name: &str) -> Result<(), InvalidNatsConfig> {
@@ -279,6 +341,8 @@ fn check_filter_subject(subject: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret;
+
     use super::*;
 
     fn key_of(config: &NatsSinkConfig) -> &'static str {
@@ -414,6 +478,22 @@ mod tests {
         };
         let checked = config.check().expect("valid");
         assert_eq!(checked.servers.len(), 2);
+        let config = NatsSinkConfig {
+            url: "nats://u:pw-s3cret@a:4222, nats://u:pw-s3cret@b:4223".into(),
+            ..NatsSinkConfig::default()
+        };
+        let checked = config.check().expect("valid");
+        assert!(!format!("{:?}", checked.servers).contains("s3cret"));
+        let (user, password) = checked.credentials.expect("taken from the URL");
+        assert_eq!(
+            (user.as_str(), password.expose_secret()),
+            ("u", "pw-s3cret")
+        );
+        let config = NatsSinkConfig {
+            url: "nats://u:one@a:4222,nats://u:two@b:4222".into(),
+            ..NatsSinkConfig::default()
+        };
+        assert_eq!(config.check().expect_err("differ").key, "url");
     }
 
     #[test]
@@ -439,6 +519,9 @@ mod tests {
         let config: NatsSinkConfig =
             serde_json::from_str(r#"{"stream":"X","token":"s3cret"}"#).expect("parses");
         assert_eq!(config.url, "nats://127.0.0.1:4222");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let config: NatsSinkConfig =
+            serde_json::from_str(r#"{"url":"nats://u:pw-s3cret@h:4222"}"#).expect("parses");
         assert!(!format!("{config:?}").contains("s3cret"));
     }
 }

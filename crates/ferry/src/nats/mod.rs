@@ -107,6 +107,12 @@ impl NatsSink {
         let mut options = ConnectOptions::new()
             .name("ferry-relay")
             .event_callback(|event| async move { log_event(event) });
+        if let Some((user, password)) = &checked.credentials {
+            options = options.user_and_password(
+                user.clone(),
+                secrecy::ExposeSecret::expose_secret(password).to_owned(),
+            );
+        }
         if let Some(token) = &config.token {
             options = options.token(secrecy::ExposeSecret::expose_secret(token).to_owned());
         }
