@@ -105,6 +105,88 @@ ensure_etcd() {
   wait_port etcd 23790
 }
 
+# TLS endpoints for the TLS tests, beside the plain ones (which keep running untouched),
+# with the throwaway CA and server certificate of scripts/tls-certs.sh in FERRY_TLS_DIR.
+FERRY_TLS_DIR=${FERRY_TLS_DIR:-/var/lib/ferry-tls}
+export FERRY_TLS_DIR
+
+ensure_tls_certs() {
+  bash "$(dirname "${BASH_SOURCE[0]}")/tls-certs.sh"
+}
+
+# PostgreSQL: TLS on its own port, switched on by a configuration reload (no restart);
+# connections without TLS keep working.
+ensure_postgres_tls() {
+  local want="$FERRY_TLS_DIR/postgres/server.pem"
+  [ "$(psql -h 127.0.0.1 -U postgres -Atc 'SHOW ssl_cert_file')" = "$want" ] &&
+    [ "$(psql -h 127.0.0.1 -U postgres -Atc 'SHOW ssl')" = on ] && return 0
+  echo "services: PostgreSQL TLS with the test certificate (reload)"
+  psql -q -h 127.0.0.1 -U postgres \
+    -c "ALTER SYSTEM SET ssl_cert_file = '$want'" \
+    -c "ALTER SYSTEM SET ssl_key_file = '$FERRY_TLS_DIR/postgres/server.key'" \
+    -c "ALTER SYSTEM SET ssl = on" -c "SELECT pg_reload_conf()" >/dev/null
+}
+
+# Redis: a second server that speaks only TLS, on 6380.
+ensure_redis_tls() {
+  port_open 6380 && return 0
+  echo "services: starting Redis with TLS on 6380"
+  mkdir -p /var/lib/ferry-redis-tls /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port 6380 \
+    --tls-cert-file "$FERRY_TLS_DIR/server.pem" --tls-key-file "$FERRY_TLS_DIR/server.key" \
+    --tls-ca-cert-file "$FERRY_TLS_DIR/ca.pem" --tls-auth-clients no \
+    --save "" --appendonly no --dir /var/lib/ferry-redis-tls --logfile /var/log/redis/ferry-tls.log
+  wait_port "Redis (TLS)" 6380
+}
+
+# NATS: a second server with JetStream that requires TLS, on 4223, with its own store.
+ensure_nats_tls() {
+  port_open 4223 && return 0
+  echo "services: starting NATS with TLS on 4223"
+  mkdir -p /var/lib/ferry-nats-tls
+  cat >"$FERRY_TLS_DIR/nats.conf" <<CONF
+listen: 127.0.0.1:4223
+jetstream { store_dir: /var/lib/ferry-nats-tls }
+tls { cert_file: "$FERRY_TLS_DIR/server.pem", key_file: "$FERRY_TLS_DIR/server.key" }
+CONF
+  setsid /usr/sbin/nats-server -c "$FERRY_TLS_DIR/nats.conf" -l /var/log/ferry-nats-tls.log \
+    </dev/null >/dev/null 2>&1 &
+  wait_port "NATS (TLS)" 4223
+}
+
+# Mosquitto: a second broker with a TLS listener on 8883.
+ensure_mosquitto_tls() {
+  port_open 8883 && return 0
+  echo "services: starting Mosquitto with TLS on 8883"
+  cat >"$FERRY_TLS_DIR/mosquitto.conf" <<CONF
+listener 8883 127.0.0.1
+cafile $FERRY_TLS_DIR/ca.pem
+certfile $FERRY_TLS_DIR/server.pem
+keyfile $FERRY_TLS_DIR/server.key
+allow_anonymous true
+persistence false
+log_dest file /var/log/ferry-mosquitto-tls.log
+CONF
+  touch /var/log/ferry-mosquitto-tls.log
+  chmod 0666 /var/log/ferry-mosquitto-tls.log
+  mosquitto -d -c "$FERRY_TLS_DIR/mosquitto.conf"
+  wait_port "Mosquitto (TLS)" 8883
+}
+
+# etcd: a second single-member cluster that serves clients over https on 23791.
+ensure_etcd_tls() {
+  port_open 23791 && return 0
+  echo "services: starting etcd with TLS on 23791"
+  mkdir -p /var/lib/ferry-etcd-tls
+  setsid /usr/bin/etcd --name ferry-test-tls --data-dir /var/lib/ferry-etcd-tls \
+    --listen-client-urls https://127.0.0.1:23791 --advertise-client-urls https://127.0.0.1:23791 \
+    --cert-file "$FERRY_TLS_DIR/server.pem" --key-file "$FERRY_TLS_DIR/server.key" \
+    --listen-peer-urls http://127.0.0.1:23801 --initial-advertise-peer-urls http://127.0.0.1:23801 \
+    --initial-cluster ferry-test-tls=http://127.0.0.1:23801 \
+    --logger zap --log-outputs /var/log/ferry-etcd-tls.log </dev/null >/dev/null 2>&1 &
+  wait_port "etcd (TLS)" 23791
+}
+
 # Kafka-protocol brokers for the Kafka sink's tests, from PyPI wheels (Debian has no
 # Kafka): Tansu on 9092 (record mapping, throughput) and noida-db's Kafka on 9192, which
 # gets read_committed and producer fencing right (Tansu hands aborted records to
@@ -161,3 +243,9 @@ ensure_protoc
 ensure_etcd
 ensure_kafka
 ensure_python_clients
+ensure_tls_certs
+ensure_postgres_tls
+ensure_redis_tls
+ensure_nats_tls
+ensure_mosquitto_tls
+ensure_etcd_tls
