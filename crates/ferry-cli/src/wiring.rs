@@ -190,12 +190,14 @@ impl Leases {
             #[cfg(feature = "etcd-lease")]
             LeasesConfig::Etcd {
                 endpoints,
+                tls_ca_file,
                 key_prefix,
                 username,
                 password,
             } => {
                 let connection = ferry::etcd_lease::EtcdConnection {
                     endpoints,
+                    tls_ca_file: tls_ca_file.as_deref(),
                     credentials: username
                         .as_deref()
                         .zip(password.as_ref().map(ExposeSecret::expose_secret)),

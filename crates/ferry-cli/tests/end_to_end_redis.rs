@@ -30,17 +30,6 @@ fn redis_store_section(tag: &str) -> String {
     )
 }
 
-/// Producers on Redis: one script call enqueues a transaction's messages atomically.
-impl Producer for RedisOutbox {
-    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
-        let enqueued = self
-            .enqueue_all(&RedisWrites::new(), messages)
-            .await
-            .unwrap();
-        enqueued.into_iter().map(|e| e.id).collect()
-    }
-}
-
 /// A Redis outbox relayed to a NATS stream, both named after the scenario's tag.
 struct RedisNats {
     scenario: Scenario,

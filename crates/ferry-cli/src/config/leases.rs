@@ -29,8 +29,12 @@ pub enum LeasesConfig {
     },
     /// In etcd v3: a lease with keep-alive per partition; revisions are the epochs.
     Etcd {
-        /// `http://host:port` of one or more cluster members.
+        /// `http://host:port` (`https://` for TLS) of one or more cluster members.
         endpoints: Vec<String>,
+        /// With `https://` endpoints: a PEM file of the CA that issued the members'
+        /// certificates, trusted instead of the public roots.
+        #[serde(default)]
+        tls_ca_file: Option<PathBuf>,
         /// Prefix of every lease key, one per outbox. Defaults to `ferry/`.
         #[serde(default = "default_etcd_key_prefix")]
         key_prefix: String,
@@ -81,6 +85,7 @@ impl LeasesConfig {
             }
             Self::Etcd {
                 endpoints,
+                tls_ca_file,
                 key_prefix,
                 username,
                 password,
@@ -91,11 +96,19 @@ impl LeasesConfig {
                     );
                 }
                 if let Some(bad) = endpoints.iter().find(|e| {
-                    let rest = e.strip_prefix("http://").unwrap_or_default();
+                    let rest = e
+                        .strip_prefix("http://")
+                        .or_else(|| e.strip_prefix("https://"))
+                        .unwrap_or_default();
                     rest.is_empty() || rest.contains(char::is_whitespace)
                 }) {
                     bail!(
-                        "leases.endpoints: {bad:?} is not an http://host:port address (TLS to etcd is not built into this ferry)"
+                        "leases.endpoints: {bad:?} is not an http://host:port (or https://host:port) address"
+                    );
+                }
+                if tls_ca_file.is_some() && !endpoints.iter().all(|e| e.starts_with("https://")) {
+                    bail!(
+                        "leases.tls_ca_file is set but not every leases.endpoints entry is https://"
                     );
                 }
                 if username.is_some() != password.is_some() {

@@ -17,7 +17,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use uuid::Uuid;
 
+use ferry::mysql::MyOutbox;
 use ferry::postgres::PgOutbox;
+use ferry::redis_store::{RedisOutbox, RedisWrites};
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::{NewMessage, ReceivedMessage};
 use ferry_core::testing::services;
@@ -468,6 +470,31 @@ impl Producer for PgOutbox {
         }
         tx.commit().await.unwrap();
         ids
+    }
+}
+
+/// Producers on MySQL. Their aggregates are their own, so no transaction waits on another's
+/// version lock and InnoDB has no deadlock to resolve.
+impl Producer for MyOutbox {
+    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
+        let mut tx = self.pool().begin().await.unwrap();
+        let mut ids = Vec::with_capacity(messages.len());
+        for message in messages {
+            ids.push(self.enqueue(&mut tx, message).await.unwrap().id);
+        }
+        tx.commit().await.unwrap();
+        ids
+    }
+}
+
+/// Producers on Redis: one script call enqueues a transaction's messages atomically.
+impl Producer for RedisOutbox {
+    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
+        let enqueued = self
+            .enqueue_all(&RedisWrites::new(), messages)
+            .await
+            .unwrap();
+        enqueued.into_iter().map(|e| e.id).collect()
     }
 }
 
