@@ -8,11 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use uuid::Uuid;
-
 use common::scenarios::StoreNats;
 use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
-use ferry::NewMessage;
 use ferry::mysql::MyOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry_core::testing::services;

@@ -9,12 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use uuid::Uuid;
-
 use common::scenarios::StoreNats;
 use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
-use ferry::NewMessage;
-use ferry::redis_store::{KeyPrefix, RedisOutbox, RedisSettings, RedisWrites};
+use ferry::redis_store::{KeyPrefix, RedisOutbox, RedisSettings};
 use ferry_core::testing::services;
 
 fn key_prefix(tag: &str) -> String {

@@ -46,11 +46,7 @@ pub(crate) fn connect_error<D: Dialect>(
     let (server, user) = D::describe(options);
     let name = D::NAME;
     if crate::tls::is_certificate_failure(&err) {
-        let context = crate::tls::certificate_failure(
-            name,
-            &server,
-            "sslrootcert (PostgreSQL) or ssl-ca (MySQL) in store.url",
-        );
+        let context = crate::tls::certificate_failure(name, &server, D::TLS_CA_SETTING);
         return StoreError::Other(Box::new(ConnectFailed {
             context,
             source: err.into(),
