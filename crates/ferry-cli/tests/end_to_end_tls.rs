@@ -71,6 +71,25 @@ fn pg_ca() -> PathBuf {
     ca_for(&services::postgres_url())
 }
 
+/// A scenario on PostgreSQL over TLS relayed to `sink` (whole sections: `[sink]`, and
+/// `[leases]` if any), and a producer that enqueues over TLS too.
+async fn pg_tls_scenario(tag: &str, partitions: u32, sink: &str) -> (Scenario, PgOutbox) {
+    let ca = pg_ca();
+    let scenario = Scenario::new(
+        tag,
+        &[
+            &pg_tls_store(&ca),
+            &outbox_section(tag, partitions, ""),
+            sink,
+            FAST_RELAY,
+        ],
+    );
+    let outbox = PgOutbox::connect(&services::postgres_tls_url(&ca), 2, store_settings(tag))
+        .await
+        .unwrap();
+    (scenario, outbox)
+}
+
 /// `[sink]` on NATS over TLS, into stream `E2E_<tag>`.
 fn nats_tls_sink(tag: &str, ca: &Path) -> String {
     format!(
@@ -92,24 +111,12 @@ async fn nats_tls_client(ca: &Path) -> async_nats::Client {
 
 /// Reads stream `E2E_<tag>` over TLS from its start, then deletes it.
 async fn read_nats_tls(tag: &str, ca: &Path) -> Vec<ReceivedMessage> {
-    let js = async_nats::jetstream::new(nats_tls_client(ca).await);
-    let mut stream = js.get_stream(format!("E2E_{tag}")).await.unwrap();
-    let total = stream.info().await.unwrap().state.messages;
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+    let client = nats_tls_client(ca).await;
+    let received = common::read_nats_stream_with(client.clone(), &format!("E2E_{tag}")).await;
+    async_nats::jetstream::new(client)
+        .delete_stream(format!("E2E_{tag}"))
         .await
         .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut received = Vec::new();
-    for _ in 0..total {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("stream read timed out")
-            .unwrap()
-            .unwrap();
-        received.push(ferry::nats::decode_message(&message).unwrap());
-    }
-    js.delete_stream(format!("E2E_{tag}")).await.unwrap();
     received
 }
 
@@ -123,21 +130,9 @@ async fn relay_until_drained(scenario: &Scenario) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_over_tls_to_nats_over_tls_round_trip() {
-    let ca = pg_ca();
-    ca_for(&services::nats_tls_url());
+    let ca = ca_for(&services::nats_tls_url());
     let tag = unique_tag();
-    let scenario = Scenario::new(
-        &tag,
-        &[
-            &pg_tls_store(&ca),
-            &outbox_section(&tag, 4, ""),
-            &nats_tls_sink(&tag, &ca),
-            FAST_RELAY,
-        ],
-    );
-    let outbox = PgOutbox::connect(&services::postgres_tls_url(&ca), 4, store_settings(&tag))
-        .await
-        .unwrap();
+    let (scenario, outbox) = pg_tls_scenario(&tag, 4, &nats_tls_sink(&tag, &ca)).await;
     let produced = produce(outbox, 20, 5, 2).await;
     relay_until_drained(&scenario).await;
     Report::of(read_nats_tls(&tag, &ca).await, &produced).assert_perfect(produced.len());
@@ -242,7 +237,6 @@ async fn redis_store_leases_inbox_and_streams_over_tls_round_trip() {
 async fn amqps_round_trip() {
     let url = services::amqp_tls_url();
     let ca = ca_for(&url);
-    let pg_ca = pg_ca();
     let tag = unique_tag();
     let name = format!("e{tag}");
     let tls = OwnedTLSConfig {
@@ -285,21 +279,10 @@ async fn amqps_round_trip() {
         )
         .await
         .unwrap();
-    let scenario = Scenario::new(
-        &tag,
-        &[
-            &pg_tls_store(&pg_ca),
-            &outbox_section(&tag, 4, ""),
-            &format!(
+    let (scenario, outbox) = pg_tls_scenario(&tag, 4, &format!(
                 "[sink]\ntype = \"amqp\"\nurl = \"{url}\"\ntls_ca_file = \"{}\"\nexchange_template = \"{name}\"\n",
                 ca.display()
-            ),
-            FAST_RELAY,
-        ],
-    );
-    let outbox = PgOutbox::connect(&services::postgres_tls_url(&pg_ca), 4, store_settings(&tag))
-        .await
-        .unwrap();
+            )).await;
     let produced = produce(outbox, 20, 5, 2).await;
     relay_until_drained(&scenario).await;
 
@@ -337,7 +320,6 @@ async fn mqtts_round_trip() {
 
     let url = services::mqtt_tls_url();
     let ca = ca_for(&url);
-    let pg_ca = pg_ca();
     let tag = unique_tag();
     let subscriber = ferry::mqtt::MqttSinkConfig {
         url: url.clone(),
@@ -377,22 +359,16 @@ async fn mqtts_round_trip() {
         .unwrap()
         .unwrap();
 
-    let scenario = Scenario::new(
+    let (scenario, outbox) = pg_tls_scenario(
         &tag,
-        &[
-            &pg_tls_store(&pg_ca),
-            &outbox_section(&tag, 4, ""),
-            &format!(
-                "[sink]\ntype = \"mqtt\"\nurl = \"{url}\"\ntls_ca_file = \"{}\"\n\
+        4,
+        &format!(
+            "[sink]\ntype = \"mqtt\"\nurl = \"{url}\"\ntls_ca_file = \"{}\"\n\
                  topic_template = \"e{tag}/{{aggregate_type}}/{{aggregate_id}}\"\n",
-                ca.display()
-            ),
-            FAST_RELAY,
-        ],
-    );
-    let outbox = PgOutbox::connect(&services::postgres_tls_url(&pg_ca), 4, store_settings(&tag))
-        .await
-        .unwrap();
+            ca.display()
+        ),
+    )
+    .await;
     let produced = produce(outbox, 20, 5, 2).await;
     relay_until_drained(&scenario).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -509,21 +485,10 @@ fn webhook_sink(address: SocketAddr, ca: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_over_https_with_a_custom_ca_round_trip() {
-    let pg_ca = pg_ca();
     let (address, inbox) = https_receiver().await;
     let tag = unique_tag();
-    let scenario = Scenario::new(
-        &tag,
-        &[
-            &pg_tls_store(&pg_ca),
-            &outbox_section(&tag, 4, ""),
-            &webhook_sink(address, &services::tls_ca_file()),
-            FAST_RELAY,
-        ],
-    );
-    let outbox = PgOutbox::connect(&services::postgres_tls_url(&pg_ca), 4, store_settings(&tag))
-        .await
-        .unwrap();
+    let (scenario, outbox) =
+        pg_tls_scenario(&tag, 4, &webhook_sink(address, &services::tls_ca_file())).await;
     let produced = produce(outbox, 20, 5, 2).await;
     relay_until_drained(&scenario).await;
     let received = inbox.lock().unwrap().clone();
@@ -536,24 +501,13 @@ async fn etcd_leases_over_https_round_trip() {
     let endpoint = services::etcd_tls_url();
     let ca = ca_for(&endpoint);
     ca_for(&services::nats_tls_url());
-    let pg_ca = pg_ca();
     let tag = unique_tag();
-    let scenario = Scenario::new(
-        &tag,
-        &[
-            &pg_tls_store(&pg_ca),
-            &format!(
-                "[leases]\ntype = \"etcd\"\nendpoints = [\"{endpoint}\"]\ntls_ca_file = \"{}\"\nkey_prefix = \"e{tag}/\"\n",
-                ca.display()
-            ),
-            &outbox_section(&tag, 4, ""),
-            &nats_tls_sink(&tag, &ca),
-            FAST_RELAY,
-        ],
+    let leases_and_sink = format!(
+        "[leases]\ntype = \"etcd\"\nendpoints = [\"{endpoint}\"]\ntls_ca_file = \"{}\"\nkey_prefix = \"e{tag}/\"\n{}",
+        ca.display(),
+        nats_tls_sink(&tag, &ca)
     );
-    let outbox = PgOutbox::connect(&services::postgres_tls_url(&pg_ca), 4, store_settings(&tag))
-        .await
-        .unwrap();
+    let (scenario, outbox) = pg_tls_scenario(&tag, 4, &leases_and_sink).await;
     let produced = produce(outbox, 20, 5, 2).await;
     let relay = scenario.relay("relay");
     scenario.wait_drained(Duration::from_secs(60)).await;
@@ -692,21 +646,14 @@ async fn a_wrong_ca_is_refused_with_an_error_that_says_so_for_every_store_and_si
 /// given a trusted certificate) and says why each attempt failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_receiver_with_an_untrusted_certificate_is_named_in_the_relay_log() {
-    let pg_ca = pg_ca();
     let (address, inbox) = https_receiver().await;
     let tag = unique_tag();
-    let scenario = Scenario::new(
+    let (scenario, outbox) = pg_tls_scenario(
         &tag,
-        &[
-            &pg_tls_store(&pg_ca),
-            &outbox_section(&tag, 1, ""),
-            &webhook_sink(address, &services::tls_wrong_ca_file()),
-            FAST_RELAY,
-        ],
-    );
-    let outbox = PgOutbox::connect(&services::postgres_tls_url(&pg_ca), 2, store_settings(&tag))
-        .await
-        .unwrap();
+        1,
+        &webhook_sink(address, &services::tls_wrong_ca_file()),
+    )
+    .await;
     produce(outbox, 1, 1, 1).await;
     let relay = scenario.relay("relay");
     relay

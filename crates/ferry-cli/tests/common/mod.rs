@@ -552,6 +552,14 @@ pub async fn produce_pg(
 /// Reads NATS stream `stream` from its start, in order.
 pub async fn read_nats_stream(stream: &str) -> Vec<ReceivedMessage> {
     let client = async_nats::connect(services::nats_url()).await.unwrap();
+    read_nats_stream_with(client, stream).await
+}
+
+/// [`read_nats_stream`] through `client` (e.g. one over TLS).
+pub async fn read_nats_stream_with(
+    client: async_nats::Client,
+    stream: &str,
+) -> Vec<ReceivedMessage> {
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(stream).await.unwrap();
     let total = stream.get_info().await.unwrap().state.messages;
