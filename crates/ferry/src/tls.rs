@@ -96,6 +96,23 @@ pub fn is_certificate_failure(err: &(dyn Error + 'static)) -> bool {
     line.contains("invalid peer certificate") || line.contains("certificate verify failed")
 }
 
+/// A Redis connection error as a store error: a refused certificate is permanent and
+/// named, anything else is mapped by `otherwise`.
+#[cfg(any(feature = "redis-store", feature = "redis-lease"))]
+pub(crate) fn redis_store_error(
+    err: redis::RedisError,
+    server: &str,
+    setting: &str,
+    otherwise: fn(redis::RedisError) -> ferry_core::StoreError,
+) -> ferry_core::StoreError {
+    if is_certificate_failure(&err) {
+        let message = certificate_failure("Redis", server, setting);
+        ferry_core::StoreError::Other(format!("{message}: {err}").into())
+    } else {
+        otherwise(err)
+    }
+}
+
 /// The message for a refused server certificate of `what` at `endpoint`.
 pub fn certificate_failure(what: &str, endpoint: &str, setting: &str) -> String {
     format!(

@@ -125,13 +125,7 @@ impl RedisLeases {
         let connection = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|err| {
-                if crate::tls::is_certificate_failure(&err) {
-                    let message =
-                        crate::tls::certificate_failure("Redis", &server, "leases.tls_ca_file");
-                    StoreError::Other(format!("{message}: {err}").into())
-                } else {
-                    redis_error(err)
-                }
+                crate::tls::redis_store_error(err, &server, "leases.tls_ca_file", redis_error)
             })?;
         debug!(
             prefix = key_prefix,

@@ -21,14 +21,8 @@ pub async fn connect(client: Client) -> Result<(Client, ConnectionManager), Stor
     let mut conn = ConnectionManager::new_with_config(client.clone(), config)
         .await
         .map_err(|err| {
-            if crate::tls::is_certificate_failure(&err) {
-                let server = client.get_connection_info().addr().to_string();
-                let message =
-                    crate::tls::certificate_failure("Redis", &server, "store.tls_ca_file");
-                StoreError::Other(format!("{message}: {err}").into())
-            } else {
-                store_error(err)
-            }
+            let server = client.get_connection_info().addr().to_string();
+            crate::tls::redis_store_error(err, &server, "store.tls_ca_file", store_error)
         })?;
     let info: String = ::redis::cmd("INFO")
         .arg("server")
