@@ -112,6 +112,142 @@ ensure_etcd() {
   wait_port etcd 23790
 }
 
+# TLS endpoints for the TLS tests, beside the plain ones (which keep running untouched),
+# with the throwaway CA and server certificate of scripts/tls-certs.sh in FERRY_TLS_DIR.
+FERRY_TLS_DIR=${FERRY_TLS_DIR:-/var/lib/ferry-tls}
+export FERRY_TLS_DIR
+
+ensure_tls_certs() {
+  bash "$(dirname "${BASH_SOURCE[0]}")/tls-certs.sh"
+}
+
+# PostgreSQL: TLS on its own port, switched on by a configuration reload (no restart);
+# connections without TLS keep working.
+ensure_postgres_tls() {
+  local want="$FERRY_TLS_DIR/postgres/server.pem"
+  [ "$(psql -h 127.0.0.1 -U postgres -Atc 'SHOW ssl_cert_file')" = "$want" ] &&
+    [ "$(psql -h 127.0.0.1 -U postgres -Atc 'SHOW ssl')" = on ] && return 0
+  echo "services: PostgreSQL TLS with the test certificate (reload)"
+  psql -q -h 127.0.0.1 -U postgres \
+    -c "ALTER SYSTEM SET ssl_cert_file = '$want'" \
+    -c "ALTER SYSTEM SET ssl_key_file = '$FERRY_TLS_DIR/postgres/server.key'" \
+    -c "ALTER SYSTEM SET ssl = on" -c "SELECT pg_reload_conf()" >/dev/null
+}
+
+# Redis: a second server that speaks only TLS, on 6380.
+ensure_redis_tls() {
+  port_open 6380 && return 0
+  echo "services: starting Redis with TLS on 6380"
+  mkdir -p /var/lib/ferry-redis-tls /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port 6380 \
+    --tls-cert-file "$FERRY_TLS_DIR/server.pem" --tls-key-file "$FERRY_TLS_DIR/server.key" \
+    --tls-ca-cert-file "$FERRY_TLS_DIR/ca.pem" --tls-auth-clients no \
+    --save "" --appendonly no --dir /var/lib/ferry-redis-tls --logfile /var/log/redis/ferry-tls.log
+  wait_port "Redis (TLS)" 6380
+}
+
+# NATS: a second server with JetStream that requires TLS, on 4223, with its own store.
+ensure_nats_tls() {
+  port_open 4223 && return 0
+  echo "services: starting NATS with TLS on 4223"
+  mkdir -p /var/lib/ferry-nats-tls
+  cat >"$FERRY_TLS_DIR/nats.conf" <<CONF
+listen: 127.0.0.1:4223
+jetstream { store_dir: /var/lib/ferry-nats-tls }
+tls { cert_file: "$FERRY_TLS_DIR/server.pem", key_file: "$FERRY_TLS_DIR/server.key" }
+CONF
+  setsid /usr/sbin/nats-server -c "$FERRY_TLS_DIR/nats.conf" -l /var/log/ferry-nats-tls.log \
+    </dev/null >/dev/null 2>&1 &
+  wait_port "NATS (TLS)" 4223
+}
+
+# Mosquitto: a second broker with a TLS listener on 8883.
+ensure_mosquitto_tls() {
+  port_open 8883 && return 0
+  echo "services: starting Mosquitto with TLS on 8883"
+  cat >"$FERRY_TLS_DIR/mosquitto.conf" <<CONF
+listener 8883 127.0.0.1
+cafile $FERRY_TLS_DIR/ca.pem
+certfile $FERRY_TLS_DIR/server.pem
+keyfile $FERRY_TLS_DIR/server.key
+allow_anonymous true
+persistence false
+log_dest file /var/log/ferry-mosquitto-tls.log
+CONF
+  touch /var/log/ferry-mosquitto-tls.log
+  chmod 0666 /var/log/ferry-mosquitto-tls.log
+  mosquitto -d -c "$FERRY_TLS_DIR/mosquitto.conf"
+  wait_port "Mosquitto (TLS)" 8883
+}
+
+# etcd: a second single-member cluster that serves clients over https on 23791.
+ensure_etcd_tls() {
+  port_open 23791 && return 0
+  echo "services: starting etcd with TLS on 23791"
+  mkdir -p /var/lib/ferry-etcd-tls
+  setsid /usr/bin/etcd --name ferry-test-tls --data-dir /var/lib/ferry-etcd-tls \
+    --listen-client-urls https://127.0.0.1:23791 --advertise-client-urls https://127.0.0.1:23791 \
+    --cert-file "$FERRY_TLS_DIR/server.pem" --key-file "$FERRY_TLS_DIR/server.key" \
+    --listen-peer-urls http://127.0.0.1:23801 --initial-advertise-peer-urls http://127.0.0.1:23801 \
+    --initial-cluster ferry-test-tls=http://127.0.0.1:23801 \
+    --logger zap --log-outputs /var/log/ferry-etcd-tls.log </dev/null >/dev/null 2>&1 &
+  wait_port "etcd (TLS)" 23791
+}
+
+# MariaDB: a second server with TLS on 3307 and its own data directory (the shared one on
+# 3306 would need a restart to take TLS settings), with root@127.0.0.1 and database
+# ferry_test like the first.
+ensure_mariadb_tls() {
+  port_open 3307 && return 0
+  echo "services: starting MariaDB with TLS on 3307"
+  local data=/var/lib/ferry-mysql-tls sock=/run/mysqld/ferry-tls.sock
+  mkdir -p /run/mysqld /var/log/mysql && chown mysql:mysql /run/mysqld /var/log/mysql
+  if [ ! -d "$data/mysql" ]; then
+    mariadb-install-db --no-defaults --user=mysql --datadir="$data" \
+      --auth-root-authentication-method=normal >/dev/null
+  fi
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$data" --port=3307 \
+    --bind-address=127.0.0.1 --socket="$sock" --pid-file="$data/mariadbd.pid" \
+    --skip-name-resolve --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
+    --ssl-ca="$FERRY_TLS_DIR/ca.pem" --ssl-cert="$FERRY_TLS_DIR/server.pem" \
+    --ssl-key="$FERRY_TLS_DIR/server.key" --log-error=/var/log/mysql/ferry-tls.log \
+    </dev/null >/dev/null 2>&1 &
+  wait_port "MariaDB (TLS)" 3307
+  mariadb -S "$sock" -u root -e "CREATE USER IF NOT EXISTS root@'127.0.0.1';
+    GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION;
+    CREATE DATABASE IF NOT EXISTS ferry_test"
+}
+
+# RabbitMQ: a second node with only an AMQPS listener on 5671 (a listener on the shared
+# node would need its restart), its own name, distribution port and data, no plugins.
+ensure_rabbitmq_tls() {
+  port_open 5671 && return 0
+  echo "services: starting a RabbitMQ node with AMQPS on 5671"
+  local base=/var/lib/ferry-rabbitmq-tls
+  mkdir -p "$base" && chown rabbitmq:rabbitmq "$base"
+  cat >"$FERRY_TLS_DIR/rabbitmq.conf" <<CONF
+listeners.tcp = none
+listeners.ssl.default = 127.0.0.1:5671
+ssl_options.cacertfile = $FERRY_TLS_DIR/ca.pem
+ssl_options.certfile = $FERRY_TLS_DIR/server.pem
+ssl_options.keyfile = $FERRY_TLS_DIR/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+CONF
+  : >"$base/enabled_plugins"
+  chown rabbitmq:rabbitmq "$base/enabled_plugins"
+  RABBITMQ_NODENAME=ferry_tls@localhost RABBITMQ_DIST_PORT=25673 \
+    RABBITMQ_CONFIG_FILE="$FERRY_TLS_DIR/rabbitmq.conf" RABBITMQ_MNESIA_BASE="$base/mnesia" \
+    RABBITMQ_LOG_BASE="$base/log" RABBITMQ_ENABLED_PLUGINS_FILE="$base/enabled_plugins" \
+    RABBITMQ_PID_FILE="$base/pid" rabbitmq-server -detached
+  for _ in $(seq 1 120); do
+    port_open 5671 && return 0
+    sleep 0.5
+  done
+  echo "services: RabbitMQ (TLS) did not come up on 127.0.0.1:5671" >&2
+  return 1
+}
+
 # Kafka-protocol brokers for the Kafka sink's tests, from PyPI wheels (Debian has no
 # Kafka): Tansu on 9092 (record mapping, throughput) and noida-db's Kafka on 9192, which
 # gets read_committed and producer fencing right (Tansu hands aborted records to
@@ -169,3 +305,11 @@ ensure_chromium
 ensure_etcd
 ensure_kafka
 ensure_python_clients
+ensure_tls_certs
+ensure_postgres_tls
+ensure_redis_tls
+ensure_nats_tls
+ensure_mosquitto_tls
+ensure_etcd_tls
+ensure_mariadb_tls
+ensure_rabbitmq_tls

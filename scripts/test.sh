@@ -21,6 +21,12 @@ psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS \"$db\"
 export FERRY_TEST_MYSQL_URL=${FERRY_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/ferry_test}
 mydb=${FERRY_TEST_MYSQL_URL##*/}
 mysql -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS \`$mydb\`; CREATE DATABASE \`$mydb\`"
+# The TLS endpoints of scripts/services.sh and the throwaway CA that issued their
+# certificates (end_to_end_tls); MariaDB with TLS is a second server on 3307.
+export FERRY_TEST_TLS_DIR=${FERRY_TEST_TLS_DIR:-${FERRY_TLS_DIR:-/var/lib/ferry-tls}}
+export FERRY_TEST_MYSQL_TLS_URL=${FERRY_TEST_MYSQL_TLS_URL:-mysql://root@127.0.0.1:3307/ferry_test}
+mytlsdb=${FERRY_TEST_MYSQL_TLS_URL##*/}
+mysql -h 127.0.0.1 -P 3307 -u root -e "DROP DATABASE IF EXISTS \`$mytlsdb\`; CREATE DATABASE \`$mytlsdb\`"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

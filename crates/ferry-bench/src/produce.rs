@@ -46,17 +46,16 @@ impl ProducerStore {
                     .await
                     .context("connecting the producers to MySQL (store.url)")?,
             ),
-            StoreConfig::Sqlite { .. } => match wiring::Store::open(config).await? {
-                wiring::Store::Sqlite(outbox) => Self::Sqlite(outbox),
-                wiring::Store::Postgres(_) | wiring::Store::Mysql(_) | wiring::Store::Redis(_) => {
-                    anyhow::bail!("a sqlite store config opened another store")
+            // One connection or file for all: the relay's own opening (and TLS settings).
+            StoreConfig::Sqlite { .. } | StoreConfig::Redis { .. } => {
+                match wiring::Store::open(config).await? {
+                    wiring::Store::Sqlite(outbox) => Self::Sqlite(outbox),
+                    wiring::Store::Redis(outbox) => Self::Redis(Arc::unwrap_or_clone(outbox)),
+                    wiring::Store::Postgres(_) | wiring::Store::Mysql(_) => {
+                        anyhow::bail!("a sqlite or redis store config opened another store")
+                    }
                 }
-            },
-            StoreConfig::Redis { url, key_prefix } => Self::Redis(
-                RedisOutbox::connect(url.expose_secret(), config.redis_settings(key_prefix))
-                    .await
-                    .context("connecting the producers to Redis (store.url)")?,
-            ),
+            }
         })
     }
 

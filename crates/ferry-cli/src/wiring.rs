@@ -21,6 +21,7 @@ use ferry::redis_lease::RedisLeases;
 use ferry::redis_store::RedisOutbox;
 use ferry::redis_stream::RedisStreamSink;
 use ferry::sqlite::SqliteOutbox;
+use ferry::tls::redis_client;
 use ferry::webhook::WebhookSink;
 use ferry::{LeaseStore, OutboxAdmin, OutboxStore, Sink, StoreError};
 use ferry_service::{PgServiceStore, ServiceStore, SqliteServiceStore};
@@ -58,11 +59,20 @@ impl Store {
                         .with_context(|| format!("opening SQLite database {}", path.display()))?,
                 ))
             }
-            StoreConfig::Redis { url, key_prefix } => Self::Redis(Arc::new(
-                RedisOutbox::connect(url.expose_secret(), config.redis_settings(key_prefix))
-                    .await
-                    .context("connecting to Redis (store.url)")?,
-            )),
+            StoreConfig::Redis {
+                url,
+                tls_ca_file,
+                key_prefix,
+            } => {
+                let client = redis_client(url.expose_secret(), tls_ca_file.as_deref()).map_err(
+                    |reason| anyhow::anyhow!("store.tls_ca_file or store.url: {reason}"),
+                )?;
+                Self::Redis(Arc::new(
+                    RedisOutbox::connect_client(client, config.redis_settings(key_prefix))
+                        .await
+                        .context("connecting to Redis (store.url)")?,
+                ))
+            }
         })
     }
 
@@ -162,20 +172,31 @@ impl Leases {
         let floor = store.highest_epoch().await?;
         Ok(match &config.leases {
             LeasesConfig::Store => Self::Store(store.clone()),
-            LeasesConfig::Redis { url, key_prefix } => Self::Redis(Arc::new(
-                RedisLeases::connect(url.expose_secret(), key_prefix, partitions, floor)
-                    .await
-                    .context("connecting to Redis for leases (leases.url)")?,
-            )),
+            LeasesConfig::Redis {
+                url,
+                tls_ca_file,
+                key_prefix,
+            } => {
+                let client = redis_client(url.expose_secret(), tls_ca_file.as_deref()).map_err(
+                    |reason| anyhow::anyhow!("leases.tls_ca_file or leases.url: {reason}"),
+                )?;
+                Self::Redis(Arc::new(
+                    RedisLeases::connect_client(client, key_prefix, partitions, floor)
+                        .await
+                        .context("connecting to Redis for leases (leases.url)")?,
+                ))
+            }
             #[cfg(feature = "etcd-lease")]
             LeasesConfig::Etcd {
                 endpoints,
+                tls_ca_file,
                 key_prefix,
                 username,
                 password,
             } => {
                 let connection = ferry::etcd_lease::EtcdConnection {
                     endpoints,
+                    tls_ca_file: tls_ca_file.as_deref(),
                     credentials: username
                         .as_deref()
                         .zip(password.as_ref().map(ExposeSecret::expose_secret)),

@@ -8,28 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use uuid::Uuid;
-
 use common::scenarios::StoreNats;
 use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
-use ferry::NewMessage;
 use ferry::mysql::MyOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry_core::testing::services;
-
-/// Producers on MySQL. Their aggregates are their own, so no transaction waits on another's
-/// version lock and InnoDB has no deadlock to resolve.
-impl Producer for MyOutbox {
-    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
-        let mut tx = self.pool().begin().await.unwrap();
-        let mut ids = Vec::with_capacity(messages.len());
-        for message in messages {
-            ids.push(self.enqueue(&mut tx, message).await.unwrap().id);
-        }
-        tx.commit().await.unwrap();
-        ids
-    }
-}
 
 /// A MySQL outbox relayed to a NATS stream, both named after the scenario's tag.
 struct MyNats {

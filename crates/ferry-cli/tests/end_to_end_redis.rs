@@ -10,12 +10,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use uuid::Uuid;
-
 use common::scenarios::StoreNats;
 use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
-use ferry::NewMessage;
-use ferry::redis_store::{KeyPrefix, RedisOutbox, RedisSettings, RedisWrites};
+use ferry::redis_store::{KeyPrefix, RedisOutbox, RedisSettings};
 use ferry_core::testing::services;
 
 fn key_prefix(tag: &str) -> String {
@@ -29,17 +26,6 @@ fn redis_store_section(tag: &str) -> String {
         services::redis_url(),
         key_prefix(tag)
     )
-}
-
-/// Producers on Redis: one script call enqueues a transaction's messages atomically.
-impl Producer for RedisOutbox {
-    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
-        let enqueued = self
-            .enqueue_all(&RedisWrites::new(), messages)
-            .await
-            .unwrap();
-        enqueued.into_iter().map(|e| e.id).collect()
-    }
 }
 
 /// A Redis outbox relayed to a NATS stream, both named after the scenario's tag.

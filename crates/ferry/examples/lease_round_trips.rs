@@ -185,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
         let endpoints = [services::etcd_url()];
         let etcd = ferry::etcd_lease::EtcdLeases::connect(
             ferry::etcd_lease::EtcdConnection {
+                tls_ca_file: None,
                 endpoints: &endpoints,
                 credentials: None,
                 key_prefix: &format!("lb{tag}/"),

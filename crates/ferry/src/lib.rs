@@ -7,6 +7,8 @@
 
 pub use ferry_core::*;
 
+pub mod tls;
+
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 pub mod sql;
 

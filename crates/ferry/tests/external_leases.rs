@@ -69,6 +69,7 @@ impl Backend {
             Self::Etcd => Arc::new(
                 ferry::etcd_lease::EtcdLeases::connect(
                     ferry::etcd_lease::EtcdConnection {
+                        tls_ca_file: None,
                         endpoints: &[services::etcd_url()],
                         credentials: None,
                         key_prefix: prefix,
@@ -703,6 +704,7 @@ mod etcd_only {
         let connect = |endpoint: &'static str| async move {
             ferry::etcd_lease::EtcdLeases::connect(
                 ferry::etcd_lease::EtcdConnection {
+                    tls_ca_file: None,
                     endpoints: &[endpoint.to_owned()],
                     credentials: None,
                     key_prefix: "x/",

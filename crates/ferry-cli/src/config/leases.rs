@@ -1,5 +1,7 @@
 //! `[leases]`: where partition leases live.
 
+use std::path::PathBuf;
+
 use anyhow::bail;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -14,16 +16,25 @@ pub enum LeasesConfig {
     Store,
     /// In Redis: `SET NX PX` ownership keys, epochs from `INCR`.
     Redis {
-        /// `redis://[user:password@]host:port[/db]`; a secret, never logged.
+        /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS); a secret, never
+        /// logged.
         url: SecretString,
+        /// With `rediss://`: a PEM file of the CA that issued the server's certificate,
+        /// trusted instead of the public roots.
+        #[serde(default)]
+        tls_ca_file: Option<PathBuf>,
         /// Prefix of every lease key, one per outbox. Defaults to `ferry:`.
         #[serde(default = "default_redis_key_prefix")]
         key_prefix: String,
     },
     /// In etcd v3: a lease with keep-alive per partition; revisions are the epochs.
     Etcd {
-        /// `http://host:port` of one or more cluster members.
+        /// `http://host:port` (`https://` for TLS) of one or more cluster members.
         endpoints: Vec<String>,
+        /// With `https://` endpoints: a PEM file of the CA that issued the members'
+        /// certificates, trusted instead of the public roots.
+        #[serde(default)]
+        tls_ca_file: Option<PathBuf>,
         /// Prefix of every lease key, one per outbox. Defaults to `ferry/`.
         #[serde(default = "default_etcd_key_prefix")]
         key_prefix: String,
@@ -51,25 +62,30 @@ impl LeasesConfig {
     pub(super) fn validate(&self) -> anyhow::Result<()> {
         let key_prefix = match self {
             Self::Store => return Ok(()),
-            Self::Redis { url, key_prefix } => {
+            Self::Redis {
+                url,
+                tls_ca_file,
+                key_prefix,
+            } => {
                 let url = url.expose_secret();
-                if url.starts_with("rediss://") {
+                if tls_ca_file.is_some() && !url.starts_with("rediss://") {
                     bail!(
-                        "leases.url: TLS (rediss://) is not built into this ferry; use redis:// over a trusted network or a TLS tunnel"
+                        "leases.tls_ca_file is set but leases.url is not rediss://: use rediss://host:port for TLS"
                     );
                 }
-                if !["redis://", "unix://", "redis+unix://"]
+                if !["redis://", "rediss://", "unix://", "redis+unix://"]
                     .iter()
                     .any(|scheme| url.starts_with(scheme))
                 {
                     bail!(
-                        "leases.url must start with redis:// (or unix:// for a socket), e.g. redis://127.0.0.1:6379"
+                        "leases.url must start with redis:// (rediss:// for TLS, unix:// for a socket), e.g. redis://127.0.0.1:6379"
                     );
                 }
                 key_prefix
             }
             Self::Etcd {
                 endpoints,
+                tls_ca_file,
                 key_prefix,
                 username,
                 password,
@@ -80,11 +96,19 @@ impl LeasesConfig {
                     );
                 }
                 if let Some(bad) = endpoints.iter().find(|e| {
-                    let rest = e.strip_prefix("http://").unwrap_or_default();
+                    let rest = e
+                        .strip_prefix("http://")
+                        .or_else(|| e.strip_prefix("https://"))
+                        .unwrap_or_default();
                     rest.is_empty() || rest.contains(char::is_whitespace)
                 }) {
                     bail!(
-                        "leases.endpoints: {bad:?} is not an http://host:port address (TLS to etcd is not built into this ferry)"
+                        "leases.endpoints: {bad:?} is not an http://host:port (or https://host:port) address"
+                    );
+                }
+                if tls_ca_file.is_some() && !endpoints.iter().all(|e| e.starts_with("https://")) {
+                    bail!(
+                        "leases.tls_ca_file is set but not every leases.endpoints entry is https://"
                     );
                 }
                 if username.is_some() != password.is_some() {

@@ -39,8 +39,13 @@ pub enum StoreConfig {
     /// Redis (streams and Lua scripts). Only what Redis persists survives its restart:
     /// run it with AOF (`appendfsync everysec` or `always`) for an outbox.
     Redis {
-        /// `redis://[user:password@]host:port[/db]`; a secret, never logged.
+        /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS); a secret, never
+        /// logged.
         url: SecretString,
+        /// With `rediss://`: a PEM file of the CA that issued the server's certificate,
+        /// trusted instead of the public roots.
+        #[serde(default)]
+        tls_ca_file: Option<PathBuf>,
         /// Prefix of every key of this outbox (`outbox.table_prefix` is for SQL stores).
         /// Defaults to `ferry:`.
         #[serde(default = "default_key_prefix")]

@@ -151,10 +151,23 @@ fn leases_default_to_the_store_and_external_ones_are_checked() {
     ))
     .expect("valid");
     assert!(config.relay_config().external_leases && config.store_settings().external_leases);
+    for tls in [
+        "type = \"redis\"\nurl = \"rediss://x:6380\"\ntls_ca_file = \"/etc/ca.pem\"",
+        "type = \"etcd\"\nendpoints = [\"https://x:2379\"]\ntls_ca_file = \"/etc/ca.pem\"",
+    ] {
+        Config::from_toml(&format!("{MINIMAL}[leases]\n{tls}\n")).expect(tls);
+    }
     for (leases, expected) in [
         ("type = \"zookeeper\"", "redis"),
         ("type = \"redis\"\nurl = \"http://x\"", "leases.url"),
-        ("type = \"redis\"\nurl = \"rediss://x\"", "TLS"),
+        (
+            "type = \"redis\"\nurl = \"redis://x\"\ntls_ca_file = \"/etc/ca.pem\"",
+            "leases.tls_ca_file",
+        ),
+        (
+            "type = \"etcd\"\nendpoints = [\"http://x\"]\ntls_ca_file = \"/etc/ca.pem\"",
+            "leases.tls_ca_file",
+        ),
         (
             "type = \"redis\"\nurl = \"redis://x\"\nkey_prefix = \"\"",
             "leases.key_prefix",
@@ -192,8 +205,18 @@ fn mqtt_and_webhook_settings_are_checked_with_the_key_named() {
         err.contains("topic_template") && err.contains("wildcard"),
         "{err}"
     );
-    let err = sink("type = \"mqtt\"\nurl = \"mqtts://broker:8883\"");
-    assert!(err.contains("`url`") && err.contains("TLS"), "{err}");
+    let err = sink("type = \"mqtt\"\nurl = \"wss://broker:8883\"");
+    assert!(err.contains("`url`") && err.contains("WebSockets"), "{err}");
+    let err = sink("type = \"mqtt\"\nurl = \"mqtts://broker\"\ntls_ca_file = \"/nonexistent.pem\"");
+    assert!(
+        err.contains("`tls_ca_file`") && err.contains("/nonexistent.pem"),
+        "{err}"
+    );
+    let err = sink("type = \"webhook\"\nurl = \"http://h/x\"\ntls_ca_file = \"/etc/ca.pem\"");
+    assert!(
+        err.contains("`tls_ca_file`") && err.contains("https://"),
+        "{err}"
+    );
     let err = sink("type = \"webhook\"");
     assert!(err.contains("`url`") && err.contains("required"), "{err}");
     let err = sink("type = \"webhook\"\nurl = \"ftp://h/x\"");

@@ -17,7 +17,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use uuid::Uuid;
 
+use ferry::mysql::MyOutbox;
 use ferry::postgres::PgOutbox;
+use ferry::redis_store::{RedisOutbox, RedisWrites};
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry::{NewMessage, ReceivedMessage};
 use ferry_core::testing::services;
@@ -492,6 +494,31 @@ impl Producer for PgOutbox {
     }
 }
 
+/// Producers on MySQL. Their aggregates are their own, so no transaction waits on another's
+/// version lock and InnoDB has no deadlock to resolve.
+impl Producer for MyOutbox {
+    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
+        let mut tx = self.pool().begin().await.unwrap();
+        let mut ids = Vec::with_capacity(messages.len());
+        for message in messages {
+            ids.push(self.enqueue(&mut tx, message).await.unwrap().id);
+        }
+        tx.commit().await.unwrap();
+        ids
+    }
+}
+
+/// Producers on Redis: one script call enqueues a transaction's messages atomically.
+impl Producer for RedisOutbox {
+    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
+        let enqueued = self
+            .enqueue_all(&RedisWrites::new(), messages)
+            .await
+            .unwrap();
+        enqueued.into_iter().map(|e| e.id).collect()
+    }
+}
+
 /// Enqueues `per_aggregate` events for each of `aggregates` aggregates, ten aggregates per
 /// transaction, from `producers` concurrent producers with aggregates of their own;
 /// returns the ids.
@@ -546,6 +573,14 @@ pub async fn produce_pg(
 /// Reads NATS stream `stream` from its start, in order.
 pub async fn read_nats_stream(stream: &str) -> Vec<ReceivedMessage> {
     let client = async_nats::connect(services::nats_url()).await.unwrap();
+    read_nats_stream_with(client, stream).await
+}
+
+/// [`read_nats_stream`] through `client` (e.g. one over TLS).
+pub async fn read_nats_stream_with(
+    client: async_nats::Client,
+    stream: &str,
+) -> Vec<ReceivedMessage> {
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(stream).await.unwrap();
     let total = stream.get_info().await.unwrap().state.messages;

@@ -72,6 +72,77 @@ pub fn python() -> PathBuf {
     var_or("FERRY_TEST_PYTHON", "/opt/ferry-venv/bin/python").into()
 }
 
+/// The directory of the throwaway TLS files that `scripts/tls-certs.sh` makes
+/// (`ca.pem`, `server.pem`, `server.key`, `wrong-ca.pem`): `FERRY_TEST_TLS_DIR`.
+pub fn tls_dir() -> PathBuf {
+    var_or("FERRY_TEST_TLS_DIR", "/var/lib/ferry-tls").into()
+}
+
+/// The test CA, which issued every TLS endpoint's certificate.
+pub fn tls_ca_file() -> PathBuf {
+    tls_dir().join("ca.pem")
+}
+
+/// A CA that issued none of them, for the tests that a server is then refused.
+pub fn tls_wrong_ca_file() -> PathBuf {
+    tls_dir().join("wrong-ca.pem")
+}
+
+/// PostgreSQL over TLS with the certificate checked: [`postgres_url`] with
+/// `sslmode=verify-full` and `sslrootcert=<ca>` (the server has TLS on its usual port).
+pub fn postgres_tls_url(ca_file: &std::path::Path) -> String {
+    with_tls_params(
+        &postgres_url(),
+        &format!("sslmode=verify-full&sslrootcert={}", ca_file.display()),
+    )
+}
+
+/// MySQL or MariaDB over TLS with the certificate checked: `FERRY_TEST_MYSQL_TLS_URL`
+/// (a second server with TLS, see `scripts/services.sh`) with `ssl-mode=VERIFY_IDENTITY`
+/// and `ssl-ca=<ca>`.
+pub fn mysql_tls_url(ca_file: &std::path::Path) -> String {
+    with_tls_params(
+        &var_or(
+            "FERRY_TEST_MYSQL_TLS_URL",
+            "mysql://root@127.0.0.1:3307/ferry_test",
+        ),
+        &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={}", ca_file.display()),
+    )
+}
+
+/// Redis with TLS only: `FERRY_TEST_REDIS_TLS_URL`.
+pub fn redis_tls_url() -> String {
+    var_or("FERRY_TEST_REDIS_TLS_URL", "rediss://127.0.0.1:6380")
+}
+
+/// NATS with JetStream and TLS required: `FERRY_TEST_NATS_TLS_URL`.
+pub fn nats_tls_url() -> String {
+    var_or("FERRY_TEST_NATS_TLS_URL", "tls://127.0.0.1:4223")
+}
+
+/// RabbitMQ's AMQPS listener: `FERRY_TEST_AMQP_TLS_URL`.
+pub fn amqp_tls_url() -> String {
+    var_or(
+        "FERRY_TEST_AMQP_TLS_URL",
+        "amqps://guest:guest@127.0.0.1:5671/%2f",
+    )
+}
+
+/// An MQTT 5 broker over TLS: `FERRY_TEST_MQTT_TLS_URL`.
+pub fn mqtt_tls_url() -> String {
+    var_or("FERRY_TEST_MQTT_TLS_URL", "mqtts://127.0.0.1:8883")
+}
+
+/// etcd v3 over https: `FERRY_TEST_ETCD_TLS_URL`.
+pub fn etcd_tls_url() -> String {
+    var_or("FERRY_TEST_ETCD_TLS_URL", "https://127.0.0.1:23791")
+}
+
+fn with_tls_params(url: &str, params: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{params}")
+}
+
 fn var_or(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
 }

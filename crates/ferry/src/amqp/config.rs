@@ -1,10 +1,12 @@
 //! Settings of the RabbitMQ (AMQP 0-9-1) sink and their validation.
 
+use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::time::Duration;
 
 use lapin::ExchangeKind;
-use lapin::uri::AMQPUri;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
@@ -34,6 +36,8 @@ pub const MAX_CONFIRM_WINDOW: usize = 10_000;
 ///   partitions peaked at 58 MiB, windows of 250 at 37 MiB; BENCHMARKS.md section 6).
 /// - `source`: the CloudEvents `source` of every event; unset means
 ///   `ferry://<aggregate_type>`.
+/// - `tls_ca_file`: with `amqps://`, a PEM file of the CA that issued the broker's
+///   certificate, trusted besides the public (webpki) roots.
 /// - `[sink.declare]`: for tests and demos only, declares what production brokers declare
 ///   themselves: each exchange on first use (durable, of `exchange_type`, default
 ///   `"topic"`) and, if `queue` is set, a durable queue bound to each exchange with
@@ -51,6 +55,7 @@ pub struct AmqpSinkConfig {
     pub confirm_window: usize,
     pub source: Option<String>,
     pub declare: Option<AmqpDeclare>,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// What the sink declares when `[sink.declare]` is set (tests and demos).
@@ -82,6 +87,7 @@ impl std::fmt::Debug for AmqpSinkConfig {
             .field("confirm_window", &self.confirm_window)
             .field("source", &self.source)
             .field("declare", &self.declare)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -96,6 +102,7 @@ impl Default for AmqpSinkConfig {
             confirm_window: 250,
             source: None,
             declare: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -111,6 +118,8 @@ pub(crate) struct Checked {
     pub(crate) confirm_timeout: Duration,
     pub(crate) confirm_window: usize,
     pub(crate) declare: Option<(ExchangeKind, Option<String>, String)>,
+    /// The CA certificates of `tls_ca_file`.
+    pub(crate) tls: OwnedTLSConfig,
 }
 
 impl AmqpSinkConfig {
@@ -199,7 +208,25 @@ impl AmqpSinkConfig {
                 Some((kind, declare.queue.clone(), declare.binding_key.clone()))
             }
         };
+        let tls = match &self.tls_ca_file {
+            None => OwnedTLSConfig::default(),
+            Some(_) if uri.scheme != AMQPScheme::AMQPS => {
+                return Err(invalid(
+                    "tls_ca_file",
+                    "is set but `url` is not amqps://: use amqps://user:password@host:5671/vhost",
+                ));
+            }
+            Some(path) => {
+                let pem = crate::tls::read_ca_file(path)
+                    .map_err(|reason| invalid("tls_ca_file", reason))?;
+                OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: Some(String::from_utf8_lossy(&pem).into_owned()),
+                }
+            }
+        };
         Ok(Checked {
+            tls,
             uri,
             server,
             exchange,

@@ -9,6 +9,10 @@ const NOT_FOUND: u16 = 404;
 const PRECONDITION_FAILED: u16 = 406;
 
 pub(super) fn connect_error(server: &str, err: lapin::Error) -> SinkError {
+    if crate::tls::is_certificate_failure(&err) {
+        let message = crate::tls::certificate_failure("amqp broker", server, "sink.tls_ca_file");
+        return SinkError::permanent(message).with_source(err);
+    }
     match err.kind() {
         lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == ACCESS_REFUSED => {
             SinkError::permanent(format!(

@@ -65,6 +65,7 @@ use error::{broker_error, connect_error};
 /// Publishes to RabbitMQ; see the module docs.
 pub struct AmqpSink {
     uri: AMQPUri,
+    tls: lapin::tcp::OwnedTLSConfig,
     server: String,
     exchange: Template,
     routing_key: Template,
@@ -102,6 +103,7 @@ impl AmqpSink {
             .map_err(|err| SinkError::permanent(err.to_string()).with_source(err))?;
         let sink = Self {
             uri: checked.uri,
+            tls: checked.tls,
             server: checked.server,
             exchange: checked.exchange,
             routing_key: checked.routing_key,
@@ -141,9 +143,17 @@ impl AmqpSink {
         }
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from("ferry-relay"));
+        let runtime = lapin::runtime::default_runtime().map_err(|err| {
+            SinkError::permanent("no tokio runtime for the amqp connection").with_source(err)
+        })?;
         let connection = match timeout(
             self.confirm_timeout,
-            Connection::connect_uri(self.uri.clone(), properties),
+            Connection::connect_uri_with_config(
+                self.uri.clone(),
+                properties,
+                self.tls.clone(),
+                runtime,
+            ),
         )
         .await
         {

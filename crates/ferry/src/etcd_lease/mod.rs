@@ -52,8 +52,11 @@ const UNCLEAN: &str = "unclean";
 /// How to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdConnection<'a> {
-    /// `http://host:port` of one or more cluster members.
+    /// `http://host:port` (or `https://`) of one or more cluster members.
     pub endpoints: &'a [String],
+    /// With `https://` endpoints: a PEM file of the CA that issued the members'
+    /// certificates, trusted instead of the public roots.
+    pub tls_ca_file: Option<&'a std::path::Path>,
     /// User name and password when the cluster has authentication on.
     pub credentials: Option<(&'a str, &'a str)>,
     /// Every key of this outbox's leases starts with it (one prefix per outbox).
@@ -103,9 +106,29 @@ impl EtcdLeases {
         if let Some((user, password)) = connection.credentials {
             options = options.with_user(user, password);
         }
+        if let Some(path) = connection.tls_ca_file {
+            let pem = crate::tls::read_ca_file(path).map_err(|reason| {
+                StoreError::Other(format!("leases.tls_ca_file: {reason}").into())
+            })?;
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(pem)),
+            );
+        }
+        let endpoints = connection.endpoints.join(",");
+        let tls_refused = |err: StoreError| {
+            if crate::tls::is_certificate_failure(&err) {
+                let message =
+                    crate::tls::certificate_failure("etcd", &endpoints, "leases.tls_ca_file");
+                StoreError::Other(format!("{message}: {}", ferry_core::ErrorChain(&err)).into())
+            } else {
+                err
+            }
+        };
         let client = Client::connect(connection.endpoints, Some(options))
             .await
-            .map_err(etcd_error)?;
+            .map_err(etcd_error)
+            .map_err(tls_refused)?;
         let mut leases = Self {
             client,
             prefix: connection.key_prefix.to_owned(),
@@ -113,7 +136,7 @@ impl EtcdLeases {
             epoch_base: 0,
             relay_leases: Mutex::new(HashMap::new()),
         };
-        leases.epoch_base = leases.epoch_base(epoch_floor).await?;
+        leases.epoch_base = leases.epoch_base(epoch_floor).await.map_err(tls_refused)?;
         debug!(prefix = %leases.prefix, partitions, epoch_base = leases.epoch_base, "etcd leases connected");
         Ok(leases)
     }

@@ -401,6 +401,11 @@ pub fn received_publish(publish: &Publish) -> Result<ReceivedMessage, DecodeErro
 }
 
 fn connect_error(broker: &str, err: ConnectionError) -> SinkError {
+    if crate::tls::is_certificate_failure(&err) {
+        let message =
+            crate::tls::certificate_failure("the mqtt broker", broker, "sink.tls_ca_file");
+        return SinkError::permanent(message).with_source(err);
+    }
     match &err {
         ConnectionError::ConnectionRefused(code) => {
             let permanent = matches!(

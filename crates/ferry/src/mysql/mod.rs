@@ -45,6 +45,7 @@ impl Dialect for MyDialect {
     type Db = MySql;
 
     const NAME: &'static str = "MySQL";
+    const TLS_CA_SETTING: &'static str = "ssl-ca in store.url (with ssl-mode=VERIFY_IDENTITY)";
     const PLACEHOLDERS: Placeholders = Placeholders::Positional;
     const QUERIES: Queries = crate::sql::queries!();
     /// The server's clock in UTC (times are `DATETIME(6)`), so that relays agree on lease

@@ -53,6 +53,8 @@ pub const MAX_ACKS_IN_FLIGHT_LIMIT: usize = 1 << 20;
 ///   `ferry://<aggregate_type>`.
 /// - `credentials_file`: a NATS `.creds` file (JWT and NKey seed); unset means none.
 /// - `token`: a NATS auth token; unset means none. Never logged or serialised.
+/// - `tls_ca_file`: a PEM file of the CA that issued the server's certificate, trusted
+///   instead of the system's roots; setting it requires TLS (as does a `tls://` url).
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSinkConfig {
@@ -68,6 +70,7 @@ pub struct NatsSinkConfig {
     pub source: Option<String>,
     pub credentials_file: Option<PathBuf>,
     pub token: Option<SecretString>,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// `url` may carry a user and password (`nats://user:password@host:4222`): not shown.
@@ -86,6 +89,7 @@ impl std::fmt::Debug for NatsSinkConfig {
             .field("source", &self.source)
             .field("credentials_file", &self.credentials_file)
             .field("token", &self.token)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -105,6 +109,7 @@ impl Default for NatsSinkConfig {
             source: None,
             credentials_file: None,
             token: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -216,6 +221,10 @@ impl NatsSinkConfig {
                     path.display()
                 ),
             ));
+        }
+        if let Some(path) = &self.tls_ca_file {
+            crate::tls::read_ca_file(path)
+                .map_err(|reason| InvalidNatsConfig::new("tls_ca_file", reason))?;
         }
         let exclusive = template.uses(Field::Partition) && !template.uses(Field::AggregateId);
         let fencing = match self.fencing {

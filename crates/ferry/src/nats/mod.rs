@@ -125,10 +125,19 @@ impl NatsSink {
                 .with_source(err)
             })?;
         }
+        if let Some(path) = &config.tls_ca_file {
+            options = options
+                .add_root_certificates(path.clone())
+                .require_tls(true);
+        }
         let client = options
             .connect(checked.servers)
             .await
             .map_err(|err| match err.kind() {
+                _ if crate::tls::is_certificate_failure(&err) => SinkError::permanent(
+                    crate::tls::certificate_failure("nats", &servers, "sink.tls_ca_file"),
+                )
+                .with_source(err),
                 ConnectErrorKind::Io
                 | ConnectErrorKind::TimedOut
                 | ConnectErrorKind::Dns

@@ -36,6 +36,7 @@ impl Dialect for PgDialect {
     type Db = Postgres;
 
     const NAME: &'static str = "PostgreSQL";
+    const TLS_CA_SETTING: &'static str = "sslrootcert in store.url (with sslmode=verify-full)";
     const PLACEHOLDERS: Placeholders = Placeholders::Dollar;
     const QUERIES: Queries = crate::sql::queries!();
     const FILLS: &'static [(&'static str, &'static str)] = &[("{now}", "now()")];

@@ -98,21 +98,35 @@ impl RedisLeases {
         partitions: u32,
         epoch_floor: i64,
     ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|err| {
+            StoreError::Other(format!("invalid Redis url for leases: {err}").into())
+        })?;
+        Self::connect_client(client, key_prefix, partitions, epoch_floor).await
+    }
+
+    /// [`RedisLeases::connect`] with `client`, e.g. one that trusts a CA of its own
+    /// ([`crate::tls::redis_client`]).
+    pub async fn connect_client(
+        client: redis::Client,
+        key_prefix: &str,
+        partitions: u32,
+        epoch_floor: i64,
+    ) -> Result<Self, StoreError> {
         if key_prefix.is_empty() {
             return Err(StoreError::Other(
                 "the Redis lease key prefix must not be empty (e.g. \"ferry:orders:\")".into(),
             ));
         }
-        let client = redis::Client::open(url).map_err(|err| {
-            StoreError::Other(format!("invalid Redis url for leases: {err}").into())
-        })?;
+        let server = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
             .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_number_of_retries(1);
         let connection = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(redis_error)?;
+            .map_err(|err| {
+                crate::tls::redis_store_error(err, &server, "leases.tls_ca_file", redis_error)
+            })?;
         debug!(
             prefix = key_prefix,
             partitions, epoch_floor, "redis leases connected"

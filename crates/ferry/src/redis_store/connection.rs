@@ -9,12 +9,10 @@ use ferry_core::StoreError;
 
 use super::error::store_error;
 
-/// Opens a connection manager (one multiplexed connection, re-established after errors) to
-/// `url` (`redis://[user:password@]host:port[/db]`). Fails at once, naming the cause, if the
-/// server cannot be reached, refuses the credentials, or is older than Redis 7.0.
-pub async fn connect(url: &str) -> Result<(Client, ConnectionManager), StoreError> {
-    let client = Client::open(url)
-        .map_err(|e| StoreError::Other(format!("invalid Redis url: {e}").into()))?;
+/// Opens a connection manager (one multiplexed connection, re-established after errors)
+/// with `client`. Fails at once, naming the cause, if the server cannot be reached, refuses
+/// the credentials or its TLS certificate, or is older than Redis 7.0.
+pub async fn connect(client: Client) -> Result<(Client, ConnectionManager), StoreError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(10)))
@@ -22,7 +20,10 @@ pub async fn connect(url: &str) -> Result<(Client, ConnectionManager), StoreErro
         .set_max_delay(Duration::from_secs(2));
     let mut conn = ConnectionManager::new_with_config(client.clone(), config)
         .await
-        .map_err(store_error)?;
+        .map_err(|err| {
+            let server = client.get_connection_info().addr().to_string();
+            crate::tls::redis_store_error(err, &server, "store.tls_ca_file", store_error)
+        })?;
     let info: String = ::redis::cmd("INFO")
         .arg("server")
         .query_async(&mut conn)

@@ -89,7 +89,18 @@ impl std::fmt::Debug for RedisOutbox {
 impl RedisOutbox {
     /// Connects to `url`; see [`connect`].
     pub async fn connect(url: &str, settings: RedisSettings) -> Result<Self, StoreError> {
-        let (client, conn) = connect(url).await?;
+        let client = Client::open(url)
+            .map_err(|e| StoreError::Other(format!("invalid Redis url: {e}").into()))?;
+        Self::connect_client(client, settings).await
+    }
+
+    /// Connects with `client`, e.g. one that trusts a CA of its own
+    /// ([`crate::tls::redis_client`]).
+    pub async fn connect_client(
+        client: Client,
+        settings: RedisSettings,
+    ) -> Result<Self, StoreError> {
+        let (client, conn) = connect(client).await?;
         Ok(Self::new(client, conn, settings))
     }
 

@@ -1,5 +1,6 @@
 //! Settings of the Redis Streams sink and their validation.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::IntoConnectionInfo as _;
@@ -20,6 +21,8 @@ pub const MAX_ENTRIES_PER_CALL: usize = 10_000;
 ///
 /// - `url = "redis://127.0.0.1:6379"`: the server (`redis://[user:password@]host:port/db`,
 ///   `rediss://` for TLS). A secret: never logged, errors name only host and port.
+/// - `tls_ca_file`: a PEM file of the CA that issued the server's certificate, trusted
+///   instead of the public roots (`rediss://` only).
 /// - `stream_template = "ferry.{aggregate_type}.{partition}"`: the stream of each message,
 ///   with the placeholders `{aggregate_type}`, `{aggregate_id}`, `{event_type}` and
 ///   `{partition}` (values inserted as they are). It must contain `{partition}`: entry ids
@@ -45,6 +48,7 @@ pub const MAX_ENTRIES_PER_CALL: usize = 10_000;
 #[serde(deny_unknown_fields, default)]
 pub struct RedisStreamSinkConfig {
     pub url: SecretString,
+    pub tls_ca_file: Option<PathBuf>,
     pub stream_template: String,
     pub max_len: Option<u64>,
     pub dedup_scan_entries: u64,
@@ -57,6 +61,7 @@ impl std::fmt::Debug for RedisStreamSinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStreamSinkConfig")
             .field("url", &"[redacted]")
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("stream_template", &self.stream_template)
             .field("max_len", &self.max_len)
             .field("dedup_scan_entries", &self.dedup_scan_entries)
@@ -71,6 +76,7 @@ impl Default for RedisStreamSinkConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            tls_ca_file: None,
             stream_template: "ferry.{aggregate_type}.{partition}".into(),
             max_len: None,
             dedup_scan_entries: 10_000,
@@ -84,7 +90,7 @@ impl Default for RedisStreamSinkConfig {
 /// The checked form of a [`RedisStreamSinkConfig`], ready to connect with.
 #[derive(Debug)]
 pub(crate) struct Checked {
-    pub(crate) connection: redis::ConnectionInfo,
+    pub(crate) client: redis::Client,
     /// `host:port`, without credentials, for messages.
     pub(crate) server: String,
     pub(crate) template: Template,
@@ -109,6 +115,8 @@ impl RedisStreamSinkConfig {
             )
         })?;
         let server = connection.addr().to_string();
+        let client = crate::tls::redis_client(connection, self.tls_ca_file.as_deref())
+            .map_err(|reason| invalid("tls_ca_file", reason))?;
         let template = Template::parse(&self.stream_template)
             .map_err(|reason| invalid("stream_template", reason))?;
         if !template
@@ -163,7 +171,7 @@ impl RedisStreamSinkConfig {
         }
         check_source("redis_stream", self.source.as_deref())?;
         Ok(Checked {
-            connection,
+            client,
             server,
             template,
             response_timeout: Duration::from_secs(self.response_timeout_secs),

@@ -5,7 +5,10 @@ use redis::RedisError;
 use ferry_core::SinkError;
 
 pub(super) fn connect_error(server: &str, err: RedisError) -> SinkError {
-    if err.is_io_error() || err.is_timeout() || err.is_connection_refusal() {
+    if crate::tls::is_certificate_failure(&err) {
+        let message = crate::tls::certificate_failure("redis", server, "sink.tls_ca_file");
+        SinkError::permanent(message).with_source(err)
+    } else if err.is_io_error() || err.is_timeout() || err.is_connection_refusal() {
         SinkError::retryable(format!("cannot reach redis at {server}")).with_source(err)
     } else {
         SinkError::permanent(format!("redis at {server} refused the connection")).with_source(err)

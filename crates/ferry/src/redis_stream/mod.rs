@@ -105,10 +105,7 @@ impl RedisStreamSink {
             .check()
             .map_err(|err| SinkError::permanent(err.to_string()).with_source(err))?;
         let server = checked.server;
-        let client = redis::Client::open(checked.connection).map_err(|err| {
-            SinkError::permanent(format!("invalid redis connection settings for {server}"))
-                .with_source(err)
-        })?;
+        let client = checked.client;
         // Reconnection attempts in the background stay frequent: the relay backs off itself.
         let manager = ConnectionManagerConfig::new()
             .set_max_delay(RECONNECT_MAX_DELAY)

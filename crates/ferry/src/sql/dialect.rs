@@ -236,6 +236,8 @@ pub trait Dialect: std::fmt::Debug + Send + Sync + 'static {
 
     /// The database's name in messages ("PostgreSQL").
     const NAME: &'static str;
+    /// Where the URL names the CA that checks the server's TLS certificate, for messages.
+    const TLS_CA_SETTING: &'static str;
     const PLACEHOLDERS: Placeholders;
     /// The statements.
     const QUERIES: Queries;

@@ -45,6 +45,13 @@ pub(crate) fn connect_error<D: Dialect>(
 ) -> StoreError {
     let (server, user) = D::describe(options);
     let name = D::NAME;
+    if crate::tls::is_certificate_failure(&err) {
+        let context = crate::tls::certificate_failure(name, &server, D::TLS_CA_SETTING);
+        return StoreError::Other(Box::new(ConnectFailed {
+            context,
+            source: err.into(),
+        }));
+    }
     let context = match &err {
         sqlx::Error::Database(db) => match D::classify(db.as_ref()) {
             Fault::Refused => format!(

@@ -44,6 +44,7 @@ impl Dialect for SqliteDialect {
     type Db = Sqlite;
 
     const NAME: &'static str = "SQLite";
+    const TLS_CA_SETTING: &'static str = "nothing: SQLite is a local file";
     const PLACEHOLDERS: Placeholders = Placeholders::Numbered;
     const QUERIES: Queries = crate::sql::queries!();
     /// `{now}` in unix milliseconds (the lease tables' times); `{now_text}` as RFC 3339

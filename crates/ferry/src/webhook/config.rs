@@ -1,5 +1,6 @@
 //! Settings of the HTTP webhook sink and their validation.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
@@ -28,6 +29,8 @@ use super::url_template::UrlTemplate;
 ///   to this.
 /// - `source`: the CloudEvents `source` of every event; unset means
 ///   `ferry://<aggregate_type>`.
+/// - `tls_ca_file`: a PEM file of the CA that issued the receiver's certificate, trusted
+///   instead of the Mozilla roots (`https://` only).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookSinkConfig {
@@ -38,6 +41,7 @@ pub struct WebhookSinkConfig {
     pub request_timeout_secs: u64,
     pub retry_after_max_secs: u64,
     pub source: Option<String>,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for WebhookSinkConfig {
@@ -50,6 +54,7 @@ impl Default for WebhookSinkConfig {
             request_timeout_secs: 30,
             retry_after_max_secs: 300,
             source: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -69,6 +74,8 @@ pub(crate) struct Checked {
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) retry_after_max: Duration,
+    /// The CA certificates of `tls_ca_file`, the only roots then trusted.
+    pub(crate) ca_certificates: Option<Vec<reqwest::Certificate>>,
 }
 
 impl WebhookSinkConfig {
@@ -80,6 +87,19 @@ impl WebhookSinkConfig {
 
     pub(crate) fn check(&self) -> Result<Checked, InvalidWebhookConfig> {
         let url = UrlTemplate::parse(&self.url).map_err(|reason| invalid("url", reason))?;
+        let ca_certificates = self
+            .tls_ca_file
+            .as_deref()
+            .map(|path| {
+                if !self.url.starts_with("https://") {
+                    return Err("is set but `url` is not https://".to_owned());
+                }
+                let pem = crate::tls::read_ca_file(path)?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|err| format!("{}: {err}", path.display()))
+            })
+            .transpose()
+            .map_err(|reason| invalid("tls_ca_file", reason))?;
         let signing_key = self
             .signing_secret
             .as_ref()
@@ -122,6 +142,7 @@ impl WebhookSinkConfig {
             connect_timeout: Duration::from_secs(self.connect_timeout_secs),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             retry_after_max: Duration::from_secs(self.retry_after_max_secs),
+            ca_certificates,
         })
     }
 }

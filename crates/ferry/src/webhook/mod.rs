@@ -112,7 +112,14 @@ impl WebhookSink {
             value.set_sensitive(true);
             default_headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let client = Client::builder()
+        let mut builder = Client::builder();
+        if let Some(certificates) = checked.ca_certificates {
+            builder = builder.tls_built_in_root_certs(false);
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder
             .connect_timeout(checked.connect_timeout)
             .timeout(checked.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -150,6 +157,15 @@ impl WebhookSink {
         let response = match sent {
             Ok(response) => response,
             Err(err) => {
+                // Retryable still: the receiver may be given a trusted certificate.
+                if crate::tls::is_certificate_failure(&err) {
+                    let message = crate::tls::certificate_failure(
+                        "the webhook receiver",
+                        &origin,
+                        "sink.tls_ca_file",
+                    );
+                    return Err(SinkError::retryable(message).with_source(err));
+                }
                 let what = if err.is_timeout() {
                     "timed out"
                 } else if err.is_connect() {
