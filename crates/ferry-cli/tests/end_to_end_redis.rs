@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::scenarios::StoreNats;
 use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
+use ferry::NewMessage;
 use ferry::redis_store::{KeyPrefix, RedisOutbox, RedisSettings};
 use ferry_core::testing::services;
 
