@@ -35,12 +35,22 @@ pub(crate) struct Target {
     pub(crate) sink: SinkTarget,
 }
 
+/// What a NATS stream of the bench holds: ferry's CloudEvents or the baseline poller's
+/// messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NatsWire {
+    Ferry,
+    Baseline,
+}
+
 #[derive(Debug)]
 pub(crate) enum SinkTarget {
     Nats {
         jetstream: Box<jetstream::Context>,
         stream: String,
         subjects: String,
+        /// Who publishes there, and so how its messages are read.
+        wire: NatsWire,
     },
     #[cfg(feature = "kafka")]
     Kafka {
@@ -82,6 +92,7 @@ impl Target {
                 jetstream: Box::new(jetstream::new(connect_nats(nats).await?)),
                 stream: nats.stream.clone(),
                 subjects: nats.subjects.join(", "),
+                wire: NatsWire::Ferry,
             },
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(kafka) => {
@@ -336,7 +347,7 @@ impl Target {
 }
 
 /// A client with the sink's servers and credentials, for reading the stream back.
-async fn connect_nats(config: &NatsSinkConfig) -> anyhow::Result<async_nats::Client> {
+pub(crate) async fn connect_nats(config: &NatsSinkConfig) -> anyhow::Result<async_nats::Client> {
     let servers = config
         .url
         .split(',')

@@ -136,12 +136,13 @@ pub(crate) async fn run(args: ReplayArgs) -> anyhow::Result<()> {
                 &progress_path,
                 &args.name,
                 &filter,
-                replay.progress().last_sequence().map(|last_sequence| {
-                    ReplayCheckpoint {
+                replay
+                    .progress()
+                    .last_sequence()
+                    .map(|last_sequence| ReplayCheckpoint {
                         last_sequence,
                         sent,
-                    }
-                }),
+                    }),
                 true,
             )?;
             println!("replay {:?} finished: {sent} messages sent", args.name);
@@ -288,7 +289,9 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
         return Ok(time.with_timezone(&Utc));
     }
     let ago = humantime::parse_duration(text).map_err(|_| {
-        format!("{text:?} is neither an RFC 3339 time (2026-12-04T08:00:00Z) nor a duration ago (6h)")
+        format!(
+            "{text:?} is neither an RFC 3339 time (2026-12-04T08:00:00Z) nor a duration ago (6h)"
+        )
     })?;
     chrono::Duration::from_std(ago)
         .ok()
@@ -308,6 +311,10 @@ mod tests {
         );
         let ago = Utc::now() - parse_time("2h").unwrap();
         assert!((ago.num_seconds() - 7200).abs() < 5, "{ago}");
-        assert!(parse_time("yesterday-ish").unwrap_err().contains("RFC 3339"));
+        assert!(
+            parse_time("yesterday-ish")
+                .unwrap_err()
+                .contains("RFC 3339")
+        );
     }
 }

@@ -335,7 +335,13 @@ async fn a_broker_down_at_start_and_restarted_mid_run_loses_nothing() {
 /// replay topic holds the retained messages once each, in order, committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_beside_a_live_relay_never_fences_it() {
-    let e2e = PgKafka::with_sections(4, services::kafka_txn_brokers(), FAST_RELAY, "retention_secs = 3600").await;
+    let e2e = PgKafka::with_sections(
+        4,
+        services::kafka_txn_brokers(),
+        FAST_RELAY,
+        "retention_secs = 3600",
+    )
+    .await;
     let scenario = &e2e.pg.scenario;
     let relay = scenario.relay("relay");
     let first = e2e.pg.produce(20, 10, 2).await.unwrap();
@@ -369,7 +375,10 @@ async fn replay_beside_a_live_relay_never_fences_it() {
 
     let replayed = e2e.check(&replay_topic, &first).await;
     assert!(
-        replayed.received >= 200 && replayed.missing == 0 && replayed.duplicates == 0 && replayed.out_of_order == 0,
+        replayed.received >= 200
+            && replayed.missing == 0
+            && replayed.duplicates == 0
+            && replayed.out_of_order == 0,
         "the replay topic holds every message retained when it started, once, in order: {replayed:?}\n{text}"
     );
     let all: HashSet<Uuid> = first.union(&second).copied().collect();

@@ -56,7 +56,9 @@ async fn consume(
     for message in messages {
         let mut tx = scenario.outbox.pool().begin().await.unwrap();
         let processed = inbox
-            .process(&mut tx, message, async |_, _| Ok::<(), ferry::StoreError>(()))
+            .process(&mut tx, message, async |_, _| {
+                Ok::<(), ferry::StoreError>(())
+            })
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -128,7 +130,13 @@ async fn replay_restores_a_lost_stream_in_order_and_a_restored_consumer_catches_
 
     let resumed = replay(
         &e2e,
-        &["--name", "restore", "--all", "--progress-file", progress.to_str().unwrap()],
+        &[
+            "--name",
+            "restore",
+            "--all",
+            "--progress-file",
+            progress.to_str().unwrap(),
+        ],
     );
     assert!(resumed.status.success(), "{}", stdout(&resumed));
     let text = stdout(&resumed);
@@ -159,10 +167,20 @@ async fn replay_restores_a_lost_stream_in_order_and_a_restored_consumer_catches_
 
     let again = replay(
         &e2e,
-        &["--name", "restore", "--all", "--progress-file", progress.to_str().unwrap()],
+        &[
+            "--name",
+            "restore",
+            "--all",
+            "--progress-file",
+            progress.to_str().unwrap(),
+        ],
     );
     assert!(!again.status.success());
-    assert!(stdout(&again).contains("already finished"), "{}", stdout(&again));
+    assert!(
+        stdout(&again).contains("already finished"),
+        "{}",
+        stdout(&again)
+    );
 
     replay_one_aggregate_elsewhere(&e2e, &produced).await;
     delete_nats_stream(&stream).await;
@@ -173,7 +191,9 @@ fn interrupt_replay(e2e: &PgScenario, progress: &Path) -> Output {
     let child = Command::new(ferry_bin())
         .args(["replay", "--config"])
         .arg(&e2e.scenario.config)
-        .args(["--name", "restore", "--all", "--rate", "200", "--batch", "20"])
+        .args([
+            "--name", "restore", "--all", "--rate", "200", "--batch", "20",
+        ])
         .arg("--progress-file")
         .arg(progress)
         .stdout(Stdio::piped())

@@ -128,7 +128,9 @@ pub enum ReplayEnd {
     /// Every selected message was acknowledged.
     Finished { sent: u64 },
     /// Stopped on request; resume from the checkpoint, if there is one.
-    Stopped { checkpoint: Option<ReplayCheckpoint> },
+    Stopped {
+        checkpoint: Option<ReplayCheckpoint>,
+    },
 }
 
 /// Why a replay could not go on. Every variant leaves the last recorded checkpoint valid.

@@ -288,12 +288,17 @@ pub(crate) async fn retained_messages_are_selected_for_replay<D: TestDialect>() 
         enqueued_ids(&published),
         "every published message, in sequence order, none unpublished"
     );
-    assert!(!fetched_ids(&outbox.retained(&everything, None, 100).await.unwrap()).contains(&pending.id));
+    assert!(
+        !fetched_ids(&outbox.retained(&everything, None, 100).await.unwrap()).contains(&pending.id)
+    );
     let summary = outbox.retained_summary(&everything).await.unwrap();
     assert_eq!(summary.count, 6);
     assert_eq!(summary.first_sequence, Some(published[0].sequence));
     assert_eq!(summary.last_sequence, Some(published[5].sequence));
-    let (first, last) = (summary.first_created_at.unwrap(), summary.last_created_at.unwrap());
+    let (first, last) = (
+        summary.first_created_at.unwrap(),
+        summary.last_created_at.unwrap(),
+    );
     assert!(first <= last && (chrono::Utc::now() - first).num_seconds().abs() < 60);
 
     let page = outbox.retained(&everything, None, 4).await.unwrap();
@@ -309,7 +314,10 @@ pub(crate) async fn retained_messages_are_selected_for_replay<D: TestDialect>() 
         partition: Some(partition),
         ..RetainedFilter::default()
     };
-    let expected: Vec<_> = published.iter().filter(|m| m.partition == partition).collect();
+    let expected: Vec<_> = published
+        .iter()
+        .filter(|m| m.partition == partition)
+        .collect();
     assert_eq!(
         ids(outbox.retained(&in_partition, None, 100).await.unwrap()),
         expected.iter().map(|m| m.id).collect::<Vec<_>>()
@@ -339,7 +347,13 @@ pub(crate) async fn retained_messages_are_selected_for_replay<D: TestDialect>() 
         since: Some(chrono::Utc::now() + chrono::TimeDelta::minutes(5)),
         ..RetainedFilter::default()
     };
-    assert!(outbox.retained(&future, None, 100).await.unwrap().is_empty());
+    assert!(
+        outbox
+            .retained(&future, None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         outbox.retained_summary(&future).await.unwrap(),
         ferry::RetainedSummary::default()
