@@ -81,18 +81,7 @@ pub(crate) async fn run(args: &BenchArgs, tag: &str) -> anyhow::Result<Drained> 
         target.describe_sink()
     );
     let outcome = drain(args, &config, &target).await;
-    if args.keep {
-        println!("kept: {}", target.describe());
-    } else {
-        match target.remove().await {
-            Ok(removed) => println!("removed: {removed}"),
-            Err(err) if outcome.is_ok() => return Err(err),
-            Err(err) => eprintln!(
-                "warning: baseline clean-up failed: {}",
-                ferry::ErrorChain(err.as_ref())
-            ),
-        }
-    }
+    target.clean_up(args.keep, outcome.is_ok()).await?;
     outcome
 }
 

@@ -57,18 +57,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     stop.cancel();
     let shutdown = Duration::from_secs(config.relay.shutdown_timeout_secs + 5);
     stop_relays(relays, shutdown).await;
-    if args.keep {
-        println!("kept: {}", target.describe());
-    } else {
-        match target.remove().await {
-            Ok(removed) => println!("removed: {removed}"),
-            Err(err) if outcome.is_ok() => return Err(err),
-            Err(err) => eprintln!(
-                "warning: clean-up failed: {}",
-                ferry::ErrorChain(err.as_ref())
-            ),
-        }
-    }
+    target.clean_up(args.keep, outcome.is_ok()).await?;
     let Measured {
         mut problems,
         drained,

@@ -279,6 +279,24 @@ impl Target {
         format!("{}, {sink}", self.describe_store())
     }
 
+    /// Removes what the bench made, or says what is kept with `keep`; a failed removal
+    /// fails the run only if the run itself succeeded (`run_ok`), else it is a warning.
+    pub(crate) async fn clean_up(&self, keep: bool, run_ok: bool) -> anyhow::Result<()> {
+        if keep {
+            println!("kept: {}", self.describe());
+            return Ok(());
+        }
+        match self.remove().await {
+            Ok(removed) => println!("removed: {removed}"),
+            Err(err) if run_ok => return Err(err),
+            Err(err) => eprintln!(
+                "warning: clean-up failed: {}",
+                ferry::ErrorChain(err.as_ref())
+            ),
+        }
+        Ok(())
+    }
+
     /// Drops the bench's tables and functions (or deletes its Redis keys) and deletes its
     /// stream or file; returns what it removed, for the report.
     pub(crate) async fn remove(&self) -> anyhow::Result<String> {
