@@ -58,6 +58,7 @@ impl SinkConfig {
     /// its expected sequences would race the relay's), Kafka with transactional ids of its
     /// own (`<prefix>-replay-<name>-p<partition>`), which fence only an earlier run of the
     /// same replay, never the live relay's producers.
+    #[cfg_attr(not(feature = "kafka"), allow(unused_variables))]
     pub fn for_replay(mut self, name: &str) -> Self {
         match &mut self {
             Self::Nats(nats) => nats.fencing = Some(false),
