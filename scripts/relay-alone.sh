@@ -9,15 +9,18 @@
 #
 # Environment: FERRY_BIN (default target/release/ferry), FERRY_* config overrides passed to
 # the relay, PERF=1 to record `perf record -g` of the relay into /tmp/perf.data for
-# PERF_SECS (default 3) seconds. The store URL in the config must be the PostgreSQL that
-# psql reaches at 127.0.0.1 as postgres, database test. Tables are dropped afterwards.
+# PERF_SECS (default 3) seconds, RELAY_ALONE_DB (default test): the database of the
+# PostgreSQL at 127.0.0.1 (user postgres) that psql and the relay use, whatever the
+# config's store URL says. Tables are dropped afterwards.
 set -euo pipefail
 cfg=$1
 n=$2
 bin=${FERRY_BIN:-$(dirname "$0")/../target/release/ferry}
 prefix=ra_$(date +%s)_
+db=${RELAY_ALONE_DB:-test}
 export FERRY_OUTBOX__TABLE_PREFIX=$prefix FERRY_LOG=${FERRY_LOG:-error}
-sql() { psql -q -h 127.0.0.1 -U postgres -d test "$@"; }
+export FERRY_STORE__URL=postgres://postgres@127.0.0.1:5432/$db
+sql() { psql -q -h 127.0.0.1 -U postgres -d "$db" "$@"; }
 # CPU ticks of the processes named $1, with their reaped children's (the postmaster's
 # cutime/cstime keep the time of backends that exited between the two samples).
 ticks() {

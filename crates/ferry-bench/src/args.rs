@@ -34,6 +34,13 @@ pub(crate) struct BenchArgs {
     /// Relay instances in this process, sharing the partitions through leases.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub(crate) relays: u32,
+    /// Drain mode, PostgreSQL -> NATS: after ferry's drain, drain a backlog of the same
+    /// size with a naive poller (SELECT … FOR UPDATE SKIP LOCKED 500 rows, publish with
+    /// Nats-Msg-Id, await the acks, DELETE, COMMIT) on tables and a stream of its own, and
+    /// print both rates and their ratio. Both drains then run with no consumer; each stream
+    /// is read back and checked afterwards.
+    #[arg(long)]
+    pub(crate) baseline: bool,
     /// Keep the bench's tables and stream or file afterwards (for inspection).
     #[arg(long)]
     pub(crate) keep: bool,

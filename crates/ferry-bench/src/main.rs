@@ -6,8 +6,12 @@
 //!   start and the clock runs until the consumer has received every message.
 //! - **live**: relays and consumer run first; producers commit at a paced rate and each
 //!   message's commit-to-consume latency goes into a histogram.
+//! - **--baseline** (drain, PostgreSQL → NATS): the consumer waits until the relays have
+//!   emptied the outbox; then a naive poller drains a backlog of the same size
+//!   ([`baseline`]) and the report prints ferry's drain rate over the poller's.
 
 mod args;
+mod baseline;
 mod check;
 mod cleanup;
 mod consume;

@@ -18,8 +18,10 @@ use ferry::sqlite::SqliteOutbox;
 use ferry_cli::config::{Config, StoreConfig};
 use ferry_cli::wiring;
 
+use crate::args::{BenchArgs, Mode};
 use crate::check::Latency;
 use crate::plan::{AGGREGATE_TYPE, EVENT_TYPE, Plan};
+use crate::report::rate;
 
 /// The producers' own connection to the outbox, apart from the relay's.
 #[derive(Debug)]
@@ -119,6 +121,30 @@ pub(crate) struct Production {
 }
 
 impl Production {
+    /// The producers `args` ask for, on their own connections to `config`'s store; with
+    /// `latency`, live mode's commit instants are recorded there.
+    pub(crate) async fn open(
+        args: &BenchArgs,
+        config: &Config,
+        latency: Option<Arc<Latency>>,
+    ) -> anyhow::Result<Self> {
+        let live = args.mode == Mode::Live;
+        Ok(Self {
+            store: ProducerStore::open(config, args.producers).await?,
+            plan: Plan {
+                messages: args.messages,
+                aggregates: args.aggregates,
+                producers: args.producers,
+            },
+            per_tx: args.per_tx.unwrap_or(if live { 1 } else { 100 }),
+            payload: payload(usize::try_from(args.payload_bytes)?),
+            rate: live.then_some(args.rate),
+            produced: AtomicU64::default(),
+            transactions: AtomicU64::default(),
+            latency,
+        })
+    }
+
     /// Runs producer `index` until its share of the plan is committed or `stop` fires.
     pub(crate) async fn run_producer(
         self: Arc<Self>,
@@ -173,6 +199,32 @@ impl Production {
         }
         Ok(())
     }
+}
+
+/// Drain mode: runs every producer to the end of its share, then prints what they did.
+pub(crate) async fn produce_all(
+    production: &Arc<Production>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let origin = tokio::time::Instant::now();
+    let producers = (0..production.plan.producers).map(|index| {
+        tokio::spawn(Arc::clone(production).run_producer(index, origin, stop.clone()))
+    });
+    futures::future::try_join_all(
+        producers
+            .map(|producer| async move { producer.await.context("a producer task panicked")? }),
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    let produced = production.produced.load(Ordering::Relaxed);
+    println!(
+        "produce: {produced} messages in {} transactions, {:.2} s, {:.0} msg/s",
+        production.transactions.load(Ordering::Relaxed),
+        elapsed.as_secs_f64(),
+        rate(produced, elapsed)
+    );
+    Ok(())
 }
 
 /// A JSON object of exactly `bytes` bytes (at least 8): `{"p":"xxxx…"}`.

@@ -25,7 +25,7 @@ use ferry::redis_stream::redis::streams::{StreamReadOptions, StreamReadReply};
 use ferry::redis_stream::redis::{self, AsyncCommands as _};
 
 use crate::decoded::Decoded;
-use crate::target::SinkTarget;
+use crate::target::{NatsWire, SinkTarget};
 
 /// How long one read waits before the consumer looks at its flags again.
 const POLL: Duration = Duration::from_millis(100);
@@ -47,6 +47,7 @@ pub(crate) enum Reader {
         messages: Box<jetstream::consumer::pull::Ordered>,
         /// Stream sequence of the last message read.
         position: u64,
+        wire: NatsWire,
     },
     #[cfg(feature = "kafka")]
     Kafka(Box<ferry::kafka::CommittedReader>),
@@ -124,7 +125,10 @@ impl Reader {
     pub(crate) async fn open(target: &SinkTarget) -> anyhow::Result<Self> {
         match target {
             SinkTarget::Nats {
-                jetstream, stream, ..
+                jetstream,
+                stream,
+                wire,
+                ..
             } => {
                 let stream = jetstream
                     .get_stream(stream)
@@ -141,6 +145,7 @@ impl Reader {
                     stream: Box::new(stream),
                     messages: Box::new(messages),
                     position: 0,
+                    wire: *wire,
                 })
             }
             #[cfg(feature = "kafka")]
@@ -260,7 +265,10 @@ impl Reader {
     pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Decoded>> {
         match self {
             Self::Nats {
-                messages, position, ..
+                messages,
+                position,
+                wire,
+                ..
             } => {
                 let Ok(next) = tokio::time::timeout(POLL, messages.next()).await else {
                     return Ok(None);
@@ -274,9 +282,12 @@ impl Reader {
                     .info()
                     .map_err(|err| anyhow::anyhow!("unreadable JetStream reply subject: {err}"))?
                     .stream_sequence;
-                Ok(Some(
-                    ferry::nats::decode_message(&message).map_err(|err| err.to_string()),
-                ))
+                Ok(Some(match wire {
+                    NatsWire::Ferry => {
+                        ferry::nats::decode_message(&message).map_err(|err| err.to_string())
+                    }
+                    NatsWire::Baseline => crate::baseline::decode(&message),
+                }))
             }
             #[cfg(feature = "kafka")]
             Self::Kafka(reader) => Ok(reader

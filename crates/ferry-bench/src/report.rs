@@ -10,35 +10,60 @@ use ferry::RelayStats;
 use crate::check::Latency;
 use crate::consume::ConsumerReport;
 use crate::produce::Production;
-use crate::running::{Outcome, Running};
+use crate::running::{Outcome, Running, Until};
 
 pub(crate) fn rate(messages: u64, elapsed: Duration) -> f64 {
     messages as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
-pub(crate) fn print_drain(total: u64, relay_started: Instant, run: &Running, outcome: Outcome) {
+/// The drain's rates; returns the relays' drain rate (relay start until every message was
+/// marked, i.e. the outbox was empty) when they got there.
+pub(crate) fn print_drain(
+    total: u64,
+    relay_started: Instant,
+    run: &Running,
+    outcome: Outcome,
+    until: Until,
+) -> Option<f64> {
+    let since_start = |at: Instant| at.saturating_duration_since(relay_started);
     if let Some(at) = outcome.published_all {
-        let elapsed = at.saturating_duration_since(relay_started);
+        let elapsed = since_start(at);
         println!(
             "relay published (broker-acked) all {total}: {:.2} s, {:.0} msg/s",
             elapsed.as_secs_f64(),
             rate(total, elapsed)
         );
     }
-    match outcome.consumed_all {
-        Some(at) => {
-            let elapsed = at.saturating_duration_since(relay_started);
-            println!(
-                "relay throughput (relay start -> all {total} consumed): {:.2} s, {:.0} msg/s",
-                elapsed.as_secs_f64(),
-                rate(total, elapsed)
-            );
-        }
-        None => println!(
-            "relay throughput: not measured, the run stalled after {} of {total} messages",
-            run.consumed.distinct()
-        ),
+    let drained = outcome.marked_all.map(|at| rate(total, since_start(at)));
+    match until {
+        Until::Drained => match outcome.marked_all {
+            Some(at) => println!(
+                "relay drained (relay start -> all {total} marked, outbox empty; no consumer \
+                 running): {:.2} s, {:.0} msg/s",
+                since_start(at).as_secs_f64(),
+                rate(total, since_start(at))
+            ),
+            None => println!(
+                "relay drain: not measured, the run stalled after {} of {total} messages",
+                run.marked()
+            ),
+        },
+        Until::Consumed => match outcome.consumed_all {
+            Some(at) => {
+                let elapsed = since_start(at);
+                println!(
+                    "relay throughput (relay start -> all {total} consumed): {:.2} s, {:.0} msg/s",
+                    elapsed.as_secs_f64(),
+                    rate(total, elapsed)
+                );
+            }
+            None => println!(
+                "relay throughput: not measured, the run stalled after {} of {total} messages",
+                run.consumed.distinct()
+            ),
+        },
     }
+    drained
 }
 
 pub(crate) fn print_live(

@@ -2,10 +2,9 @@
 //! consumer, in the mode asked for; then the figures and the clean-up.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use tokio_util::sync::CancellationToken;
 
 use ferry::{Relay, RelayStats};
@@ -13,15 +12,13 @@ use ferry_cli::config::{Config, StoreConfig};
 use ferry_cli::wiring;
 
 use crate::args::{BenchArgs, Mode};
+use crate::baseline;
 use crate::check::{Checker, Latency};
 use crate::consume::{Consumed, Consumer};
 use crate::isolate;
-use crate::plan::Plan;
-use crate::produce::{self, ProducerStore, Production};
-use crate::report::{
-    print_check, print_drain, print_live, print_memory, print_relay_counters, rate,
-};
-use crate::running::{RelayTask, Running};
+use crate::produce::{self, Production};
+use crate::report::{print_check, print_drain, print_live, print_memory, print_relay_counters};
+use crate::running::{RelayTask, Running, Until};
 use crate::target::Target;
 
 /// Runs the bench as `args` say, and removes what it made unless `--keep`.
@@ -43,6 +40,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.config.display()
         );
     }
+    if args.baseline {
+        baseline::check_supported(&args, &config)?;
+    }
     let tag = format!("{:08x}", rand::random::<u32>());
     isolate::isolate(&mut config, &tag)?;
     let target = Target::create(&mut config).await?;
@@ -57,40 +57,47 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     stop.cancel();
     let shutdown = Duration::from_secs(config.relay.shutdown_timeout_secs + 5);
     stop_relays(relays, shutdown).await;
-    if args.keep {
-        println!("kept: {}", target.describe());
-    } else {
-        match target.remove().await {
-            Ok(removed) => println!("removed: {removed}"),
-            Err(err) if outcome.is_ok() => return Err(err),
-            Err(err) => eprintln!(
-                "warning: clean-up failed: {}",
-                ferry::ErrorChain(err.as_ref())
-            ),
+    target.clean_up(args.keep, outcome.is_ok()).await?;
+    let Measured {
+        mut problems,
+        drained,
+    } = outcome?;
+    if args.baseline {
+        let baseline = tokio::select! {
+            baseline = baseline::run(&args, &tag) => baseline?,
+            () = interrupt.cancelled() => bail!("interrupted"),
+        };
+        problems += baseline.problems;
+        match drained {
+            Some(ferry) => baseline::print_ratio(ferry, baseline),
+            None => println!("ratio: not measured, ferry's drain stalled"),
         }
     }
-    let problems = outcome?;
     if problems > 0 {
-        bail!("the consistency check found {problems} problem(s): see the check line");
+        bail!("the consistency check found {problems} problem(s): see the check lines");
     }
     Ok(())
 }
 
-/// Runs the bench; returns the number of consistency problems found.
+/// What a run measured that the caller needs.
+#[derive(Debug)]
+struct Measured {
+    /// Consistency problems the check found.
+    problems: u64,
+    /// Drain mode with the consumer held back: the relays' drain rate.
+    drained: Option<f64>,
+}
+
+/// Runs the bench; returns the consistency problems found and, with `--baseline`, the
+/// relays' drain rate.
 async fn execute(
     args: &BenchArgs,
     config: &Config,
     target: &Target,
     stop: &CancellationToken,
     relays: &mut Vec<RelayTask>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Measured> {
     let live = args.mode == Mode::Live;
-    let per_tx = args.per_tx.unwrap_or(if live { 1 } else { 100 });
-    let plan = Plan {
-        messages: args.messages,
-        aggregates: args.aggregates,
-        producers: args.producers,
-    };
     let partitions = config.outbox.partitions;
     let store_kind = match config.store {
         StoreConfig::Postgres { .. } => "postgres",
@@ -107,11 +114,19 @@ async fn execute(
         "bench outbox: {} ({partitions} partitions)",
         target.describe_store()
     );
+    let latency = if live {
+        Some(Arc::new(Latency::new()?))
+    } else {
+        None
+    };
+    let production = Arc::new(Production::open(args, config, latency.clone()).await?);
+    let plan = production.plan;
     println!(
-        "workload: {} messages, {} aggregates, {} producers, {per_tx} per transaction, {}-byte payloads, {} relay(s), batch_size {}{}",
+        "workload: {} messages, {} aggregates, {} producers, {} per transaction, {}-byte payloads, {} relay(s), batch_size {}{}",
         args.messages,
         args.aggregates,
         args.producers,
+        production.per_tx,
         args.payload_bytes,
         args.relays,
         config.relay.batch_size,
@@ -122,21 +137,6 @@ async fn execute(
         }
     );
 
-    let latency = if live {
-        Some(Arc::new(Latency::new()?))
-    } else {
-        None
-    };
-    let production = Arc::new(Production {
-        store: ProducerStore::open(config, args.producers).await?,
-        plan,
-        per_tx,
-        payload: produce::payload(usize::try_from(args.payload_bytes)?),
-        rate: live.then_some(args.rate),
-        produced: Default::default(),
-        transactions: Default::default(),
-        latency: latency.clone(),
-    });
     #[cfg(feature = "kafka")]
     if let crate::target::SinkTarget::Kafka {
         config: kafka_config,
@@ -177,66 +177,67 @@ async fn execute(
     let finish = CancellationToken::new();
     let relay_stop = stop.child_token();
 
-    let (relay_results, report) =
-        if live {
-            let consumer = open_consumer().await?;
-            run.consumer = Some(tokio::spawn(consumer.run(finish.clone(), stop.clone())));
-            relays.extend(
-                ready
-                    .into_iter()
-                    .map(|r| tokio::spawn(r.run(relay_stop.clone()))),
-            );
-            run.wait_for_leases(partitions, relays).await?;
-            let started = Instant::now();
-            run.start_producers(stop);
-            let outcome = run.wait(args.messages, relays).await?;
-            let finished = run.finish(&relay_stop, relays, &finish).await?;
-            print_live(
-                args.rate,
-                &production,
-                started,
-                &run,
-                latency.as_deref(),
-                outcome,
-            );
-            finished
+    let mut drained = None;
+    let (relay_results, report) = if live {
+        let consumer = open_consumer().await?;
+        run.consumer = Some(tokio::spawn(consumer.run(finish.clone(), stop.clone())));
+        relays.extend(
+            ready
+                .into_iter()
+                .map(|r| tokio::spawn(r.run(relay_stop.clone()))),
+        );
+        run.wait_for_leases(partitions, relays).await?;
+        let started = Instant::now();
+        run.start_producers(stop);
+        let outcome = run.wait(args.messages, Until::Consumed, relays).await?;
+        let finished = run.finish(&relay_stop, relays, &finish).await?;
+        print_live(
+            args.rate,
+            &production,
+            started,
+            &run,
+            latency.as_deref(),
+            outcome,
+        );
+        finished
+    } else {
+        produce::produce_all(&production, stop).await?;
+        let backlog: u64 = target
+            .store
+            .outbox()
+            .status()
+            .await?
+            .iter()
+            .map(|p| p.backlog)
+            .sum();
+        println!("outbox backlog before the relay starts: {backlog}");
+        // With --baseline the consumer starts only once the outbox is empty, as the
+        // baseline's does: both rates are then the drain alone.
+        let until = if args.baseline {
+            Until::Drained
         } else {
-            let started = Instant::now();
-            run.start_producers(stop);
-            futures::future::try_join_all(run.producers.drain(..).map(|producer| async move {
-                producer.await.context("a producer task panicked")?
-            }))
-            .await?;
-            let elapsed = started.elapsed();
-            let produced = production.produced.load(Ordering::Relaxed);
-            println!(
-                "produce: {produced} messages in {} transactions, {:.2} s, {:.0} msg/s",
-                production.transactions.load(Ordering::Relaxed),
-                elapsed.as_secs_f64(),
-                rate(produced, elapsed)
-            );
-            let backlog: u64 = target
-                .store
-                .outbox()
-                .status()
-                .await?
-                .iter()
-                .map(|p| p.backlog)
-                .sum();
-            println!("outbox backlog before the relay starts: {backlog}");
-            let consumer = open_consumer().await?;
-            run.consumer = Some(tokio::spawn(consumer.run(finish.clone(), stop.clone())));
-            let relay_started = Instant::now();
-            relays.extend(
-                ready
-                    .into_iter()
-                    .map(|r| tokio::spawn(r.run(relay_stop.clone()))),
-            );
-            let outcome = run.wait(args.messages, relays).await?;
-            let finished = run.finish(&relay_stop, relays, &finish).await?;
-            print_drain(args.messages, relay_started, &run, outcome);
-            finished
+            run.consumer = Some(tokio::spawn(
+                open_consumer().await?.run(finish.clone(), stop.clone()),
+            ));
+            Until::Consumed
         };
+        let relay_started = Instant::now();
+        relays.extend(
+            ready
+                .into_iter()
+                .map(|r| tokio::spawn(r.run(relay_stop.clone()))),
+        );
+        let outcome = run.wait(args.messages, until, relays).await?;
+        if until == Until::Drained {
+            run.consumer = Some(tokio::spawn(
+                open_consumer().await?.run(finish.clone(), stop.clone()),
+            ));
+        }
+        let finished = run.finish(&relay_stop, relays, &finish).await?;
+        let rate = print_drain(args.messages, relay_started, &run, outcome, until);
+        drained = rate.filter(|_| until == Until::Drained);
+        finished
+    };
     print_relay_counters(&run.stats);
     for (index, result) in relay_results.into_iter().enumerate() {
         if let Err(err) = result {
@@ -254,7 +255,10 @@ async fn execute(
     {
         println!("{line}");
     }
-    Ok(report.checker.problems())
+    Ok(Measured {
+        problems: report.checker.problems(),
+        drained,
+    })
 }
 
 /// Opens a store and a sink per relay (their own pools and connections, as separate

@@ -29,8 +29,21 @@ pub(crate) struct Outcome {
     pub(crate) produced_all: Option<Instant>,
     /// When the relays' published counters reached the total (to within [`TICK`]).
     pub(crate) published_all: Option<Instant>,
-    /// When the consumer received the last message; `None` if the run stalled.
+    /// When the relays' marked counters reached the total, i.e. the outbox was empty (to
+    /// within [`TICK`]).
+    pub(crate) marked_all: Option<Instant>,
+    /// When the consumer received the last message; `None` if the run stalled or the wait
+    /// was only for the drain.
     pub(crate) consumed_all: Option<Instant>,
+}
+
+/// What a wait waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Until {
+    /// The consumer has received every message.
+    Consumed,
+    /// The relays have marked every message: the outbox is empty (no consumer running).
+    Drained,
 }
 
 /// The tasks and counters of a run.
@@ -47,6 +60,13 @@ impl Running {
         self.stats
             .iter()
             .map(|s| s.published.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub(crate) fn marked(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| s.marked.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -98,23 +118,26 @@ impl Running {
         }
     }
 
-    /// Waits until the consumer has received `total` messages, or nothing moved for
+    /// Waits until `until` is reached for `total` messages, or nothing moved for
     /// [`STALL_TIMEOUT`]; fails if a task fails meanwhile.
     pub(crate) async fn wait(
         &mut self,
         total: u64,
+        until: Until,
         relays: &mut [RelayTask],
     ) -> anyhow::Result<Outcome> {
         let mut outcome = Outcome {
             produced_all: None,
             published_all: None,
+            marked_all: None,
             consumed_all: None,
         };
         let mut last_change = Instant::now();
-        let mut last_seen = (0, 0, 0);
+        let mut last_seen = (0, 0, 0, 0);
         loop {
             let produced = self.production.produced.load(Ordering::Relaxed);
             let published = self.published();
+            let marked = self.marked();
             let consumed = self.consumed.distinct();
             if outcome.produced_all.is_none() && produced >= total {
                 outcome.produced_all = Some(Instant::now());
@@ -122,16 +145,24 @@ impl Running {
             if outcome.published_all.is_none() && published >= total {
                 outcome.published_all = Some(Instant::now());
             }
+            if outcome.marked_all.is_none() && marked >= total {
+                outcome.marked_all = Some(Instant::now());
+                if until == Until::Drained {
+                    return Ok(outcome);
+                }
+            }
             if consumed >= total {
                 outcome.consumed_all = Some(self.consumed.last_at());
                 return Ok(outcome);
             }
-            if (produced, published, consumed) != last_seen {
-                last_seen = (produced, published, consumed);
+            let seen = (produced, published, marked, consumed);
+            if seen != last_seen {
+                last_seen = seen;
                 last_change = Instant::now();
             } else if last_change.elapsed() > STALL_TIMEOUT {
                 eprintln!(
-                    "bench: nothing moved for {} s ({consumed} of {total} consumed); stopping",
+                    "bench: nothing moved for {} s ({marked} of {total} marked, {consumed} \
+                     consumed); stopping",
                     STALL_TIMEOUT.as_secs()
                 );
                 return Ok(outcome);

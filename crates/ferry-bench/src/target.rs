@@ -35,12 +35,22 @@ pub(crate) struct Target {
     pub(crate) sink: SinkTarget,
 }
 
+/// What a NATS stream of the bench holds: ferry's CloudEvents or the baseline poller's
+/// messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NatsWire {
+    Ferry,
+    Baseline,
+}
+
 #[derive(Debug)]
 pub(crate) enum SinkTarget {
     Nats {
         jetstream: Box<jetstream::Context>,
         stream: String,
         subjects: String,
+        /// Who publishes there, and so how its messages are read.
+        wire: NatsWire,
     },
     #[cfg(feature = "kafka")]
     Kafka {
@@ -82,6 +92,7 @@ impl Target {
                 jetstream: Box::new(jetstream::new(connect_nats(nats).await?)),
                 stream: nats.stream.clone(),
                 subjects: nats.subjects.join(", "),
+                wire: NatsWire::Ferry,
             },
             #[cfg(feature = "kafka")]
             SinkConfig::Kafka(kafka) => {
@@ -268,6 +279,24 @@ impl Target {
         format!("{}, {sink}", self.describe_store())
     }
 
+    /// Removes what the bench made, or says what is kept with `keep`; a failed removal
+    /// fails the run only if the run itself succeeded (`run_ok`), else it is a warning.
+    pub(crate) async fn clean_up(&self, keep: bool, run_ok: bool) -> anyhow::Result<()> {
+        if keep {
+            println!("kept: {}", self.describe());
+            return Ok(());
+        }
+        match self.remove().await {
+            Ok(removed) => println!("removed: {removed}"),
+            Err(err) if run_ok => return Err(err),
+            Err(err) => eprintln!(
+                "warning: clean-up failed: {}",
+                ferry::ErrorChain(err.as_ref())
+            ),
+        }
+        Ok(())
+    }
+
     /// Drops the bench's tables and functions (or deletes its Redis keys) and deletes its
     /// stream or file; returns what it removed, for the report.
     pub(crate) async fn remove(&self) -> anyhow::Result<String> {
@@ -336,7 +365,7 @@ impl Target {
 }
 
 /// A client with the sink's servers and credentials, for reading the stream back.
-async fn connect_nats(config: &NatsSinkConfig) -> anyhow::Result<async_nats::Client> {
+pub(crate) async fn connect_nats(config: &NatsSinkConfig) -> anyhow::Result<async_nats::Client> {
     let servers = config
         .url
         .split(',')

@@ -411,6 +411,33 @@ async fn a_message_kafka_refuses_stops_the_batch_after_committing_what_precedes_
     Ok(())
 }
 
+/// A batch larger than `delivery_window` is still one transaction: every record lands,
+/// in order, and a refused record still stops the batch after what precedes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_delivery_window_lands_whole_and_in_order() -> Result {
+    let config = KafkaSinkConfig {
+        delivery_window: 2,
+        ..unique_config(services::kafka_txn_brokers())
+    };
+    let sink = KafkaSink::connect(&config).await?;
+    sink.open_partition(&lease(0, 1)).await?;
+    let first = batch("1", 1..=7);
+    committed(sink.publish(&first).await)?;
+    let mut second = batch("1", 8..=12);
+    second[3].payload = Bytes::from(vec![b'x'; 1_500_000]);
+    let outcomes = sink.publish(&second).await;
+    assert!(outcomes[..3].iter().all(|o| o.is_ok()), "{outcomes:?}");
+    assert!(outcomes[3].is_err() && outcomes[4].is_err(), "{outcomes:?}");
+
+    let topics = vec![topic(&config, "order")];
+    let seen = received_ids(&read_committed(&config, &topics).await?);
+    let expected: Vec<Uuid> = first.iter().chain(&second[..3]).map(|m| m.id).collect();
+    assert_eq!(seen, expected);
+    sink.shutdown().await;
+    delete_topics(&config, &topics).await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_unreachable_cluster_is_a_retryable_error_naming_it() {
     let config = KafkaSinkConfig {

@@ -71,6 +71,11 @@ const CONTROLLED: [(&str, &str); 13] = [
 ///   begin/commit/abort, topic creation, and a reconciliation read that stops progressing.
 /// - `transaction_timeout_secs = 60`: the broker aborts a transaction left open this long
 ///   (by a relay that died mid-batch). At least `timeout_secs`.
+/// - `delivery_window = 250`: records of a batch's transaction enqueued in a partition's
+///   producer ahead of the oldest delivery report not yet received. Bounds the relay's
+///   memory, which librdkafka holds per record until its report (payload, headers, produce
+///   request) on every owned partition at once: whole 1000-record batches on 16 partitions
+///   peaked at ~70 MiB (BENCHMARKS.md section 8).
 /// - `reconcile_margin_secs = 30`: how far before the checkpoint (a record timestamp)
 ///   reconciliation starts reading, to cover clock differences between relays and brokers.
 /// - `source`: the CloudEvents `source` of every event; unset means `ferry://<aggregate_type>`.
@@ -88,6 +93,7 @@ pub struct KafkaSinkConfig {
     pub topic_replication_factor: Option<u16>,
     pub timeout_secs: u64,
     pub transaction_timeout_secs: u64,
+    pub delivery_window: usize,
     pub reconcile_margin_secs: u64,
     pub source: Option<String>,
     pub librdkafka: BTreeMap<String, String>,
@@ -104,6 +110,7 @@ impl Default for KafkaSinkConfig {
             topic_replication_factor: None,
             timeout_secs: 30,
             transaction_timeout_secs: 60,
+            delivery_window: 250,
             reconcile_margin_secs: 30,
             source: None,
             librdkafka: BTreeMap::new(),
@@ -134,6 +141,9 @@ impl InvalidKafkaConfig {
 /// Largest partition count ferry creates a topic with.
 const MAX_TOPIC_PARTITIONS: u32 = 10_000;
 
+/// Largest accepted `delivery_window`.
+const MAX_DELIVERY_WINDOW: usize = 100_000;
+
 /// Longest transactional id prefix; leaves room for `-p<partition>`.
 const MAX_PREFIX_LEN: usize = 200;
 
@@ -143,6 +153,7 @@ pub(crate) struct Checked {
     pub(crate) template: TopicTemplate,
     pub(crate) timeout: Duration,
     pub(crate) reconcile_margin: Duration,
+    pub(crate) delivery_window: usize,
     /// Properties every client gets: brokers and the user's librdkafka settings.
     pub(crate) base: ClientConfig,
 }
@@ -210,6 +221,15 @@ impl KafkaSinkConfig {
                 ),
             ));
         }
+        if !(1..=MAX_DELIVERY_WINDOW).contains(&self.delivery_window) {
+            return Err(InvalidKafkaConfig::new(
+                "delivery_window",
+                format!(
+                    "is {}; allowed is 1 to {MAX_DELIVERY_WINDOW} (default 250)",
+                    self.delivery_window
+                ),
+            ));
+        }
         if let Some(source) = &self.source
             && (source.is_empty() || source.chars().any(char::is_control))
         {
@@ -244,6 +264,7 @@ impl KafkaSinkConfig {
             template,
             timeout: Duration::from_secs(self.timeout_secs),
             reconcile_margin: Duration::from_secs(self.reconcile_margin_secs),
+            delivery_window: self.delivery_window,
             base,
         })
     }
@@ -352,6 +373,13 @@ mod tests {
             }),
             "transaction_timeout_secs"
         );
+        for delivery_window in [0, 100_001] {
+            let config = KafkaSinkConfig {
+                delivery_window,
+                ..base()
+            };
+            assert_eq!(key_of(&config), "delivery_window", "{delivery_window}");
+        }
         assert_eq!(
             key_of(&KafkaSinkConfig {
                 source: Some(String::new()),

@@ -61,6 +61,8 @@ pub struct KafkaSink {
     transactional_id_prefix: String,
     timeout: Duration,
     reconcile_margin: Duration,
+    /// Records a producer enqueues ahead of the oldest delivery report.
+    delivery_window: usize,
     /// `Some((partitions, replication factor))` when missing topics are created; a
     /// replication factor of -1 asks for the broker's default.
     create_topics: Option<(i32, i32)>,
@@ -131,6 +133,7 @@ impl KafkaSink {
             transactional_id_prefix: config.transactional_id_prefix.clone(),
             timeout: checked.timeout,
             reconcile_margin: checked.reconcile_margin,
+            delivery_window: checked.delivery_window,
             create_topics: config.create_topics.then(|| {
                 (
                     // Validation caps both far below i32::MAX.
@@ -360,10 +363,11 @@ impl Sink for KafkaSink {
         if config.get("client.id").is_none() {
             config.set("client.id", format!("ferry-{transactional_id}"));
         }
-        let timeout = self.timeout;
+        let (timeout, window) = (self.timeout, self.delivery_window);
         let id = transactional_id.clone();
-        let producer =
-            Arc::new(blocking(move || PartitionProducer::init(&config, id, timeout)).await??);
+        let producer = Arc::new(
+            blocking(move || PartitionProducer::init(&config, id, timeout, window)).await??,
+        );
         let previous = self.producers().insert(partition, producer);
         if let Some(previous) = previous {
             self.retire(partition, previous).await;

@@ -8,6 +8,7 @@
 //! the relay gives the partition up, and the next owner's `init_transactions` settles
 //! whatever was left open before it reconciles.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ pub(crate) struct PartitionProducer {
     producer: FutureProducer,
     transactional_id: String,
     timeout: Duration,
+    /// Records enqueued ahead of the oldest delivery report not yet received.
+    window: usize,
     /// Record timestamps never go back, even if the wall clock does: the checkpoint is a
     /// timestamp, and a later batch must not look older than an earlier one.
     last_timestamp: AtomicI64,
@@ -72,6 +75,7 @@ impl PartitionProducer {
         config: &ClientConfig,
         transactional_id: String,
         timeout: Duration,
+        window: usize,
     ) -> Result<Self, SinkError> {
         let producer: FutureProducer = config.create().map_err(|err| {
             SinkError::permanent(format!(
@@ -94,6 +98,7 @@ impl PartitionProducer {
             producer,
             transactional_id,
             timeout,
+            window: window.max(1),
             last_timestamp: AtomicI64::new(0),
         })
     }
@@ -117,53 +122,37 @@ impl PartitionProducer {
             .map_err(|err| TxnFailure::Transaction(self.state_error("begin", err)))?;
         let timestamp = self.next_timestamp();
         let deadline = Instant::now() + self.timeout;
-        let mut deliveries = Vec::with_capacity(messages.len());
-        let mut failure = None;
-        for (index, (message, topic)) in messages.iter().zip(topics).enumerate() {
+        // At most `window` records wait in librdkafka for their delivery reports: each
+        // holds its payload, headers and a share of a produce request there, on every
+        // owned partition at once.
+        let mut deliveries = VecDeque::with_capacity(self.window.min(messages.len()));
+        let mut records = messages.iter().zip(topics).enumerate();
+        let mut position = timestamp;
+        let failure = loop {
+            if deliveries.len() < self.window
+                && let Some((index, (message, topic))) = records.next()
+            {
+                match self
+                    .enqueue(message, topic, timestamp, source, deadline)
+                    .await
+                {
+                    Ok(delivery) => deliveries.push_back((index, delivery)),
+                    Err(error) => break Some(TxnFailure::Message { index, error }),
+                }
+                continue;
+            }
+            // The window is full or every record is enqueued: settle the oldest.
+            let Some((index, delivery)) = deliveries.pop_front() else {
+                break None;
+            };
             match self
-                .enqueue(message, topic, timestamp, source, deadline)
+                .delivered(&messages[index], index, delivery, deadline)
                 .await
             {
-                Ok(delivery) => deliveries.push(delivery),
-                Err(error) => {
-                    failure = Some(TxnFailure::Message { index, error });
-                    break;
-                }
+                Ok(at) => position = position.max(at),
+                Err(failure) => break Some(failure),
             }
-        }
-        let mut position = timestamp;
-        if failure.is_none() {
-            for (index, delivery) in deliveries.into_iter().enumerate() {
-                match tokio::time::timeout_at(deadline, delivery).await {
-                    Ok(Ok(Ok(delivered))) => {
-                        position = position.max(delivered.timestamp.to_millis().unwrap_or(0));
-                    }
-                    Ok(Ok(Err((err, _)))) => {
-                        failure = Some(TxnFailure::Message {
-                            index,
-                            error: delivery_error(&messages[index], err),
-                        });
-                        break;
-                    }
-                    Ok(Err(_canceled)) => {
-                        failure = Some(TxnFailure::Transaction(SinkError::retryable(
-                            "the kafka producer went away before the delivery report",
-                        )));
-                        break;
-                    }
-                    Err(_elapsed) => {
-                        failure = Some(TxnFailure::Message {
-                            index,
-                            error: SinkError::retryable(format!(
-                                "no delivery report from kafka within {:?}",
-                                self.timeout
-                            )),
-                        });
-                        break;
-                    }
-                }
-            }
-        }
+        };
         match failure {
             None => self.commit().await.map(|()| position),
             Some(failure) if failure.is_fenced() => Err(failure),
@@ -171,6 +160,34 @@ impl PartitionProducer {
                 Ok(()) => Err(failure),
                 Err(fenced) => Err(TxnFailure::Transaction(fenced)),
             },
+        }
+    }
+
+    /// Waits until `deadline` for the delivery report of message `index`; returns the
+    /// record's timestamp.
+    async fn delivered(
+        &self,
+        message: &Message,
+        index: usize,
+        delivery: DeliveryFuture,
+        deadline: Instant,
+    ) -> Result<i64, TxnFailure> {
+        match tokio::time::timeout_at(deadline, delivery).await {
+            Ok(Ok(Ok(delivered))) => Ok(delivered.timestamp.to_millis().unwrap_or(0)),
+            Ok(Ok(Err((err, _)))) => Err(TxnFailure::Message {
+                index,
+                error: delivery_error(message, err),
+            }),
+            Ok(Err(_canceled)) => Err(TxnFailure::Transaction(SinkError::retryable(
+                "the kafka producer went away before the delivery report",
+            ))),
+            Err(_elapsed) => Err(TxnFailure::Message {
+                index,
+                error: SinkError::retryable(format!(
+                    "no delivery report from kafka within {:?}",
+                    self.timeout
+                )),
+            }),
         }
     }
 

@@ -1,0 +1,121 @@
+//! Small runs of the real `ferry-bench` binary against the real services: each fails on
+//! any consistency defect the bench reports (missing, duplicate, out-of-order, unexpected
+//! or undecodable messages), never on time. The bench makes tables, streams and files of
+//! its own (`bench_<random>_…`) and removes them afterwards.
+
+use std::path::Path;
+use std::process::Command;
+
+use ferry_core::testing::services;
+
+/// Messages per run: enough for many batches on every partition, little enough to stay
+/// within a few seconds of test time.
+const MESSAGES: &str = "20000";
+
+/// Runs the bench on `config` with `extra` flags; asserts that it succeeded and printed
+/// `checks` check lines, each with no defect. Returns its output.
+fn bench(dir: &Path, config: &str, extra: &[&str], checks: usize) -> String {
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, config).expect("write the config");
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
+        .arg("--config")
+        .arg(&path)
+        .args([
+            "--messages",
+            MESSAGES,
+            "--aggregates",
+            "500",
+            "--per-tx",
+            "500",
+        ])
+        .args(extra)
+        .env("FERRY_LOG", "warn")
+        .output()
+        .expect("run ferry-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "ferry-bench failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.starts_with("check: received"))
+        .collect();
+    assert_eq!(lines.len(), checks, "check lines:\n{stdout}");
+    for line in lines {
+        assert_eq!(
+            defects(line),
+            Vec::<(String, u64)>::new(),
+            "{line}\n{stdout}"
+        );
+        assert!(line.contains(&format!("distinct {MESSAGES},")), "{line}");
+    }
+    stdout
+}
+
+/// The non-zero defect counts of a check line (`check: received N, distinct N, missing
+/// 0, duplicates 0, …`).
+fn defects(line: &str) -> Vec<(String, u64)> {
+    let counts = line.trim_start_matches("check:").split(',').map(|part| {
+        let part = part.trim();
+        let (name, count) = part.rsplit_once(' ').expect("`<name> <count>`");
+        (name.to_owned(), count.parse::<u64>().expect("a count"))
+    });
+    let wanted = [
+        "missing",
+        "duplicates",
+        "out of order",
+        "unexpected",
+        "undecodable",
+    ];
+    let counts: Vec<(String, u64)> = counts.collect();
+    for name in wanted {
+        assert!(
+            counts.iter().any(|(n, _)| n == name),
+            "no {name} count in {line}"
+        );
+    }
+    counts
+        .into_iter()
+        .filter(|(name, count)| wanted.contains(&name.as_str()) && *count > 0)
+        .collect()
+}
+
+#[test]
+fn sqlite_to_file_drain_is_consistent() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "[store]\ntype = \"sqlite\"\npath = \"{db}\"\n\
+         [outbox]\npartitions = 8\n\
+         [sink]\ntype = \"file\"\npath = \"{events}\"\n",
+        db = dir.path().join("outbox.db").display(),
+        events = dir.path().join("events.jsonl").display(),
+    );
+    bench(dir.path(), &config, &[], 1);
+}
+
+#[test]
+fn postgres_to_nats_drain_and_baseline_are_consistent() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "[store]\ntype = \"postgres\"\nurl = \"{pg}\"\n\
+         [outbox]\npartitions = 8\n\
+         [sink]\ntype = \"nats\"\nurl = \"{nats}\"\nstream = \"BENCHTEST\"\n",
+        pg = services::postgres_url(),
+        nats = services::nats_url(),
+    );
+    let stdout = bench(dir.path(), &config, &["--baseline"], 2);
+    assert!(stdout.contains("ratio: ferry "), "{stdout}");
+}
+
+#[test]
+fn a_check_line_with_a_defect_is_caught() {
+    let line = "check: received 5, distinct 4, missing 1, duplicates 1, out of order 0, \
+                unexpected 0, undecodable 0";
+    assert_eq!(
+        defects(line),
+        [("missing".to_owned(), 1), ("duplicates".to_owned(), 1)]
+    );
+}
