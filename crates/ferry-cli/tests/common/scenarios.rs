@@ -1,6 +1,7 @@
 //! The end-to-end scenarios every outbox store runs with real `ferry relay` processes and
 //! the real NATS JetStream: kill -9 at random points, two relays sharing and rebalancing, a
-//! paused zombie relay, graceful shutdown, a message the broker rejects. A store's test
+//! paused zombie relay, graceful shutdown, a message the broker rejects, a replay of a
+//! lost stream. A store's test
 //! binary implements [`StoreNats`] and calls each scenario from a `#[tokio::test]`.
 
 use std::collections::HashSet;
@@ -189,6 +190,42 @@ pub async fn rejected_message_blocks_its_partition<S: StoreNats>() {
     e2e.cleanup().await;
 }
 
+/// The broker loses the stream after the relay published everything; `ferry replay --all`
+/// restores it from the messages the store kept: each once, every aggregate in order.
+pub async fn replay_restores_a_lost_stream<S: StoreNats>() {
+    let e2e = S::new(4, 120, "retention_secs = 3600").await;
+    let scenario = e2e.scenario();
+    let relay = scenario.relay("relay");
+    let produced = e2e.produce(20, 10, 2).await.unwrap();
+    scenario.wait_drained(Duration::from_secs(60)).await;
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+    delete_nats_stream(&nats_stream(&scenario.tag)).await;
+
+    let progress = scenario.dir.path().join("replay.json");
+    let output = scenario.ferry(&[
+        "replay",
+        "--name",
+        "restore",
+        "--all",
+        "--progress-file",
+        progress.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains(&format!("finished: {} messages sent", produced.len())),
+        "{text}"
+    );
+    e2e.check_stream(&produced)
+        .await
+        .assert_perfect(produced.len());
+    e2e.cleanup().await;
+}
+
 /// One `#[tokio::test]` per scenario above, for the [`StoreNats`] implementation `$store`.
 #[allow(unused_macros)]
 macro_rules! scenario_tests {
@@ -216,6 +253,11 @@ macro_rules! scenario_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_message_the_broker_rejects_blocks_its_partition_visibly() {
             common::scenarios::rejected_message_blocks_its_partition::<$store>().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn replay_restores_a_lost_stream_from_the_kept_messages() {
+            common::scenarios::replay_restores_a_lost_stream::<$store>().await;
         }
     };
 }
