@@ -17,15 +17,13 @@ mod tcp_proxy;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use nix::sys::signal::Signal;
 use uuid::Uuid;
 
-use common::{PgScenario, Report, kill_nine_repeatedly, unique_tag};
-use ferry::amqp::decode_delivery;
+use common::{PgScenario, Report, kill_nine_repeatedly, read_amqp_queue, unique_tag};
 use ferry::amqp::lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use ferry::amqp::lapin::types::FieldTable;
 use ferry::amqp::lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -105,25 +103,7 @@ impl PgRabbit {
     /// Everything in the queue, in delivery order, until nothing came for two seconds.
     async fn read_all(&self) -> Vec<ReceivedMessage> {
         let channel = self.connection.create_channel().await.unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                self.name.as_str().into(),
-                "ferry-e2e".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut received = Vec::new();
-        while let Ok(Some(delivery)) =
-            tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
-        {
-            let delivery = delivery.unwrap();
-            received.push(decode_delivery(&delivery.properties, &delivery.data).unwrap());
-        }
+        let received = read_amqp_queue(&channel, &self.name).await;
         channel.close(200, "read".into()).await.unwrap();
         received
     }

@@ -16,13 +16,12 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
-
-use common::{FAST_RELAY, Report, Scenario, ferry_bin, outbox_section, produce, unique_tag};
+use common::{
+    FAST_RELAY, Report, Scenario, ferry_bin, outbox_section, produce, read_amqp_queue, unique_tag,
+};
 use ferry::ReceivedMessage;
 use ferry::amqp::lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use ferry::amqp::lapin::tcp::OwnedTLSConfig;
 use ferry::amqp::lapin::types::FieldTable;
@@ -286,25 +285,7 @@ async fn amqps_round_trip() {
     let produced = produce(outbox, 20, 5, 2).await;
     relay_until_drained(&scenario).await;
 
-    let mut consumer = channel
-        .basic_consume(
-            name.as_str().into(),
-            "ferry-e2e-tls".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut received = Vec::new();
-    while let Ok(Some(delivery)) =
-        tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
-    {
-        let delivery = delivery.unwrap();
-        received.push(ferry::amqp::decode_delivery(&delivery.properties, &delivery.data).unwrap());
-    }
+    let received = read_amqp_queue(&channel, &name).await;
     Report::of(received, &produced).assert_perfect(produced.len());
     channel
         .queue_delete(name.as_str().into(), QueueDeleteOptions::default())

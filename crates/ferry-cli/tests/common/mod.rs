@@ -570,6 +570,35 @@ pub async fn produce_pg(
     produce(outbox, aggregates, per_aggregate, producers).await
 }
 
+/// Everything in RabbitMQ queue `queue`, in delivery order, until nothing came for two
+/// seconds (consumed without acks through `channel`).
+pub async fn read_amqp_queue(
+    channel: &ferry::amqp::lapin::Channel,
+    queue: &str,
+) -> Vec<ReceivedMessage> {
+    use ferry::amqp::lapin::options::BasicConsumeOptions;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "ferry-e2e".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            ferry::amqp::lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
+        let delivery = delivery.unwrap();
+        received.push(ferry::amqp::decode_delivery(&delivery.properties, &delivery.data).unwrap());
+    }
+    received
+}
+
 /// Reads NATS stream `stream` from its start, in order.
 pub async fn read_nats_stream(stream: &str) -> Vec<ReceivedMessage> {
     let client = async_nats::connect(services::nats_url()).await.unwrap();
