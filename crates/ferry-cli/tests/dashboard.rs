@@ -243,8 +243,10 @@ request_timeout_secs = 30
 
 [relay]
 poll_interval_ms = 100
-retry_initial_ms = 100
-# A blocked partition is retried only when the operator asks (within the test).
+# A blocked partition is retried only when the operator asks (within the test): with a
+# short first delay the relay's own retry could pass the head before the click, and the
+# click would then be refused as "not blocked".
+retry_initial_ms = 600000
 retry_max_ms = 600000
 
 [service]
@@ -411,7 +413,7 @@ async fn the_dashboard_shows_the_outbox_and_acts_on_it_in_a_browser() {
     );
 
     // A rejected message blocks its partition; "Retry now" clears it once the receiver
-    // accepts (the relay would not retry by itself within the test: retry_max_ms).
+    // accepts (the relay would not retry by itself within the test: retry_initial_ms).
     receiver.reject.store(true, Ordering::SeqCst);
     produce(&http, &base, "bad-1", REJECTED).await;
     browser
