@@ -17,10 +17,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use uuid::Uuid;
 
-use ferry::mysql::MyOutbox;
 use ferry::postgres::PgOutbox;
 use ferry::redis_store::{RedisOutbox, RedisWrites};
-use ferry::sql::{StoreSettings, TablePrefix};
+use ferry::sql::{Dialect, SqlOutbox, StoreSettings, TablePrefix};
 use ferry::{NewMessage, ReceivedMessage};
 use ferry_core::testing::services;
 
@@ -482,23 +481,11 @@ pub trait Producer: Clone + Send + Sync + 'static {
     fn commit(&self, messages: Vec<NewMessage>) -> impl Future<Output = Vec<Uuid>> + Send;
 }
 
-impl Producer for PgOutbox {
+/// Producers on a SQL store. In the scenarios each producer's aggregates are its own, so
+/// no transaction waits on another's version lock (and InnoDB has no deadlock to resolve).
+impl<D: Dialect> Producer for SqlOutbox<D> {
     async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
-        let mut tx = self.pool().begin().await.unwrap();
-        let mut ids = Vec::with_capacity(messages.len());
-        for message in messages {
-            ids.push(self.enqueue(&mut tx, message).await.unwrap().id);
-        }
-        tx.commit().await.unwrap();
-        ids
-    }
-}
-
-/// Producers on MySQL. Their aggregates are their own, so no transaction waits on another's
-/// version lock and InnoDB has no deadlock to resolve.
-impl Producer for MyOutbox {
-    async fn commit(&self, messages: Vec<NewMessage>) -> Vec<Uuid> {
-        let mut tx = self.pool().begin().await.unwrap();
+        let mut tx = self.begin_write().await.unwrap();
         let mut ids = Vec::with_capacity(messages.len());
         for message in messages {
             ids.push(self.enqueue(&mut tx, message).await.unwrap().id);

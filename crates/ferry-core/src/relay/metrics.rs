@@ -29,8 +29,7 @@ pub(super) struct Instruments {
     pub(super) stats: Arc<RelayStats>,
     published: Counter,
     marked: Counter,
-    /// By class: [`CLASS_TRANSIENT`], [`CLASS_PERMANENT`], [`CLASS_FENCED`].
-    failures: [Counter; 3],
+    failures: FailureCounters,
     reconciled: Counter,
     parked: Counter,
     leases_acquired: Counter,
@@ -38,6 +37,26 @@ pub(super) struct Instruments {
     owned: Gauge,
     ack_latency: Histogram,
     batch_size: Histogram,
+}
+
+/// Publish failures, one counter per class of [`SinkError`].
+#[derive(Debug)]
+struct FailureCounters {
+    transient: Counter,
+    permanent: Counter,
+    fenced: Counter,
+}
+
+impl FailureCounters {
+    fn of(&self, err: &SinkError) -> &Counter {
+        if err.is_fenced() {
+            &self.fenced
+        } else if err.is_retryable() {
+            &self.transient
+        } else {
+            &self.permanent
+        }
+    }
 }
 
 impl Instruments {
@@ -48,8 +67,11 @@ impl Instruments {
             stats: Arc::default(),
             published: counter!(RELAY_PUBLISHED),
             marked: counter!(RELAY_MARKED),
-            failures: [CLASS_TRANSIENT, CLASS_PERMANENT, CLASS_FENCED]
-                .map(|class| counter!(RELAY_PUBLISH_FAILURES, "class" => class)),
+            failures: FailureCounters {
+                transient: counter!(RELAY_PUBLISH_FAILURES, "class" => CLASS_TRANSIENT),
+                permanent: counter!(RELAY_PUBLISH_FAILURES, "class" => CLASS_PERMANENT),
+                fenced: counter!(RELAY_PUBLISH_FAILURES, "class" => CLASS_FENCED),
+            },
             reconciled: counter!(RELAY_RECONCILED),
             parked: counter!(RELAY_PARKED),
             leases_acquired: counter!(RELAY_LEASES_ACQUIRED),
@@ -76,9 +98,7 @@ impl Instruments {
                     let latency = (now - message.created_at).as_seconds_f64().max(0.0);
                     self.ack_latency.record(latency);
                 }
-                Err(err) if err.is_fenced() => self.failures[2].increment(1),
-                Err(err) if err.is_retryable() => self.failures[0].increment(1),
-                Err(_) => self.failures[1].increment(1),
+                Err(err) => self.failures.of(err).increment(1),
             }
         }
         self.stats.published.fetch_add(acked, Ordering::Relaxed);
