@@ -2,14 +2,22 @@
 //! in headless Chromium like `dashboard.rs`: a relay over PostgreSQL publishing to an HTTP
 //! receiver in the test, with `[[dashboard.tokens]]` of its own. The pages need the admin
 //! token and refuse actions from another site; the partitions page shows the relay's
-//! outbox draining; the metrics page shows the relay's own figures.
+//! outbox draining; the metrics page shows the relay's own figures; the replay page counts
+//! the retained messages (dry run), shows a rate-limited replay's progress and stops it,
+//! then replays every message again to the receiver, to the end. With
+//! `FERRY_DASHBOARD_SCREENSHOTS=<dir>` it saves the replay page there
+//! (`docs/dashboard-replay.png`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use common::browser::{ADMIN, Driver, PRODUCER, Receiver, refusals, screenshot, wait_text};
+use fantoccini::{Client, Locator};
+use uuid::Uuid;
+
+use common::browser::{ADMIN, Driver, PRODUCER, Receiver, click, refusals, screenshot, wait_text};
 use common::{PgScenario, free_port, unique_tag, wait_listening};
 
 fn sections(tag: &str, receiver_port: u16, port: u16) -> Vec<String> {
@@ -40,7 +48,7 @@ scopes = ["producer"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_relay_serves_the_dashboard_on_its_metrics_listener() {
+async fn the_relay_serves_the_dashboard_and_replays_from_it() {
     let receiver = Receiver::new(true);
     let receiver_port = receiver.serve().await;
     let port = free_port();
@@ -100,8 +108,79 @@ async fn the_relay_serves_the_dashboard_on_its_metrics_listener() {
         t.contains("ferry_relay_published_total")
     })
     .await;
-    screenshot(&browser, "relay-metrics").await;
 
+    replay_from_the_page(&browser, &base, &receiver, &produced).await;
     driver.assert_no_console_errors(&browser).await;
     browser.close().await.unwrap();
+}
+
+/// Fills the replay form: every retained message, under `name`, at `rate` per second if
+/// given; then clicks `button`.
+async fn submit_replay(browser: &Client, name: &str, rate: Option<u32>, button: &str) {
+    click(browser, "#replay-all").await;
+    let field = browser
+        .find(Locator::Css("#replay-form input[name=name]"))
+        .await
+        .unwrap();
+    field.clear().await.unwrap();
+    field.send_keys(name).await.unwrap();
+    if let Some(rate) = rate {
+        browser
+            .find(Locator::Css("#replay-form input[name=rate]"))
+            .await
+            .unwrap()
+            .send_keys(&rate.to_string())
+            .await
+            .unwrap();
+    }
+    click(browser, button).await;
+}
+
+/// The replay page: a dry run counts the retained messages; a slow replay shows its
+/// progress and stops on the button; a second one runs to the end, and the receiver got
+/// every message again.
+async fn replay_from_the_page(
+    browser: &Client,
+    base: &str,
+    receiver: &Receiver,
+    produced: &HashSet<Uuid>,
+) {
+    browser
+        .goto(&format!("{base}/dashboard/replay"))
+        .await
+        .unwrap();
+    wait_text(browser, "#no-replay", "no replay yet", |t| {
+        t.contains("No replay")
+    })
+    .await;
+    submit_replay(browser, "count-only", None, "#replay-dry-run").await;
+    let count = format!("{} retained message(s) selected", produced.len());
+    wait_text(browser, "#flash", "the dry run's count", |t| {
+        t.contains(&count)
+    })
+    .await;
+
+    submit_replay(browser, "slow-one", Some(2), "#replay-start").await;
+    wait_text(browser, "#flash", "started", |t| t.contains("started")).await;
+    wait_text(browser, "#replay-sent", "progress while running", |t| {
+        t.parse::<u64>().is_ok_and(|n| n >= 1)
+    })
+    .await;
+    wait_text(browser, "#replay-eta", "an ETA", |t| t != "…").await;
+    screenshot(browser, "replay").await;
+    click(browser, "#replay-stop").await;
+    wait_text(browser, "#replay-state", "stopped", |t| t == "stopped").await;
+
+    submit_replay(browser, "restore-all", None, "#replay-start").await;
+    wait_text(browser, "#replay-state", "done", |t| t == "done").await;
+    let total = produced.len().to_string();
+    wait_text(browser, "#replay-sent", "all sent", |t| t == total).await;
+    let accepted = receiver.accepted_counts();
+    for id in produced {
+        let times = accepted.get(&id.to_string()).copied().unwrap_or(0);
+        assert!(
+            times >= 2,
+            "message {id} reached the receiver {times} time(s): once, then by the replay"
+        );
+    }
 }

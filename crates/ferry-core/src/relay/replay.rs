@@ -436,7 +436,8 @@ async fn pause(
     backoff: &mut Backoff,
     what: &str,
     partition: Option<u32>,
-    err: &(dyn std::error::Error + 'static),
+    // Send + Sync: the future stays Send, so a replay can run in a task of its own.
+    err: &(dyn std::error::Error + Send + Sync + 'static),
     stop: &CancellationToken,
 ) -> bool {
     let delay = backoff.next_delay();
