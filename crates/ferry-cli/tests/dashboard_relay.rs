@@ -17,7 +17,9 @@ use std::time::Duration;
 use fantoccini::{Client, Locator};
 use uuid::Uuid;
 
-use common::browser::{ADMIN, Driver, PRODUCER, Receiver, click, refusals, screenshot, wait_text};
+use common::browser::{
+    ADMIN, Driver, PRODUCER, Receiver, base64_url_decode, click, refusals, screenshot, wait_text,
+};
 use common::{PgScenario, free_port, unique_tag, wait_listening};
 
 fn sections(tag: &str, receiver_port: u16, port: u16) -> Vec<String> {
@@ -81,6 +83,7 @@ async fn the_relay_serves_the_dashboard_and_replays_from_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     refusals(&http, &base, port).await;
+    replay_refusals(&http, &base).await;
     let healthz = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(healthz.status(), 200, "the health endpoints stay beside it");
 
@@ -112,6 +115,53 @@ async fn the_relay_serves_the_dashboard_and_replays_from_it() {
     replay_from_the_page(&browser, &base, &receiver, &produced).await;
     driver.assert_no_console_errors(&browser).await;
     browser.close().await.unwrap();
+}
+
+/// The replay's POST needs the admin token and the dashboard's own origin like every
+/// action; a start the core replay refuses (a bad name) is answered before anything runs.
+async fn replay_refusals(http: &reqwest::Client, base: &str) {
+    let post = |form: &'static str| {
+        http.post(format!("{base}/dashboard/replay"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form)
+    };
+    let start = "all=on&action=start&name=restore";
+    assert_eq!(post(start).send().await.unwrap().status(), 401);
+    let cross_site = post(start)
+        .bearer_auth(ADMIN)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross_site.status(), 403);
+    let bad_name = post("all=on&action=start&name=no%20spaces%21")
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_name.status(), 303);
+    let flash = bad_name
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|c| c.to_str().ok()?.strip_prefix("ferry_dashboard_flash="))
+        .map(|c| c.split(';').next().unwrap_or(""))
+        .map(|c| String::from_utf8(base64_url_decode(c)).unwrap())
+        .collect::<String>();
+    assert!(flash.contains("invalid replay name"), "{flash}");
+    let page = http
+        .get(format!("{base}/dashboard/replay"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("No replay has run"),
+        "nothing started: {page}"
+    );
 }
 
 /// Fills the replay form: every retained message, under `name`, at `rate` per second if

@@ -211,6 +211,10 @@ impl Replay {
         })
     }
 
+    pub fn name(&self) -> &str {
+        &self.options.name
+    }
+
     pub fn progress(&self) -> Arc<ReplayProgress> {
         Arc::clone(&self.progress)
     }

@@ -9,7 +9,7 @@
 //! again (consumers' inboxes drop what they already applied).
 
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -60,7 +60,7 @@ struct Run {
     name: String,
     total: u64,
     started: Instant,
-    progress: OnceLock<Arc<ReplayProgress>>,
+    progress: Arc<ReplayProgress>,
     stop: CancellationToken,
     /// The outcome, and how long the replay ran once it ended.
     ended: Mutex<(Outcome, Option<Duration>)>,
@@ -68,7 +68,7 @@ struct Run {
 
 impl Run {
     fn sent(&self) -> u64 {
-        self.progress.get().map_or(0, |p| p.sent())
+        self.progress.sent()
     }
 
     fn outcome(&self) -> (Outcome, Duration) {
@@ -93,56 +93,46 @@ impl Replays {
             .clone()
     }
 
-    /// Starts `replay` of `total` messages in a task of its own, unless one is running.
+    /// Why no replay may start now: one is running.
+    fn busy(current: Option<&Arc<Run>>) -> Result<(), String> {
+        match current {
+            Some(run) if matches!(run.outcome().0, Outcome::Running) => Err(format!(
+                "replay {} is running: stop it or wait for it to end",
+                run.name
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `replay` of `total` messages to `sink` in a task of its own, unless one is
+    /// running (then the caller shuts `sink` down).
     fn start(
         &self,
-        dashboard: &DashboardState,
-        sink: Arc<dyn ReplaySink>,
-        options: ReplayOptions,
+        shutdown: &CancellationToken,
+        replay: Replay,
+        sink: Arc<dyn Sink>,
         total: u64,
     ) -> Result<(), String> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(run) = current.as_ref()
-            && matches!(run.outcome().0, Outcome::Running)
-        {
-            return Err(format!(
-                "replay {} is running: stop it or wait for it to end",
-                run.name
-            ));
-        }
+        Self::busy(current.as_ref())?;
         let run = Arc::new(Run {
-            name: options.name.clone(),
+            name: replay.name().to_owned(),
             total,
             started: Instant::now(),
-            progress: OnceLock::new(),
-            stop: dashboard.shutdown.child_token(),
+            progress: replay.progress(),
+            stop: shutdown.child_token(),
             ended: Mutex::new((Outcome::Running, None)),
         });
         *current = Some(Arc::clone(&run));
-        tokio::spawn(replay(Arc::clone(&dashboard.admin), sink, options, run));
+        tokio::spawn(run_to_the_end(replay, sink, run));
         Ok(())
     }
 }
 
-async fn replay(
-    admin: Arc<dyn ferry::OutboxAdmin>,
-    opener: Arc<dyn ReplaySink>,
-    options: ReplayOptions,
-    run: Arc<Run>,
-) {
-    let sink = match opener.open(&options.name).await {
-        Ok(sink) => sink,
-        Err(reason) => return run.end(Outcome::Failed(format!("opening the sink: {reason}"))),
-    };
-    let outcome = match Replay::new(admin, Arc::clone(&sink), options) {
-        Ok(replay) => {
-            let _ = run.progress.set(replay.progress());
-            match replay.run(None, &mut |_| Ok(()), &run.stop).await {
-                Ok(ReplayEnd::Finished { .. }) => Outcome::Finished,
-                Ok(ReplayEnd::Stopped { .. }) => Outcome::Stopped,
-                Err(err) => Outcome::Failed(ErrorChain(&err).to_string()),
-            }
-        }
+async fn run_to_the_end(replay: Replay, sink: Arc<dyn Sink>, run: Arc<Run>) {
+    let outcome = match replay.run(None, &mut |_| Ok(()), &run.stop).await {
+        Ok(ReplayEnd::Finished { .. }) => Outcome::Finished,
+        Ok(ReplayEnd::Stopped { .. }) => Outcome::Stopped,
         Err(err) => Outcome::Failed(ErrorChain(&err).to_string()),
     };
     sink.shutdown().await;
@@ -229,7 +219,7 @@ async fn start_or_count(
     form: &[(String, String)],
     who: &str,
 ) -> Result<String, String> {
-    let Some(sink) = dashboard.replay_sink.clone() else {
+    let Some(opener) = dashboard.replay_sink.clone() else {
         return Err("this process has no sink to replay to".into());
     };
     let (filter, rate) = selection(form)?;
@@ -241,12 +231,27 @@ async fn start_or_count(
     if form_field(form, "action") == Some("dry_run") {
         return Ok(format!("Dry run: {}.", describe(&summary)));
     }
+    Replays::busy(dashboard.replays.current().as_ref())?;
     let name = form_field(form, "name").unwrap_or("").trim().to_owned();
+    let sink = opener
+        .open(&name)
+        .await
+        .map_err(|reason| format!("opening the sink: {reason}"))?;
     let mut options = ReplayOptions::new(name.clone(), filter);
     options.rate = rate;
-    dashboard
-        .replays
-        .start(dashboard, sink, options, summary.count)?;
+    let started = match Replay::new(Arc::clone(&dashboard.admin), Arc::clone(&sink), options) {
+        Ok(replay) => dashboard.replays.start(
+            &dashboard.shutdown,
+            replay,
+            Arc::clone(&sink),
+            summary.count,
+        ),
+        Err(err) => Err(ErrorChain(&err).to_string()),
+    };
+    if let Err(reason) = started {
+        sink.shutdown().await;
+        return Err(reason);
+    }
     info!(
         name,
         by = who,
