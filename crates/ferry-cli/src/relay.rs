@@ -1,5 +1,6 @@
 //! `ferry relay`: the relay, with its metrics and health endpoints when `[metrics] listen`
-//! is set, and its batch spans exported when `[tracing] otlp_endpoint` is.
+//! is set (and the web dashboard there when `[dashboard]` is enabled), and its batch spans
+//! exported when `[tracing] otlp_endpoint` is.
 
 use std::path::Path;
 
@@ -16,7 +17,7 @@ pub(crate) async fn run(path: &Path, telemetry: &Telemetry) -> anyhow::Result<()
     let spans = telemetry.export_spans(&config.tracing)?;
     let shutdown = shutdown_on_signal()?;
     // Before the relay is built: it registers its metrics with the recorder installed here.
-    let health = Health::start(&config.metrics, &shutdown).await?;
+    let health = Health::start(&config, &shutdown).await?;
     let Some(store) =
         wiring::retry_until_ready("store", &shutdown, || wiring::Store::open(&config)).await?
     else {
@@ -43,6 +44,9 @@ pub(crate) async fn run(path: &Path, telemetry: &Telemetry) -> anyhow::Result<()
         config.relay_config(),
     );
     health.watch_relay(relay.stats());
+    if let Some(dashboard) = ferry_cli::dashboard::build(&config, &store, Some(relay.stats()))? {
+        health.serve_dashboard(dashboard, &shutdown);
+    }
     let outcome = relay.run(shutdown).await.context("relay stopped");
     if let Some(spans) = spans {
         spans.shutdown().await;

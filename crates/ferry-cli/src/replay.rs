@@ -40,10 +40,10 @@ pub(crate) struct ReplayArgs {
     to_sequence: Option<i64>,
     /// Only messages created at or after: an RFC 3339 time (2026-12-04T08:00:00Z) or a
     /// duration ago (6h, 2days).
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = ferry::parse_time_or_ago)]
     since: Option<DateTime<Utc>>,
     /// Only messages created at or before (same forms as --since).
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = ferry::parse_time_or_ago)]
     until: Option<DateTime<Utc>>,
     /// Only this aggregate's messages (with --aggregate-id).
     #[arg(long, requires = "aggregate_id")]
@@ -172,22 +172,12 @@ fn selection(args: &ReplayArgs) -> anyhow::Result<RetainedFilter> {
         until: args.until,
         aggregate: args.aggregate_type.clone().zip(args.aggregate_id.clone()),
     };
-    if filter == RetainedFilter::default() && !args.all {
-        bail!(
-            "choose what to replay: --partition, --from-sequence/--to-sequence, --since/--until, \
-             --aggregate-type with --aggregate-id, or --all for every retained message"
-        );
-    }
-    if let (Some(from), Some(to)) = (filter.from_sequence, filter.to_sequence)
-        && from > to
-    {
-        bail!("--from-sequence {from} is above --to-sequence {to}: the range is empty");
-    }
-    if let (Some(since), Some(until)) = (filter.since, filter.until)
-        && since > until
-    {
-        bail!("--since {since} is after --until {until}: the range is empty");
-    }
+    filter.check(args.all).map_err(|reason| {
+        anyhow::anyhow!(
+            "{reason} (--partition, --from-sequence/--to-sequence, --since/--until, \
+             --aggregate-type with --aggregate-id, or --all)"
+        )
+    })?;
     Ok(filter)
 }
 
@@ -281,40 +271,4 @@ fn tick(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     })
-}
-
-/// An RFC 3339 time, or a duration (humantime: `6h`, `2days`) before now.
-fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-        return Ok(time.with_timezone(&Utc));
-    }
-    let ago = humantime::parse_duration(text).map_err(|_| {
-        format!(
-            "{text:?} is neither an RFC 3339 time (2026-12-04T08:00:00Z) nor a duration ago (6h)"
-        )
-    })?;
-    chrono::Duration::from_std(ago)
-        .ok()
-        .and_then(|ago| Utc::now().checked_sub_signed(ago))
-        .ok_or_else(|| format!("{text:?} reaches too far back"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_are_rfc3339_or_a_duration_ago() {
-        assert_eq!(
-            parse_time("2026-12-04T08:00:00Z").unwrap().to_rfc3339(),
-            "2026-12-04T08:00:00+00:00"
-        );
-        let ago = Utc::now() - parse_time("2h").unwrap();
-        assert!((ago.num_seconds() - 7200).abs() < 5, "{ago}");
-        assert!(
-            parse_time("yesterday-ish")
-                .unwrap_err()
-                .contains("RFC 3339")
-        );
-    }
 }

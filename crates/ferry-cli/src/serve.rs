@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use ferry_cli::config::Config;
 use ferry_cli::process::shutdown_on_signal;
 use ferry_cli::wiring;
-use ferry_service::{Dashboard, Service};
+use ferry_service::Service;
 use tracing::info;
 
 pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
@@ -66,17 +66,9 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     if let Some(handle) = process_metrics {
         service = service.with_process_metrics(handle);
     }
-    if config.dashboard.enabled {
-        // Its own copy of the tokens: actions take an admin-scoped one.
-        let mut dashboard = Dashboard::new(
-            store.admin()?,
-            store.outbox(),
-            service_config.tokens()?,
-            config.dashboard.settings(),
-        );
-        if let Some(relay) = &relay {
-            dashboard = dashboard.with_relay(relay.stats());
-        }
+    if let Some(dashboard) =
+        ferry_cli::dashboard::build(&config, &store, relay.as_ref().map(ferry::Relay::stats))?
+    {
         service = service.with_dashboard(dashboard);
         info!(url = %format!("http://{addr}/dashboard"), "dashboard enabled");
     }

@@ -26,10 +26,9 @@ use uuid::Uuid;
 
 use common::{
     FAST_RELAY, PgScenario, Report, kill_nine_repeatedly, outbox_section, pg_store_section,
-    unique_tag,
+    read_kafka_topic, unique_tag,
 };
-use ferry::ReceivedMessage;
-use ferry::kafka::{CommittedReader, KafkaSinkConfig};
+use ferry::kafka::KafkaSinkConfig;
 use ferry_core::testing::services;
 
 /// `[sink]` for Kafka at `brokers`, into topics `e<tag>.<aggregate_type>` with
@@ -98,16 +97,7 @@ impl PgKafka {
 
     /// Reads `topic` in read_committed, up to its end, and checks it against `produced`.
     async fn check(&self, topic: &str, produced: &HashSet<Uuid>) -> Report {
-        let reader = CommittedReader::open(&self.sink_config(), &[topic.to_owned()])
-            .await
-            .unwrap();
-        let ends = reader.ends().await.unwrap();
-        let mut received: Vec<ReceivedMessage> = Vec::new();
-        reader
-            .read_to(&ends, |record| received.push(record.message.unwrap()))
-            .await
-            .unwrap();
-        reader.close().await;
+        let received = read_kafka_topic(&self.sink_config(), topic).await;
         Report::of(received, produced)
     }
 }

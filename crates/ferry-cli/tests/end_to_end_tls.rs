@@ -12,13 +12,11 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
-    FAST_RELAY, Report, Scenario, ferry_bin, outbox_section, produce, read_amqp_queue, unique_tag,
-};
+use common::tls::{assert_names_the_certificate, ca_for, refused};
+use common::{FAST_RELAY, Report, Scenario, outbox_section, produce, read_amqp_queue, unique_tag};
 use ferry::ReceivedMessage;
 use ferry::amqp::lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -33,23 +31,6 @@ use ferry::redis_stream::redis::AsyncCommands as _;
 use ferry::redis_stream::redis::streams::StreamRangeReply;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry_core::testing::services;
-
-/// The test CA, after checking that the TLS endpoint at `url` is up.
-fn ca_for(url: &str) -> PathBuf {
-    let ca = services::tls_ca_file();
-    assert!(
-        ca.is_file(),
-        "{} is missing: run scripts/services.sh, which makes the test CA and starts the TLS endpoints",
-        ca.display()
-    );
-    let parsed = url::Url::parse(url).unwrap();
-    let address = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap());
-    assert!(
-        std::net::TcpStream::connect(&address).is_ok(),
-        "no TLS endpoint at {address} ({url}): run scripts/services.sh, which starts it"
-    );
-    ca
-}
 
 fn store_settings(tag: &str) -> StoreSettings {
     StoreSettings {
@@ -500,46 +481,6 @@ async fn etcd_leases_over_https_round_trip() {
     );
     assert!(relay.terminate(Duration::from_secs(15)).success());
     Report::of(read_nats_tls(&tag, &ca).await, &produced).assert_perfect(produced.len());
-}
-
-/// Runs `ferry <subcommand>` on a config made of `sections` until it exits (at most 60 s)
-/// and returns what it printed; it must fail.
-fn refused(subcommand: &str, sections: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ferry.toml");
-    std::fs::write(&config, sections.join("\n")).unwrap();
-    let log = dir.path().join("out.log");
-    let mut child = Command::new(ferry_bin())
-        .args([subcommand, "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!(
-                "ferry {subcommand} did not give up on an untrusted certificate within 60 s:\n{}",
-                std::fs::read_to_string(&log).unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let output = std::fs::read_to_string(&log).unwrap();
-    assert!(!status.success(), "ferry {subcommand} succeeded:\n{output}");
-    output
-}
-
-fn assert_names_the_certificate(output: &str, endpoint: &str) {
-    assert!(
-        output.contains("TLS certificate verification failed") && output.contains(endpoint),
-        "the error should say the certificate of {endpoint} was not trusted:\n{output}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

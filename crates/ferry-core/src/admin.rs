@@ -69,6 +69,52 @@ pub struct RetainedFilter {
     pub aggregate: Option<(String, String)>,
 }
 
+impl RetainedFilter {
+    /// Refuses a selection that cannot be meant: nothing chosen (unless `all` retained
+    /// messages are), or a range empty by construction.
+    pub fn check(&self, all: bool) -> Result<(), String> {
+        if *self == Self::default() && !all {
+            return Err(
+                "choose what to replay: a partition, a sequence range (from/to), a time range \
+                 (since/until), an aggregate (type and id), or all retained messages"
+                    .into(),
+            );
+        }
+        if let (Some(from), Some(to)) = (self.from_sequence, self.to_sequence)
+            && from > to
+        {
+            return Err(format!(
+                "from sequence {from} is above to sequence {to}: the range is empty"
+            ));
+        }
+        if let (Some(since), Some(until)) = (self.since, self.until)
+            && since > until
+        {
+            return Err(format!(
+                "since {since} is after until {until}: the range is empty"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A replay bound in time: an RFC 3339 time (`2026-12-04T08:00:00Z`) or a duration
+/// (`6h`, `2days`) before now.
+pub fn parse_time_or_ago(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    let ago = humantime::parse_duration(text).map_err(|_| {
+        format!(
+            "{text:?} is neither an RFC 3339 time (2026-12-04T08:00:00Z) nor a duration ago (6h)"
+        )
+    })?;
+    chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|ago| Utc::now().checked_sub_signed(ago))
+        .ok_or_else(|| format!("{text:?} reaches too far back"))
+}
+
 /// How many published messages a filter selects, and their range.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RetainedSummary {
@@ -163,4 +209,48 @@ pub trait OutboxAdmin: Send + Sync + 'static {
 
 fn no_replay() -> StoreError {
     StoreError::Other("this outbox store cannot replay published messages yet".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_or_a_duration_ago() {
+        assert_eq!(
+            parse_time_or_ago("2026-12-04T08:00:00Z")
+                .expect("valid")
+                .to_rfc3339(),
+            "2026-12-04T08:00:00+00:00"
+        );
+        let ago = Utc::now() - parse_time_or_ago("2h").expect("valid");
+        assert!((ago.num_seconds() - 7200).abs() < 5, "{ago}");
+        assert!(
+            parse_time_or_ago("yesterday-ish")
+                .expect_err("neither")
+                .contains("RFC 3339")
+        );
+    }
+
+    #[test]
+    fn a_selection_must_choose_something_and_not_be_empty_by_construction() {
+        assert!(
+            RetainedFilter::default()
+                .check(false)
+                .expect_err("nothing chosen")
+                .contains("choose what to replay")
+        );
+        assert_eq!(RetainedFilter::default().check(true), Ok(()));
+        let reversed = RetainedFilter {
+            from_sequence: Some(9),
+            to_sequence: Some(3),
+            ..RetainedFilter::default()
+        };
+        assert!(
+            reversed
+                .check(false)
+                .expect_err("empty")
+                .contains("range is empty")
+        );
+    }
 }

@@ -22,7 +22,7 @@ pub mod trace_context;
 
 pub use admin::{
     BlockedPartition, Cleaned, CleanupBounds, OutboxAdmin, ParkedMessage, ParkedQuery,
-    RetainedFilter, RetainedSummary,
+    RetainedFilter, RetainedSummary, parse_time_or_ago,
 };
 pub use cloudevents::{ReceivedMessage, Source};
 pub use error::{ErrorChain, StoreError, error_chain};

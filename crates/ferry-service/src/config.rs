@@ -74,6 +74,12 @@ pub struct TokenConfig {
     pub scopes: Vec<Scope>,
 }
 
+impl TokenConfig {
+    pub fn is_admin(&self) -> bool {
+        self.scopes.contains(&Scope::Admin)
+    }
+}
+
 impl Default for ServiceConfig {
     fn default() -> Self {
         Self {
@@ -188,36 +194,7 @@ impl ServiceConfig {
                 "no token is configured, so every request would be refused: add a [[service.tokens]] entry with name, scopes and token or token_env",
             ));
         }
-        for (index, token) in self.tokens.iter().enumerate() {
-            let key = |field: &str| format!("tokens[{index}].{field}");
-            if token.name.trim().is_empty() {
-                return Err(invalid(key("name"), "must not be empty"));
-            }
-            if self.tokens[..index].iter().any(|t| t.name == token.name) {
-                return Err(invalid(
-                    key("name"),
-                    format!("{:?} is used by another token", token.name),
-                ));
-            }
-            if token.scopes.is_empty() {
-                return Err(invalid(
-                    key("scopes"),
-                    "must name at least one of producer, consumer, admin",
-                ));
-            }
-            match (&token.token, &token.token_env) {
-                (Some(secret), None) => check_token_len(&key("token"), secret.expose_secret())?,
-                (None, Some(var)) if !var.trim().is_empty() => {}
-                (None, Some(_)) => return Err(invalid(key("token_env"), "must not be empty")),
-                _ => {
-                    return Err(invalid(
-                        key("token"),
-                        "set exactly one of token and token_env",
-                    ));
-                }
-            }
-        }
-        Ok(())
+        check_tokens(&self.tokens)
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, InvalidServiceConfig> {
@@ -234,31 +211,7 @@ impl ServiceConfig {
 
     /// The bearer tokens, reading `token_env` variables now.
     pub fn tokens(&self) -> Result<Tokens, InvalidServiceConfig> {
-        let mut entries = Vec::with_capacity(self.tokens.len());
-        for (index, token) in self.tokens.iter().enumerate() {
-            let secret = match (&token.token, &token.token_env) {
-                (Some(secret), _) => secret.clone(),
-                (None, Some(var)) => {
-                    let key = format!("tokens[{index}].token_env");
-                    let value = std::env::var(var).map_err(|_| {
-                        invalid(
-                            &key,
-                            format!("the environment variable {var} is not set (or not UTF-8)"),
-                        )
-                    })?;
-                    check_token_len(&key, &value)?;
-                    SecretString::from(value)
-                }
-                (None, None) => {
-                    return Err(invalid(
-                        format!("tokens[{index}].token"),
-                        "set exactly one of token and token_env",
-                    ));
-                }
-            };
-            entries.push((token.name.clone(), secret, token.scopes.clone()));
-        }
-        Ok(Tokens::new(entries))
+        read_tokens(&self.tokens)
     }
 
     pub fn settings(&self) -> ServiceSettings {
@@ -280,6 +233,70 @@ impl ServiceConfig {
             finished_retention: Duration::from_secs(self.finished_retention_secs),
         }
     }
+}
+
+/// Checks `[[…tokens]]` entries (of `[service]` or `[dashboard]`) without reading the
+/// environment; the error's key is relative to the section (`tokens[0].name`).
+pub(crate) fn check_tokens(tokens: &[TokenConfig]) -> Result<(), InvalidServiceConfig> {
+    for (index, token) in tokens.iter().enumerate() {
+        let key = |field: &str| format!("tokens[{index}].{field}");
+        if token.name.trim().is_empty() {
+            return Err(invalid(key("name"), "must not be empty"));
+        }
+        if tokens[..index].iter().any(|t| t.name == token.name) {
+            return Err(invalid(
+                key("name"),
+                format!("{:?} is used by another token", token.name),
+            ));
+        }
+        if token.scopes.is_empty() {
+            return Err(invalid(
+                key("scopes"),
+                "must name at least one of producer, consumer, admin",
+            ));
+        }
+        match (&token.token, &token.token_env) {
+            (Some(secret), None) => check_token_len(&key("token"), secret.expose_secret())?,
+            (None, Some(var)) if !var.trim().is_empty() => {}
+            (None, Some(_)) => return Err(invalid(key("token_env"), "must not be empty")),
+            _ => {
+                return Err(invalid(
+                    key("token"),
+                    "set exactly one of token and token_env",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bearer tokens of `[[…tokens]]` entries, reading `token_env` variables now.
+pub(crate) fn read_tokens(tokens: &[TokenConfig]) -> Result<Tokens, InvalidServiceConfig> {
+    let mut entries = Vec::with_capacity(tokens.len());
+    for (index, token) in tokens.iter().enumerate() {
+        let secret = match (&token.token, &token.token_env) {
+            (Some(secret), _) => secret.clone(),
+            (None, Some(var)) => {
+                let key = format!("tokens[{index}].token_env");
+                let value = std::env::var(var).map_err(|_| {
+                    invalid(
+                        &key,
+                        format!("the environment variable {var} is not set (or not UTF-8)"),
+                    )
+                })?;
+                check_token_len(&key, &value)?;
+                SecretString::from(value)
+            }
+            (None, None) => {
+                return Err(invalid(
+                    format!("tokens[{index}].token"),
+                    "set exactly one of token and token_env",
+                ));
+            }
+        };
+        entries.push((token.name.clone(), secret, token.scopes.clone()));
+    }
+    Ok(Tokens::new(entries))
 }
 
 fn check_token_len(key: &str, token: &str) -> Result<(), InvalidServiceConfig> {

@@ -43,7 +43,7 @@ use ferry::{OutboxAdmin, OutboxStore};
 
 pub use api::{OPENAPI_JSON, ROUTES};
 pub use auth::{Scope, Tokens};
-pub use config::{InvalidServiceConfig, ServiceConfig, ServiceSettings};
+pub use config::{InvalidServiceConfig, ServiceConfig, ServiceSettings, TokenConfig};
 pub use dashboard::{Dashboard, DashboardConfig};
 pub use metrics::Metrics;
 pub use state::{Status, Transition};

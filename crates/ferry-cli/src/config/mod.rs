@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use ferry::redis_store::{KeyPrefix, RedisSettings};
 use ferry::sql::{StoreSettings, TablePrefix};
-use ferry_service::{DashboardConfig, ServiceConfig};
+use ferry_service::{DashboardConfig, ServiceConfig, TokenConfig, Tokens};
 
 pub use leases::LeasesConfig;
 pub use metrics::MetricsSection;
@@ -54,7 +54,8 @@ pub struct Config {
     /// Exporting the relay's spans over OTLP.
     #[serde(default)]
     pub tracing: TracingSection,
-    /// The web dashboard, served by `ferry serve` under `/dashboard` when enabled.
+    /// The web dashboard, served under `/dashboard` by `ferry serve` (on `service.listen`)
+    /// and `ferry relay` (on `metrics.listen`) when enabled.
     #[serde(default)]
     pub dashboard: DashboardConfig,
 }
@@ -109,8 +110,56 @@ impl Config {
                 );
             }
         }
-        self.dashboard.validate()?;
+        self.validate_dashboard()?;
         self.leases.validate()
+    }
+
+    fn validate_dashboard(&self) -> anyhow::Result<()> {
+        self.dashboard.validate()?;
+        if !self.dashboard.enabled {
+            return Ok(());
+        }
+        if self.metrics.listen.is_none() && self.service.is_none() {
+            bail!(
+                "dashboard.enabled = true, but nothing serves it: set metrics.listen (ferry relay serves it there) or add a [service] section (ferry serve serves it on service.listen)"
+            );
+        }
+        let (tokens, section) = self.dashboard_token_entries();
+        if tokens.is_empty() {
+            bail!(
+                "dashboard.enabled = true, but no token can sign in: add a [[dashboard.tokens]] entry with name, token (or token_env) and scopes = [\"admin\"]"
+            );
+        }
+        if !tokens.iter().any(TokenConfig::is_admin) {
+            bail!(
+                "dashboard.enabled = true, but no token of [[{section}]] has the admin scope, which signing in and acting need: give one scopes = [\"admin\"]"
+            );
+        }
+        Ok(())
+    }
+
+    /// The dashboard's token entries and their section: its own, else the service's.
+    fn dashboard_token_entries(&self) -> (&[TokenConfig], &'static str) {
+        match &self.service {
+            Some(service) if self.dashboard.tokens.is_empty() => {
+                (&service.tokens, "service.tokens")
+            }
+            _ => (&self.dashboard.tokens, "dashboard.tokens"),
+        }
+    }
+
+    /// The tokens that may sign in to the dashboard and act: `[[dashboard.tokens]]`, else
+    /// `[[service.tokens]]`; reads `token_env` variables now.
+    pub fn dashboard_tokens(&self) -> anyhow::Result<Tokens> {
+        if let Some(tokens) = self.dashboard.own_tokens()? {
+            return Ok(tokens);
+        }
+        match &self.service {
+            Some(service) => Ok(service.tokens()?),
+            None => bail!(
+                "the dashboard has no tokens: add [[dashboard.tokens]] (or [[service.tokens]])"
+            ),
+        }
     }
 
     pub fn store_settings(&self) -> StoreSettings {

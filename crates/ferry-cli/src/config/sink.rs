@@ -18,7 +18,7 @@ use ferry::redis_stream::RedisStreamSinkConfig;
 use ferry::webhook::WebhookSinkConfig;
 
 /// Where messages go.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
     Nats(NatsSinkConfig),

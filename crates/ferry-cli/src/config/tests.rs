@@ -142,6 +142,50 @@ fn metrics_listen_is_optional_and_must_be_an_address() {
 }
 
 #[test]
+fn an_enabled_dashboard_needs_a_listener_and_an_admin_token() {
+    const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:9464\"\n";
+    const ADMIN: &str = "[[dashboard.tokens]]\nname = \"operator\"\ntoken = \"operator-token-0123456789\"\nscopes = [\"admin\"]\n";
+    let err = error_of(&format!("{MINIMAL}[dashboard]\nenabled = true\n{ADMIN}"));
+    assert!(
+        err.contains("nothing serves it") && err.contains("metrics.listen"),
+        "{err}"
+    );
+    let err = error_of(&format!("{MINIMAL}{METRICS}[dashboard]\nenabled = true\n"));
+    assert!(err.contains("[[dashboard.tokens]]"), "{err}");
+    let err = error_of(&format!(
+        "{MINIMAL}{METRICS}[dashboard]\nenabled = true\n{}",
+        ADMIN.replace("admin", "consumer")
+    ));
+    assert!(
+        err.contains("dashboard.tokens") && err.contains("admin scope"),
+        "{err}"
+    );
+    let err = error_of(&format!(
+        "{MINIMAL}{METRICS}[dashboard]\nenabled = true\n{}",
+        ADMIN.replace("operator-token-0123456789", "short")
+    ));
+    assert!(err.contains("dashboard.tokens[0].token"), "{err}");
+    let config = Config::from_toml(&format!(
+        "{MINIMAL}{METRICS}[dashboard]\nenabled = true\n{ADMIN}"
+    ))
+    .expect("valid");
+    let tokens = config.dashboard_tokens().expect("tokens");
+    assert!(tokens.authenticate("operator-token-0123456789").is_some());
+    // Without its own tokens, the dashboard takes the service's, which need an admin one.
+    let config = Config::from_toml(&format!(
+        "{MINIMAL}{}[dashboard]\nenabled = true\n",
+        SERVICE.replace("producer", "admin")
+    ))
+    .expect("valid");
+    assert!(config.dashboard_tokens().is_ok());
+    let err = error_of(&format!("{MINIMAL}{SERVICE}[dashboard]\nenabled = true\n"));
+    assert!(
+        err.contains("service.tokens") && err.contains("admin scope"),
+        "{err}"
+    );
+}
+
+#[test]
 fn leases_default_to_the_store_and_external_ones_are_checked() {
     let config = Config::from_toml(MINIMAL).expect("valid");
     assert!(!config.leases.is_external());

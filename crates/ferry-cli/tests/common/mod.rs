@@ -5,7 +5,9 @@
 //! Each `end_to_end*.rs` binary includes this module and uses part of it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod browser;
 pub mod scenarios;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -555,6 +557,26 @@ pub async fn produce_pg(
     producers: usize,
 ) -> HashSet<Uuid> {
     produce(outbox, aggregates, per_aggregate, producers).await
+}
+
+/// Everything in Kafka topic `topic` up to its end, read in read_committed from the
+/// brokers of `config` (and over its TLS, if any).
+#[cfg(feature = "kafka")]
+pub async fn read_kafka_topic(
+    config: &ferry::kafka::KafkaSinkConfig,
+    topic: &str,
+) -> Vec<ReceivedMessage> {
+    let reader = ferry::kafka::CommittedReader::open(config, &[topic.to_owned()])
+        .await
+        .unwrap();
+    let ends = reader.ends().await.unwrap();
+    let mut received = Vec::new();
+    reader
+        .read_to(&ends, |record| received.push(record.message.unwrap()))
+        .await
+        .unwrap();
+    reader.close().await;
+    received
 }
 
 /// Everything in RabbitMQ queue `queue`, in delivery order, until nothing came for two

@@ -211,6 +211,10 @@ impl Replay {
         })
     }
 
+    pub fn name(&self) -> &str {
+        &self.options.name
+    }
+
     pub fn progress(&self) -> Arc<ReplayProgress> {
         Arc::clone(&self.progress)
     }
@@ -436,7 +440,8 @@ async fn pause(
     backoff: &mut Backoff,
     what: &str,
     partition: Option<u32>,
-    err: &(dyn std::error::Error + 'static),
+    // Send + Sync: the future stays Send, so a replay can run in a task of its own.
+    err: &(dyn std::error::Error + Send + Sync + 'static),
     stop: &CancellationToken,
 ) -> bool {
     let delay = backoff.next_delay();

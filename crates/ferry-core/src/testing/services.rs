@@ -60,6 +60,12 @@ pub fn kafka_txn_brokers() -> String {
     var_or("FERRY_TEST_KAFKA_TXN_BROKERS", "127.0.0.1:9192")
 }
 
+/// A Kafka-protocol broker reached over TLS only (the test certificate):
+/// `FERRY_TEST_KAFKA_TLS_BROKERS`.
+pub fn kafka_tls_brokers() -> String {
+    var_or("FERRY_TEST_KAFKA_TLS_BROKERS", "127.0.0.1:9093")
+}
+
 /// The noida-db executable, for tests that start a broker of their own:
 /// `FERRY_TEST_NOIDA_DB`.
 pub fn noida_db() -> PathBuf {

@@ -15,7 +15,7 @@ use crate::api::messages::parse_id;
 use crate::api::ops::{requeue_aggregate, retry_partition_now, skip_message};
 
 /// The signed-in admin and the checked form, or the answer refusing the request.
-async fn authorized<'a>(
+pub(super) async fn authorized<'a>(
     dashboard: &'a DashboardState,
     headers: &HeaderMap,
     body: Body,
@@ -29,7 +29,7 @@ async fn authorized<'a>(
 }
 
 /// 303 to `to` with `outcome` (or the error, in the API's words) for the next page.
-fn done(to: &'static str, outcome: Result<String, ApiError>) -> Response {
+pub(super) fn done(to: &'static str, outcome: Result<String, ApiError>) -> Response {
     let message = outcome.unwrap_or_else(|err| format!("Refused: {}", err.message()));
     redirect(to, Some(flash(&message)))
 }

@@ -4,10 +4,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::Tokens;
+use crate::config::{TokenConfig, check_tokens, read_tokens};
+
 /// Settings of the web dashboard. Every key is optional; the defaults are:
 ///
 /// - `enabled = false`: serve the dashboard under `/dashboard` on `ferry serve`'s
-///   listener.
+///   listener (`service.listen`) and on `ferry relay`'s (`metrics.listen`).
+/// - `tokens`: `[[dashboard.tokens]]` entries, the same shape as `[[service.tokens]]`;
+///   unset, the dashboard takes the service's. Signing in and acting need an `admin` one.
 /// - `public_read = false`: the pages need an admin token too (a login form that sets a
 ///   cookie, or `Authorization: Bearer`). `true` opens the read-only views to anyone who
 ///   reaches the listener; actions always need an admin token.
@@ -23,6 +28,7 @@ pub struct DashboardConfig {
     pub refresh_ms: u64,
     pub sample_interval_secs: u64,
     pub history_minutes: u64,
+    pub tokens: Vec<TokenConfig>,
 }
 
 impl Default for DashboardConfig {
@@ -33,6 +39,7 @@ impl Default for DashboardConfig {
             refresh_ms: 2000,
             sample_interval_secs: 5,
             history_minutes: 15,
+            tokens: Vec::new(),
         }
     }
 }
@@ -42,7 +49,7 @@ impl Default for DashboardConfig {
 #[error("invalid setting dashboard.{key}: {reason}")]
 #[non_exhaustive]
 pub struct InvalidDashboardConfig {
-    pub key: &'static str,
+    pub key: String,
     pub reason: String,
 }
 
@@ -54,7 +61,7 @@ fn in_range(
 ) -> Result<(), InvalidDashboardConfig> {
     if value < min || value > max {
         return Err(InvalidDashboardConfig {
-            key,
+            key: key.into(),
             reason: format!("{value} is out of range: use {min} to {max}"),
         });
     }
@@ -68,14 +75,31 @@ impl DashboardConfig {
         in_range("history_minutes", self.history_minutes, 1, 24 * 60)?;
         if self.history_minutes * 60 < self.sample_interval_secs * 2 {
             return Err(InvalidDashboardConfig {
-                key: "history_minutes",
+                key: "history_minutes".into(),
                 reason: format!(
                     "{} minutes hold fewer than two samples of sample_interval_secs = {}: keep more history or sample more often",
                     self.history_minutes, self.sample_interval_secs
                 ),
             });
         }
-        Ok(())
+        check_tokens(&self.tokens).map_err(|err| InvalidDashboardConfig {
+            key: err.key,
+            reason: err.reason,
+        })
+    }
+
+    /// The tokens of `[[dashboard.tokens]]`, reading `token_env` variables now; `None`
+    /// when there are none (the dashboard then takes the service's).
+    pub fn own_tokens(&self) -> Result<Option<Tokens>, InvalidDashboardConfig> {
+        if self.tokens.is_empty() {
+            return Ok(None);
+        }
+        read_tokens(&self.tokens)
+            .map(Some)
+            .map_err(|err| InvalidDashboardConfig {
+                key: err.key,
+                reason: err.reason,
+            })
     }
 
     pub fn settings(&self) -> DashboardSettings {

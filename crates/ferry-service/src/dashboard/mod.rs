@@ -2,7 +2,8 @@
 //! and parked messages, the reliable message service's transactions and the `/metrics`
 //! figures, refreshed in place by a few lines of embedded JavaScript; the operators'
 //! actions (retry a blocked partition now, skip a message, requeue parked ones) go through
-//! the same functions as `/v1/ops`. No web build and nothing fetched at run time: the
+//! the same functions as `/v1/ops`; a replay of retained messages started and watched
+//! from its page (`replay.rs`). No web build and nothing fetched at run time: the
 //! script and the stylesheet are compiled into the binary.
 //!
 //! [`Dashboard`] takes the handles it shows (the outbox's admin and status, optionally the
@@ -14,6 +15,7 @@ mod config;
 mod history;
 mod metrics_text;
 mod pages;
+mod replay;
 mod session;
 
 use std::sync::Arc;
@@ -29,6 +31,8 @@ use ferry::{OutboxAdmin, OutboxStore, RelayStats};
 
 pub use self::config::{DashboardConfig, DashboardSettings, InvalidDashboardConfig};
 use self::history::History;
+pub use self::replay::ReplaySink;
+use self::replay::Replays;
 use crate::auth::Tokens;
 use crate::store::ServiceStore;
 
@@ -48,6 +52,10 @@ pub struct Dashboard {
     service: Option<Arc<dyn ServiceStore>>,
     metrics: Option<Arc<dyn MetricsSource>>,
     history: History,
+    replay_sink: Option<Arc<dyn ReplaySink>>,
+    replays: Replays,
+    /// Stops what the dashboard started (a replay) with the process.
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Dashboard {
@@ -78,6 +86,9 @@ impl Dashboard {
             service: None,
             metrics: None,
             history,
+            replay_sink: None,
+            replays: Replays::default(),
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -99,9 +110,17 @@ impl Dashboard {
         self
     }
 
+    /// Offers replays of retained messages to the sink `sink` opens.
+    pub fn with_replay_sink(mut self, sink: Arc<dyn ReplaySink>) -> Self {
+        self.replay_sink = Some(sink);
+        self
+    }
+
     /// The routes under `/dashboard`, to merge into the process's router; starts the
-    /// sampler of the rate and backlog history, which stops with `shutdown`.
-    pub fn into_router(self, shutdown: CancellationToken) -> Router {
+    /// sampler of the rate and backlog history, which stops with `shutdown`, as does a
+    /// replay started from the page.
+    pub fn into_router(mut self, shutdown: CancellationToken) -> Router {
+        self.shutdown = shutdown.clone();
         let dashboard = Arc::new(self);
         tokio::spawn(history::sample(Arc::clone(&dashboard), shutdown));
         Router::new()
@@ -109,6 +128,8 @@ impl Dashboard {
             .route("/dashboard/problems", get(pages::problems))
             .route("/dashboard/transactions", get(pages::transactions))
             .route("/dashboard/metrics", get(pages::metrics))
+            .route("/dashboard/replay", get(pages::replay).post(replay::start))
+            .route("/dashboard/replay/stop", post(replay::stop))
             .route(
                 "/dashboard/login",
                 get(session::login_page).post(session::login),

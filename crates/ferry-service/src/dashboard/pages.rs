@@ -15,7 +15,7 @@ use super::{DashboardState, metrics_text};
 use crate::state::Status;
 use crate::store::ListQuery;
 
-mod figures;
+pub(super) mod figures;
 
 use figures::{age, duration_since, rate, sparkline, time};
 
@@ -28,14 +28,16 @@ enum Page {
     Problems,
     Transactions,
     Metrics,
+    Replay,
 }
 
 impl Page {
-    const ALL: [Page; 4] = [
+    const ALL: [Page; 5] = [
         Page::Partitions,
         Page::Problems,
         Page::Transactions,
         Page::Metrics,
+        Page::Replay,
     ];
 
     fn path(self) -> &'static str {
@@ -44,6 +46,7 @@ impl Page {
             Page::Problems => "/dashboard/problems",
             Page::Transactions => "/dashboard/transactions",
             Page::Metrics => "/dashboard/metrics",
+            Page::Replay => "/dashboard/replay",
         }
     }
 
@@ -53,6 +56,7 @@ impl Page {
             Page::Problems => "Blocked & parked",
             Page::Transactions => "Transactions",
             Page::Metrics => "Metrics",
+            Page::Replay => "Replay",
         }
     }
 }
@@ -73,6 +77,10 @@ pub(super) async fn metrics(State(d): State<DashboardState>, headers: HeaderMap)
     page(&d, &headers, Page::Metrics).await
 }
 
+pub(super) async fn replay(State(d): State<DashboardState>, headers: HeaderMap) -> Response {
+    page(&d, &headers, Page::Replay).await
+}
+
 async fn page(dashboard: &DashboardState, headers: &HeaderMap, page: Page) -> Response {
     let operator = session::operator(dashboard, headers);
     if operator.is_none() && !dashboard.settings.public_read {
@@ -84,6 +92,7 @@ async fn page(dashboard: &DashboardState, headers: &HeaderMap, page: Page) -> Re
         Page::Problems => problems_section(dashboard, operator).await,
         Page::Transactions => transactions_section(dashboard).await,
         Page::Metrics => metrics_section(dashboard).await,
+        Page::Replay => super::replay::section(dashboard, operator),
     };
     if headers.contains_key("x-ferry-fragment") {
         return secured(document(section));
@@ -206,7 +215,7 @@ fn store_trouble(what: &str, err: &StoreError) -> Markup {
 }
 
 /// The CSRF field every action form carries (empty for a bearer session: not needed).
-fn csrf(operator: &Operator<'_>) -> Markup {
+pub(super) fn csrf(operator: &Operator<'_>) -> Markup {
     html! { input type="hidden" name="csrf" value=(operator.csrf()); }
 }
 

@@ -1,11 +1,14 @@
 //! Settings of the Kafka sink and their validation.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use secrecy::SecretString;
 use serde::Deserialize;
 
+use super::security::{self, SECURITY_PROPERTIES, SaslMechanism, SecurityProtocol};
 use super::topic::TopicTemplate;
 
 /// librdkafka properties ferry sets itself, because exactly-once delivery depends on them;
@@ -79,6 +82,13 @@ const CONTROLLED: [(&str, &str); 13] = [
 /// - `reconcile_margin_secs = 30`: how far before the checkpoint (a record timestamp)
 ///   reconciliation starts reading, to cover clock differences between relays and brokers.
 /// - `source`: the CloudEvents `source` of every event; unset means `ferry://<aggregate_type>`.
+/// - `security_protocol = "plaintext"`: or `"ssl"` (TLS, the brokers' certificates and
+///   host names checked), `"sasl_plaintext"`, `"sasl_ssl"`.
+/// - `tls_ca_file`: with TLS, a PEM file of the CA that issued the brokers' certificates,
+///   trusted instead of the system's.
+/// - `sasl_mechanism = "PLAIN"` (or `"SCRAM-SHA-256"`, `"SCRAM-SHA-512"`), `sasl_username`,
+///   `sasl_password`: with SASL, required (the password may come from
+///   `FERRY_SINK__SASL_PASSWORD`); never printed.
 /// - `[sink.librdkafka]`: extra librdkafka properties for every client ferry makes
 ///   (producers, topic admin, reconciliation reader), e.g. `"compression.type" = "lz4"`.
 ///   Properties that exactly-once delivery depends on are refused with the key to use.
@@ -96,6 +106,11 @@ pub struct KafkaSinkConfig {
     pub delivery_window: usize,
     pub reconcile_margin_secs: u64,
     pub source: Option<String>,
+    pub security_protocol: SecurityProtocol,
+    pub tls_ca_file: Option<PathBuf>,
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<SecretString>,
     pub librdkafka: BTreeMap<String, String>,
 }
 
@@ -113,6 +128,11 @@ impl Default for KafkaSinkConfig {
             delivery_window: 250,
             reconcile_margin_secs: 30,
             source: None,
+            security_protocol: SecurityProtocol::default(),
+            tls_ca_file: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
             librdkafka: BTreeMap::new(),
         }
     }
@@ -130,7 +150,7 @@ pub struct InvalidKafkaConfig {
 }
 
 impl InvalidKafkaConfig {
-    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(super) fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             reason: reason.into(),
@@ -243,6 +263,7 @@ impl KafkaSinkConfig {
         for (key, value) in &self.librdkafka {
             if let Some((_, instead)) = CONTROLLED
                 .iter()
+                .chain(&SECURITY_PROPERTIES)
                 .find(|(controlled, _)| controlled.eq_ignore_ascii_case(key))
             {
                 return Err(InvalidKafkaConfig::new(
@@ -252,6 +273,7 @@ impl KafkaSinkConfig {
             }
             base.set(key, value);
         }
+        security::apply(self, &mut base)?;
         // librdkafka checks names and values here, without connecting.
         base.create_native_config().map_err(|err| {
             InvalidKafkaConfig::new(

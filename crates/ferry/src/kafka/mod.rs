@@ -22,6 +22,7 @@ mod config;
 mod producer;
 mod read;
 mod reconcile;
+mod security;
 mod topic;
 
 use std::collections::{HashMap, HashSet};
@@ -44,6 +45,8 @@ pub use config::{InvalidKafkaConfig, KafkaSinkConfig};
 use producer::{PartitionProducer, TxnFailure, blocking};
 pub use read::{CommittedReader, CommittedRecord, TopicPartition};
 use reconcile::TailScan;
+use security::ProbeContext;
+pub use security::{SaslMechanism, SecurityProtocol};
 use topic::TopicTemplate;
 
 /// The longest the first connection check waits, so that a relay started while the
@@ -97,16 +100,36 @@ impl KafkaSink {
         let mut probe_config = checked.base.clone();
         probe_config.set("client.id", "ferry-probe");
         let probe_timeout = checked.timeout.min(CONNECT_PROBE_TIMEOUT);
-        let broker_count = blocking(move || {
+        let probed = blocking(move || {
             use rdkafka::producer::Producer as _;
-            let probe: rdkafka::producer::BaseProducer = probe_config.create()?;
-            let metadata = probe.client().fetch_metadata(None, probe_timeout)?;
-            Ok::<_, rdkafka::error::KafkaError>(metadata.brokers().len())
+            let probe: rdkafka::producer::BaseProducer<ProbeContext> =
+                probe_config.create_with_context(ProbeContext::default())?;
+            let metadata = probe.client().fetch_metadata(None, probe_timeout);
+            if metadata.is_err() {
+                // Serves the error events queued meanwhile (a refused certificate among them).
+                probe.poll(Duration::from_millis(100));
+            }
+            let refused = probe.context().certificate_refused();
+            Ok::<_, rdkafka::error::KafkaError>((metadata.map(|m| m.brokers().len()), refused))
         })
         .await?
         .map_err(|err| {
-            SinkError::retryable(format!("cannot reach kafka at {brokers}")).with_source(err)
+            SinkError::permanent("cannot create the kafka connection probe").with_source(err)
         })?;
+        let broker_count = match probed {
+            (Ok(count), _) => count,
+            (Err(_), Some(reason)) => {
+                let message =
+                    crate::tls::certificate_failure("kafka", &brokers, "sink.tls_ca_file");
+                return Err(SinkError::permanent(format!("{message}: {reason}")));
+            }
+            (Err(err), None) => {
+                return Err(
+                    SinkError::retryable(format!("cannot reach kafka at {brokers}"))
+                        .with_source(err),
+                );
+            }
+        };
         info!(brokers = %brokers, broker_count, prefix = %config.transactional_id_prefix, "kafka sink connected");
 
         let mut producer_config = checked.base.clone();

@@ -1,6 +1,7 @@
 // ferry dashboard: refreshes the page's <main> in place every data-refresh-ms, by asking
-// the same URL for its section alone (X-Ferry-Fragment). Paused while a form field has
-// the focus (someone is typing a reason) and while the tab is hidden.
+// the same URL for its section alone (X-Ferry-Fragment), keeping elements marked
+// data-keep. Paused while a form field has the focus (someone is typing a reason) and
+// while the tab is hidden.
 (function () {
   "use strict";
   var live = document.getElementById("live");
@@ -31,7 +32,14 @@
       })
       .then(function (html) {
         if (html !== null && html !== undefined && !typing()) {
-          live.innerHTML = html;
+          // Elements marked data-keep (a form being filled in) stay as they are.
+          var next = document.createElement("div");
+          next.innerHTML = html;
+          live.querySelectorAll("[data-keep][id]").forEach(function (kept) {
+            var fresh = next.querySelector("#" + kept.id);
+            if (fresh) fresh.replaceWith(kept);
+          });
+          live.replaceChildren.apply(live, Array.prototype.slice.call(next.childNodes));
           if (refreshed) refreshed.textContent = new Date().toLocaleTimeString();
         }
       })

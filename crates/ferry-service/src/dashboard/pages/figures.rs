@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 
 /// A duration in seconds as people read it: `850 ms`, `12.5 s`, `4 min`, `3.2 h`, `2.1 d`.
-pub(super) fn age(secs: f64) -> String {
+pub(in crate::dashboard) fn age(secs: f64) -> String {
     match secs {
         s if s < 1.0 => format!("{:.0} ms", s * 1000.0),
         s if s < 60.0 => format!("{s:.1} s"),
@@ -20,7 +20,7 @@ pub(super) fn duration_since(at: DateTime<Utc>) -> String {
     age(millis as f64 / 1000.0)
 }
 
-pub(super) fn rate(per_sec: f64) -> String {
+pub(in crate::dashboard) fn rate(per_sec: f64) -> String {
     format!("{per_sec:.1}/s")
 }
 
