@@ -121,7 +121,7 @@ async fn run(command: Command, telemetry: &Telemetry) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Relay { config } => relay::run(&config, telemetry).await,
-        Command::Serve { config } => serve::run(&config).await,
+        Command::Serve { config } => serve::run(&config, telemetry).await,
         Command::Status { config, json } => {
             let config = Config::load(&config)?;
             let store = wiring::Store::open(&config).await?;

@@ -8,12 +8,14 @@ use tokio::net::TcpListener;
 
 use ferry_cli::config::Config;
 use ferry_cli::process::shutdown_on_signal;
+use ferry_cli::telemetry::Telemetry;
 use ferry_cli::wiring;
 use ferry_service::Service;
 use tracing::info;
 
-pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
+pub(crate) async fn run(path: &Path, telemetry: &Telemetry) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    let spans = telemetry.export_spans(&config.tracing)?;
     let service_config = config.service.as_ref().with_context(|| {
         format!(
             "{} has no [service] section (examples/sqlite-service.toml has one)",
@@ -83,10 +85,16 @@ pub(crate) async fn run(path: &Path) -> anyhow::Result<()> {
     });
     let served = service.run(listener, shutdown.clone()).await;
     shutdown.cancel();
-    if let Some(task) = relay_task {
-        task.await
-            .context("the relay task panicked")?
-            .context("relay stopped")?;
+    let relayed = match relay_task {
+        Some(task) => task
+            .await
+            .context("the relay task panicked")
+            .and_then(|outcome| outcome.context("relay stopped")),
+        None => Ok(()),
+    };
+    if let Some(spans) = spans {
+        spans.shutdown().await;
     }
+    relayed?;
     served.context("service stopped")
 }

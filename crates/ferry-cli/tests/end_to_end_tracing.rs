@@ -1,8 +1,9 @@
 //! `ferry relay` exporting its spans over OTLP/HTTP: a receiver in the test (axum on
 //! 127.0.0.1, `POST /v1/traces`, protobuf) collects what a relay from PostgreSQL to NATS
 //! exports: its batches as spans with their partition and size, the publish and mark inside
-//! them, under the configured service name, flushed when the relay stops. A bad endpoint
-//! is a config error naming the key.
+//! them, under the configured service name, flushed when the relay stops; `ferry serve`
+//! exports its in-process relay's batches the same way. A bad endpoint is a config error
+//! naming the key.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -20,7 +21,9 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message as _;
 
-use common::{PgScenario, ferry_bin, nats_sink_section, nats_stream, unique_tag};
+use common::{
+    PgScenario, Scenario, ferry_bin, free_port, nats_sink_section, nats_stream, unique_tag,
+};
 
 /// A span as the receiver got it.
 #[derive(Debug, Clone)]
@@ -140,6 +143,109 @@ async fn the_relays_batches_are_exported_as_spans_over_otlp() {
         .delete_stream(nats_stream(&tag))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_exports_its_relays_batches_as_spans_too() {
+    const PRODUCER: &str = "tracing-producer-token";
+    let received = Received::default();
+    let endpoint = otlp_receiver(received.clone()).await;
+    let service = format!("ferry-serve-{}", unique_tag());
+    let files = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!(
+        r#"[store]
+type = "sqlite"
+path = "{db}"
+
+[outbox]
+partitions = 1
+
+[sink]
+type = "file"
+path = "{events}"
+
+[relay]
+poll_interval_ms = 50
+
+[service]
+listen = "127.0.0.1:{port}"
+
+[[service.tokens]]
+name = "producer"
+token = "{PRODUCER}"
+scopes = ["producer"]
+
+[tracing]
+otlp_endpoint = "{endpoint}"
+service_name = "{service}"
+"#,
+        db = files.path().join("outbox.db").display(),
+        events = files.path().join("events.jsonl").display(),
+    );
+    let scenario = Scenario::new(&unique_tag(), &[&config]);
+    let serve = scenario.spawn("serve", "serve", &scenario.config, "info");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for n in 0..3 {
+        let id = uuid::Uuid::now_v7();
+        let body = serde_json::json!({
+            "id": id.to_string(),
+            "aggregate_type": "order",
+            "aggregate_id": format!("o-{n}"),
+            "event_type": "order.placed",
+            "payload": { "n": n },
+            "check_url": "http://127.0.0.1:9/check",
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let prepared = loop {
+            match http
+                .post(format!("{base}/v1/messages"))
+                .bearer_auth(PRODUCER)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+            {
+                Ok(answer) => break answer,
+                Err(err) => {
+                    assert!(std::time::Instant::now() < deadline, "ferry serve: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(prepared.status(), 201, "{}", prepared.text().await.unwrap());
+        let confirmed = http
+            .post(format!("{base}/v1/messages/{id}/confirm"))
+            .bearer_auth(PRODUCER)
+            .send()
+            .await
+            .unwrap();
+        assert!(confirmed.status().is_success(), "{}", confirmed.status());
+    }
+    let events = files.path().join("events.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&events).map_or(0, |text| text.lines().count()) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay did not write the 3 events"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A clean stop flushes the batch exporter.
+    assert!(serve.terminate(Duration::from_secs(30)).success());
+
+    let spans = received.lock().unwrap().clone();
+    let relayed: u64 = spans
+        .iter()
+        .filter(|s| s.name == "relay_batch")
+        .map(|b| b.attributes["batch_size"].parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        relayed, 3,
+        "every message in exactly one exported batch: {spans:?}"
+    );
+    assert!(spans.iter().all(|s| s.service == service), "{spans:?}");
 }
 
 #[tokio::test]
