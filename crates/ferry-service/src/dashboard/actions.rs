@@ -6,7 +6,7 @@
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use super::DashboardState;
 use super::session::{self, Operator, Refused, check_post, flash, form_field, read_form, redirect};
@@ -39,11 +39,8 @@ pub(super) async fn retry(
     Path(partition): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let (operator, form) = match authorized(&dashboard, &headers, body).await {
-        Ok(ok) => ok,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> Result<Response, Refused> {
+    let (operator, form) = authorized(&dashboard, &headers, body).await?;
     let back = match form_field(&form, "back") {
         Some("partitions") => "/dashboard",
         _ => "/dashboard/problems",
@@ -54,7 +51,7 @@ pub(super) async fn retry(
             .map(|()| format!("Partition {partition}: retry requested; the relay owning it tries its head message now.")),
         Err(_) => Err(ApiError::bad_request("invalid_partition", format!("{partition:?} is not a partition number"))),
     };
-    done(back, outcome)
+    Ok(done(back, outcome))
 }
 
 pub(super) async fn skip(
@@ -62,11 +59,8 @@ pub(super) async fn skip(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let (operator, form) = match authorized(&dashboard, &headers, body).await {
-        Ok(ok) => ok,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> Result<Response, Refused> {
+    let (operator, form) = authorized(&dashboard, &headers, body).await?;
     let outcome = match parse_id(&id) {
         Ok(id) => skip_message(
             dashboard.admin.as_ref(),
@@ -83,22 +77,19 @@ pub(super) async fn skip(
         }),
         Err(err) => Err(err),
     };
-    done("/dashboard/problems", outcome)
+    Ok(done("/dashboard/problems", outcome))
 }
 
 pub(super) async fn requeue(
     State(dashboard): State<DashboardState>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let (operator, form) = match authorized(&dashboard, &headers, body).await {
-        Ok(ok) => ok,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> Result<Response, Refused> {
+    let (operator, form) = authorized(&dashboard, &headers, body).await?;
     let kind = form_field(&form, "aggregate_type").unwrap_or("");
     let id = form_field(&form, "aggregate_id").unwrap_or("");
     let outcome = requeue_aggregate(dashboard.admin.as_ref(), kind, id, &operator.principal.name)
         .await
         .map(|n| format!("{n} parked message(s) of {kind}/{id} requeued."));
-    done("/dashboard/problems", outcome)
+    Ok(done("/dashboard/problems", outcome))
 }

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use chrono::Utc;
 use maud::{Markup, html};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,7 @@ use super::DashboardState;
 use super::actions::{authorized, done};
 use super::pages::csrf;
 use super::pages::figures::{age, rate};
-use super::session::{Operator, form_field};
+use super::session::{Operator, Refused, form_field};
 use crate::api::error::ApiError;
 
 /// Opens the sink a replay publishes to, under the replay's name (which some sinks put
@@ -205,13 +205,10 @@ pub(super) async fn start(
     State(dashboard): State<DashboardState>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let (operator, form) = match authorized(&dashboard, &headers, body).await {
-        Ok(ok) => ok,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> Result<Response, Refused> {
+    let (operator, form) = authorized(&dashboard, &headers, body).await?;
     let outcome = start_or_count(&dashboard, &form, &operator.principal.name).await;
-    done("/dashboard/replay", outcome.map_err(refused))
+    Ok(done("/dashboard/replay", outcome.map_err(refused)))
 }
 
 async fn start_or_count(
@@ -266,10 +263,8 @@ pub(super) async fn stop(
     State(dashboard): State<DashboardState>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    if let Err(refusal) = authorized(&dashboard, &headers, body).await {
-        return refusal.into_response();
-    }
+) -> Result<Response, Refused> {
+    authorized(&dashboard, &headers, body).await?;
     let outcome = match dashboard.replays.current() {
         Some(run) if matches!(run.outcome().0, Outcome::Running) => {
             run.stop.cancel();
@@ -280,7 +275,7 @@ pub(super) async fn stop(
         }
         _ => Err("no replay is running".to_owned()),
     };
-    done("/dashboard/replay", outcome.map_err(refused))
+    Ok(done("/dashboard/replay", outcome.map_err(refused)))
 }
 
 /// The page's section: the current or last replay's figures, and the form.
