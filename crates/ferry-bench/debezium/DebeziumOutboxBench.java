@@ -291,9 +291,19 @@ public final class DebeziumOutboxBench {
         }
     }
 
-    /** A running engine with its producer; close() stops both. */
+    /** Deletes the run's topic: the shared broker keeps its records in memory. */
+    private static void deleteTopic(Settings s) throws Exception {
+        Properties p = new Properties();
+        p.setProperty("bootstrap.servers", s.brokers());
+        try (Admin admin = Admin.create(p)) {
+            admin.deleteTopics(List.of(s.topic())).all().get(30, TimeUnit.SECONDS);
+        }
+    }
+
+    /** A running engine with its producer; close() stops both and deletes the run's topic. */
     static final class Relay implements AutoCloseable {
         final Acks acks;
+        private final Settings settings;
         private final KafkaProducer<byte[], byte[]> producer;
         private final DebeziumEngine<RecordChangeEvent<SourceRecord>> engine;
         private final ExecutorService executor = Executors.newSingleThreadExecutor();
@@ -301,6 +311,7 @@ public final class DebeziumOutboxBench {
         final AtomicReference<Throwable> engineError = new AtomicReference<>();
 
         Relay(Settings s, Acks acks) throws Exception {
+            this.settings = s;
             this.acks = acks;
             Files.createDirectories(s.stateDir());
             createTopic(s);
@@ -356,6 +367,7 @@ public final class DebeziumOutboxBench {
             executor.shutdown();
             executor.awaitTermination(30, TimeUnit.SECONDS);
             producer.close();
+            deleteTopic(settings);
         }
     }
 
