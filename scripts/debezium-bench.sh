@@ -13,7 +13,7 @@
 # Needs: Java 17 (javac), pip, psql, a PostgreSQL with wal_level = logical (scripts/services.sh
 # starts one on 127.0.0.1:5434), the Kafka protocol broker on BENCH_BROKERS (default Tansu,
 # 127.0.0.1:9092), and a ferry binary for `ferry migrate` (FERRY_BIN, else target/release or
-# target/debug of this checkout or /work/main).
+# target/debug of this checkout).
 set -euo pipefail
 
 ROWS=${1:-1000000}
@@ -76,8 +76,7 @@ wait_for_postgres() {
 
 find_ferry() {
   local candidate
-  for candidate in "${FERRY_BIN:-}" "$ROOT/target/release/ferry" "$ROOT/target/debug/ferry" \
-    /work/main/target/release/ferry /work/main/target/debug/ferry; do
+  for candidate in "${FERRY_BIN:-}" "$ROOT/target/release/ferry" "$ROOT/target/debug/ferry"; do
     if [ -n "$candidate" ] && [ -x "$candidate" ]; then echo "$candidate"; return 0; fi
   done
   echo "debezium-bench: no ferry binary; build one (cargo build -p ferry-cli) or set FERRY_BIN" >&2
