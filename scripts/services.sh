@@ -218,6 +218,30 @@ ensure_mariadb_tls() {
     CREATE DATABASE IF NOT EXISTS ferry_test"
 }
 
+# MariaDB with a row-format binary log on 3308 for log-based capture (the shared server on
+# 3306 runs with log_bin off and would need a restart to turn it on), its own data
+# directory, root@127.0.0.1 without a password and database ferry_test.
+ensure_mariadb_binlog() {
+  port_open 3308 && return 0
+  echo "services: starting MariaDB with a row-format binlog on 3308"
+  local data=/var/lib/ferry-mysql-binlog sock=/run/mysqld/ferry-binlog.sock
+  mkdir -p /run/mysqld /var/log/mysql && chown mysql:mysql /run/mysqld /var/log/mysql
+  if [ ! -d "$data/mysql" ]; then
+    mariadb-install-db --no-defaults --user=mysql --datadir="$data" \
+      --auth-root-authentication-method=normal >/dev/null
+  fi
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$data" --port=3308 \
+    --bind-address=127.0.0.1 --socket="$sock" --pid-file="$data/mariadbd.pid" \
+    --skip-name-resolve --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
+    --server-id=3308 --log-bin="$data/binlog" --binlog-format=ROW --binlog-row-image=FULL \
+    --binlog-expire-logs-seconds=86400 --log-error=/var/log/mysql/ferry-binlog.log \
+    </dev/null >/dev/null 2>&1 &
+  wait_port "MariaDB (binlog)" 3308
+  mariadb -S "$sock" -u root -e "CREATE USER IF NOT EXISTS root@'127.0.0.1';
+    GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION;
+    CREATE DATABASE IF NOT EXISTS ferry_test"
+}
+
 # RabbitMQ: a second node with only an AMQPS listener on 5671 (a listener on the shared
 # node would need its restart), its own name, distribution port and data, no plugins.
 ensure_rabbitmq_tls() {
@@ -313,3 +337,4 @@ ensure_mosquitto_tls
 ensure_etcd_tls
 ensure_mariadb_tls
 ensure_rabbitmq_tls
+ensure_mariadb_binlog

@@ -27,6 +27,10 @@ export FERRY_TEST_TLS_DIR=${FERRY_TEST_TLS_DIR:-${FERRY_TLS_DIR:-/var/lib/ferry-
 export FERRY_TEST_MYSQL_TLS_URL=${FERRY_TEST_MYSQL_TLS_URL:-mysql://root@127.0.0.1:3307/ferry_test}
 mytlsdb=${FERRY_TEST_MYSQL_TLS_URL##*/}
 mysql -h 127.0.0.1 -P 3307 -u root -e "DROP DATABASE IF EXISTS \`$mytlsdb\`; CREATE DATABASE \`$mytlsdb\`"
+# MariaDB with a row-format binlog (log-based capture) is a third server on 3308.
+export FERRY_TEST_MYSQL_BINLOG_URL=${FERRY_TEST_MYSQL_BINLOG_URL:-mysql://root@127.0.0.1:3308/ferry_test}
+mybinlogdb=${FERRY_TEST_MYSQL_BINLOG_URL##*/}
+mysql -h 127.0.0.1 -P 3308 -u root -e "DROP DATABASE IF EXISTS \`$mybinlogdb\`; CREATE DATABASE \`$mybinlogdb\`"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

@@ -21,6 +21,15 @@ pub fn mysql_url() -> String {
     )
 }
 
+/// MariaDB with a row-format binary log, for log-based capture:
+/// `FERRY_TEST_MYSQL_BINLOG_URL`.
+pub fn mysql_binlog_url() -> String {
+    var_or(
+        "FERRY_TEST_MYSQL_BINLOG_URL",
+        "mysql://root@127.0.0.1:3308/ferry_test",
+    )
+}
+
 /// NATS with JetStream: `FERRY_TEST_NATS_URL`.
 pub fn nats_url() -> String {
     var_or("FERRY_TEST_NATS_URL", "nats://127.0.0.1:4222")
