@@ -49,7 +49,7 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
             }
         };
         rows.iter()
-            .map(row::message::<D::Db>)
+            .map(row::message)
             .collect::<Result<_, _>>()
             .map_err(store_error::<D>)
     }
