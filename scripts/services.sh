@@ -26,6 +26,32 @@ ensure_postgres() {
   wait_port PostgreSQL 5432
 }
 
+# PostgreSQL for log capture: a second cluster with wal_level = logical on 5434 (the shared
+# one on 5432 runs with wal_level = replica, and changing it needs a restart). Trust auth,
+# replication connections included, and a database ferry_test. wal_sender_timeout is 5 s so
+# that the failover tests see a vanished relay's slot freed in seconds, not a minute.
+ensure_postgres_logical() {
+  port_open 5434 && return 0
+  echo "services: starting PostgreSQL with wal_level = logical on 5434"
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n1)
+  if [ ! -d "/etc/postgresql/$version/logical" ]; then
+    pg_createcluster "$version" logical -p 5434 -- --auth=trust >/dev/null
+    cat >>"/etc/postgresql/$version/logical/postgresql.conf" <<'CONF'
+listen_addresses = '127.0.0.1'
+wal_level = logical
+max_replication_slots = 32
+max_wal_senders = 32
+wal_sender_timeout = '5s'
+CONF
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$version" logical start
+  wait_port "PostgreSQL (logical)" 5434
+  psql -h 127.0.0.1 -p 5434 -U postgres -d postgres -Atc \
+    "SELECT 1 FROM pg_database WHERE datname = 'ferry_test'" | grep -q 1 ||
+    psql -q -h 127.0.0.1 -p 5434 -U postgres -d postgres -c "CREATE DATABASE ferry_test"
+}
+
 ensure_nats() {
   port_open 4222 && return 0
   echo "services: starting NATS with JetStream"
@@ -319,6 +345,7 @@ ensure_python_clients() {
 }
 
 ensure_postgres
+ensure_postgres_logical
 ensure_nats
 ensure_mariadb
 ensure_redis

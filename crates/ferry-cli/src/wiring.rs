@@ -17,13 +17,14 @@ use ferry::mqtt::MqttSink;
 use ferry::mysql::MyOutbox;
 use ferry::nats::NatsSink;
 use ferry::postgres::PgOutbox;
+use ferry::postgres::capture::{PgCapture, PgCaptureSettings};
 use ferry::redis_lease::RedisLeases;
 use ferry::redis_store::RedisOutbox;
 use ferry::redis_stream::RedisStreamSink;
 use ferry::sqlite::SqliteOutbox;
 use ferry::tls::redis_client;
 use ferry::webhook::WebhookSink;
-use ferry::{LeaseStore, OutboxAdmin, OutboxStore, Sink, StoreError};
+use ferry::{LeaseStore, LogCapture, OutboxAdmin, OutboxStore, Sink, StoreError};
 use ferry_service::{PgServiceStore, ServiceStore, SqliteServiceStore};
 
 use crate::config::{Config, LeasesConfig, SERVICE_STORES, SinkConfig, StoreConfig};
@@ -238,6 +239,33 @@ impl Leases {
             Self::Etcd(leases) => leases.owners().await?,
         }))
     }
+}
+
+/// The outbox's log, in `capture.mode = "log"`; `None` in poll mode.
+pub fn open_capture(config: &Config, store: &Store) -> anyhow::Result<Option<PgCapture>> {
+    if !config.capture.is_log() {
+        return Ok(None);
+    }
+    let (Store::Postgres(outbox), StoreConfig::Postgres { url, .. }) = (store, &config.store)
+    else {
+        bail!("capture.mode = \"log\" needs store.type = \"postgres\"");
+    };
+    let mut settings = PgCaptureSettings::for_prefix(&config.outbox.table_prefix);
+    if let Some(slot) = &config.capture.slot {
+        settings.slot.clone_from(slot);
+    }
+    if let Some(publication) = &config.capture.publication {
+        settings.publication.clone_from(publication);
+    }
+    if let Some(ms) = config.capture.heartbeat_interval_ms {
+        settings.heartbeat_interval = std::time::Duration::from_millis(ms);
+    }
+    Ok(Some(PgCapture::new(url.expose_secret(), outbox, settings)?))
+}
+
+/// [`open_capture`] as the relay takes it.
+pub fn log_capture(config: &Config, store: &Store) -> anyhow::Result<Option<Arc<dyn LogCapture>>> {
+    Ok(open_capture(config, store)?.map(|capture| Arc::new(capture) as Arc<dyn LogCapture>))
 }
 
 pub async fn open_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
