@@ -11,7 +11,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use ferry::LogCapture as _;
 use ferry_cli::config::Config;
 use ferry_cli::telemetry::{Telemetry, init_logging};
 use ferry_cli::wiring;
@@ -120,12 +119,7 @@ async fn run(command: Command, telemetry: &Telemetry) -> anyhow::Result<()> {
                 println!("migrated: service tables");
             }
             if let Some(capture) = wiring::open_capture(&config, &store)? {
-                capture.setup().await?;
-                let settings = capture.settings();
-                println!(
-                    "log capture: publication {} (inserts only), logical replication slot {}",
-                    settings.publication, settings.slot
-                );
+                println!("log capture: {}", capture.setup().await?);
             }
             Ok(())
         }
@@ -197,9 +191,9 @@ fn print_capture_lag(lag: &ferry::CaptureLag, status: &[ferry::PartitionStatus])
         .fold(0.0, f64::max);
     match lag.bytes {
         Some(bytes) => println!(
-            "log capture: slot {bytes} bytes behind the server's WAL, oldest unpublished {oldest:.1} s"
+            "log capture: {bytes} bytes of log behind the server's, oldest unpublished {oldest:.1} s"
         ),
-        None => println!("log capture: the replication slot does not exist (run `ferry migrate`)"),
+        None => println!("log capture: not set up (run `ferry migrate`)"),
     }
 }
 

@@ -19,7 +19,11 @@ pub struct CaptureSection {
     /// PostgreSQL: the publication of the outbox table (inserts only), created by `ferry
     /// migrate`. Defaults to `<outbox.table_prefix>outbox`.
     pub publication: Option<String>,
-    /// How often an idle stream writes a heartbeat to the log, so that the database can
+    /// MySQL/MariaDB: the server id the relay's binlog connection registers with, unique
+    /// among the server's replicas. Defaults to one derived from the database and prefix.
+    pub server_id: Option<u32>,
+    /// How often an idle stream writes a heartbeat to the log (MariaDB: how often the server
+    /// sends one on an idle binlog stream, which shows a dead connection), so that the database can
     /// recycle the log behind it. Defaults to 10000.
     pub heartbeat_interval_ms: Option<u64>,
 }
@@ -33,7 +37,7 @@ pub enum CaptureMode {
     #[default]
     Poll,
     /// One relay streams the outbox's inserts from the database's log (PostgreSQL logical
-    /// replication); the others wait as standbys.
+    /// replication, MariaDB's binlog); the others wait as standbys.
     Log,
 }
 
@@ -53,9 +57,12 @@ impl CaptureSection {
         if !self.is_log() {
             return Ok(());
         }
-        if !matches!(store, StoreConfig::Postgres { .. }) {
+        if !matches!(
+            store,
+            StoreConfig::Postgres { .. } | StoreConfig::Mysql { .. }
+        ) {
             bail!(
-                "capture.mode = \"log\" streams PostgreSQL's logical replication: set store.type = \"postgres\", or capture.mode = \"poll\""
+                "capture.mode = \"log\" streams PostgreSQL's logical replication or MariaDB's binlog: set store.type = \"postgres\" or \"mysql\", or capture.mode = \"poll\""
             );
         }
         if on_permanent_failure != PermanentFailurePolicy::Block {

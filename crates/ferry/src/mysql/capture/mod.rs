@@ -140,6 +140,25 @@ impl MyLogCapture {
     }
 }
 
+impl MyLogCapture {
+    /// Checks the prerequisites and records the server's position now as where the first
+    /// stream begins, unless a position is recorded (`ferry migrate` in log mode). Errors
+    /// say what to change on the server.
+    pub async fn setup(&self) -> Result<(), StoreError> {
+        let mut control = self.capture.control_connection().await?;
+        self.capture.check_prerequisites(&mut control).await?;
+        if self.capture.stored(&mut control).await?.is_none() {
+            self.capture.record_origin(&mut control).await?;
+        }
+        Ok(())
+    }
+
+    /// The named lock a streaming relay holds (`IS_USED_LOCK(name)` shows its connection).
+    pub fn lock_name(&self) -> &str {
+        &self.capture.lock_name
+    }
+}
+
 fn percent_decoded(text: &str) -> String {
     url::form_urlencoded::parse(format!("x={text}").as_bytes())
         .next()
