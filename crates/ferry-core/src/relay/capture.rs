@@ -97,7 +97,7 @@ impl Relay {
                         Ended::Shutdown => break,
                         Ended::Fenced => {
                             warn!(
-                                "log capture: a lease was lost or the sink fenced a partition; giving the log up"
+                                "log capture: lease lost or the sink fenced a partition; giving the log up"
                             )
                         }
                         Ended::StreamFailed(err) => {
@@ -261,7 +261,9 @@ async fn keep_leases(
         match leases.renew(&held, ttl).await {
             Ok(renewed) if renewed.len() == held.len() => deadline.extend_to(valid_until),
             Ok(_) => {
-                warn!("log capture: a partition's lease was lost; stopping the stream");
+                warn!(
+                    "log capture: lease lost (a partition's was not renewed); stopping the stream"
+                );
                 deadline.expire();
                 lost.cancel();
                 return;
