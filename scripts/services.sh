@@ -220,52 +220,50 @@ ensure_etcd_tls() {
   wait_port "etcd (TLS)" 23791
 }
 
-# MariaDB: a second server with TLS on 3307 and its own data directory (the shared one on
-# 3306 would need a restart to take TLS settings), with root@127.0.0.1 and database
-# ferry_test like the first.
-ensure_mariadb_tls() {
-  port_open 3307 && return 0
-  echo "services: starting MariaDB with TLS on 3307"
-  local data=/var/lib/ferry-mysql-tls sock=/run/mysqld/ferry-tls.sock
+# A MariaDB server of the tests' own beside the shared one on 3306: `name` (its data
+# directory /var/lib/ferry-mysql-<name>, socket and log), `port`, then the server options
+# that make it what it is; root@127.0.0.1 without a password and database ferry_test like
+# the first.
+start_extra_mariadb() {
+  local name=$1 port=$2
+  shift 2
+  local data=/var/lib/ferry-mysql-$name sock=/run/mysqld/ferry-$name.sock
   mkdir -p /run/mysqld /var/log/mysql && chown mysql:mysql /run/mysqld /var/log/mysql
   if [ ! -d "$data/mysql" ]; then
     mariadb-install-db --no-defaults --user=mysql --datadir="$data" \
       --auth-root-authentication-method=normal >/dev/null
   fi
-  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$data" --port=3307 \
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$data" --port="$port" \
     --bind-address=127.0.0.1 --socket="$sock" --pid-file="$data/mariadbd.pid" \
     --skip-name-resolve --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
-    --ssl-ca="$FERRY_TLS_DIR/ca.pem" --ssl-cert="$FERRY_TLS_DIR/server.pem" \
-    --ssl-key="$FERRY_TLS_DIR/server.key" --log-error=/var/log/mysql/ferry-tls.log \
-    </dev/null >/dev/null 2>&1 &
-  wait_port "MariaDB (TLS)" 3307
+    --log-error="/var/log/mysql/ferry-$name.log" "$@" </dev/null >/dev/null 2>&1 &
+  wait_port "MariaDB ($name)" "$port"
+  # The server may open its TCP port before its socket.
+  for _ in $(seq 1 60); do
+    [ -S "$sock" ] && break
+    sleep 0.5
+  done
   mariadb -S "$sock" -u root -e "CREATE USER IF NOT EXISTS root@'127.0.0.1';
     GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION;
     CREATE DATABASE IF NOT EXISTS ferry_test"
 }
 
+# MariaDB: a second server with TLS on 3307 (the shared one on 3306 would need a restart
+# to take TLS settings).
+ensure_mariadb_tls() {
+  port_open 3307 && return 0
+  echo "services: starting MariaDB with TLS on 3307"
+  start_extra_mariadb tls 3307 --ssl-ca="$FERRY_TLS_DIR/ca.pem" \
+    --ssl-cert="$FERRY_TLS_DIR/server.pem" --ssl-key="$FERRY_TLS_DIR/server.key"
+}
+
 # MariaDB with a row-format binary log on 3308 for log-based capture (the shared server on
-# 3306 runs with log_bin off and would need a restart to turn it on), its own data
-# directory, root@127.0.0.1 without a password and database ferry_test.
+# 3306 runs with log_bin off and would need a restart to turn it on).
 ensure_mariadb_binlog() {
   port_open 3308 && return 0
   echo "services: starting MariaDB with a row-format binlog on 3308"
-  local data=/var/lib/ferry-mysql-binlog sock=/run/mysqld/ferry-binlog.sock
-  mkdir -p /run/mysqld /var/log/mysql && chown mysql:mysql /run/mysqld /var/log/mysql
-  if [ ! -d "$data/mysql" ]; then
-    mariadb-install-db --no-defaults --user=mysql --datadir="$data" \
-      --auth-root-authentication-method=normal >/dev/null
-  fi
-  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$data" --port=3308 \
-    --bind-address=127.0.0.1 --socket="$sock" --pid-file="$data/mariadbd.pid" \
-    --skip-name-resolve --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
-    --server-id=3308 --log-bin="$data/binlog" --binlog-format=ROW --binlog-row-image=FULL \
-    --binlog-expire-logs-seconds=86400 --log-error=/var/log/mysql/ferry-binlog.log \
-    </dev/null >/dev/null 2>&1 &
-  wait_port "MariaDB (binlog)" 3308
-  mariadb -S "$sock" -u root -e "CREATE USER IF NOT EXISTS root@'127.0.0.1';
-    GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION;
-    CREATE DATABASE IF NOT EXISTS ferry_test"
+  start_extra_mariadb binlog 3308 --server-id=3308 --log-bin=binlog --binlog-format=ROW \
+    --binlog-row-image=FULL --binlog-expire-logs-seconds=86400
 }
 
 # RabbitMQ: a second node with only an AMQPS listener on 5671 (a listener on the shared

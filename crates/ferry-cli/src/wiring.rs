@@ -246,8 +246,8 @@ impl Leases {
 /// MariaDB's binlog.
 #[derive(Debug)]
 pub enum Capture {
-    Postgres(PgCapture),
-    Mysql(MyLogCapture),
+    Postgres(Box<PgCapture>),
+    Mysql(Box<MyLogCapture>),
 }
 
 impl Capture {
@@ -275,8 +275,8 @@ impl Capture {
 
     pub fn into_log_capture(self) -> Arc<dyn LogCapture> {
         match self {
-            Self::Postgres(capture) => Arc::new(capture),
-            Self::Mysql(capture) => Arc::new(capture),
+            Self::Postgres(capture) => Arc::new(*capture),
+            Self::Mysql(capture) => Arc::new(*capture),
         }
     }
 
@@ -305,11 +305,11 @@ pub fn open_capture(config: &Config, store: &Store) -> anyhow::Result<Option<Cap
             if let Some(ms) = config.capture.heartbeat_interval_ms {
                 settings.heartbeat_interval = std::time::Duration::from_millis(ms);
             }
-            Ok(Some(Capture::Postgres(PgCapture::new(
+            Ok(Some(Capture::Postgres(Box::new(PgCapture::new(
                 url.expose_secret(),
                 outbox,
                 settings,
-            )?)))
+            )?))))
         }
         (Store::Mysql(outbox), StoreConfig::Mysql { url, .. }) => {
             let mut settings = MyCaptureSettings {
@@ -319,11 +319,11 @@ pub fn open_capture(config: &Config, store: &Store) -> anyhow::Result<Option<Cap
             if let Some(ms) = config.capture.heartbeat_interval_ms {
                 settings.heartbeat = std::time::Duration::from_millis(ms);
             }
-            Ok(Some(Capture::Mysql(MyLogCapture::new(
+            Ok(Some(Capture::Mysql(Box::new(MyLogCapture::new(
                 MyOutbox::clone(outbox),
                 url.expose_secret(),
                 settings,
-            )?)))
+            )?))))
         }
         _ => bail!("capture.mode = \"log\" needs store.type = \"postgres\" or \"mysql\""),
     }

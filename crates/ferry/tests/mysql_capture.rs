@@ -237,7 +237,11 @@ async fn binlog_bytes_past(outbox: &MyOutbox, end: &ferry::LogPosition) -> u64 {
 
 /// Starts a stream, waiting for the server to see the previous holder's connection end.
 async fn start_when_free(capture: &MyLogCapture) -> Box<dyn LogStream> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    start_when_free_within(capture, Duration::from_secs(5)).await
+}
+
+async fn start_when_free_within(capture: &MyLogCapture, wait: Duration) -> Box<dyn LogStream> {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         match capture.start().await {
             Ok(stream) => return stream,
@@ -271,6 +275,37 @@ async fn a_second_stream_is_refused_while_one_streams() {
     assert_eq!(
         ids(&next_with_messages(&mut second).await),
         [("s".into(), 1)]
+    );
+}
+
+/// A relay that stops talking (paused, cut off) loses the lock after the idle timeout: a
+/// standby takes over, and the old stream can neither read on nor confirm.
+#[tokio::test]
+async fn a_silent_stream_loses_the_lock_to_a_standby() {
+    let (outbox, _) = captured_outbox().await;
+    let settings = CaptureSettings {
+        lock_idle_timeout: Duration::from_secs(1),
+        ..CaptureSettings::default()
+    };
+    let capture =
+        MyLogCapture::new(outbox.clone(), &services::mysql_binlog_url(), settings).unwrap();
+    let mut silent = capture.start().await.unwrap();
+    commit(&outbox, vec![event("z", 1)]).await;
+    let read = next_with_messages(&mut silent).await;
+    let mut standby = start_when_free_within(&capture, Duration::from_secs(10)).await;
+    assert_eq!(next_with_messages(&mut standby).await, read);
+    let lost = silent.confirm(&read.end).await.unwrap_err();
+    assert!(
+        error_chain(&lost).contains("lost the capture lock"),
+        "{}",
+        error_chain(&lost)
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let lost = silent.next(Duration::from_millis(100)).await.unwrap_err();
+    assert!(
+        error_chain(&lost).contains("lost the capture lock"),
+        "{}",
+        error_chain(&lost)
     );
 }
 

@@ -15,7 +15,9 @@
 //!   (`GET_LOCK`) on a control connection, writes the position on that connection only
 //!   while it holds the lock, and checks it every second; a second relay is refused with
 //!   [`StoreError::HeldElsewhere`] and waits as a standby. The server frees the lock when
-//!   the connection ends (a killed relay's too). Marks stay fenced by the leases.
+//!   the connection ends: at once for a killed relay, after
+//!   [`CaptureSettings::lock_idle_timeout`] for a paused or cut-off one (whose position
+//!   writes then change nothing). Marks stay fenced by the leases.
 
 mod columns;
 mod point;
@@ -32,7 +34,7 @@ use sqlx::{MySqlConnection, Row};
 use url::Url;
 
 use ferry_core::partition::partition_for;
-use ferry_core::{CaptureLag, LogCapture, LogStream, StoreError};
+use ferry_core::{CaptureLag, LogCapture, LogStream, StoreError, error_chain};
 
 use self::point::{BinlogPoint, GtidState};
 use self::stream::MyLogStream;
@@ -47,6 +49,11 @@ pub struct CaptureSettings {
     /// replicas (a second connection with the same id makes the server drop the first).
     /// Defaults to one derived from the database and table prefix, in 3000000000..3001000000.
     pub server_id: Option<u32>,
+    /// How long the server keeps the capture lock of a relay that stopped talking (paused,
+    /// cut off) before it ends that connection and frees the lock for a standby: the
+    /// session's `wait_timeout` on the control connection, which a streaming relay uses at
+    /// least every second while it reads. Defaults to 10 s.
+    pub lock_idle_timeout: Duration,
     /// How often the server sends a heartbeat on an idle stream, which shows a dead
     /// connection. Defaults to 1 s.
     pub heartbeat: Duration,
@@ -57,6 +64,7 @@ impl Default for CaptureSettings {
         Self {
             server_id: None,
             heartbeat: Duration::from_secs(1),
+            lock_idle_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -77,6 +85,7 @@ pub(crate) struct Capture {
     lock_name: String,
     server_id: u32,
     heartbeat: Duration,
+    lock_idle_timeout: Duration,
     statements: Arc<Statements>,
 }
 
@@ -134,6 +143,7 @@ impl MyLogCapture {
                 lock_name,
                 server_id,
                 heartbeat: settings.heartbeat,
+                lock_idle_timeout: settings.lock_idle_timeout,
                 statements,
             },
         })
@@ -263,8 +273,14 @@ impl Capture {
         Ok(!checksum.eq_ignore_ascii_case("NONE"))
     }
 
-    /// Takes the capture lock without waiting, or says who holds it.
+    /// Takes the capture lock without waiting, or says who holds it. The server ends the
+    /// connection, and frees the lock, once it is idle for `lock_idle_timeout`.
     async fn lock(&self, conn: &mut MySqlConnection) -> Result<(), StoreError> {
+        sqlx::query("SET SESSION wait_timeout = ?")
+            .bind(self.lock_idle_timeout.as_secs().max(1))
+            .execute(&mut *conn)
+            .await
+            .map_err(store_error::<MyDialect>)?;
         let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 0)")
             .bind(&self.lock_name)
             .fetch_one(&mut *conn)
@@ -387,7 +403,8 @@ impl Capture {
                     Arg::Text(&self.lock_name),
                 ],
             )
-            .await?;
+            .await
+            .map_err(|err| lost_lock(&self.lock_name, &error_chain(&err)))?;
         if changed == 1 {
             Ok(())
         } else {
