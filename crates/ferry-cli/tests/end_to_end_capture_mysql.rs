@@ -8,15 +8,14 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::time::Duration;
-
+use common::log_capture::{self, LogStoreNats};
 use common::scenarios::StoreNats;
 use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
 use ferry::NewMessage;
 use ferry::mysql::MyOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry_core::testing::services;
+use uuid::Uuid;
 
 /// A MariaDB outbox streamed from the binlog to a NATS stream, both named after the
 /// scenario's tag.
@@ -57,50 +56,21 @@ impl StoreNats for MyLogNats {
     }
 }
 
+impl LogStoreNats for MyLogNats {
+    async fn enqueue_rolled_back(&self, message: NewMessage) -> Uuid {
+        let mut tx = self.outbox.pool().begin().await.unwrap();
+        let id = self.outbox.enqueue(&mut tx, message).await.unwrap().id;
+        tx.rollback().await.unwrap();
+        id
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_never_publishes_a_rolled_back_transaction_and_reports_the_lag() {
-    let e2e = MyLogNats::new(4, 120, "").await;
-    // Committed before any relay streams: published from the table by the drain.
-    let mut produced: HashSet<_> = e2e
-        .outbox
-        .commit(vec![NewMessage::new(
-            "order",
-            "before-streaming",
-            "order.placed",
-            "{}",
-        )])
-        .await
-        .into_iter()
-        .collect();
-    let relay = e2e.scenario.relay("relay");
-    relay
-        .wait_for_log("the table is drained; streaming", Duration::from_secs(20))
-        .await;
-    let mut tx = e2e.outbox.pool().begin().await.unwrap();
-    let rolled_back = e2e
-        .outbox
-        .enqueue(
-            &mut tx,
-            NewMessage::new("order", "rolled-back", "order.placed", "{}"),
-        )
-        .await
-        .unwrap()
-        .id;
-    tx.rollback().await.unwrap();
-    produced.extend(e2e.produce(20, 5, 2).await.unwrap());
-    e2e.scenario.wait_drained(Duration::from_secs(30)).await;
-    let report = e2e.check_stream(&produced).await;
-    report.assert_perfect(produced.len());
-    assert!(!produced.contains(&rolled_back));
-
-    let status = e2e.scenario.ferry(&["status"]);
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        text.contains("log capture:") && text.contains("bytes of log behind"),
-        "{text}"
-    );
-    assert!(relay.terminate(Duration::from_secs(15)).success());
-    e2e.cleanup().await;
+    log_capture::round_trip_never_publishes_a_rolled_back_transaction::<MyLogNats>(
+        "bytes of log behind",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,30 +90,8 @@ async fn sigterm_confirms_and_releases_every_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_waits_as_a_standby_and_takes_over_when_the_first_is_killed() {
-    let e2e = MyLogNats::new(4, 1, "").await;
-    let first = e2e.scenario.relay("relay-a");
-    first
-        .wait_for_log("the table is drained; streaming", Duration::from_secs(20))
-        .await;
-    let second = e2e.scenario.relay("relay-b");
-    second
-        .wait_for_log("standby", Duration::from_secs(20))
-        .await;
-    assert!(
-        second.logs().contains("streamed by another relay"),
-        "{}",
-        second.logs()
-    );
-    let producing = e2e.produce(40, 30, 2);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    first.kill_nine();
-    second
-        .wait_for_log("the table is drained; streaming", Duration::from_secs(30))
-        .await;
-    let produced = producing.await.unwrap();
-    e2e.scenario.wait_drained(Duration::from_secs(60)).await;
-    let report = e2e.check_stream(&produced).await;
-    report.assert_perfect_after_inbox();
-    assert!(second.terminate(Duration::from_secs(15)).success());
-    e2e.cleanup().await;
+    log_capture::a_standby_takes_over_when_the_streaming_relay_is_killed::<MyLogNats>(
+        "streamed by another relay",
+    )
+    .await;
 }

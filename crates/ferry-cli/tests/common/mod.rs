@@ -5,6 +5,7 @@
 //! Each `end_to_end*.rs` binary includes this module and uses part of it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod log_capture;
 pub mod scenarios;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
