@@ -26,6 +26,32 @@ ensure_postgres() {
   wait_port PostgreSQL 5432
 }
 
+# PostgreSQL for log capture: a second cluster with wal_level = logical on 5434 (the shared
+# one on 5432 runs with wal_level = replica, and changing it needs a restart). Trust auth,
+# replication connections included, and a database ferry_test. wal_sender_timeout is 5 s so
+# that the failover tests see a vanished relay's slot freed in seconds, not a minute.
+ensure_postgres_logical() {
+  port_open 5434 && return 0
+  echo "services: starting PostgreSQL with wal_level = logical on 5434"
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n1)
+  if [ ! -d "/etc/postgresql/$version/logical" ]; then
+    pg_createcluster "$version" logical -p 5434 -- --auth=trust >/dev/null
+    cat >>"/etc/postgresql/$version/logical/postgresql.conf" <<'CONF'
+listen_addresses = '127.0.0.1'
+wal_level = logical
+max_replication_slots = 32
+max_wal_senders = 32
+wal_sender_timeout = '5s'
+CONF
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$version" logical start
+  wait_port "PostgreSQL (logical)" 5434
+  psql -h 127.0.0.1 -p 5434 -U postgres -d postgres -Atc \
+    "SELECT 1 FROM pg_database WHERE datname = 'ferry_test'" | grep -q 1 ||
+    psql -q -h 127.0.0.1 -p 5434 -U postgres -d postgres -c "CREATE DATABASE ferry_test"
+}
+
 ensure_nats() {
   port_open 4222 && return 0
   echo "services: starting NATS with JetStream"
@@ -194,28 +220,50 @@ ensure_etcd_tls() {
   wait_port "etcd (TLS)" 23791
 }
 
-# MariaDB: a second server with TLS on 3307 and its own data directory (the shared one on
-# 3306 would need a restart to take TLS settings), with root@127.0.0.1 and database
-# ferry_test like the first.
-ensure_mariadb_tls() {
-  port_open 3307 && return 0
-  echo "services: starting MariaDB with TLS on 3307"
-  local data=/var/lib/ferry-mysql-tls sock=/run/mysqld/ferry-tls.sock
+# A MariaDB server of the tests' own beside the shared one on 3306: `name` (its data
+# directory /var/lib/ferry-mysql-<name>, socket and log), `port`, then the server options
+# that make it what it is; root@127.0.0.1 without a password and database ferry_test like
+# the first.
+start_extra_mariadb() {
+  local name=$1 port=$2
+  shift 2
+  local data=/var/lib/ferry-mysql-$name sock=/run/mysqld/ferry-$name.sock
   mkdir -p /run/mysqld /var/log/mysql && chown mysql:mysql /run/mysqld /var/log/mysql
   if [ ! -d "$data/mysql" ]; then
     mariadb-install-db --no-defaults --user=mysql --datadir="$data" \
       --auth-root-authentication-method=normal >/dev/null
   fi
-  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$data" --port=3307 \
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$data" --port="$port" \
     --bind-address=127.0.0.1 --socket="$sock" --pid-file="$data/mariadbd.pid" \
     --skip-name-resolve --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci \
-    --ssl-ca="$FERRY_TLS_DIR/ca.pem" --ssl-cert="$FERRY_TLS_DIR/server.pem" \
-    --ssl-key="$FERRY_TLS_DIR/server.key" --log-error=/var/log/mysql/ferry-tls.log \
-    </dev/null >/dev/null 2>&1 &
-  wait_port "MariaDB (TLS)" 3307
+    --log-error="/var/log/mysql/ferry-$name.log" "$@" </dev/null >/dev/null 2>&1 &
+  wait_port "MariaDB ($name)" "$port"
+  # The server may open its TCP port before its socket.
+  for _ in $(seq 1 60); do
+    [ -S "$sock" ] && break
+    sleep 0.5
+  done
   mariadb -S "$sock" -u root -e "CREATE USER IF NOT EXISTS root@'127.0.0.1';
     GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION;
     CREATE DATABASE IF NOT EXISTS ferry_test"
+}
+
+# MariaDB: a second server with TLS on 3307 (the shared one on 3306 would need a restart
+# to take TLS settings).
+ensure_mariadb_tls() {
+  port_open 3307 && return 0
+  echo "services: starting MariaDB with TLS on 3307"
+  start_extra_mariadb tls 3307 --ssl-ca="$FERRY_TLS_DIR/ca.pem" \
+    --ssl-cert="$FERRY_TLS_DIR/server.pem" --ssl-key="$FERRY_TLS_DIR/server.key"
+}
+
+# MariaDB with a row-format binary log on 3308 for log-based capture (the shared server on
+# 3306 runs with log_bin off and would need a restart to turn it on).
+ensure_mariadb_binlog() {
+  port_open 3308 && return 0
+  echo "services: starting MariaDB with a row-format binlog on 3308"
+  start_extra_mariadb binlog 3308 --server-id=3308 --log-bin=binlog --binlog-format=ROW \
+    --binlog-row-image=FULL --binlog-expire-logs-seconds=86400
 }
 
 # RabbitMQ: a second node with only an AMQPS listener on 5671 (a listener on the shared
@@ -328,6 +376,7 @@ ensure_python_clients() {
 }
 
 ensure_postgres
+ensure_postgres_logical
 ensure_nats
 ensure_mariadb
 ensure_redis
@@ -348,3 +397,4 @@ ensure_etcd_tls
 ensure_mariadb_tls
 ensure_rabbitmq_tls
 ensure_kafka_tls
+ensure_mariadb_binlog

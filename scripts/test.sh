@@ -18,6 +18,11 @@ export FERRY_TEST_NOIDA_DB=${FERRY_TEST_NOIDA_DB:-${FERRY_SERVICES_VENV:-/opt/fe
 db=${FERRY_TEST_PG_URL##*/}
 psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" \
   -c "CREATE DATABASE \"$db\""
+# Log capture: the PostgreSQL cluster with wal_level = logical (scripts/services.sh, 5434).
+export FERRY_TEST_PG_LOGICAL_URL=${FERRY_TEST_PG_LOGICAL_URL:-postgres://postgres@127.0.0.1:5434/ferry_test}
+logicaldb=${FERRY_TEST_PG_LOGICAL_URL##*/}
+psql -q -h 127.0.0.1 -p 5434 -U postgres -d postgres \
+  -c "DROP DATABASE IF EXISTS \"$logicaldb\" WITH (FORCE)" -c "CREATE DATABASE \"$logicaldb\""
 export FERRY_TEST_MYSQL_URL=${FERRY_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/ferry_test}
 mydb=${FERRY_TEST_MYSQL_URL##*/}
 mysql -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS \`$mydb\`; CREATE DATABASE \`$mydb\`"
@@ -27,6 +32,10 @@ export FERRY_TEST_TLS_DIR=${FERRY_TEST_TLS_DIR:-${FERRY_TLS_DIR:-/var/lib/ferry-
 export FERRY_TEST_MYSQL_TLS_URL=${FERRY_TEST_MYSQL_TLS_URL:-mysql://root@127.0.0.1:3307/ferry_test}
 mytlsdb=${FERRY_TEST_MYSQL_TLS_URL##*/}
 mysql -h 127.0.0.1 -P 3307 -u root -e "DROP DATABASE IF EXISTS \`$mytlsdb\`; CREATE DATABASE \`$mytlsdb\`"
+# MariaDB with a row-format binlog (log-based capture) is a third server on 3308.
+export FERRY_TEST_MYSQL_BINLOG_URL=${FERRY_TEST_MYSQL_BINLOG_URL:-mysql://root@127.0.0.1:3308/ferry_test}
+mybinlogdb=${FERRY_TEST_MYSQL_BINLOG_URL##*/}
+mysql -h 127.0.0.1 -P 3308 -u root -e "DROP DATABASE IF EXISTS \`$mybinlogdb\`; CREATE DATABASE \`$mybinlogdb\`"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

@@ -118,6 +118,9 @@ async fn run(command: Command, telemetry: &Telemetry) -> anyhow::Result<()> {
                 store.service()?.migrate().await?;
                 println!("migrated: service tables");
             }
+            if let Some(capture) = wiring::open_capture(&config, &store)? {
+                println!("log capture: {}", capture.setup().await?);
+            }
             Ok(())
         }
         Command::Relay { config } => relay::run(&config, telemetry).await,
@@ -127,10 +130,17 @@ async fn run(command: Command, telemetry: &Telemetry) -> anyhow::Result<()> {
             let store = wiring::Store::open(&config).await?;
             let mut status = store.outbox().status().await?;
             show_external_owners(&config, &store, &mut status).await;
+            let capture = match wiring::open_capture(&config, &store)? {
+                Some(capture) => Some(capture.lag().await?),
+                None => None,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
+                if let Some(lag) = capture {
+                    print_capture_lag(&lag, &status);
+                }
             }
             Ok(())
         }
@@ -169,6 +179,21 @@ async fn show_external_owners(
                 "lease owners unknown: cannot read the lease backend"
             )
         }
+    }
+}
+
+/// The log capture's slot: how much log the database keeps for it, and how old the oldest
+/// message it has not confirmed can be (every unpublished one is unconfirmed).
+fn print_capture_lag(lag: &ferry::CaptureLag, status: &[ferry::PartitionStatus]) {
+    let oldest = status
+        .iter()
+        .filter_map(|p| p.oldest_unpublished_age_secs)
+        .fold(0.0, f64::max);
+    match lag.bytes {
+        Some(bytes) => println!(
+            "log capture: {bytes} bytes of log behind the server's, oldest unpublished {oldest:.1} s"
+        ),
+        None => println!("log capture: not set up (run `ferry migrate`)"),
     }
 }
 

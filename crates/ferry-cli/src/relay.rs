@@ -37,12 +37,15 @@ pub(crate) async fn run(path: &Path, telemetry: &Telemetry) -> anyhow::Result<()
         return Ok(());
     };
     health.watch_sink(sink.clone());
-    let relay = ferry::Relay::new(
+    let mut relay = ferry::Relay::new(
         store.outbox(),
         leases.lease_store(),
         sink,
         config.relay_config(),
     );
+    if let Some(capture) = wiring::log_capture(&config, &store)? {
+        relay = relay.with_log_capture(capture);
+    }
     health.watch_relay(relay.stats());
     if let Some(dashboard) = ferry_cli::dashboard::build(&config, &store, Some(relay.stats()))? {
         health.serve_dashboard(dashboard, &shutdown);

@@ -15,15 +15,17 @@ use ferry::file::{FileSink, FileSinkConfig};
 use ferry::kafka::KafkaSink;
 use ferry::mqtt::MqttSink;
 use ferry::mysql::MyOutbox;
+use ferry::mysql::capture::{CaptureSettings as MyCaptureSettings, MyLogCapture};
 use ferry::nats::NatsSink;
 use ferry::postgres::PgOutbox;
+use ferry::postgres::capture::{PgCapture, PgCaptureSettings};
 use ferry::redis_lease::RedisLeases;
 use ferry::redis_store::RedisOutbox;
 use ferry::redis_stream::RedisStreamSink;
 use ferry::sqlite::SqliteOutbox;
 use ferry::tls::redis_client;
 use ferry::webhook::WebhookSink;
-use ferry::{LeaseStore, OutboxAdmin, OutboxStore, Sink, StoreError};
+use ferry::{LeaseStore, LogCapture, OutboxAdmin, OutboxStore, Sink, StoreError};
 use ferry_service::{PgServiceStore, ServiceStore, SqliteServiceStore};
 
 use crate::config::{Config, LeasesConfig, SERVICE_STORES, SinkConfig, StoreConfig};
@@ -238,6 +240,98 @@ impl Leases {
             Self::Etcd(leases) => leases.owners().await?,
         }))
     }
+}
+
+/// The outbox's log, in `capture.mode = "log"`: PostgreSQL's logical replication or
+/// MariaDB's binlog.
+#[derive(Debug)]
+pub enum Capture {
+    Postgres(Box<PgCapture>),
+    Mysql(Box<MyLogCapture>),
+}
+
+impl Capture {
+    /// Checks the server's prerequisites and prepares the log (`ferry migrate`); returns
+    /// what was set up, for the operator.
+    pub async fn setup(&self) -> Result<String, StoreError> {
+        match self {
+            Self::Postgres(capture) => {
+                capture.setup().await?;
+                let settings = capture.settings();
+                Ok(format!(
+                    "publication {} (inserts only), logical replication slot {}",
+                    settings.publication, settings.slot
+                ))
+            }
+            Self::Mysql(capture) => {
+                capture.setup().await?;
+                Ok(format!(
+                    "MariaDB binlog, position in <prefix>capture_position, streamed under lock {}",
+                    capture.lock_name()
+                ))
+            }
+        }
+    }
+
+    pub fn into_log_capture(self) -> Arc<dyn LogCapture> {
+        match self {
+            Self::Postgres(capture) => Arc::new(*capture),
+            Self::Mysql(capture) => Arc::new(*capture),
+        }
+    }
+
+    pub async fn lag(&self) -> Result<ferry::CaptureLag, StoreError> {
+        match self {
+            Self::Postgres(capture) => capture.lag().await,
+            Self::Mysql(capture) => capture.lag().await,
+        }
+    }
+}
+
+/// The outbox's log, in `capture.mode = "log"`; `None` in poll mode.
+pub fn open_capture(config: &Config, store: &Store) -> anyhow::Result<Option<Capture>> {
+    if !config.capture.is_log() {
+        return Ok(None);
+    }
+    match (store, &config.store) {
+        (Store::Postgres(outbox), StoreConfig::Postgres { url, .. }) => {
+            let mut settings = PgCaptureSettings::for_prefix(&config.outbox.table_prefix);
+            if let Some(slot) = &config.capture.slot {
+                settings.slot.clone_from(slot);
+            }
+            if let Some(publication) = &config.capture.publication {
+                settings.publication.clone_from(publication);
+            }
+            if let Some(ms) = config.capture.heartbeat_interval_ms {
+                settings.heartbeat_interval = std::time::Duration::from_millis(ms);
+            }
+            Ok(Some(Capture::Postgres(Box::new(PgCapture::new(
+                url.expose_secret(),
+                outbox,
+                settings,
+            )?))))
+        }
+        (Store::Mysql(outbox), StoreConfig::Mysql { url, .. }) => {
+            let mut settings = MyCaptureSettings {
+                server_id: config.capture.server_id,
+                ..MyCaptureSettings::default()
+            };
+            if let Some(ms) = config.capture.heartbeat_interval_ms {
+                settings.heartbeat = std::time::Duration::from_millis(ms);
+            }
+            Ok(Some(Capture::Mysql(Box::new(MyLogCapture::new(
+                MyOutbox::clone(outbox),
+                url.expose_secret(),
+                settings,
+            )?))))
+        }
+        _ => bail!("capture.mode = \"log\" needs store.type = \"postgres\" or \"mysql\""),
+    }
+}
+
+/// [`open_capture`] as the relay takes it.
+pub fn log_capture(config: &Config, store: &Store) -> anyhow::Result<Option<Arc<dyn LogCapture>>> {
+    Ok(open_capture(config, store)?.map(Capture::into_log_capture))
 }
 
 pub async fn open_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {

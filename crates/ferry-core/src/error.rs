@@ -22,6 +22,11 @@ pub enum StoreError {
     /// The store could not be reached or failed transiently; retry with backoff.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] BoxError),
+    /// What the call needs is held by another process (a replication slot streamed by
+    /// another relay, a lock): not an outage, so the caller waits as a standby and tries
+    /// again, without counting it as a failure.
+    #[error("held by another process: {0}")]
+    HeldElsewhere(String),
     /// ferry's tables are missing or from another version.
     #[error("{0} (run `ferry migrate --config <file>` first)")]
     Schema(String),

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod capture;
 pub mod cloudevents;
 mod error;
 pub mod inbox;
@@ -24,6 +25,7 @@ pub use admin::{
     BlockedPartition, Cleaned, CleanupBounds, OutboxAdmin, ParkedMessage, ParkedQuery,
     RetainedFilter, RetainedSummary, parse_time_or_ago,
 };
+pub use capture::{CaptureLag, CapturedTransaction, LogCapture, LogPosition, LogStream};
 pub use cloudevents::{ReceivedMessage, Source};
 pub use error::{ErrorChain, StoreError, error_chain};
 pub use inbox::{Admission, Decision, Inbox, ProcessError, Processed};

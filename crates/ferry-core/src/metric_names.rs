@@ -26,6 +26,14 @@ pub const RELAY_OWNED_PARTITIONS: &str = "ferry_relay_owned_partitions";
 pub const RELAY_ACK_LATENCY: &str = "ferry_relay_commit_to_ack_seconds";
 /// Histogram: messages per batch read from a partition and published.
 pub const RELAY_BATCH_SIZE: &str = "ferry_relay_batch_size";
+/// Gauge: log bytes the database keeps for the log capture stream past its confirmed
+/// position (PostgreSQL slot lag, MySQL binlog bytes), in `capture.mode = "log"`.
+pub const CAPTURE_LAG_BYTES: &str = "ferry_capture_lag_bytes";
+/// Gauge: seconds since the last confirmed captured transaction committed (0 when caught
+/// up), in `capture.mode = "log"`.
+pub const CAPTURE_LAG_SECONDS: &str = "ferry_capture_lag_seconds";
+/// Gauge: 1 while this relay streams the log, 0 while it waits as a standby.
+pub const CAPTURE_STREAMING: &str = "ferry_capture_streaming";
 
 /// `class` of a failure that may pass on retry.
 pub const CLASS_TRANSIENT: &str = "transient";

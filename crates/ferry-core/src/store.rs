@@ -150,6 +150,20 @@ pub trait OutboxStore: Send + Sync + 'static {
         ))
     }
 
+    /// Which of `ids` (all of `partition`) are still in the outbox unpublished: the log
+    /// capture relay publishes only those of a transaction that may have been published
+    /// already (see [`crate::capture`]). Stores without log capture keep the default,
+    /// which refuses.
+    async fn unpublished(&self, partition: u32, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let _ = ids;
+        Err(StoreError::Other(
+            format!(
+                "this outbox store cannot be captured from a log (partition {partition}): use capture.mode = \"poll\""
+            )
+            .into(),
+        ))
+    }
+
     /// Runs until an error, waking partitions when new messages commit. Stores without
     /// notifications keep the default, and the relay polls.
     async fn watch(&self, wakers: &Wakers) -> Result<(), StoreError> {

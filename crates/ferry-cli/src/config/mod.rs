@@ -2,6 +2,7 @@
 //! `FERRY_STORE__URL`, see `env.rs`), then command-line flags. Unknown keys are errors. One
 //! module per section; `Config` checks what spans sections.
 
+mod capture;
 mod env;
 mod leases;
 mod metrics;
@@ -24,6 +25,7 @@ use ferry::redis_store::{KeyPrefix, RedisSettings};
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry_service::{DashboardConfig, ServiceConfig, TokenConfig, Tokens};
 
+pub use capture::{CaptureMode, CaptureSection};
 pub use leases::LeasesConfig;
 pub use metrics::MetricsSection;
 pub use relay::RelaySection;
@@ -44,6 +46,9 @@ pub struct Config {
     pub relay: RelaySection,
     #[serde(default)]
     pub leases: LeasesConfig,
+    /// How the relay learns of new rows: polling (default) or the database's log.
+    #[serde(default)]
+    pub capture: CaptureSection,
     /// `ferry relay`'s metrics and health endpoints.
     #[serde(default)]
     pub metrics: MetricsSection,
@@ -111,6 +116,8 @@ impl Config {
             }
         }
         self.validate_dashboard()?;
+        self.capture
+            .validate(&self.store, self.relay.on_permanent_failure)?;
         self.leases.validate()
     }
 

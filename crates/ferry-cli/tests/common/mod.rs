@@ -6,6 +6,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod browser;
+pub mod log_capture;
 pub mod scenarios;
 pub mod tls;
 
@@ -467,14 +468,17 @@ pub fn found_a_lease_gone(logs: &str) -> bool {
 
 /// Connects to the test PostgreSQL as the outbox of `scenario` (table prefix `e<tag>_`).
 pub async fn pg_outbox(tag: &str) -> PgOutbox {
+    pg_outbox_at(&services::postgres_url(), tag).await
+}
+
+/// [`pg_outbox`] on the PostgreSQL server at `url`.
+pub async fn pg_outbox_at(url: &str, tag: &str) -> PgOutbox {
     let settings = StoreSettings {
         table_prefix: TablePrefix::new(format!("e{tag}_")).unwrap(),
         max_payload_bytes: 4 * 1024 * 1024,
         ..StoreSettings::default()
     };
-    PgOutbox::connect(&services::postgres_url(), 4, settings)
-        .await
-        .unwrap()
+    PgOutbox::connect(url, 4, settings).await.unwrap()
 }
 
 /// An outbox that producers write through, whatever the store.

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::Relay;
 use super::deadline::LeaseDeadline;
-use super::worker::Worker;
+use super::worker::{Source, Worker};
 use crate::error::ErrorChain;
 use crate::lease::Lease;
 use crate::store::Wakers;
@@ -155,6 +155,7 @@ impl Relay {
             wakers: Arc::clone(&workers.wakers),
             deadline: Arc::clone(&deadline),
             stop: stop.clone(),
+            source: Source::Table { until_empty: false },
         };
         WorkerHandle {
             lease,

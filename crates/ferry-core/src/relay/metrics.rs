@@ -13,12 +13,14 @@ use metrics::{
 };
 
 use super::RelayStats;
+use crate::capture::CaptureLag;
 use crate::message::Message;
 use crate::metric_names::{
-    CLASS_FENCED, CLASS_PERMANENT, CLASS_TRANSIENT, OUTBOX_BACKLOG, OUTBOX_BLOCKED,
-    OUTBOX_OLDEST_UNPUBLISHED_AGE, RELAY_ACK_LATENCY, RELAY_BATCH_SIZE, RELAY_LEASES_ACQUIRED,
-    RELAY_LEASES_LOST, RELAY_MARKED, RELAY_OWNED_PARTITIONS, RELAY_PARKED, RELAY_PUBLISH_FAILURES,
-    RELAY_PUBLISHED, RELAY_RECONCILED,
+    CAPTURE_LAG_BYTES, CAPTURE_LAG_SECONDS, CAPTURE_STREAMING, CLASS_FENCED, CLASS_PERMANENT,
+    CLASS_TRANSIENT, OUTBOX_BACKLOG, OUTBOX_BLOCKED, OUTBOX_OLDEST_UNPUBLISHED_AGE,
+    RELAY_ACK_LATENCY, RELAY_BATCH_SIZE, RELAY_LEASES_ACQUIRED, RELAY_LEASES_LOST, RELAY_MARKED,
+    RELAY_OWNED_PARTITIONS, RELAY_PARKED, RELAY_PUBLISH_FAILURES, RELAY_PUBLISHED,
+    RELAY_RECONCILED,
 };
 use crate::sink::{Delivery, SinkError};
 use crate::store::PartitionStatus;
@@ -37,6 +39,9 @@ pub(super) struct Instruments {
     owned: Gauge,
     ack_latency: Histogram,
     batch_size: Histogram,
+    streaming: Gauge,
+    lag_bytes: Gauge,
+    lag_seconds: Gauge,
 }
 
 /// Publish failures, one counter per class of [`SinkError`].
@@ -79,6 +84,9 @@ impl Instruments {
             owned: gauge!(RELAY_OWNED_PARTITIONS),
             ack_latency: histogram!(RELAY_ACK_LATENCY),
             batch_size: histogram!(RELAY_BATCH_SIZE),
+            streaming: gauge!(CAPTURE_STREAMING),
+            lag_bytes: gauge!(CAPTURE_LAG_BYTES),
+            lag_seconds: gauge!(CAPTURE_LAG_SECONDS),
         }
     }
 
@@ -138,6 +146,21 @@ impl Instruments {
         self.leases_lost.increment(1);
     }
 
+    /// Whether this relay streams the log (log capture mode) or waits as a standby.
+    pub(super) fn streaming(&self, streaming: bool) {
+        self.stats.streaming.store(streaming, Ordering::Relaxed);
+        self.streaming.set(if streaming { 1.0 } else { 0.0 });
+    }
+
+    pub(super) fn capture_lag(&self, lag: &CaptureLag) {
+        if let Some(bytes) = lag.bytes {
+            self.lag_bytes.set(bytes as f64);
+        }
+        if let Some(seconds) = lag.seconds {
+            self.lag_seconds.set(seconds);
+        }
+    }
+
     pub(super) fn owned(&self, partitions: usize) {
         self.stats
             .owned_partitions
@@ -195,6 +218,20 @@ fn describe() {
     describe_counter!(RELAY_LEASES_ACQUIRED, "partition leases granted");
     describe_counter!(RELAY_LEASES_LOST, "leases lost or fenced while owned");
     describe_gauge!(RELAY_OWNED_PARTITIONS, "partitions this relay owns");
+    describe_gauge!(
+        CAPTURE_STREAMING,
+        "1 while this relay streams the log, 0 while it waits as a standby"
+    );
+    describe_gauge!(
+        CAPTURE_LAG_BYTES,
+        Unit::Bytes,
+        "log the database keeps for the stream past its confirmed position"
+    );
+    describe_gauge!(
+        CAPTURE_LAG_SECONDS,
+        Unit::Seconds,
+        "time since the last confirmed captured transaction committed"
+    );
     describe_histogram!(
         RELAY_ACK_LATENCY,
         Unit::Seconds,

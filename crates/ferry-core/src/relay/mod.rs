@@ -1,7 +1,9 @@
 //! The relay loop: lease partitions, and for each owned partition read in order, publish
 //! with pipelined acks, then mark exactly the acked messages under the lease's epoch.
 
+mod capture;
 mod deadline;
+mod feed;
 mod leases;
 mod metrics;
 mod replay;
@@ -27,6 +29,7 @@ use self::leases::Workers;
 use self::metrics::Instruments;
 use self::retry::{Failed, Retry};
 use crate::backoff::Backoff;
+use crate::capture::LogCapture;
 use crate::error::{ErrorChain, StoreError};
 use crate::lease::LeaseStore;
 use crate::sink::Sink;
@@ -112,6 +115,8 @@ pub struct RelayStats {
     pub parked: AtomicU64,
     /// Partitions this relay owns now.
     pub owned_partitions: AtomicU64,
+    /// Whether this relay streams the log now (log capture mode).
+    pub streaming: AtomicBool,
     /// Whether the last lease round reached the lease store, so that the relay holds its
     /// leases or waits for free ones: what readiness checks.
     pub leases_reached: AtomicBool,
@@ -123,6 +128,10 @@ pub struct RelayStats {
 pub enum RelayError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The configuration asks for something the relay cannot do; the text says what to
+    /// change.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Moves messages from an [`OutboxStore`] to a [`Sink`], owning partitions through a
@@ -133,6 +142,8 @@ pub struct Relay {
     sink: Arc<dyn Sink>,
     config: Arc<RelayConfig>,
     instruments: Arc<Instruments>,
+    /// Set in log capture mode: the log the relay streams instead of polling.
+    capture: Option<Arc<dyn LogCapture>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -158,6 +169,7 @@ impl Relay {
             sink,
             config: Arc::new(config),
             instruments: Arc::new(Instruments::register()),
+            capture: None,
         }
     }
 
@@ -173,7 +185,15 @@ impl Relay {
         let Some(partitions) = self.wait_for_store(&shutdown).await? else {
             return Ok(());
         };
-        info!(relay = %self.config.relay_id, partitions, "relay started");
+        info!(relay = %self.config.relay_id, partitions, log_capture = self.capture.is_some(), "relay started");
+        if let Some(capture) = self.capture.clone() {
+            let streamed = tokio::select! {
+                streamed = self.run_log_capture(capture, partitions, &shutdown) => streamed,
+                never = self.purge_forever() => match never {},
+            };
+            self.stop(None).await;
+            return streamed;
+        }
         let wakers = Arc::new(Wakers::new(partitions));
         let watcher = tokio::spawn(watch_store(
             Arc::clone(&self.store),
@@ -189,21 +209,45 @@ impl Relay {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = lease_tick.tick() => self.maintain_leases(&mut workers).await,
-                _ = purge_tick.tick(), if purging => match self.store.purge_published().await {
-                    Ok(0) => {}
-                    Ok(purged) => info!(purged, "purged published messages past retention"),
-                    Err(err) => warn!(error = %ErrorChain(&err), "purge failed"),
-                },
+                _ = purge_tick.tick(), if purging => self.purge().await,
             }
         }
         self.stop_workers(workers).await;
+        self.stop(Some(watcher)).await;
+        Ok(())
+    }
+
+    /// Purges published rows past the retention every purge interval (never, without
+    /// retention).
+    async fn purge_forever(&self) -> std::convert::Infallible {
+        if self.store.retention().is_zero() {
+            return std::future::pending().await;
+        }
+        let mut purge_tick = tokio::time::interval(self.config.purge_interval);
+        loop {
+            purge_tick.tick().await;
+            self.purge().await;
+        }
+    }
+
+    async fn purge(&self) {
+        match self.store.purge_published().await {
+            Ok(0) => {}
+            Ok(purged) => info!(purged, "purged published messages past retention"),
+            Err(err) => warn!(error = %ErrorChain(&err), "purge failed"),
+        }
+    }
+
+    /// What every run ends with, once no partition is relayed any more.
+    async fn stop(&self, watcher: Option<tokio::task::JoinHandle<()>>) {
         if let Err(err) = self.leases.leave(&self.config.relay_id).await {
             warn!(error = %ErrorChain(&err), "failed to leave the relay set; others rebalance when it expires");
         }
-        watcher.abort();
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
         self.sink.shutdown().await;
         info!(relay = %self.config.relay_id, "relay stopped");
-        Ok(())
     }
 
     /// The outbox's partition count, once the store answers; `None` if shut down first.

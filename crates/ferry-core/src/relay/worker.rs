@@ -11,6 +11,7 @@ use tracing::{Instrument as _, debug, debug_span, error, info, info_span, warn};
 use uuid::Uuid;
 
 use super::deadline::LeaseDeadline;
+use super::feed::CapturedFeed;
 use super::metrics::Instruments;
 use super::retry::{Failed, Interrupted, Retry, ensure_held, wait};
 use super::{OnPermanentFailure, RelayConfig};
@@ -35,6 +36,16 @@ pub(super) struct Worker {
     pub(super) deadline: Arc<LeaseDeadline>,
     /// Graceful stop: finish the batch in flight, then release.
     pub(super) stop: CancellationToken,
+    pub(super) source: Source,
+}
+
+/// Where the worker's batches come from.
+pub(super) enum Source {
+    /// The outbox table, read in sequence order (poll mode); with `until_empty`, the worker
+    /// returns once a read finds the partition empty (the drain before log capture streams).
+    Table { until_empty: bool },
+    /// The partition's share of the captured transactions, in log order (log mode).
+    Captured(tokio::sync::Mutex<CapturedFeed>),
 }
 
 /// What the worker carries from one batch to the next.
@@ -46,6 +57,15 @@ struct Progress {
     /// A failed publish may still have reached the broker: until a later batch has been
     /// fully acked and marked, the next owner must reconcile.
     maybe_unmarked: bool,
+}
+
+/// What a fetch came to.
+enum Fetched {
+    Batch(Vec<Message>),
+    /// The read failed and the backoff's delay has passed.
+    Retry,
+    /// The captured feed closed, or the worker was asked to stop while waiting for it.
+    End,
 }
 
 /// What the sink's outcomes for one batch come to.
@@ -121,9 +141,10 @@ impl Worker {
         }
     }
 
-    /// Relays until asked to stop. `Ok(clean)` says whether every message possibly
-    /// published under this lease was marked.
-    async fn relay_partition(&self) -> Result<bool, Interrupted> {
+    /// Relays until asked to stop (or, per its source, until the partition is drained or
+    /// its feed closed). `Ok(clean)` says whether every message possibly published under
+    /// this lease was marked.
+    pub(super) async fn relay_partition(&self) -> Result<bool, Interrupted> {
         let takeover = self.takeover().await?;
         self.open_sink_partition().await?;
         if let Takeover::Unclean {
@@ -143,10 +164,15 @@ impl Worker {
             // Debug level: an idle partition polls, and its empty fetches are no news.
             let fetch_span = debug_span!("fetch", partition = self.partition());
             let fetched = self.fetch(&mut progress.backoff).instrument(fetch_span);
-            let Some(batch) = fetched.await? else {
-                continue;
+            let batch = match fetched.await? {
+                Fetched::Batch(batch) => batch,
+                Fetched::Retry => continue,
+                Fetched::End => break,
             };
             if batch.is_empty() {
+                if matches!(self.source, Source::Table { until_empty: true }) {
+                    break;
+                }
                 self.wait_for_messages().await;
                 continue;
             }
@@ -181,6 +207,9 @@ impl Worker {
             self.mark(&published.acked, published.checkpoint)
                 .instrument(info_span!("mark", acked = published.acked.len()))
                 .await?;
+        }
+        if let Source::Captured(feed) = &self.source {
+            feed.lock().await.settle(batch, &published.acked);
         }
         let failed = batch.len() - published.acked.len();
         self.settle(progress, published.failure, failed).await
@@ -303,16 +332,28 @@ impl Worker {
         self.mark(&ids, None).await
     }
 
-    /// The partition's next unpublished messages; `None` after a failed read, once the
-    /// backoff's delay has passed.
-    async fn fetch(&self, backoff: &mut Backoff) -> Result<Option<Vec<Message>>, Interrupted> {
+    /// The partition's next unpublished messages: from the table, or the next captured
+    /// ones (waiting for them).
+    async fn fetch(&self, backoff: &mut Backoff) -> Result<Fetched, Interrupted> {
         let partition = self.partition();
-        match self.store.fetch(partition, self.config.batch_size).await {
-            Ok(batch) => Ok(Some(batch)),
+        let table = match &self.source {
+            Source::Table { .. } => self.store.fetch(partition, self.config.batch_size).await,
+            Source::Captured(feed) => {
+                let mut feed = feed.lock().await;
+                return Ok(
+                    match feed.next_batch(self.config.batch_size, &self.stop).await {
+                        Some(batch) => Fetched::Batch(batch),
+                        None => Fetched::End,
+                    },
+                );
+            }
+        };
+        match table {
+            Ok(batch) => Ok(Fetched::Batch(batch)),
             Err(err) => {
                 warn!(partition, error = %ErrorChain(&err), "fetch failed");
                 self.pause(backoff.next_delay()).await?;
-                Ok(None)
+                Ok(Fetched::Retry)
             }
         }
     }

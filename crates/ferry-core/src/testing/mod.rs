@@ -6,11 +6,13 @@
 //! clock. They never stand in for a real store or broker in integration tests: those run
 //! against the real services (docs/DESIGN.md §8), whose addresses [`services`] gives.
 
+mod capture;
 pub mod services;
 mod sink;
 mod store;
 #[cfg(test)]
 mod tests;
 
+pub use capture::MemoryLog;
 pub use sink::{Outcome, ScriptedSink, SinkEvent};
 pub use store::{MarkAttempt, MemoryStore, Release};

@@ -13,11 +13,29 @@ pub fn postgres_url() -> String {
     )
 }
 
+/// PostgreSQL with `wal_level = logical`, for log capture: `FERRY_TEST_PG_LOGICAL_URL`
+/// (the second cluster of `scripts/services.sh`).
+pub fn postgres_logical_url() -> String {
+    var_or(
+        "FERRY_TEST_PG_LOGICAL_URL",
+        "postgres://postgres@127.0.0.1:5434/ferry_test",
+    )
+}
+
 /// MySQL or MariaDB: `FERRY_TEST_MYSQL_URL`.
 pub fn mysql_url() -> String {
     var_or(
         "FERRY_TEST_MYSQL_URL",
         "mysql://root@127.0.0.1:3306/ferry_test",
+    )
+}
+
+/// MariaDB with a row-format binary log, for log-based capture:
+/// `FERRY_TEST_MYSQL_BINLOG_URL`.
+pub fn mysql_binlog_url() -> String {
+    var_or(
+        "FERRY_TEST_MYSQL_BINLOG_URL",
+        "mysql://root@127.0.0.1:3308/ferry_test",
     )
 }
 

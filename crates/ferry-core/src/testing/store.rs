@@ -355,6 +355,20 @@ impl OutboxStore for MemoryStore {
         Ok(state.unpublished(partition).take(limit).cloned().collect())
     }
 
+    async fn unpublished(&self, partition: u32, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let state = self.outbox()?;
+        Ok(state
+            .rows
+            .values()
+            .filter(|row| {
+                row.message.partition == partition
+                    && !row.published
+                    && ids.contains(&row.message.id)
+            })
+            .map(|row| row.message.id)
+            .collect())
+    }
+
     async fn mark_published(
         &self,
         lease: &Lease,

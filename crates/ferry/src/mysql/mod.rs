@@ -17,6 +17,9 @@
 //! reports as retryable: retry the whole transaction. Writers of disjoint aggregates do
 //! not block each other in `enqueue`.
 
+#[cfg(feature = "mysql-capture")]
+pub mod capture;
+
 use std::str::FromStr;
 
 use sqlx::MySql;
@@ -55,6 +58,7 @@ impl Dialect for MyDialect {
         include_str!("migrations/0001_initial.sql"),
         include_str!("migrations/0002_operations.sql"),
         include_str!("migrations/0003_trace_context.sql"),
+        include_str!("migrations/0004_capture.sql"),
     ];
     const ENQUEUE: Enqueue = Enqueue::Routine(include_str!("queries/enqueue.sql"));
     /// One placeholder per id; a reconciliation's longer list goes in chunks.

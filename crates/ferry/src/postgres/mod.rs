@@ -6,6 +6,9 @@
 //! as the Rust API does, and a trigger that notifies the relay once per producing statement
 //! and partition.
 
+#[cfg(feature = "postgres-capture")]
+pub mod capture;
+
 use std::str::FromStr;
 
 use sqlx::error::DatabaseError;

@@ -144,7 +144,7 @@ impl<D: Dialect> OutboxAdmin for SqlOutbox<D> {
             .fetch_all::<D>(&mut *self.acquire().await?, &args)
             .await?
             .iter()
-            .map(row::message::<D::Db>)
+            .map(row::message)
             .collect::<Result<_, _>>()
             .map_err(store_error::<D>)
     }

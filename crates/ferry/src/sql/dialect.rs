@@ -104,6 +104,8 @@ pub struct Queries {
     pub mark_delete: &'static str,
     /// `($1 partition, $2 ids)`: stamps the rows published.
     pub mark_keep: &'static str,
+    /// `($1 partition, $2 ids)` → `id` of those rows still unpublished (log capture).
+    pub unpublished: &'static str,
     /// `($1 partition, $2 epoch, $3 owner, $4 reason)` while `{fence}` holds; sets
     /// `blocked_at` when the partition becomes blocked, clears it with the reason.
     pub blocked_set: &'static str,
@@ -193,6 +195,7 @@ macro_rules! queries {
             lease_check: include_str!("queries/lease_check.sql"),
             mark_delete: include_str!("queries/mark_delete.sql"),
             mark_keep: include_str!("queries/mark_keep.sql"),
+            unpublished: include_str!("queries/unpublished.sql"),
             blocked_set: include_str!("queries/blocked_set.sql"),
             retry_take: include_str!("queries/retry_take.sql"),
             retry_request: include_str!("queries/retry_request.sql"),

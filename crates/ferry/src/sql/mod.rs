@@ -23,7 +23,7 @@ mod inbox;
 mod lease;
 mod migrate;
 mod outbox;
-mod row;
+pub(crate) mod row;
 mod statement;
 #[cfg(test)]
 pub(crate) mod statement_arity;

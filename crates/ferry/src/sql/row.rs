@@ -18,28 +18,66 @@ use super::error::corrupt;
 
 type Row<DB> = <DB as sqlx::Database>::Row;
 
+/// The [`Queries::fetch`](super::Queries::fetch) columns by position, wherever a row comes
+/// from: a query's result, or (log capture) a binlog image of an outbox row, whose columns
+/// are the table's in the same order.
+pub(crate) trait FetchColumns {
+    fn int32(&self, index: usize) -> Result<i32, sqlx::Error>;
+    fn int64(&self, index: usize) -> Result<i64, sqlx::Error>;
+    fn uuid(&self, index: usize) -> Result<uuid::Uuid, sqlx::Error>;
+    fn text(&self, index: usize) -> Result<String, sqlx::Error>;
+    fn bytes(&self, index: usize) -> Result<Vec<u8>, sqlx::Error>;
+    fn headers(&self, index: usize) -> Result<Headers, sqlx::Error>;
+    fn time(&self, index: usize) -> Result<DateTime<Utc>, sqlx::Error>;
+}
+
+impl<R: sqlx::Row> FetchColumns for R
+where
+    R::Database: Driver,
+{
+    fn int32(&self, index: usize) -> Result<i32, sqlx::Error> {
+        self.col_at(index)
+    }
+    fn int64(&self, index: usize) -> Result<i64, sqlx::Error> {
+        self.col_at(index)
+    }
+    fn uuid(&self, index: usize) -> Result<uuid::Uuid, sqlx::Error> {
+        self.col_at(index)
+    }
+    fn text(&self, index: usize) -> Result<String, sqlx::Error> {
+        self.col_at(index)
+    }
+    fn bytes(&self, index: usize) -> Result<Vec<u8>, sqlx::Error> {
+        self.col_at(index)
+    }
+    fn headers(&self, index: usize) -> Result<Headers, sqlx::Error> {
+        self.col_at::<Json<Headers>>(index).map(|headers| headers.0)
+    }
+    fn time(&self, index: usize) -> Result<DateTime<Utc>, sqlx::Error> {
+        self.col_at(index)
+    }
+}
+
 /// An outbox row as a message: the `fetch` columns, read by position (a batch is a
 /// thousand rows: a name lookup per value showed in profiles), in the order
 /// [`Queries::fetch`](super::Queries::fetch) lists them.
-pub(crate) fn message<DB: Driver>(row: &Row<DB>) -> Result<Message, sqlx::Error> {
-    let id: uuid::Uuid = row.col_at(1)?;
-    let partition: i32 = row.col_at(2)?;
-    let version: i64 = row.col_at(5)?;
-    let payload: Vec<u8> = row.col_at(7)?;
-    let headers: Json<Headers> = row.col_at(8)?;
+pub(crate) fn message(row: &impl FetchColumns) -> Result<Message, sqlx::Error> {
+    let id = row.uuid(1)?;
+    let partition = row.int32(2)?;
+    let version = row.int64(5)?;
     let decode = |what: &str| sqlx::Error::Decode(format!("outbox row {id}: {what}").into());
     Ok(Message {
         id,
         version: u64::try_from(version).map_err(|_| decode("negative version"))?,
         partition: u32::try_from(partition).map_err(|_| decode("partition out of range"))?,
-        aggregate_type: row.col_at(3)?,
-        aggregate_id: row.col_at(4)?,
-        event_type: row.col_at(6)?,
-        payload: Bytes::from(payload),
-        headers: headers.0,
-        partition_key: row.col_at(9)?,
-        created_at: row.col_at(10)?,
-        sequence: row.col_at(0)?,
+        aggregate_type: row.text(3)?,
+        aggregate_id: row.text(4)?,
+        event_type: row.text(6)?,
+        payload: Bytes::from(row.bytes(7)?),
+        headers: row.headers(8)?,
+        partition_key: row.text(9)?,
+        created_at: row.time(10)?,
+        sequence: row.int64(0)?,
     })
 }
 
@@ -47,7 +85,7 @@ pub(crate) fn message<DB: Driver>(row: &Row<DB>) -> Result<Message, sqlx::Error>
 pub(crate) fn parked<DB: Driver>(row: &Row<DB>) -> Result<ParkedMessage, sqlx::Error> {
     let parked_at_ms: i64 = row.col("parked_at_ms")?;
     Ok(ParkedMessage {
-        message: message::<DB>(row)?,
+        message: message(row)?,
         parked_at: timestamp(parked_at_ms)?,
         parked_by: row.col("parked_by")?,
         reason: row.col("reason")?,

@@ -20,6 +20,7 @@ pub(crate) fn check<D: Dialect>() {
         ("lease_check", q.lease_check, 4),
         ("mark_delete", q.mark_delete, 2),
         ("mark_keep", q.mark_keep, 2),
+        ("unpublished", q.unpublished, 2),
         ("blocked_set", q.blocked_set, 4),
         ("retry_take", q.retry_take, 3),
         ("retry_request", q.retry_request, 1),

@@ -49,9 +49,26 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
             }
         };
         rows.iter()
-            .map(row::message::<D::Db>)
+            .map(row::message)
             .collect::<Result<_, _>>()
             .map_err(store_error::<D>)
+    }
+
+    async fn unpublished(&self, partition: u32, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let mut unpublished = Vec::new();
+        for chunk in ids.chunks(D::MAX_IDS_PER_STATEMENT) {
+            let rows = self
+                .statements
+                .unpublished
+                .for_ids(chunk.len())
+                .fetch_all::<D>(&mut conn, &[partition.into(), Arg::Ids(chunk)])
+                .await?;
+            for row in &rows {
+                unpublished.push(row.col_at(0).map_err(store_error::<D>)?);
+            }
+        }
+        Ok(unpublished)
     }
 
     /// Checks the lease and marks in one write transaction: the check updates (and so

@@ -1,6 +1,7 @@
 //! The relay against the in-memory store and the scripted sink, on tokio's paused clock:
 //! leases, fencing, failures and shutdown, each in seconds and with no service.
 
+mod capture;
 mod failures;
 mod fencing;
 mod leases;

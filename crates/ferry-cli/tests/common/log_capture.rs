@@ -1,0 +1,85 @@
+//! The log capture scenarios (`capture.mode = "log"`) of every store that has a log the
+//! relay streams: a round trip with a rolled-back transaction, and a standby taking over.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ferry::NewMessage;
+use uuid::Uuid;
+
+use super::Producer;
+use super::scenarios::StoreNats;
+
+/// What the relay logs once it streams.
+pub const STREAMING: &str = "the table is drained; streaming";
+
+/// A store relayed in log mode.
+pub trait LogStoreNats: StoreNats {
+    /// Enqueues `message` in a transaction that is then rolled back; returns its id.
+    async fn enqueue_rolled_back(&self, message: NewMessage) -> Uuid;
+}
+
+/// A row committed before streaming (the drain's), a rolled-back transaction never
+/// published, then committed producers; `ferry status` prints `lag_text`.
+pub async fn round_trip_never_publishes_a_rolled_back_transaction<S: LogStoreNats>(lag_text: &str) {
+    let e2e = S::new(4, 120, "").await;
+    let mut produced: HashSet<_> = e2e
+        .outbox()
+        .commit(vec![NewMessage::new(
+            "order",
+            "before-streaming",
+            "order.placed",
+            "{}",
+        )])
+        .await
+        .into_iter()
+        .collect();
+    let relay = e2e.scenario().relay("relay");
+    relay.wait_for_log(STREAMING, Duration::from_secs(20)).await;
+    let rolled_back = e2e
+        .enqueue_rolled_back(NewMessage::new(
+            "order",
+            "rolled-back",
+            "order.placed",
+            "{}",
+        ))
+        .await;
+    produced.extend(e2e.produce(20, 5, 2).await.unwrap());
+    e2e.scenario().wait_drained(Duration::from_secs(30)).await;
+    let report = e2e.check_stream(&produced).await;
+    report.assert_perfect(produced.len());
+    assert!(!produced.contains(&rolled_back));
+
+    let status = e2e.scenario().ferry(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(lag_text), "{text}");
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+    e2e.cleanup().await;
+}
+
+/// A second relay waits as a standby (its log says `held_text`) and streams once the first
+/// is killed; nothing is lost, duplicated or reordered after the inbox.
+pub async fn a_standby_takes_over_when_the_streaming_relay_is_killed<S: LogStoreNats>(
+    held_text: &str,
+) {
+    let e2e = S::new(4, 1, "").await;
+    let first = e2e.scenario().relay("relay-a");
+    first.wait_for_log(STREAMING, Duration::from_secs(20)).await;
+    let second = e2e.scenario().relay("relay-b");
+    second
+        .wait_for_log("standby", Duration::from_secs(20))
+        .await;
+    assert!(second.logs().contains(held_text), "{}", second.logs());
+    let producing = e2e.produce(40, 30, 2);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    first.kill_nine();
+    second
+        .wait_for_log(STREAMING, Duration::from_secs(30))
+        .await;
+    let produced = producing.await.unwrap();
+    e2e.scenario().wait_drained(Duration::from_secs(60)).await;
+    let report = e2e.check_stream(&produced).await;
+    report.assert_perfect_after_inbox();
+    assert!(second.terminate(Duration::from_secs(15)).success());
+    e2e.cleanup().await;
+}

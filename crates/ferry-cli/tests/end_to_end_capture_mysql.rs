@@ -1,0 +1,97 @@
+//! Log capture (`capture.mode = "log"`) end to end on MariaDB: real `ferry relay` processes
+//! streaming the outbox from the binlog (the MariaDB with a row-format binlog of
+//! `scripts/services.sh`, `FERRY_TEST_MYSQL_BINLOG_URL`) into the real NATS JetStream:
+//! round trip with a rolled-back transaction, kill -9 at random points while producers
+//! commit out of sequence order, a paused relay fenced, SIGTERM, a standby taking over the
+//! capture lock, and the lag in `ferry status`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::log_capture::{self, LogStoreNats};
+use common::scenarios::StoreNats;
+use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
+use ferry::NewMessage;
+use ferry::mysql::MyOutbox;
+use ferry::sql::{StoreSettings, TablePrefix};
+use ferry_core::testing::services;
+use uuid::Uuid;
+
+/// A MariaDB outbox streamed from the binlog to a NATS stream, both named after the
+/// scenario's tag.
+struct MyLogNats {
+    scenario: Scenario,
+    outbox: MyOutbox,
+}
+
+impl StoreNats for MyLogNats {
+    async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
+        let tag = unique_tag();
+        let url = services::mysql_binlog_url();
+        let scenario = Scenario::new(
+            &tag,
+            &[
+                &format!("[store]\ntype = \"mysql\"\nurl = \"{url}\"\n"),
+                &outbox_section(&tag, partitions, extra_outbox),
+                &nats_sink_section(&tag, duplicate_window_secs),
+                FAST_RELAY,
+                "[capture]\nmode = \"log\"\nheartbeat_interval_ms = 500\n",
+            ],
+        );
+        let settings = StoreSettings {
+            table_prefix: TablePrefix::new(format!("e{tag}_")).unwrap(),
+            max_payload_bytes: 4 * 1024 * 1024,
+            ..StoreSettings::default()
+        };
+        let outbox = MyOutbox::connect(&url, 6, settings).await.unwrap();
+        Self { scenario, outbox }
+    }
+
+    fn scenario(&self) -> &Scenario {
+        &self.scenario
+    }
+
+    fn outbox(&self) -> &impl Producer {
+        &self.outbox
+    }
+}
+
+impl LogStoreNats for MyLogNats {
+    async fn enqueue_rolled_back(&self, message: NewMessage) -> Uuid {
+        let mut tx = self.outbox.pool().begin().await.unwrap();
+        let id = self.outbox.enqueue(&mut tx, message).await.unwrap().id;
+        tx.rollback().await.unwrap();
+        id
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_never_publishes_a_rolled_back_transaction_and_reports_the_lag() {
+    log_capture::round_trip_never_publishes_a_rolled_back_transaction::<MyLogNats>(
+        "bytes of log behind",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g2_g3_g4_kill_nine_while_streaming_loses_and_duplicates_nothing() {
+    common::scenarios::kill_nine_at_random_points::<MyLogNats>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g5_a_paused_streaming_relay_is_fenced() {
+    common::scenarios::paused_zombie_relay_is_fenced::<MyLogNats>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_confirms_and_releases_every_lease() {
+    common::scenarios::sigterm_finishes_and_releases_leases::<MyLogNats>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_waits_as_a_standby_and_takes_over_when_the_first_is_killed() {
+    log_capture::a_standby_takes_over_when_the_streaming_relay_is_killed::<MyLogNats>(
+        "streamed by another relay",
+    )
+    .await;
+}

@@ -1,0 +1,206 @@
+//! Log capture (`capture.mode = "log"`) end to end: real `ferry relay` processes streaming
+//! the outbox from PostgreSQL's logical replication (the cluster with `wal_level =
+//! logical` of `scripts/services.sh`, `FERRY_TEST_PG_LOGICAL_URL`) into the real NATS
+//! JetStream: round trip, a rolled-back transaction, kill -9 at random points while
+//! producers commit out of sequence order, a standby taking over the slot, a paused relay
+//! fenced, SIGTERM, heartbeats moving an idle slot on, and the slot's lag in `ferry status`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::scenarios::StoreNats;
+use common::{
+    FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, pg_outbox_at, unique_tag,
+};
+use ferry::NewMessage;
+use ferry::postgres::PgOutbox;
+use ferry_core::testing::services;
+use sqlx::PgPool;
+
+/// A PostgreSQL outbox streamed by log capture to a NATS stream, both named after the
+/// scenario's tag; its slot and publication are `e<tag>_outbox`.
+struct PgLogNats {
+    scenario: Scenario,
+    outbox: PgOutbox,
+}
+
+impl PgLogNats {
+    fn slot(&self) -> String {
+        format!("e{}_outbox", self.scenario.tag)
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.outbox.pool()
+    }
+
+    /// The slot's confirmed position, in bytes from the start of the WAL.
+    async fn confirmed_flush(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(self.slot())
+        .fetch_one(self.pool())
+        .await
+        .unwrap()
+    }
+}
+
+impl StoreNats for PgLogNats {
+    async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
+        let tag = unique_tag();
+        let url = services::postgres_logical_url();
+        let scenario = Scenario::new(
+            &tag,
+            &[
+                &format!("[store]\ntype = \"postgres\"\nurl = \"{url}\"\n"),
+                &outbox_section(&tag, partitions, extra_outbox),
+                &nats_sink_section(&tag, duplicate_window_secs),
+                FAST_RELAY,
+                "[capture]\nmode = \"log\"\nheartbeat_interval_ms = 500\n",
+            ],
+        );
+        let outbox = pg_outbox_at(&url, &tag).await;
+        Self { scenario, outbox }
+    }
+
+    fn scenario(&self) -> &Scenario {
+        &self.scenario
+    }
+
+    fn outbox(&self) -> &impl Producer {
+        &self.outbox
+    }
+
+    /// Drops the slot (once its relays are gone), so that it pins no WAL after the test.
+    async fn remove_outbox(&self) {
+        for _ in 0..50 {
+            let dropped = sqlx::query(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(self.slot())
+            .execute(self.pool())
+            .await;
+            if dropped.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("the slot {} stayed active", self.slot());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_never_publishes_a_rolled_back_transaction_and_reports_the_slot_lag() {
+    let e2e = PgLogNats::new(4, 120, "").await;
+    // Committed before any relay streams: published from the table by the drain.
+    let mut produced: HashSet<_> = e2e
+        .outbox
+        .commit(vec![NewMessage::new(
+            "order",
+            "before-streaming",
+            "order.placed",
+            "{}",
+        )])
+        .await
+        .into_iter()
+        .collect();
+    let relay = e2e.scenario.relay("relay");
+    relay
+        .wait_for_log("the table is drained; streaming", Duration::from_secs(20))
+        .await;
+    let mut tx = e2e.pool().begin().await.unwrap();
+    let rolled_back = e2e
+        .outbox
+        .enqueue(
+            &mut tx,
+            NewMessage::new("order", "rolled-back", "order.placed", "{}"),
+        )
+        .await
+        .unwrap()
+        .id;
+    tx.rollback().await.unwrap();
+    produced.extend(e2e.produce(20, 5, 2).await.unwrap());
+    e2e.scenario.wait_drained(Duration::from_secs(30)).await;
+    let report = e2e.check_stream(&produced).await;
+    report.assert_perfect(produced.len());
+    assert!(!produced.contains(&rolled_back));
+
+    let status = e2e.scenario.ferry(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("log capture: slot") && text.contains("bytes behind"),
+        "{text}"
+    );
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+    e2e.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g2_g3_g4_kill_nine_while_streaming_loses_and_duplicates_nothing() {
+    common::scenarios::kill_nine_at_random_points::<PgLogNats>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g5_a_paused_streaming_relay_is_fenced() {
+    common::scenarios::paused_zombie_relay_is_fenced::<PgLogNats>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_confirms_and_releases_every_lease() {
+    common::scenarios::sigterm_finishes_and_releases_leases::<PgLogNats>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_waits_as_a_standby_and_takes_over_when_the_first_is_killed() {
+    let e2e = PgLogNats::new(4, 1, "").await;
+    let first = e2e.scenario.relay("relay-a");
+    first
+        .wait_for_log("the table is drained; streaming", Duration::from_secs(20))
+        .await;
+    let second = e2e.scenario.relay("relay-b");
+    second
+        .wait_for_log("standby", Duration::from_secs(20))
+        .await;
+    assert!(second.logs().contains("is active"), "{}", second.logs());
+    let producing = e2e.produce(40, 30, 2);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    first.kill_nine();
+    second
+        .wait_for_log("the table is drained; streaming", Duration::from_secs(30))
+        .await;
+    let produced = producing.await.unwrap();
+    e2e.scenario.wait_drained(Duration::from_secs(60)).await;
+    let report = e2e.check_stream(&produced).await;
+    report.assert_perfect_after_inbox();
+    assert!(second.terminate(Duration::from_secs(15)).success());
+    e2e.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_move_the_slot_on_while_the_outbox_is_idle() {
+    let e2e = PgLogNats::new(2, 120, "").await;
+    let relay = e2e.scenario.relay("relay");
+    relay
+        .wait_for_log("the table is drained; streaming", Duration::from_secs(20))
+        .await;
+    let before = e2e.confirmed_flush().await;
+    // WAL written elsewhere: the slot must not stay behind it while no outbox row comes.
+    sqlx::query("CREATE TEMP TABLE filler AS SELECT generate_series(1, 10000) AS n")
+        .execute(e2e.pool())
+        .await
+        .unwrap();
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    while e2e.confirmed_flush().await <= before {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the idle slot's confirmed position did not move: {}",
+            relay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+    e2e.cleanup().await;
+}

@@ -1,0 +1,640 @@
+//! The relay in log capture mode (`capture.mode = "log"`): one relay streams the log at a
+//! time, the others wait as standbys.
+//!
+//! A session, once [`LogCapture::start`] gave this relay the log:
+//! 1. takes the leases of every partition (waiting for a previous owner's to run out) and
+//!    keeps renewing them, so that every mark is fenced by an epoch as in poll mode, and a
+//!    relay that lost them (paused past its lease) can mark nothing;
+//! 2. drains the table by the poll path (reconciling first after an unclean takeover):
+//!    rows committed before the log's confirmed position (before the slot existed, while
+//!    relays polled, or published by a relay that crashed before confirming) are published
+//!    from the table, so none is lost in a gap between the two paths;
+//! 3. tells the stream it drained ([`LogStream::mark_drained`]); the transactions that
+//!    ended before come flagged `maybe_published`, and only their ids the store still holds
+//!    unpublished go out, so a re-sent transaction is not published twice;
+//! 4. streams: each transaction's messages go to their partitions' feeds, in log order; one
+//!    worker per partition publishes and marks them as in poll mode (partitions in
+//!    parallel), and the stream's confirmed position is the end of the last transaction
+//!    whose messages, and all earlier ones', are acked and marked.
+//!
+//! Order: enqueue serialises an aggregate's writers, so its commit order is its version
+//! order; the log delivers transactions in commit order, and a partition's feed keeps it,
+//! so no message overtakes an earlier one of its key. A full feed (a blocked partition, a
+//! slow broker) stops the reading of the log, never grows without bound.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::deadline::LeaseDeadline;
+use super::feed::{CapturedFeed, Portion};
+use super::retry::{Failed, Interrupted, Retry, wait};
+use super::worker::{Source, Worker};
+use super::{OnPermanentFailure, Relay, RelayError};
+use crate::capture::{CapturedTransaction, LogCapture, LogPosition, LogStream};
+use crate::error::{ErrorChain, StoreError};
+use crate::lease::Lease;
+use crate::message::Message;
+use crate::store::Wakers;
+
+/// Portions a partition's feed holds before the dispatcher waits for its worker.
+const FEED_PORTIONS: usize = 256;
+/// How often the confirmed position is sent while transactions complete.
+const CONFIRM_EVERY: Duration = Duration::from_millis(500);
+/// How often the stream's lag is read for the metrics.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a streaming session ended.
+#[derive(Debug)]
+enum Ended {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// A lease was lost, or the sink fenced a partition: another relay may be publishing.
+    Fenced,
+    /// The stream failed: a new one is started.
+    StreamFailed(StoreError),
+}
+
+impl Relay {
+    /// Streams the outbox from `capture` instead of polling it (`capture.mode = "log"`).
+    pub fn with_log_capture(mut self, capture: Arc<dyn LogCapture>) -> Self {
+        self.capture = Some(capture);
+        self
+    }
+
+    /// Waits as a standby until the log is free, streams it while this relay holds it and
+    /// every lease, and starts over when a session ends, until `shutdown`.
+    pub(super) async fn run_log_capture(
+        &self,
+        capture: Arc<dyn LogCapture>,
+        partitions: u32,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        if self.config.on_permanent_failure == OnPermanentFailure::ParkAggregate {
+            return Err(RelayError::Config(
+                "capture.mode = \"log\" publishes a partition in log order and cannot hold back a parked aggregate: set relay.on_permanent_failure = \"block\", or use capture.mode = \"poll\"".into(),
+            ));
+        }
+        let mut backoff = self.config.backoff();
+        let mut standby = false;
+        while !shutdown.is_cancelled() {
+            let delay = match capture.start().await {
+                Ok(stream) => {
+                    info!(relay = %self.config.relay_id, "log capture: streaming the log");
+                    standby = false;
+                    backoff.reset();
+                    self.instruments.streaming(true);
+                    let ended = self.stream_session(stream, partitions, shutdown).await;
+                    self.instruments.streaming(false);
+                    match ended {
+                        Ended::Shutdown => break,
+                        Ended::Fenced => {
+                            warn!(
+                                "log capture: lease lost or the sink fenced a partition; giving the log up"
+                            )
+                        }
+                        Ended::StreamFailed(err) => {
+                            warn!(error = %ErrorChain(&err), "log capture: the stream failed; starting another")
+                        }
+                    }
+                    backoff.next_delay()
+                }
+                Err(StoreError::HeldElsewhere(why)) => {
+                    if !standby {
+                        info!(relay = %self.config.relay_id, %why, "log capture: standby, another relay streams the log");
+                        standby = true;
+                    }
+                    self.config.lease_ttl / 3
+                }
+                Err(err) if err.is_retryable() => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %ErrorChain(&err), retry_in_ms = delay.as_millis() as u64, "log capture: cannot open the stream");
+                    delay
+                }
+                Err(err) => return Err(err.into()),
+            };
+            if wait(delay, Some(shutdown), None).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One session on an open stream; gives the leases up (clean if everything published
+    /// was marked) when it ends.
+    async fn stream_session(
+        &self,
+        stream: Box<dyn LogStream>,
+        partitions: u32,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        let Some((leases, deadline)) = self.acquire_all(partitions, shutdown).await else {
+            return Ended::Shutdown;
+        };
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(keep_leases(
+            Arc::clone(&self.leases),
+            self.config.relay_id.clone(),
+            self.config.lease_ttl,
+            leases.clone(),
+            Arc::clone(&deadline),
+            lost.clone(),
+        ));
+        let stop = CancellationToken::new();
+        let stop_on_loss = {
+            let (stop, lost, shutdown) = (stop.clone(), lost.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = lost.cancelled() => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                stop.cancel();
+            })
+        };
+        let session = Session {
+            relay: self,
+            partitions,
+            deadline,
+            stop,
+        };
+        let (ended, clean) = session.run(stream, &leases).await;
+        stop_on_loss.abort();
+        keeper.abort();
+        for lease in &leases {
+            self.sink.close_partition(lease.partition).await;
+        }
+        let ended = if lost.is_cancelled() || session.deadline_passed() {
+            self.instruments.lease_lost();
+            Ended::Fenced
+        } else {
+            for lease in &leases {
+                if let Err(err) = self.leases.release(lease, clean).await {
+                    warn!(partition = lease.partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
+                }
+            }
+            ended
+        };
+        self.instruments.owned(0);
+        ended
+    }
+
+    /// Takes every partition's lease, waiting for other holders' to run out; `None` if
+    /// shut down first.
+    async fn acquire_all(
+        &self,
+        partitions: u32,
+        shutdown: &CancellationToken,
+    ) -> Option<(Vec<Lease>, Arc<LeaseDeadline>)> {
+        let ttl = self.config.lease_ttl;
+        let relay = &self.config.relay_id;
+        let mut held: Vec<Lease> = Vec::new();
+        let mut waiting_logged = false;
+        loop {
+            let valid_until = Instant::now() + ttl;
+            let round = async {
+                self.leases.heartbeat(relay, ttl).await?;
+                if !held.is_empty() {
+                    let renewed = self.leases.renew(&held, ttl).await?;
+                    held.retain(|lease| renewed.contains(&lease.partition));
+                }
+                let wanted = partitions as usize - held.len();
+                let granted = self.leases.acquire(relay, wanted, ttl).await?;
+                Ok::<_, StoreError>(granted)
+            };
+            match round.await {
+                Ok(granted) => {
+                    for lease in &granted {
+                        info!(partition = lease.partition, epoch = lease.epoch, takeover = ?lease.takeover, "partition acquired");
+                        self.instruments.lease_acquired();
+                    }
+                    held.extend(granted);
+                    self.instruments.owned(held.len());
+                    if held.len() == partitions as usize {
+                        held.sort_by_key(|lease| lease.partition);
+                        return Some((held, Arc::new(LeaseDeadline::new(valid_until))));
+                    }
+                    if !waiting_logged {
+                        info!(
+                            held = held.len(),
+                            partitions,
+                            "log capture: waiting for the other partitions' leases to run out (a relay in poll mode keeps them: every relay of the outbox must use capture.mode = \"log\")"
+                        );
+                        waiting_logged = true;
+                    }
+                }
+                Err(err) => warn!(error = %ErrorChain(&err), "log capture: lease round failed"),
+            }
+            if wait(ttl / 3, Some(shutdown), None).await.is_err() {
+                for lease in &held {
+                    let _ = self.leases.release(lease, true).await;
+                }
+                return None;
+            }
+        }
+    }
+}
+
+/// Renews every lease each third of the TTL; the first round that does not renew them all
+/// expires the deadline and fires `lost`.
+async fn keep_leases(
+    leases: Arc<dyn crate::lease::LeaseStore>,
+    relay: String,
+    ttl: Duration,
+    held: Vec<Lease>,
+    deadline: Arc<LeaseDeadline>,
+    lost: CancellationToken,
+) {
+    loop {
+        sleep(ttl / 3).await;
+        let valid_until = Instant::now() + ttl;
+        if let Err(err) = leases.heartbeat(&relay, ttl).await {
+            warn!(error = %ErrorChain(&err), "lease heartbeat failed; streaming stops when the leases run out");
+            continue;
+        }
+        match leases.renew(&held, ttl).await {
+            Ok(renewed) if renewed.len() == held.len() => deadline.extend_to(valid_until),
+            Ok(_) => {
+                warn!(
+                    "log capture: lease lost (a partition's was not renewed); stopping the stream"
+                );
+                deadline.expire();
+                lost.cancel();
+                return;
+            }
+            Err(err) => warn!(error = %ErrorChain(&err), "lease renewal failed"),
+        }
+    }
+}
+
+/// A streaming session's state.
+struct Session<'r> {
+    relay: &'r Relay,
+    partitions: u32,
+    /// When the leases (all renewed together) run out locally.
+    deadline: Arc<LeaseDeadline>,
+    /// Fires on shutdown or a lost lease.
+    stop: CancellationToken,
+}
+
+impl Session<'_> {
+    /// Which of `ids` the store still holds unpublished, retrying outages while the leases
+    /// last.
+    async fn unpublished(&self, partition: u32, ids: &[Uuid]) -> Result<Vec<Uuid>, Interrupted> {
+        let store = &self.relay.store;
+        Retry::new(
+            "log capture: reading which captured messages are unpublished failed",
+            self.relay.config.backoff(),
+        )
+        .in_partition(partition)
+        .while_held(&self.deadline)
+        .until(&self.stop)
+        .run(|| async move {
+            store
+                .unpublished(partition, ids)
+                .await
+                .map_err(Failed::Retry)
+        })
+        .await
+    }
+
+    fn deadline_passed(&self) -> bool {
+        !self.deadline.is_valid()
+    }
+
+    fn worker(&self, lease: &Lease, source: Source) -> Worker {
+        let relay = self.relay;
+        Worker {
+            lease: lease.clone(),
+            partitions: self.partitions,
+            store: Arc::clone(&relay.store),
+            leases: Arc::clone(&relay.leases),
+            sink: Arc::clone(&relay.sink),
+            config: Arc::clone(&relay.config),
+            instruments: Arc::clone(&relay.instruments),
+            wakers: Arc::new(Wakers::new(self.partitions)),
+            deadline: Arc::clone(&self.deadline),
+            stop: self.stop.clone(),
+            source,
+        }
+    }
+
+    /// Drains, then streams until stopped or the stream fails; says why, and whether
+    /// everything published was marked.
+    async fn run(&self, mut stream: Box<dyn LogStream>, leases: &[Lease]) -> (Ended, bool) {
+        match self.drain(leases).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return (self.why_stopped(None), false),
+        }
+        if let Err(err) = stream.mark_drained().await {
+            return (Ended::StreamFailed(err), true);
+        }
+        info!("log capture: the table is drained; streaming");
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let mut feeds = Vec::with_capacity(leases.len());
+        let mut workers = Vec::with_capacity(leases.len());
+        for lease in leases {
+            let (tx, rx) = mpsc::channel(FEED_PORTIONS);
+            feeds.push(tx);
+            let worker = self.worker(
+                lease,
+                Source::Captured(tokio::sync::Mutex::new(CapturedFeed::new(
+                    rx,
+                    done_tx.clone(),
+                ))),
+            );
+            workers.push(tokio::spawn(async move { worker.relay_partition().await }));
+        }
+        drop(done_tx);
+        let mut dispatcher = Dispatcher {
+            session: self,
+            stream,
+            feeds,
+            done: done_rx,
+            pending: Confirmations::default(),
+            last_confirm: Instant::now(),
+            last_lag: Instant::now() - LAG_EVERY,
+        };
+        let failure = dispatcher.run().await;
+        let Dispatcher {
+            mut stream,
+            feeds,
+            mut done,
+            mut pending,
+            ..
+        } = dispatcher;
+        drop(feeds);
+        self.stop.cancel();
+        let clean = self.join(workers).await;
+        if failure.is_none() {
+            while let Ok(ordinal) = done.try_recv() {
+                pending.complete(ordinal);
+            }
+            if let Some(end) = pending.take_confirmable()
+                && let Err(err) = stream.confirm(&end).await
+            {
+                warn!(error = %ErrorChain(&err), "log capture: the last confirmation failed; the log re-sends from the previous one");
+            }
+        }
+        (self.why_stopped(failure), clean)
+    }
+
+    fn why_stopped(&self, failure: Option<StoreError>) -> Ended {
+        match failure {
+            Some(err) => Ended::StreamFailed(err),
+            None if self.deadline_passed() => Ended::Fenced,
+            None => Ended::Shutdown,
+        }
+    }
+
+    /// Publishes what the table holds, every partition at once; `Ok(false)` if stopped.
+    async fn drain(&self, leases: &[Lease]) -> Result<bool, Interrupted> {
+        let drains: Vec<_> = leases
+            .iter()
+            .map(|lease| {
+                let worker = self.worker(lease, Source::Table { until_empty: true });
+                tokio::spawn(async move { worker.relay_partition().await })
+            })
+            .collect();
+        let mut drained = true;
+        for drain in drains {
+            match drain.await {
+                Ok(Ok(clean)) => drained &= clean && !self.stop.is_cancelled(),
+                Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost)) | Err(_) => {
+                    self.deadline.expire();
+                    self.stop.cancel();
+                    drained = false;
+                }
+                Ok(Err(Interrupted::Stopped)) => drained = false,
+            }
+        }
+        Ok(drained)
+    }
+
+    /// Waits for the workers' batches in flight (up to the shutdown timeout); whether
+    /// every one left nothing unmarked.
+    async fn join(&self, workers: Vec<JoinHandle<Result<bool, Interrupted>>>) -> bool {
+        let give_up_at = Instant::now() + self.relay.config.shutdown_timeout;
+        let mut clean = true;
+        for mut worker in workers {
+            match timeout_at(give_up_at, &mut worker).await {
+                Ok(Ok(Ok(worker_clean))) => clean &= worker_clean,
+                Ok(Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost))) => {
+                    self.deadline.expire();
+                    clean = false;
+                }
+                Ok(_) => clean = false,
+                Err(_) => {
+                    warn!("abandoning an in-flight batch unmarked at shutdown");
+                    worker.abort();
+                    clean = false;
+                }
+            }
+        }
+        clean
+    }
+}
+
+/// Reads the stream and feeds the partitions' workers, confirming as they complete.
+struct Dispatcher<'s, 'r> {
+    session: &'s Session<'r>,
+    stream: Box<dyn LogStream>,
+    feeds: Vec<mpsc::Sender<Portion>>,
+    done: mpsc::UnboundedReceiver<u64>,
+    pending: Confirmations,
+    last_confirm: Instant,
+    last_lag: Instant,
+}
+
+impl Dispatcher<'_, '_> {
+    /// Until stopped (`None`) or the stream fails.
+    async fn run(&mut self) -> Option<StoreError> {
+        let idle = self.session.relay.config.poll_interval;
+        while !self.session.stop.is_cancelled() {
+            let next = match self.stream.next(idle).await {
+                Ok(next) => next,
+                Err(err) => return Some(err),
+            };
+            if let Some(transaction) = next
+                && let Err(ended) = self.dispatch(transaction).await
+            {
+                return ended;
+            }
+            while let Ok(ordinal) = self.done.try_recv() {
+                self.pending.complete(ordinal);
+            }
+            if let Err(err) = self.confirm_and_measure().await {
+                return Some(err);
+            }
+        }
+        None
+    }
+
+    /// Sends the confirmable position every [`CONFIRM_EVERY`], and reads the lag every
+    /// [`LAG_EVERY`].
+    async fn confirm_and_measure(&mut self) -> Result<(), StoreError> {
+        if self.last_confirm.elapsed() >= CONFIRM_EVERY {
+            if let Some(end) = self.pending.take_confirmable() {
+                self.stream.confirm(&end).await?;
+            }
+            self.last_confirm = Instant::now();
+        }
+        if self.last_lag.elapsed() >= LAG_EVERY {
+            self.last_lag = Instant::now();
+            match self.stream.lag().await {
+                Ok(lag) => self.session.relay.instruments.capture_lag(&lag),
+                Err(err) => warn!(error = %ErrorChain(&err), "log capture: reading the lag failed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the transaction's messages (those still unpublished, if it may have been
+    /// published) to their partitions' feeds, waiting while a feed is full (and confirming
+    /// meanwhile what completes). `Err(None)` if stopped, `Err(Some)` if the stream failed.
+    async fn dispatch(
+        &mut self,
+        transaction: CapturedTransaction,
+    ) -> Result<(), Option<StoreError>> {
+        let CapturedTransaction {
+            end,
+            messages,
+            maybe_published,
+        } = transaction;
+        let mut by_partition: Vec<(u32, Vec<Message>)> = Vec::new();
+        for message in messages {
+            match by_partition
+                .iter_mut()
+                .find(|(p, _)| *p == message.partition)
+            {
+                Some((_, share)) => share.push(message),
+                None => by_partition.push((message.partition, vec![message])),
+            }
+        }
+        by_partition.retain(|(partition, _)| {
+            let known = (*partition as usize) < self.feeds.len();
+            if !known {
+                warn!(partition, "log capture: captured messages name a partition out of range; they stay in the outbox, shown by `ferry status`");
+            }
+            known
+        });
+        if maybe_published {
+            for (partition, share) in &mut by_partition {
+                let ids: Vec<Uuid> = share.iter().map(|message| message.id).collect();
+                let unpublished: HashSet<Uuid> =
+                    match self.session.unpublished(*partition, &ids).await {
+                        Ok(unpublished) => unpublished.into_iter().collect(),
+                        Err(_stopped) => return Err(None),
+                    };
+                share.retain(|message| unpublished.contains(&message.id));
+            }
+            by_partition.retain(|(_, share)| !share.is_empty());
+        }
+        let ordinal = self.pending.push(end, by_partition.len());
+        for (partition, messages) in by_partition {
+            let feed = self.feeds[partition as usize].clone();
+            let portion = Portion { ordinal, messages };
+            loop {
+                tokio::select! {
+                    permit = feed.reserve() => {
+                        permit.map_err(|_| None)?.send(portion);
+                        break;
+                    }
+                    Some(ordinal) = self.done.recv() => {
+                        self.pending.complete(ordinal);
+                        self.confirm_and_measure().await.map_err(Some)?;
+                    }
+                    _ = sleep(CONFIRM_EVERY) => self.confirm_and_measure().await.map_err(Some)?,
+                    _ = self.session.stop.cancelled() => return Err(None),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The transactions dispatched and not yet confirmed, in stream order, each with how many
+/// partitions' portions are still unacknowledged.
+#[derive(Debug, Default)]
+struct Confirmations {
+    /// The ordinal of the front transaction.
+    front: u64,
+    waiting: VecDeque<(LogPosition, usize)>,
+    /// The end of the last transaction that completed with every earlier one.
+    confirmable: Option<LogPosition>,
+}
+
+impl Confirmations {
+    /// Adds a transaction with `portions` portions; returns its ordinal.
+    fn push(&mut self, end: LogPosition, portions: usize) -> u64 {
+        let ordinal = self.front + self.waiting.len() as u64;
+        self.waiting.push_back((end, portions));
+        self.settle_front();
+        ordinal
+    }
+
+    /// One portion of transaction `ordinal` is acked and marked.
+    fn complete(&mut self, ordinal: u64) {
+        if let Some(index) = ordinal.checked_sub(self.front)
+            && let Some((_, left)) = self.waiting.get_mut(index as usize)
+        {
+            *left = left.saturating_sub(1);
+        }
+        self.settle_front();
+    }
+
+    fn settle_front(&mut self) {
+        while let Some((_, 0)) = self.waiting.front() {
+            let (end, _) = self.waiting.pop_front().expect("front exists");
+            self.front += 1;
+            self.confirmable = Some(end);
+        }
+    }
+
+    /// The position to confirm, once.
+    fn take_confirmable(&mut self) -> Option<LogPosition> {
+        self.confirmable.take()
+    }
+}
+
+#[cfg(test)]
+mod confirmations_tests {
+    use super::*;
+
+    fn at(n: u32) -> LogPosition {
+        LogPosition(format!("0/{n}"))
+    }
+
+    #[test]
+    fn confirms_only_past_transactions_whose_predecessors_completed() {
+        let mut pending = Confirmations::default();
+        let first = pending.push(at(1), 2);
+        let second = pending.push(at(2), 1);
+        pending.complete(second);
+        assert_eq!(
+            pending.take_confirmable(),
+            None,
+            "the first is still in flight"
+        );
+        pending.complete(first);
+        assert_eq!(
+            pending.take_confirmable(),
+            None,
+            "one portion of the first is left"
+        );
+        pending.complete(first);
+        assert_eq!(pending.take_confirmable(), Some(at(2)));
+        pending.push(at(3), 0);
+        assert_eq!(
+            pending.take_confirmable(),
+            Some(at(3)),
+            "a heartbeat confirms at once"
+        );
+    }
+}

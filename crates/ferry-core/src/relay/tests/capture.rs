@@ -1,0 +1,221 @@
+//! Log capture mode against the in-memory log: the drain before streaming, no message
+//! published twice from a re-sent transaction, per-partition log order, confirmations only
+//! past acked and marked transactions, backpressure behind a blocked partition, and one
+//! streaming relay at a time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use std::time::Duration;
+
+use tokio::time::sleep;
+use uuid::Uuid;
+
+use super::{Running, config, enqueue, eventually};
+use crate::message::Message;
+use crate::relay::{OnPermanentFailure, Relay, RelayConfig, RelayError};
+use crate::testing::{MemoryLog, MemoryStore, Outcome, ScriptedSink, SinkEvent};
+use tokio_util::sync::CancellationToken;
+
+fn start_streaming(
+    store: &Arc<MemoryStore>,
+    log: &MemoryLog,
+    sink: &Arc<ScriptedSink>,
+    config: RelayConfig,
+) -> Running {
+    let relay = Relay::new(store.clone(), store.clone(), sink.clone(), config)
+        .with_log_capture(Arc::new(log.clone()));
+    let shutdown = CancellationToken::new();
+    Running {
+        stats: relay.stats(),
+        shutdown: shutdown.clone(),
+        task: tokio::spawn(relay.run(shutdown)),
+    }
+}
+
+/// Every id the sink acked, with how many times.
+fn acks(sink: &ScriptedSink) -> HashMap<Uuid, usize> {
+    let mut acks = HashMap::new();
+    for event in sink.events() {
+        if let SinkEvent::Acked { ids, .. } = event {
+            for id in ids {
+                *acks.entry(id).or_default() += 1;
+            }
+        }
+    }
+    acks
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_in_log_order_per_partition_and_confirms_what_is_marked() {
+    let store = Arc::new(MemoryStore::new(4));
+    let log = MemoryLog::new();
+    let sink = Arc::new(ScriptedSink::new());
+    let relay = start_streaming(&store, &log, &sink, config("a"));
+    eventually("the relay streams", || {
+        relay.stats.streaming.load(Ordering::Relaxed)
+    })
+    .await;
+
+    let mut all: Vec<Message> = Vec::new();
+    for round in 0..5 {
+        // One transaction per round, with messages of several aggregates and partitions.
+        let transaction: Vec<Message> = (0..6)
+            .map(|i| enqueue(&store, &format!("{}", (i + round) % 7)))
+            .collect();
+        all.extend(transaction.iter().cloned());
+        log.commit(transaction);
+    }
+    log.commit(Vec::new());
+    eventually("everything is published and confirmed", || {
+        all.iter().all(|m| store.is_published(m.id)) && log.confirmed() == 6
+    })
+    .await;
+
+    let acks = acks(&sink);
+    assert!(all.iter().all(|m| acks[&m.id] == 1), "each message once");
+    for partition in 0..4 {
+        let published: Vec<Uuid> = sink.batches(partition).concat();
+        let in_log_order: Vec<Uuid> = all
+            .iter()
+            .filter(|m| m.partition == partition)
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(published, in_log_order, "partition {partition}");
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn drains_rows_the_log_does_not_hold_and_skips_re_sent_ones_already_published() {
+    let store = Arc::new(MemoryStore::new(2));
+    let log = MemoryLog::new();
+    let sink = Arc::new(ScriptedSink::new());
+    // Committed before the log's slot existed (or while relays polled): in the table only.
+    let before: Vec<Message> = (0..4).map(|i| enqueue(&store, &i.to_string())).collect();
+    // In the log and the table, not confirmed: the stream re-sends them after the drain
+    // published them.
+    let unconfirmed: Vec<Message> = (4..8).map(|i| enqueue(&store, &i.to_string())).collect();
+    log.commit(unconfirmed.clone());
+    let relay = start_streaming(&store, &log, &sink, config("a"));
+    // Committed while the relay drains: in the table and the log at once, as a commit is.
+    let after = enqueue(&store, "8");
+    log.commit(vec![after.clone()]);
+    eventually("the relay streams", || {
+        relay.stats.streaming.load(Ordering::Relaxed)
+    })
+    .await;
+    eventually("everything is published and confirmed", || {
+        before
+            .iter()
+            .chain(&unconfirmed)
+            .chain([&after])
+            .all(|m| store.is_published(m.id))
+            && log.confirmed() == 2
+    })
+    .await;
+
+    let acks = acks(&sink);
+    for message in before.iter().chain(&unconfirmed).chain([&after]) {
+        assert_eq!(
+            acks[&message.id], 1,
+            "message {} published once",
+            message.id
+        );
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blocked_partition_holds_the_confirmed_position_and_backpressures_the_log() {
+    let store = Arc::new(MemoryStore::new(1));
+    let log = MemoryLog::new();
+    let sink = Arc::new(ScriptedSink::new());
+    let mut config = config("a");
+    config.batch_size = 10;
+    let relay = start_streaming(&store, &log, &sink, config);
+    eventually("the relay streams", || {
+        relay.stats.streaming.load(Ordering::Relaxed)
+    })
+    .await;
+    let first = enqueue(&store, "1");
+    let rejected = enqueue(&store, "2");
+    sink.script(rejected.id, [Outcome::Permanent; 8]);
+    log.commit(vec![first.clone()]);
+    log.commit(vec![rejected.clone()]);
+    let behind: Vec<Message> = (0..400)
+        .map(|i| enqueue(&store, &format!("b{i}")))
+        .collect();
+    for message in &behind {
+        log.commit(vec![message.clone()]);
+    }
+    eventually(
+        "the partition is blocked and the first transaction confirmed",
+        || store.blocked_reason(0).is_some() && log.confirmed() == 1,
+    )
+    .await;
+    sleep(Duration::from_millis(600)).await;
+    assert!(!store.is_published(rejected.id), "still rejected");
+    assert_eq!(
+        log.confirmed(),
+        1,
+        "nothing past the rejected message is confirmed"
+    );
+    assert!(!store.is_published(behind[0].id), "nothing overtakes it");
+    assert!(
+        log.read() < 300,
+        "the stream is read no further than the full feed and the batch in hand: {} of 402",
+        log.read()
+    );
+
+    eventually("the rejection passes and the rest follows", || {
+        behind.iter().all(|m| store.is_published(m.id)) && log.confirmed() == 402
+    })
+    .await;
+    assert_eq!(store.blocked_reason(0), None);
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_relay_waits_as_a_standby_and_takes_over() {
+    let store = Arc::new(MemoryStore::new(2));
+    let log = MemoryLog::new();
+    let sink = Arc::new(ScriptedSink::new());
+    let first = start_streaming(&store, &log, &sink, config("a"));
+    eventually("a streams", || {
+        first.stats.streaming.load(Ordering::Relaxed)
+    })
+    .await;
+    let second = start_streaming(&store, &log, &sink, config("b"));
+    let message = enqueue(&store, "1");
+    log.commit(vec![message.clone()]);
+    eventually("a publishes", || store.is_published(message.id)).await;
+    assert!(!second.stats.streaming.load(Ordering::Relaxed), "b waits");
+    assert_eq!(log.streams_started(), 1);
+
+    first.stop().await;
+    eventually("b streams", || {
+        second.stats.streaming.load(Ordering::Relaxed)
+    })
+    .await;
+    let later = enqueue(&store, "2");
+    log.commit(vec![later.clone()]);
+    eventually("b publishes", || store.is_published(later.id)).await;
+    assert_eq!(
+        store.owner(later.partition).map(|(owner, _)| owner),
+        Some("b".into())
+    );
+    second.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn park_aggregate_is_refused_in_log_mode() {
+    let store = Arc::new(MemoryStore::new(1));
+    let sink = Arc::new(ScriptedSink::new());
+    let mut config = config("a");
+    config.on_permanent_failure = OnPermanentFailure::ParkAggregate;
+    let relay = start_streaming(&store, &MemoryLog::new(), &sink, config);
+    let failed = relay.task.await.expect("the relay task panicked");
+    assert!(matches!(failed, Err(RelayError::Config(why)) if why.contains("on_permanent_failure")));
+}
