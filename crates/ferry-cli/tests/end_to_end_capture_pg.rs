@@ -98,7 +98,12 @@ async fn round_trip_never_publishes_a_rolled_back_transaction_and_reports_the_sl
     // Committed before any relay streams: published from the table by the drain.
     let mut produced: HashSet<_> = e2e
         .outbox
-        .commit(vec![NewMessage::new("order", "before-streaming", "order.placed", "{}")])
+        .commit(vec![NewMessage::new(
+            "order",
+            "before-streaming",
+            "order.placed",
+            "{}",
+        )])
         .await
         .into_iter()
         .collect();
@@ -109,7 +114,10 @@ async fn round_trip_never_publishes_a_rolled_back_transaction_and_reports_the_sl
     let mut tx = e2e.pool().begin().await.unwrap();
     let rolled_back = e2e
         .outbox
-        .enqueue(&mut tx, NewMessage::new("order", "rolled-back", "order.placed", "{}"))
+        .enqueue(
+            &mut tx,
+            NewMessage::new("order", "rolled-back", "order.placed", "{}"),
+        )
         .await
         .unwrap()
         .id;
