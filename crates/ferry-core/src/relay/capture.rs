@@ -94,7 +94,8 @@ impl Relay {
                     let ended = self.stream_session(stream, partitions, shutdown).await;
                     self.instruments.streaming(false);
                     match ended {
-                        Ended::Shutdown => break,
+                        Ended::Shutdown if shutdown.is_cancelled() => break,
+                        Ended::Shutdown => {}
                         Ended::Fenced => {
                             warn!(
                                 "log capture: lease lost or the sink fenced a partition; giving the log up"
@@ -163,6 +164,7 @@ impl Relay {
             partitions,
             deadline,
             stop,
+            lost: lost.clone(),
         };
         let (ended, clean) = session.run(stream, &leases).await;
         stop_on_loss.abort();
@@ -281,6 +283,9 @@ struct Session<'r> {
     deadline: Arc<LeaseDeadline>,
     /// Fires on shutdown or a lost lease.
     stop: CancellationToken,
+    /// Fires when a lease was not renewed, or a worker found its lease gone or its
+    /// partition fenced by the sink: the session must end, whatever renews after.
+    lost: CancellationToken,
 }
 
 impl Session<'_> {
@@ -302,6 +307,13 @@ impl Session<'_> {
                 .map_err(Failed::Retry)
         })
         .await
+    }
+
+    /// Ends the session as fenced: touch nothing more.
+    fn fenced(&self) {
+        self.deadline.expire();
+        self.lost.cancel();
+        self.stop.cancel();
     }
 
     fn deadline_passed(&self) -> bool {
@@ -349,7 +361,17 @@ impl Session<'_> {
                     done_tx.clone(),
                 ))),
             );
-            workers.push(tokio::spawn(async move { worker.relay_partition().await }));
+            let lost = self.lost.clone();
+            workers.push(tokio::spawn(async move {
+                let outcome = worker.relay_partition().await;
+                if matches!(
+                    outcome,
+                    Err(Interrupted::SinkFenced | Interrupted::LeaseLost)
+                ) {
+                    lost.cancel();
+                }
+                outcome
+            }));
         }
         drop(done_tx);
         let mut dispatcher = Dispatcher {
@@ -388,7 +410,7 @@ impl Session<'_> {
     fn why_stopped(&self, failure: Option<StoreError>) -> Ended {
         match failure {
             Some(err) => Ended::StreamFailed(err),
-            None if self.deadline_passed() => Ended::Fenced,
+            None if self.lost.is_cancelled() || self.deadline_passed() => Ended::Fenced,
             None => Ended::Shutdown,
         }
     }
@@ -407,8 +429,7 @@ impl Session<'_> {
             match drain.await {
                 Ok(Ok(clean)) => drained &= clean && !self.stop.is_cancelled(),
                 Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost)) | Err(_) => {
-                    self.deadline.expire();
-                    self.stop.cancel();
+                    self.fenced();
                     drained = false;
                 }
                 Ok(Err(Interrupted::Stopped)) => drained = false,
@@ -426,7 +447,7 @@ impl Session<'_> {
             match timeout_at(give_up_at, &mut worker).await {
                 Ok(Ok(Ok(worker_clean))) => clean &= worker_clean,
                 Ok(Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost))) => {
-                    self.deadline.expire();
+                    self.fenced();
                     clean = false;
                 }
                 Ok(_) => clean = false,

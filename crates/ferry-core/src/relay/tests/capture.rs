@@ -219,3 +219,23 @@ async fn park_aggregate_is_refused_in_log_mode() {
     let failed = relay.task.await.expect("the relay task panicked");
     assert!(matches!(failed, Err(RelayError::Config(why)) if why.contains("on_permanent_failure")));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_that_lost_its_leases_gives_the_log_up_and_streams_again_once_it_holds_them() {
+    let store = Arc::new(MemoryStore::new(2));
+    let log = MemoryLog::new();
+    let sink = Arc::new(ScriptedSink::new());
+    let relay = start_streaming(&store, &log, &sink, config("a"));
+    eventually("the relay streams", || {
+        relay.stats.streaming.load(Ordering::Relaxed)
+    })
+    .await;
+    // The store's clock jumps past the leases: the next renewal finds them expired.
+    store.advance_clock(super::TTL * 2);
+    eventually("a new stream is started", || log.streams_started() == 2).await;
+    let later = enqueue(&store, "1");
+    log.commit(vec![later.clone()]);
+    eventually("the new session publishes", || store.is_published(later.id)).await;
+    assert!(relay.stats.leases_lost.load(Ordering::Relaxed) >= 1);
+    relay.stop().await;
+}

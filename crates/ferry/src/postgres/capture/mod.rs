@@ -352,7 +352,7 @@ mod tests {
             ("db.example", 5434, "rep@lica", "p/ss", "orders")
         );
         assert_eq!(config.slot, "ferry_outbox");
-        assert!(config.tls.verifies_hostname());
+        assert!(config.tls.mode.verifies_hostname());
         assert!(replication_config("postgres://h/db?sslmode=bogus", &settings).is_err());
     }
 }
