@@ -9,8 +9,11 @@ use ferry_core::testing::services;
 
 use super::ferry_bin;
 
-/// The test CA, after checking that the TLS endpoint at `url` is up.
+/// The test CA, after checking that the TLS endpoint at `url` is up. Also picks ring as
+/// this process's rustls provider, as the binary does: two providers are linked
+/// (pgwire-replication brings aws-lc-rs), so the TLS clients in the test cannot pick one.
 pub fn ca_for(url: &str) -> PathBuf {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = services::tls_ca_file();
     assert!(
         ca.is_file(),
