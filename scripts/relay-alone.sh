@@ -11,7 +11,10 @@
 # the relay, PERF=1 to record `perf record -g` of the relay into /tmp/perf.data for
 # PERF_SECS (default 3) seconds, RELAY_ALONE_DB (default test): the database of the
 # PostgreSQL at 127.0.0.1 (user postgres) that psql and the relay use, whatever the
-# config's store URL says. Tables are dropped afterwards.
+# config's store URL says. Tables are dropped afterwards. PROGRESS_EVERY=M (e.g. 1000000)
+# also prints the drain rate of each M messages marked (read from the relay's
+# ferry_relay_marked_total on 127.0.0.1:${METRICS_PORT:-9469}), and the outbox's table and
+# index sizes and pg_stat_user_tables row before and after the drain (issue 16 §4).
 set -euo pipefail
 cfg=$1
 n=$2
@@ -56,11 +59,40 @@ PY
 fi
 sql -c "SELECT count(*) FROM generate_series(1, $n) g, LATERAL ${prefix}enqueue_bytes('bench', (g % 10000)::text, 'bench.event', convert_to(repeat('x', 200), 'UTF8'))" >/dev/null
 
+# The outbox's sizes and what (auto)vacuum and analyze did to it so far.
+table_report() {
+  sql -c "SELECT pg_size_pretty(pg_table_size('${prefix}outbox')) AS heap_and_toast, pg_size_pretty(pg_indexes_size('${prefix}outbox')) AS indexes, n_live_tup, n_dead_tup, seq_scan, idx_scan, n_tup_del, vacuum_count, autovacuum_count, analyze_count, autoanalyze_count, last_autovacuum, last_autoanalyze FROM pg_stat_user_tables WHERE relname = '${prefix}outbox'"
+  sql -c "SELECT indexrelname, pg_size_pretty(pg_relation_size(indexrelid)) AS size, idx_scan, idx_tup_read FROM pg_stat_user_indexes WHERE relname = '${prefix}outbox' ORDER BY indexrelname"
+}
+if [ -n "${PROGRESS_EVERY:-}" ]; then
+  echo "before the drain:"
+  table_report
+  export FERRY_METRICS__LISTEN=127.0.0.1:${METRICS_PORT:-9469}
+fi
+
+# The backend that wrote the backlog is reaped by the postmaster (its CPU joining the
+# postmaster's cutime) shortly after psql exits: let that happen before the first sample.
+sleep 1
 pg0=$(ticks postgres) nats0=$(ticks nats-server) redis0=$(ticks redis-server)
 stat0=$(head -1 /proc/stat)
 start=$(date +%s.%N)
 "$bin" relay --config "$cfg" &
 relay=$!
+if [ -n "${PROGRESS_EVERY:-}" ]; then
+  (
+    step=$PROGRESS_EVERY next=$PROGRESS_EVERY last_t=$start last_n=0
+    while [ "$next" -le "$n" ] && kill -0 "$relay" 2>/dev/null; do
+      marked=$(curl -s "http://$FERRY_METRICS__LISTEN/metrics" | awk '/^ferry_relay_marked_total/ {print $2}')
+      now=$(date +%s.%N)
+      if [ -n "$marked" ] && [ "${marked%.*}" -ge "$next" ]; then
+        python3 -c "import sys; n, t, ln, lt, s = map(float, sys.argv[1:]); print(f'progress: {int(n):,} marked at {t - s:.1f} s, {(n - ln) / (t - lt):,.0f} msg/s since {int(ln):,}')" "${marked%.*}" "$now" "$last_n" "$last_t" "$start"
+        last_n=${marked%.*} last_t=$now
+        while [ "$next" -le "$last_n" ]; do next=$((next + step)); done
+      fi
+      sleep 0.5
+    done
+  ) &
+fi
 if [ -n "${PERF:-}" ]; then
   perf record -F 499 -g -p "$relay" -o /tmp/perf.data -- sleep "${PERF_SECS:-3}" >/dev/null 2>&1 &
 fi
@@ -77,6 +109,10 @@ kill "$relay"
 wait "$relay" || true
 wait
 idle=$(($(field "$stat1" 5) - $(field "$stat0" 5)))
+if [ -n "${PROGRESS_EVERY:-}" ]; then
+  echo "after the drain:"
+  table_report
+fi
 sql -c "DO \$\$DECLARE t record; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE tablename LIKE '${prefix}%' LOOP EXECUTE 'DROP TABLE ' || t.tablename || ' CASCADE'; END LOOP; END\$\$" >/dev/null
 python3 - "$cfg" "$n" "$start" "$end" "$hwm" "$relay_ticks" "$pg" "$nats" "$redis" "$idle" <<'PY'
 import sys
