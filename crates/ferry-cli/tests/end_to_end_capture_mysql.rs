@@ -67,9 +67,9 @@ impl LogStoreNats for MyLogNats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_never_publishes_a_rolled_back_transaction_and_reports_the_lag() {
-    log_capture::round_trip_never_publishes_a_rolled_back_transaction::<MyLogNats>(
+    log_capture::round_trip_never_publishes_a_rolled_back_transaction::<MyLogNats>(&[
         "bytes of log behind",
-    )
+    ])
     .await;
 }
 

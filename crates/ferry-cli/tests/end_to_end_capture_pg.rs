@@ -8,9 +8,9 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
+use common::log_capture::{self, LogStoreNats, STREAMING};
 use common::scenarios::StoreNats;
 use common::{
     FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, pg_outbox_at, unique_tag,
@@ -19,6 +19,7 @@ use ferry::NewMessage;
 use ferry::postgres::PgOutbox;
 use ferry_core::testing::services;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 /// A PostgreSQL outbox streamed by log capture to a NATS stream, both named after the
 /// scenario's tag; its slot and publication are `e<tag>_outbox`.
@@ -92,51 +93,23 @@ impl StoreNats for PgLogNats {
     }
 }
 
+impl LogStoreNats for PgLogNats {
+    async fn enqueue_rolled_back(&self, message: NewMessage) -> Uuid {
+        let mut tx = self.pool().begin().await.unwrap();
+        let id = self.outbox.enqueue(&mut tx, message).await.unwrap().id;
+        tx.rollback().await.unwrap();
+        id
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "known defect (docs/log-capture.md, Known limits): under load 2 of 5 runs left 2 rows unpublished; run with --run-ignored until fixed"]
 async fn round_trip_never_publishes_a_rolled_back_transaction_and_reports_the_slot_lag() {
-    let e2e = PgLogNats::new(4, 120, "").await;
-    // Committed before any relay streams: published from the table by the drain.
-    let mut produced: HashSet<_> = e2e
-        .outbox
-        .commit(vec![NewMessage::new(
-            "order",
-            "before-streaming",
-            "order.placed",
-            "{}",
-        )])
-        .await
-        .into_iter()
-        .collect();
-    let relay = e2e.scenario.relay("relay");
-    relay
-        .wait_for_log("the table is drained; streaming", Duration::from_secs(20))
-        .await;
-    let mut tx = e2e.pool().begin().await.unwrap();
-    let rolled_back = e2e
-        .outbox
-        .enqueue(
-            &mut tx,
-            NewMessage::new("order", "rolled-back", "order.placed", "{}"),
-        )
-        .await
-        .unwrap()
-        .id;
-    tx.rollback().await.unwrap();
-    produced.extend(e2e.produce(20, 5, 2).await.unwrap());
-    e2e.scenario.wait_drained(Duration::from_secs(30)).await;
-    let report = e2e.check_stream(&produced).await;
-    report.assert_perfect(produced.len());
-    assert!(!produced.contains(&rolled_back));
-
-    let status = e2e.scenario.ferry(&["status"]);
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        text.contains("log capture: slot") && text.contains("bytes behind"),
-        "{text}"
-    );
-    assert!(relay.terminate(Duration::from_secs(15)).success());
-    e2e.cleanup().await;
+    log_capture::round_trip_never_publishes_a_rolled_back_transaction::<PgLogNats>(&[
+        "log capture: ",
+        " bytes of log behind the server's",
+    ])
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,37 +129,15 @@ async fn sigterm_confirms_and_releases_every_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_waits_as_a_standby_and_takes_over_when_the_first_is_killed() {
-    let e2e = PgLogNats::new(4, 1, "").await;
-    let first = e2e.scenario.relay("relay-a");
-    first
-        .wait_for_log("the table is drained; streaming", Duration::from_secs(20))
+    log_capture::a_standby_takes_over_when_the_streaming_relay_is_killed::<PgLogNats>("is active")
         .await;
-    let second = e2e.scenario.relay("relay-b");
-    second
-        .wait_for_log("standby", Duration::from_secs(20))
-        .await;
-    assert!(second.logs().contains("is active"), "{}", second.logs());
-    let producing = e2e.produce(40, 30, 2);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    first.kill_nine();
-    second
-        .wait_for_log("the table is drained; streaming", Duration::from_secs(30))
-        .await;
-    let produced = producing.await.unwrap();
-    e2e.scenario.wait_drained(Duration::from_secs(60)).await;
-    let report = e2e.check_stream(&produced).await;
-    report.assert_perfect_after_inbox();
-    assert!(second.terminate(Duration::from_secs(15)).success());
-    e2e.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_move_the_slot_on_while_the_outbox_is_idle() {
     let e2e = PgLogNats::new(2, 120, "").await;
     let relay = e2e.scenario.relay("relay");
-    relay
-        .wait_for_log("the table is drained; streaming", Duration::from_secs(20))
-        .await;
+    relay.wait_for_log(STREAMING, Duration::from_secs(20)).await;
     let before = e2e.confirmed_flush().await;
     // WAL written elsewhere: the slot must not stay behind it while no outbox row comes.
     sqlx::query("CREATE TEMP TABLE filler AS SELECT generate_series(1, 10000) AS n")
