@@ -94,14 +94,7 @@ async fn main() -> std::process::ExitCode {
         "info"
     };
     let telemetry = init_logging(cli.log_json, default_level);
-    // Two rustls providers are linked (pgwire-replication brings aws-lc-rs beside the ring
-    // every other client uses), so rustls cannot pick one by itself: ring, for all.
-    if rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_err()
-    {
-        tracing::debug!("a rustls crypto provider was already installed");
-    }
+    ferry::tls::install_ring_provider();
     match run(cli.command, &telemetry).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

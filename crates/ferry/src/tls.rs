@@ -11,6 +11,17 @@ use std::sync::Arc;
 
 use ferry_core::ErrorChain;
 
+/// Makes ring this process's rustls crypto provider. With `postgres-capture`,
+/// pgwire-replication links aws-lc-rs beside the ring every other client uses, and rustls
+/// then cannot pick a provider by itself (it panics at the first TLS connection): a
+/// process built with that feature calls this once before it opens any TLS connection
+/// (the `ferry` binary does at start). Idempotent.
+#[cfg(feature = "postgres-capture")]
+pub fn install_ring_provider() {
+    // Err only when a provider is installed already, which is what is wanted.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The PEM text of the CA certificates in `path`; the error names the file.
 pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
     let pem = std::fs::read(path)

@@ -9,11 +9,10 @@ use ferry_core::testing::services;
 
 use super::ferry_bin;
 
-/// The test CA, after checking that the TLS endpoint at `url` is up. Also picks ring as
-/// this process's rustls provider, as the binary does: two providers are linked
-/// (pgwire-replication brings aws-lc-rs), so the TLS clients in the test cannot pick one.
+/// The test CA, after checking that the TLS endpoint at `url` is up. Also installs the
+/// rustls provider the binary installs, for the TLS clients of the test's own process.
 pub fn ca_for(url: &str) -> PathBuf {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    ferry::tls::install_ring_provider();
     let ca = services::tls_ca_file();
     assert!(
         ca.is_file(),
