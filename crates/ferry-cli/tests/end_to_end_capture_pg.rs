@@ -103,7 +103,6 @@ impl LogStoreNats for PgLogNats {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect (docs/log-capture.md, Known limits): under load 2 of 5 runs left 2 rows unpublished; run with --run-ignored until fixed"]
 async fn round_trip_never_publishes_a_rolled_back_transaction_and_reports_the_slot_lag() {
     log_capture::round_trip_never_publishes_a_rolled_back_transaction::<PgLogNats>(&[
         "log capture: ",

@@ -39,7 +39,10 @@ pub struct CapturedTransaction {
     /// The transaction ended before [`LogStream::mark_drained`] was called: its messages
     /// may already be published and marked (by the drain, or by a relay before a crash),
     /// so the relay publishes only those the store still holds unpublished
-    /// ([`crate::OutboxStore::unpublished`]).
+    /// ([`crate::OutboxStore::unpublished`]). The stream hands such a transaction out only
+    /// once that check can see its rows (a database may stream a commit before it makes
+    /// the rows visible to other sessions), so no unpublished row is taken for a
+    /// published one.
     pub maybe_published: bool,
 }
 

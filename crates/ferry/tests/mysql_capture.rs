@@ -16,7 +16,7 @@ use ferry::{
     error_chain,
 };
 use ferry_core::testing::services;
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
 const PARTITIONS: u32 = 4;
@@ -131,6 +131,44 @@ async fn committed_enqueues_arrive_whole_in_commit_order() {
     let after_drain = next_with_messages(&mut stream).await;
     assert_eq!(ids(&after_drain), [("1".into(), 3)]);
     assert!(!after_drain.maybe_published, "committed after the drain");
+}
+
+#[tokio::test]
+async fn the_unpublished_check_waits_for_a_transaction_the_binlog_holds_but_innodb_has_not_committed()
+ {
+    let (outbox, _capture) = captured_outbox().await;
+    // The id is a fresh UUID's hex digits. An XA transaction between PREPARE and COMMIT is where a binlogged transaction
+    // stands before InnoDB makes its rows visible.
+    let xid = format!("'{}'", Uuid::now_v7().simple());
+    let mut producer = outbox.pool().acquire().await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("XA START {xid}")))
+        .execute(&mut *producer)
+        .await
+        .unwrap();
+    let enqueued = outbox.enqueue(&mut producer, event("1", 1)).await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("XA END {xid}; XA PREPARE {xid}")))
+        .execute(&mut *producer)
+        .await
+        .unwrap();
+    let checking = tokio::spawn({
+        let outbox = outbox.clone();
+        async move { outbox.unpublished(enqueued.partition, &[enqueued.id]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !checking.is_finished(),
+        "waits for the prepared transaction"
+    );
+    sqlx::raw_sql(AssertSqlSafe(format!("XA COMMIT {xid}")))
+        .execute(&mut *producer)
+        .await
+        .unwrap();
+    let unpublished = tokio::time::timeout(Duration::from_secs(10), checking)
+        .await
+        .expect("answers once committed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(unpublished, vec![enqueued.id]);
 }
 
 #[tokio::test]

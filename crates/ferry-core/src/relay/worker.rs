@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, debug_span, error, info, info_span, warn};
 use uuid::Uuid;
@@ -22,6 +22,10 @@ use crate::message::Message;
 use crate::partition::partition_for;
 use crate::sink::{Delivery, ReconcileRequest, Sink, SinkError};
 use crate::store::{OutboxStore, Wakers};
+
+/// How long a captured batch's mark waits for rows the database streamed before making
+/// them visible (see [`Worker::mark_captured`]).
+const CAPTURED_ROWS_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Owns one partition for the life of one lease.
 pub(super) struct Worker {
@@ -204,9 +208,14 @@ impl Worker {
             .instrument(info_span!("publish", batch_size = batch.len()))
             .await;
         if !published.acked.is_empty() {
-            self.mark(&published.acked, published.checkpoint)
-                .instrument(info_span!("mark", acked = published.acked.len()))
-                .await?;
+            let span = info_span!("mark", acked = published.acked.len());
+            let (ids, checkpoint) = (&published.acked, published.checkpoint);
+            match self.source {
+                Source::Table { .. } => {
+                    self.mark(ids, checkpoint).instrument(span).await?;
+                }
+                Source::Captured(_) => self.mark_captured(ids, checkpoint).instrument(span).await?,
+            }
         }
         if let Source::Captured(feed) = &self.source {
             feed.lock().await.settle(batch, &published.acked);
@@ -329,7 +338,8 @@ impl Worker {
             "reconciled: already in the broker, marking instead of re-sending"
         );
         self.instruments.reconciled(ids.len());
-        self.mark(&ids, None).await
+        self.mark(&ids, None).await?;
+        Ok(())
     }
 
     /// The partition's next unpublished messages: from the table, or the next captured
@@ -377,7 +387,7 @@ impl Worker {
 
     /// Marks acked messages, retrying store outages while the lease lasts. Not cut short by
     /// a graceful stop: marking what was published is what makes the release clean.
-    async fn mark(&self, ids: &[Uuid], checkpoint: Option<u64>) -> Result<(), Interrupted> {
+    async fn mark(&self, ids: &[Uuid], checkpoint: Option<u64>) -> Result<u64, Interrupted> {
         let marked = self
             .retry("mark failed")
             .run(|| async move {
@@ -396,6 +406,36 @@ impl Worker {
             })
             .await?;
         self.instruments.marked(marked);
+        Ok(marked)
+    }
+
+    /// Marks a captured batch's acked messages. PostgreSQL streams a commit once its
+    /// record is flushed, which is before the committing session makes its rows visible to
+    /// others: a mark sent right after the broker's ack can find fewer rows than it names.
+    /// It is sent again after short waits until every row is found, or for at most
+    /// [`CAPTURED_ROWS_PATIENCE`] (a row an operator deleted is never found); a row still
+    /// unmarked then stays in the table, and the next session's drain publishes it again.
+    async fn mark_captured(
+        &self,
+        ids: &[Uuid],
+        checkpoint: Option<u64>,
+    ) -> Result<(), Interrupted> {
+        let mut marked = self.mark(ids, checkpoint).await?;
+        let give_up = Instant::now() + CAPTURED_ROWS_PATIENCE;
+        let mut delay = Duration::from_millis(1);
+        while marked < ids.len() as u64 && Instant::now() < give_up {
+            wait(delay, None, Some(&self.deadline)).await?;
+            delay = (delay * 2).min(Duration::from_millis(100));
+            marked += self.mark(ids, checkpoint).await?;
+        }
+        if marked < ids.len() as u64 {
+            warn!(
+                partition = self.partition(),
+                published = ids.len(),
+                marked,
+                "log capture: published rows not found in the outbox to mark; they stay there and the next streaming session's drain publishes them again"
+            );
+        }
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 
 mod leases;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ struct State {
     blocked_reasons: HashMap<u32, Vec<Option<String>>>,
     /// Messages parked by `park_aggregate`, in sequence order; each holds its aggregate.
     parked: BTreeMap<i64, Message>,
+    /// Committed rows not yet visible to reads and marks (see [`MemoryStore::enqueue_unseen`]).
+    unseen: HashSet<Uuid>,
 }
 
 #[derive(Debug)]
@@ -132,6 +134,7 @@ impl MemoryStore {
                 releases: Vec::new(),
                 blocked_reasons: HashMap::new(),
                 parked: BTreeMap::new(),
+                unseen: HashSet::new(),
             }),
             enqueued: broadcast::channel(1024).0,
         }
@@ -140,6 +143,22 @@ impl MemoryStore {
     /// Commits `message` as a producer's transaction would: next version of its aggregate,
     /// next sequence, its partition; wakes the relays watching.
     pub fn enqueue(&self, message: NewMessage) -> Message {
+        self.commit(message, true)
+    }
+
+    /// Commits `message` as [`enqueue`](Self::enqueue) does, but leaves it out of every
+    /// read and mark until [`reveal`](Self::reveal): PostgreSQL streams a commit before the
+    /// committing session has made its rows visible to other sessions.
+    pub fn enqueue_unseen(&self, message: NewMessage) -> Message {
+        self.commit(message, false)
+    }
+
+    /// Makes a message of [`enqueue_unseen`](Self::enqueue_unseen) visible.
+    pub fn reveal(&self, id: Uuid) {
+        self.lock().unseen.remove(&id);
+    }
+
+    fn commit(&self, message: NewMessage, seen: bool) -> Message {
         let mut state = self.lock();
         let partition_key = message.partition_key();
         let version = state
@@ -170,6 +189,9 @@ impl MemoryStore {
                 published: false,
             },
         );
+        if !seen {
+            state.unseen.insert(stored.id);
+        }
         // No relay watching yet is fine: relays wake every partition when they start.
         let _ = self.enqueued.send(stored.partition);
         stored
@@ -319,9 +341,14 @@ impl State {
     fn unpublished(&self, partition: u32) -> impl Iterator<Item = &Message> {
         self.rows
             .values()
-            .filter(move |row| row.message.partition == partition && !row.published)
+            .filter(move |row| row.message.partition == partition && self.is_pending(row))
             .map(|row| &row.message)
             .filter(|message| !self.holds(message))
+    }
+
+    /// Whether a read or a mark sees `row` as unpublished.
+    fn is_pending(&self, row: &Row) -> bool {
+        !row.published && !self.unseen.contains(&row.message.id)
     }
 
     fn holds(&self, message: &Message) -> bool {
@@ -362,7 +389,7 @@ impl OutboxStore for MemoryStore {
             .values()
             .filter(|row| {
                 row.message.partition == partition
-                    && !row.published
+                    && state.is_pending(row)
                     && ids.contains(&row.message.id)
             })
             .map(|row| row.message.id)
@@ -395,9 +422,11 @@ impl OutboxStore for MemoryStore {
             return Err(StoreError::fenced(lease));
         }
         let mut marked = 0;
-        for row in state.rows.values_mut() {
+        let State { rows, unseen, .. } = &mut *state;
+        for row in rows.values_mut() {
             if row.message.partition == lease.partition
                 && !row.published
+                && !unseen.contains(&row.message.id)
                 && ids.contains(&row.message.id)
             {
                 row.published = true;

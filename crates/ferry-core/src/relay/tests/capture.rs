@@ -13,7 +13,7 @@ use tokio::time::sleep;
 use uuid::Uuid;
 
 use super::{Running, config, enqueue, eventually};
-use crate::message::Message;
+use crate::message::{Message, NewMessage};
 use crate::relay::{OnPermanentFailure, Relay, RelayConfig, RelayError};
 use crate::testing::{MemoryLog, MemoryStore, Outcome, ScriptedSink, SinkEvent};
 use tokio_util::sync::CancellationToken;
@@ -124,6 +124,39 @@ async fn drains_rows_the_log_does_not_hold_and_skips_re_sent_ones_already_publis
             message.id
         );
     }
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_row_streamed_before_it_is_visible_is_marked_once_it_is() {
+    let store = Arc::new(MemoryStore::new(1));
+    let log = MemoryLog::new();
+    let sink = Arc::new(ScriptedSink::new());
+    let relay = start_streaming(&store, &log, &sink, config("a"));
+    eventually("the relay streams", || {
+        relay.stats.streaming.load(Ordering::Relaxed)
+    })
+    .await;
+
+    let late = store.enqueue_unseen(NewMessage::new("order", "1", "order.paid", "{}"));
+    log.commit(vec![late.clone()]);
+    eventually("the sink acked the streamed message", || {
+        acks(&sink).contains_key(&late.id)
+    })
+    .await;
+    sleep(Duration::from_millis(50)).await;
+    assert!(
+        !store.is_published(late.id),
+        "not visible yet: nothing to mark"
+    );
+    assert_eq!(log.confirmed(), 0, "not confirmed while unmarked");
+
+    store.reveal(late.id);
+    eventually("marked and confirmed once visible", || {
+        store.is_published(late.id) && log.confirmed() == 1
+    })
+    .await;
+    assert_eq!(acks(&sink)[&late.id], 1, "published once");
     relay.stop().await;
 }
 

@@ -203,6 +203,7 @@ impl LogCapture for PgCapture {
             heartbeat_interval: self.settings.heartbeat_interval,
             last_heartbeat: Instant::now(),
             open: Vec::new(),
+            open_xid: 0,
             drained_at: None,
             unconfirmed: VecDeque::new(),
         }))

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationEvent};
 use sqlx::PgPool;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, sleep, timeout_at};
 
 use ferry_core::{CaptureLag, CapturedTransaction, LogPosition, LogStream, Message, StoreError};
 
@@ -26,6 +26,8 @@ pub(super) struct PgLogStream {
     pub(super) last_heartbeat: Instant,
     /// The inserts of the transaction being received, once its Begin came.
     pub(super) open: Vec<Message>,
+    /// The id of the transaction being received.
+    pub(super) open_xid: u32,
     /// Where the log ended when the relay said it drained the table.
     pub(super) drained_at: Option<Lsn>,
     /// The transactions handed out and not yet confirmed: end and commit time (µs since
@@ -68,7 +70,10 @@ impl LogStream for PgLogStream {
                         format!("the replication stream of slot {} ended", self.slot).into(),
                     ));
                 }
-                Some(ReplicationEvent::Begin { .. }) => self.open.clear(),
+                Some(ReplicationEvent::Begin { xid, .. }) => {
+                    self.open.clear();
+                    self.open_xid = xid;
+                }
                 Some(ReplicationEvent::XLogData { data, .. }) => {
                     match self
                         .decoder
@@ -84,11 +89,15 @@ impl LogStream for PgLogStream {
                     commit_time_micros,
                     ..
                 }) => {
+                    let maybe_published = self.drained_at.is_none_or(|drained| end_lsn <= drained);
+                    if maybe_published && !self.open.is_empty() {
+                        wait_until_visible(&self.pool, self.open_xid).await?;
+                    }
                     self.unconfirmed.push_back((end_lsn, commit_time_micros));
                     return Ok(Some(CapturedTransaction {
                         end: LogPosition(end_lsn.to_string()),
                         messages: std::mem::take(&mut self.open),
-                        maybe_published: self.drained_at.is_none_or(|drained| end_lsn <= drained),
+                        maybe_published,
                     }));
                 }
                 Some(ReplicationEvent::StoppedAt { reached }) => {
@@ -137,7 +146,70 @@ impl LogStream for PgLogStream {
     }
 }
 
+/// Waits until transaction `xid` is visible to new snapshots. Its commit is streamed once
+/// the commit record is flushed, which is before the committing session leaves the
+/// server's list of running transactions; the relay checks a maybe-published
+/// transaction's rows against the table at once, and must not take rows it cannot see yet
+/// for published ones.
+pub(super) async fn wait_until_visible(pool: &PgPool, xid: u32) -> Result<(), StoreError> {
+    let mut delay = Duration::from_millis(1);
+    loop {
+        let visible: bool = sqlx::query_scalar(include_str!("visible.sql"))
+            .bind(i64::from(xid))
+            .fetch_one(pool)
+            .await
+            .map_err(|err| StoreError::Unavailable(Box::new(err)))?;
+        if visible {
+            return Ok(());
+        }
+        sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(50));
+    }
+}
+
 /// Whether a replication error says the slot is streamed by another session.
 pub(super) fn slot_in_use(err: &PgWireError) -> bool {
     matches!(err, PgWireError::Server(text) if text.contains("SQLSTATE 55006"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ferry_core::testing::services::postgres_url;
+    use sqlx::PgPool;
+    use tokio::time::timeout;
+
+    use super::wait_until_visible;
+
+    #[tokio::test]
+    async fn a_transaction_is_awaited_until_it_completes() {
+        let pool = PgPool::connect(&postgres_url()).await.expect("PostgreSQL");
+        let mut running = pool.begin().await.expect("a transaction");
+        let xid: i64 = sqlx::query_scalar("SELECT (txid_current() % 4294967296)::bigint")
+            .fetch_one(&mut *running)
+            .await
+            .expect("its id");
+        let xid = u32::try_from(xid).expect("32 bits");
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { wait_until_visible(&pool, xid).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "still running: not visible");
+        running.commit().await.expect("commit");
+        timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("visible once committed")
+            .expect("no panic")
+            .expect("no error");
+        let committed_long_ago = xid - 1;
+        timeout(
+            Duration::from_secs(5),
+            wait_until_visible(&pool, committed_long_ago),
+        )
+        .await
+        .expect("an earlier transaction is visible at once")
+        .expect("no error");
+    }
 }
