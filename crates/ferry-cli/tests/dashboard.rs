@@ -14,43 +14,12 @@ use std::sync::atomic::Ordering;
 
 use fantoccini::Locator;
 use serde_json::json;
-use uuid::Uuid;
 
 use common::browser::{
     ADMIN, Driver, PRODUCER, REJECTED, Receiver, click, refusals, screenshot, wait_text,
 };
+use common::service::prepare_and_confirm;
 use common::{Scenario, free_port, unique_tag, wait_listening};
-
-/// Prepares and confirms one message through the service's API.
-async fn produce(http: &reqwest::Client, base: &str, aggregate_id: &str, event_type: &str) {
-    let id = Uuid::now_v7();
-    let prepared = http
-        .post(format!("{base}/v1/messages"))
-        .bearer_auth(PRODUCER)
-        .header("content-type", "application/json")
-        .body(
-            json!({
-                "id": id.to_string(),
-                "aggregate_type": "order",
-                "aggregate_id": aggregate_id,
-                "event_type": event_type,
-                "payload": { "aggregate": aggregate_id },
-                "check_url": "http://127.0.0.1:9/check",
-            })
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(prepared.status(), 201, "{}", prepared.text().await.unwrap());
-    let confirmed = http
-        .post(format!("{base}/v1/messages/{id}/confirm"))
-        .bearer_auth(PRODUCER)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(confirmed.status(), 200);
-}
 
 fn config(receiver_port: u16, port: u16, db: &std::path::Path) -> String {
     format!(
@@ -119,7 +88,7 @@ async fn the_dashboard_shows_the_outbox_and_acts_on_it_in_a_browser() {
 
     // Backlog while the receiver holds every request, then drained, in the same page.
     for n in 0..12 {
-        produce(&http, &base, &format!("o-{n}"), "order.placed").await;
+        prepare_and_confirm(&http, &base, PRODUCER, &format!("o-{n}"), "order.placed").await;
     }
     wait_text(&browser, "#total-backlog", "backlog while held", |t| {
         t == "12"
@@ -148,7 +117,7 @@ async fn the_dashboard_shows_the_outbox_and_acts_on_it_in_a_browser() {
     // A rejected message blocks its partition; "Retry now" clears it once the receiver
     // accepts (the relay would not retry by itself within the test: retry_initial_ms).
     receiver.reject.store(true, Ordering::SeqCst);
-    produce(&http, &base, "bad-1", REJECTED).await;
+    prepare_and_confirm(&http, &base, PRODUCER, "bad-1", REJECTED).await;
     browser
         .goto(&format!("{base}/dashboard/problems"))
         .await
@@ -183,7 +152,7 @@ async fn the_dashboard_shows_the_outbox_and_acts_on_it_in_a_browser() {
 
     // Skip a rejected message with a reason, then requeue it from the parked list.
     receiver.reject.store(true, Ordering::SeqCst);
-    produce(&http, &base, "bad-2", REJECTED).await;
+    prepare_and_confirm(&http, &base, PRODUCER, "bad-2", REJECTED).await;
     browser
         .goto(&format!("{base}/dashboard/problems"))
         .await

@@ -21,6 +21,7 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message as _;
 
+use common::service::prepare_and_confirm;
 use common::{
     PgScenario, Scenario, ferry_bin, free_port, nats_sink_section, nats_stream, unique_tag,
 };
@@ -188,40 +189,7 @@ service_name = "{service}"
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     for n in 0..3 {
-        let id = uuid::Uuid::now_v7();
-        let body = serde_json::json!({
-            "id": id.to_string(),
-            "aggregate_type": "order",
-            "aggregate_id": format!("o-{n}"),
-            "event_type": "order.placed",
-            "payload": { "n": n },
-            "check_url": "http://127.0.0.1:9/check",
-        });
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let prepared = loop {
-            match http
-                .post(format!("{base}/v1/messages"))
-                .bearer_auth(PRODUCER)
-                .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-            {
-                Ok(answer) => break answer,
-                Err(err) => {
-                    assert!(std::time::Instant::now() < deadline, "ferry serve: {err}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
-        assert_eq!(prepared.status(), 201, "{}", prepared.text().await.unwrap());
-        let confirmed = http
-            .post(format!("{base}/v1/messages/{id}/confirm"))
-            .bearer_auth(PRODUCER)
-            .send()
-            .await
-            .unwrap();
-        assert!(confirmed.status().is_success(), "{}", confirmed.status());
+        prepare_and_confirm(&http, &base, PRODUCER, &format!("o-{n}"), "order.placed").await;
     }
     let events = files.path().join("events.jsonl");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -8,6 +8,7 @@
 pub mod browser;
 pub mod log_capture;
 pub mod scenarios;
+pub mod service;
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
