@@ -18,19 +18,47 @@ use crate::relay::{OnPermanentFailure, Relay, RelayConfig, RelayError};
 use crate::testing::{MemoryLog, MemoryStore, Outcome, ScriptedSink, SinkEvent};
 use tokio_util::sync::CancellationToken;
 
-fn start_streaming(
-    store: &Arc<MemoryStore>,
-    log: &MemoryLog,
-    sink: &Arc<ScriptedSink>,
-    config: RelayConfig,
-) -> Running {
-    let relay = Relay::new(store.clone(), store.clone(), sink.clone(), config)
-        .with_log_capture(Arc::new(log.clone()));
-    let shutdown = CancellationToken::new();
-    Running {
-        stats: relay.stats(),
-        shutdown: shutdown.clone(),
-        task: tokio::spawn(relay.run(shutdown)),
+/// A store, its log and a sink, shared by the relays a test starts in log mode.
+struct Fixture {
+    store: Arc<MemoryStore>,
+    log: MemoryLog,
+    sink: Arc<ScriptedSink>,
+}
+
+impl Fixture {
+    fn new(partitions: u32) -> Self {
+        Self {
+            store: Arc::new(MemoryStore::new(partitions)),
+            log: MemoryLog::new(),
+            sink: Arc::new(ScriptedSink::new()),
+        }
+    }
+
+    /// Starts a relay streaming the log.
+    fn start(&self, config: RelayConfig) -> Running {
+        let relay = Relay::new(
+            self.store.clone(),
+            self.store.clone(),
+            self.sink.clone(),
+            config,
+        )
+        .with_log_capture(Arc::new(self.log.clone()));
+        let shutdown = CancellationToken::new();
+        Running {
+            stats: relay.stats(),
+            shutdown: shutdown.clone(),
+            task: tokio::spawn(relay.run(shutdown)),
+        }
+    }
+
+    /// Starts a relay and waits until it streams.
+    async fn streaming(&self, config: RelayConfig) -> Running {
+        let relay = self.start(config);
+        eventually("the relay streams", || {
+            relay.stats.streaming.load(Ordering::Relaxed)
+        })
+        .await;
+        relay
     }
 }
 
@@ -49,20 +77,15 @@ fn acks(sink: &ScriptedSink) -> HashMap<Uuid, usize> {
 
 #[tokio::test(start_paused = true)]
 async fn streams_in_log_order_per_partition_and_confirms_what_is_marked() {
-    let store = Arc::new(MemoryStore::new(4));
-    let log = MemoryLog::new();
-    let sink = Arc::new(ScriptedSink::new());
-    let relay = start_streaming(&store, &log, &sink, config("a"));
-    eventually("the relay streams", || {
-        relay.stats.streaming.load(Ordering::Relaxed)
-    })
-    .await;
+    let fixture = Fixture::new(4);
+    let Fixture { store, log, sink } = &fixture;
+    let relay = fixture.streaming(config("a")).await;
 
     let mut all: Vec<Message> = Vec::new();
     for round in 0..5 {
         // One transaction per round, with messages of several aggregates and partitions.
         let transaction: Vec<Message> = (0..6)
-            .map(|i| enqueue(&store, &format!("{}", (i + round) % 7)))
+            .map(|i| enqueue(store, &format!("{}", (i + round) % 7)))
             .collect();
         all.extend(transaction.iter().cloned());
         log.commit(transaction);
@@ -73,7 +96,7 @@ async fn streams_in_log_order_per_partition_and_confirms_what_is_marked() {
     })
     .await;
 
-    let acks = acks(&sink);
+    let acks = acks(sink);
     assert!(all.iter().all(|m| acks[&m.id] == 1), "each message once");
     for partition in 0..4 {
         let published: Vec<Uuid> = sink.batches(partition).concat();
@@ -89,18 +112,17 @@ async fn streams_in_log_order_per_partition_and_confirms_what_is_marked() {
 
 #[tokio::test(start_paused = true)]
 async fn drains_rows_the_log_does_not_hold_and_skips_re_sent_ones_already_published() {
-    let store = Arc::new(MemoryStore::new(2));
-    let log = MemoryLog::new();
-    let sink = Arc::new(ScriptedSink::new());
+    let fixture = Fixture::new(2);
+    let Fixture { store, log, sink } = &fixture;
     // Committed before the log's slot existed (or while relays polled): in the table only.
-    let before: Vec<Message> = (0..4).map(|i| enqueue(&store, &i.to_string())).collect();
+    let before: Vec<Message> = (0..4).map(|i| enqueue(store, &i.to_string())).collect();
     // In the log and the table, not confirmed: the stream re-sends them after the drain
     // published them.
-    let unconfirmed: Vec<Message> = (4..8).map(|i| enqueue(&store, &i.to_string())).collect();
+    let unconfirmed: Vec<Message> = (4..8).map(|i| enqueue(store, &i.to_string())).collect();
     log.commit(unconfirmed.clone());
-    let relay = start_streaming(&store, &log, &sink, config("a"));
+    let relay = fixture.start(config("a"));
     // Committed while the relay drains: in the table and the log at once, as a commit is.
-    let after = enqueue(&store, "8");
+    let after = enqueue(store, "8");
     log.commit(vec![after.clone()]);
     eventually("the relay streams", || {
         relay.stats.streaming.load(Ordering::Relaxed)
@@ -116,7 +138,7 @@ async fn drains_rows_the_log_does_not_hold_and_skips_re_sent_ones_already_publis
     })
     .await;
 
-    let acks = acks(&sink);
+    let acks = acks(sink);
     for message in before.iter().chain(&unconfirmed).chain([&after]) {
         assert_eq!(
             acks[&message.id], 1,
@@ -129,19 +151,14 @@ async fn drains_rows_the_log_does_not_hold_and_skips_re_sent_ones_already_publis
 
 #[tokio::test(start_paused = true)]
 async fn a_row_streamed_before_it_is_visible_is_marked_once_it_is() {
-    let store = Arc::new(MemoryStore::new(1));
-    let log = MemoryLog::new();
-    let sink = Arc::new(ScriptedSink::new());
-    let relay = start_streaming(&store, &log, &sink, config("a"));
-    eventually("the relay streams", || {
-        relay.stats.streaming.load(Ordering::Relaxed)
-    })
-    .await;
+    let fixture = Fixture::new(1);
+    let Fixture { store, log, sink } = &fixture;
+    let relay = fixture.streaming(config("a")).await;
 
     let late = store.enqueue_unseen(NewMessage::new("order", "1", "order.paid", "{}"));
     log.commit(vec![late.clone()]);
     eventually("the sink acked the streamed message", || {
-        acks(&sink).contains_key(&late.id)
+        acks(sink).contains_key(&late.id)
     })
     .await;
     sleep(Duration::from_millis(50)).await;
@@ -156,30 +173,23 @@ async fn a_row_streamed_before_it_is_visible_is_marked_once_it_is() {
         store.is_published(late.id) && log.confirmed() == 1
     })
     .await;
-    assert_eq!(acks(&sink)[&late.id], 1, "published once");
+    assert_eq!(acks(sink)[&late.id], 1, "published once");
     relay.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_blocked_partition_holds_the_confirmed_position_and_backpressures_the_log() {
-    let store = Arc::new(MemoryStore::new(1));
-    let log = MemoryLog::new();
-    let sink = Arc::new(ScriptedSink::new());
+    let fixture = Fixture::new(1);
+    let Fixture { store, log, sink } = &fixture;
     let mut config = config("a");
     config.batch_size = 10;
-    let relay = start_streaming(&store, &log, &sink, config);
-    eventually("the relay streams", || {
-        relay.stats.streaming.load(Ordering::Relaxed)
-    })
-    .await;
-    let first = enqueue(&store, "1");
-    let rejected = enqueue(&store, "2");
+    let relay = fixture.streaming(config).await;
+    let first = enqueue(store, "1");
+    let rejected = enqueue(store, "2");
     sink.script(rejected.id, [Outcome::Permanent; 8]);
     log.commit(vec![first.clone()]);
     log.commit(vec![rejected.clone()]);
-    let behind: Vec<Message> = (0..400)
-        .map(|i| enqueue(&store, &format!("b{i}")))
-        .collect();
+    let behind: Vec<Message> = (0..400).map(|i| enqueue(store, &format!("b{i}"))).collect();
     for message in &behind {
         log.commit(vec![message.clone()]);
     }
@@ -212,16 +222,11 @@ async fn a_blocked_partition_holds_the_confirmed_position_and_backpressures_the_
 
 #[tokio::test(start_paused = true)]
 async fn a_second_relay_waits_as_a_standby_and_takes_over() {
-    let store = Arc::new(MemoryStore::new(2));
-    let log = MemoryLog::new();
-    let sink = Arc::new(ScriptedSink::new());
-    let first = start_streaming(&store, &log, &sink, config("a"));
-    eventually("a streams", || {
-        first.stats.streaming.load(Ordering::Relaxed)
-    })
-    .await;
-    let second = start_streaming(&store, &log, &sink, config("b"));
-    let message = enqueue(&store, "1");
+    let fixture = Fixture::new(2);
+    let Fixture { store, log, .. } = &fixture;
+    let first = fixture.streaming(config("a")).await;
+    let second = fixture.start(config("b"));
+    let message = enqueue(store, "1");
     log.commit(vec![message.clone()]);
     eventually("a publishes", || store.is_published(message.id)).await;
     assert!(!second.stats.streaming.load(Ordering::Relaxed), "b waits");
@@ -232,7 +237,7 @@ async fn a_second_relay_waits_as_a_standby_and_takes_over() {
         second.stats.streaming.load(Ordering::Relaxed)
     })
     .await;
-    let later = enqueue(&store, "2");
+    let later = enqueue(store, "2");
     log.commit(vec![later.clone()]);
     eventually("b publishes", || store.is_published(later.id)).await;
     assert_eq!(
@@ -244,29 +249,22 @@ async fn a_second_relay_waits_as_a_standby_and_takes_over() {
 
 #[tokio::test(start_paused = true)]
 async fn park_aggregate_is_refused_in_log_mode() {
-    let store = Arc::new(MemoryStore::new(1));
-    let sink = Arc::new(ScriptedSink::new());
     let mut config = config("a");
     config.on_permanent_failure = OnPermanentFailure::ParkAggregate;
-    let relay = start_streaming(&store, &MemoryLog::new(), &sink, config);
+    let relay = Fixture::new(1).start(config);
     let failed = relay.task.await.expect("the relay task panicked");
     assert!(matches!(failed, Err(RelayError::Config(why)) if why.contains("on_permanent_failure")));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_relay_that_lost_its_leases_gives_the_log_up_and_streams_again_once_it_holds_them() {
-    let store = Arc::new(MemoryStore::new(2));
-    let log = MemoryLog::new();
-    let sink = Arc::new(ScriptedSink::new());
-    let relay = start_streaming(&store, &log, &sink, config("a"));
-    eventually("the relay streams", || {
-        relay.stats.streaming.load(Ordering::Relaxed)
-    })
-    .await;
+    let fixture = Fixture::new(2);
+    let Fixture { store, log, .. } = &fixture;
+    let relay = fixture.streaming(config("a")).await;
     // The store's clock jumps past the leases: the next renewal finds them expired.
     store.advance_clock(super::TTL * 2);
     eventually("a new stream is started", || log.streams_started() == 2).await;
-    let later = enqueue(&store, "1");
+    let later = enqueue(store, "1");
     log.commit(vec![later.clone()]);
     eventually("the new session publishes", || store.is_published(later.id)).await;
     assert!(relay.stats.leases_lost.load(Ordering::Relaxed) >= 1);
