@@ -266,6 +266,17 @@ ensure_mariadb_binlog() {
     --binlog-row-image=FULL --binlog-expire-logs-seconds=86400
 }
 
+# MariaDB with both TLS and a row-format binlog on 3309: log capture's binlog connection
+# over TLS.
+ensure_mariadb_binlog_tls() {
+  port_open 3309 && return 0
+  echo "services: starting MariaDB with TLS and a row-format binlog on 3309"
+  start_extra_mariadb binlog-tls 3309 --server-id=3309 --log-bin=binlog --binlog-format=ROW \
+    --binlog-row-image=FULL --binlog-expire-logs-seconds=86400 \
+    --ssl-ca="$FERRY_TLS_DIR/ca.pem" --ssl-cert="$FERRY_TLS_DIR/server.pem" \
+    --ssl-key="$FERRY_TLS_DIR/server.key"
+}
+
 # RabbitMQ: a second node with only an AMQPS listener on 5671 (a listener on the shared
 # node would need its restart), its own name, distribution port and data, no plugins.
 ensure_rabbitmq_tls() {
@@ -398,3 +409,4 @@ ensure_mariadb_tls
 ensure_rabbitmq_tls
 ensure_kafka_tls
 ensure_mariadb_binlog
+ensure_mariadb_binlog_tls

@@ -36,6 +36,10 @@ mysql -h 127.0.0.1 -P 3307 -u root -e "DROP DATABASE IF EXISTS \`$mytlsdb\`; CRE
 export FERRY_TEST_MYSQL_BINLOG_URL=${FERRY_TEST_MYSQL_BINLOG_URL:-mysql://root@127.0.0.1:3308/ferry_test}
 mybinlogdb=${FERRY_TEST_MYSQL_BINLOG_URL##*/}
 mysql -h 127.0.0.1 -P 3308 -u root -e "DROP DATABASE IF EXISTS \`$mybinlogdb\`; CREATE DATABASE \`$mybinlogdb\`"
+# ... and a fourth with both TLS and a binlog on 3309 (the binlog connection over TLS).
+export FERRY_TEST_MYSQL_BINLOG_TLS_URL=${FERRY_TEST_MYSQL_BINLOG_TLS_URL:-mysql://root@127.0.0.1:3309/ferry_test}
+mybinlogtlsdb=${FERRY_TEST_MYSQL_BINLOG_TLS_URL##*/}
+mysql -h 127.0.0.1 -P 3309 -u root -e "DROP DATABASE IF EXISTS \`$mybinlogtlsdb\`; CREATE DATABASE \`$mybinlogtlsdb\`"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest

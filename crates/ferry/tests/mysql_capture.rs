@@ -23,15 +23,19 @@ const PARTITIONS: u32 = 4;
 
 /// An outbox of a prefix no other test uses on the binlog server, and its capture.
 async fn captured_outbox() -> (MyOutbox, MyLogCapture) {
-    let url = services::mysql_binlog_url();
+    captured_outbox_at(&services::mysql_binlog_url()).await
+}
+
+/// The same on the server at `url`.
+async fn captured_outbox_at(url: &str) -> (MyOutbox, MyLogCapture) {
     let tag = &Uuid::now_v7().simple().to_string()[20..];
     let settings = StoreSettings {
         table_prefix: TablePrefix::new(format!("c{tag}_")).unwrap(),
         ..StoreSettings::default()
     };
-    let outbox = MyOutbox::connect(&url, 4, settings).await.unwrap();
+    let outbox = MyOutbox::connect(url, 4, settings).await.unwrap();
     outbox.migrate(PARTITIONS).await.unwrap();
-    let capture = MyLogCapture::new(outbox.clone(), &url, CaptureSettings::default()).unwrap();
+    let capture = MyLogCapture::new(outbox.clone(), url, CaptureSettings::default()).unwrap();
     (outbox, capture)
 }
 
@@ -253,6 +257,35 @@ async fn a_restarted_stream_resumes_after_the_confirmed_position() {
     assert_eq!(
         ids(&next_with_messages(&mut after_all).await),
         [("r".into(), 4)]
+    );
+}
+
+/// The binlog connection takes the store URL's TLS settings: it streams from the server
+/// with TLS and a binlog, and a CA that did not issue the server's certificate is refused
+/// at once, naming the setting to fix.
+#[tokio::test]
+async fn the_binlog_streams_over_tls_and_a_wrong_ca_is_named() {
+    ferry::tls::install_ring_provider();
+    let url = services::mysql_binlog_tls_url(&services::tls_ca_file());
+    let (outbox, capture) = captured_outbox_at(&url).await;
+    let mut stream = capture.start().await.unwrap();
+    commit(&outbox, vec![event("t", 1)]).await;
+    assert_eq!(
+        ids(&next_with_messages(&mut stream).await),
+        [("t".into(), 1)]
+    );
+
+    let (other, _) = captured_outbox_at(&url).await;
+    let wrong_ca = services::mysql_binlog_tls_url(&services::tls_wrong_ca_file());
+    let untrusting = MyLogCapture::new(other, &wrong_ca, CaptureSettings::default()).unwrap();
+    let Err(refused) = untrusting.start().await else {
+        panic!("streamed with a CA that did not issue the server's certificate");
+    };
+    let chain = error_chain(&refused);
+    assert!(
+        chain.contains("TLS certificate verification failed for MariaDB's binlog at 127.0.0.1:")
+            && chain.contains("ssl-ca in store.url"),
+        "{chain}"
     );
 }
 

@@ -39,6 +39,18 @@ pub fn mysql_binlog_url() -> String {
     )
 }
 
+/// MariaDB with TLS and a row-format binary log (`FERRY_TEST_MYSQL_BINLOG_TLS_URL`), its
+/// certificate checked against `ca_file`.
+pub fn mysql_binlog_tls_url(ca_file: &std::path::Path) -> String {
+    with_tls_params(
+        &var_or(
+            "FERRY_TEST_MYSQL_BINLOG_TLS_URL",
+            "mysql://root@127.0.0.1:3309/ferry_test",
+        ),
+        &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={}", ca_file.display()),
+    )
+}
+
 /// NATS with JetStream: `FERRY_TEST_NATS_URL`.
 pub fn nats_url() -> String {
     var_or("FERRY_TEST_NATS_URL", "nats://127.0.0.1:4222")

@@ -5,7 +5,8 @@ use ferry_core::StoreError;
 
 use super::Capture;
 use crate::mysql::MyDialect;
-use crate::sql::store_error;
+use crate::sql::{Dialect as _, store_error};
+use crate::tls::{certificate_failure, is_certificate_failure};
 
 pub(super) fn lost_lock(name: &str, why: &str) -> StoreError {
     StoreError::Unavailable(
@@ -28,9 +29,17 @@ pub(super) fn privilege_error(err: sqlx::Error, privilege: &str) -> StoreError {
     }
 }
 
-/// A binlog connection's error: refused privileges and a position the server no longer has
-/// are said plainly; I/O errors are retryable.
+/// A binlog connection's error: refused privileges, a refused server certificate and a
+/// position the server no longer has are said plainly; I/O errors are retryable.
 pub(crate) fn binlog_error(err: mysql_async::Error, capture: &Capture) -> StoreError {
+    if is_certificate_failure(&err) {
+        let message = certificate_failure(
+            "MariaDB's binlog",
+            &capture.endpoint,
+            MyDialect::TLS_CA_SETTING,
+        );
+        return StoreError::Other(format!("{message}: {err}").into());
+    }
     match &err {
         mysql_async::Error::Server(server) => match server.code {
             1227 | 1045 | 1044 => StoreError::Other(format!(

@@ -24,12 +24,13 @@ mod error;
 mod point;
 mod stream;
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{BinlogStreamRequest, Conn, OptsBuilder};
+use mysql_async::{BinlogStreamRequest, Conn, OptsBuilder, SslOpts};
 use sqlx::mysql::MySqlConnectOptions;
 use sqlx::{MySqlConnection, Row};
 use url::Url;
@@ -83,6 +84,8 @@ pub struct MyLogCapture {
 pub(crate) struct Capture {
     outbox: MyOutbox,
     binlog_opts: OptsBuilder,
+    /// `host:port` of the binlog connection, for messages.
+    endpoint: String,
     database: String,
     outbox_table: String,
     lock_name: String,
@@ -101,8 +104,7 @@ struct Statements {
 
 impl MyLogCapture {
     /// Captures `outbox`, whose database is at `url` (the store's URL: the binlog connection
-    /// uses its host, port or socket, user, password and database; TLS is not supported on
-    /// the binlog connection).
+    /// uses its host, port or socket, user, password, database and TLS settings).
     pub fn new(outbox: MyOutbox, url: &str, settings: CaptureSettings) -> Result<Self, StoreError> {
         let invalid = |what: String| {
             StoreError::Other(format!("invalid MySQL url (store.url): {what}").into())
@@ -120,7 +122,8 @@ impl MyLogCapture {
             .socket(options.get_socket().map(|s| s.display().to_string()))
             .user(Some(options.get_username()))
             .pass((!password.is_empty()).then_some(password))
-            .db_name(Some(database.clone()));
+            .db_name(Some(database.clone()))
+            .ssl_opts(binlog_tls(&parsed).map_err(invalid)?);
         let prefix = outbox.table_prefix().as_str();
         let lock_name = format!("{prefix}capture.{database}");
         // MariaDB's lock names are at most 64 characters.
@@ -142,6 +145,7 @@ impl MyLogCapture {
                 outbox_table: format!("{prefix}outbox"),
                 outbox,
                 binlog_opts,
+                endpoint: format!("{}:{}", options.get_host(), options.get_port()),
                 database,
                 lock_name,
                 server_id,
@@ -169,6 +173,42 @@ impl MyLogCapture {
     /// The named lock a streaming relay holds (`IS_USED_LOCK(name)` shows its connection).
     pub fn lock_name(&self) -> &str {
         &self.capture.lock_name
+    }
+}
+
+/// The binlog connection's TLS, from the store URL's `ssl-mode` and `ssl-ca` as sqlx reads
+/// them: `REQUIRED` encrypts without checking the certificate, `VERIFY_CA` checks it against
+/// `ssl-ca`, `VERIFY_IDENTITY` also checks the host name. `PREFERRED` (sqlx's default) and
+/// `DISABLED` stream in plain text: mysql_async cannot fall back from TLS as sqlx does.
+fn binlog_tls(url: &Url) -> Result<Option<SslOpts>, String> {
+    let param = |names: [&str; 2]| {
+        url.query_pairs()
+            .find(|(key, _)| names.contains(&key.as_ref()))
+            .map(|(_, value)| value.into_owned())
+    };
+    let mode = param(["ssl-mode", "sslmode"]).unwrap_or_else(|| "PREFERRED".into());
+    let ca = param(["ssl-ca", "sslca"]);
+    let verified = |check_host: bool| {
+        let ca = ca.as_deref().ok_or_else(|| {
+            format!("ssl-mode={mode} needs ssl-ca=<CA certificate file> for the binlog connection")
+        })?;
+        Ok(Some(
+            SslOpts::default()
+                .with_root_certs(vec![PathBuf::from(ca).into()])
+                .with_disable_built_in_roots(true)
+                .with_danger_skip_domain_validation(!check_host),
+        ))
+    };
+    match mode.to_ascii_uppercase().as_str() {
+        "DISABLED" | "PREFERRED" => Ok(None),
+        "REQUIRED" => Ok(Some(
+            SslOpts::default().with_danger_accept_invalid_certs(true),
+        )),
+        "VERIFY_CA" => verified(false),
+        "VERIFY_IDENTITY" => verified(true),
+        other => Err(format!(
+            "ssl-mode={other} is not one of DISABLED, PREFERRED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY"
+        )),
     }
 }
 
@@ -468,5 +508,45 @@ impl Capture {
         conn.get_binlog_stream(BinlogStreamRequest::new(self.server_id))
             .await
             .map_err(|err| binlog_error(err, self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_of(url: &str) -> Result<Option<SslOpts>, String> {
+        binlog_tls(&Url::parse(url).expect("a URL"))
+    }
+
+    #[test]
+    fn the_binlog_connection_takes_the_store_urls_tls_mode() {
+        assert!(
+            tls_of("mysql://h/db").unwrap().is_none(),
+            "PREFERRED: plain"
+        );
+        assert!(tls_of("mysql://h/db?ssl-mode=DISABLED").unwrap().is_none());
+        let required = tls_of("mysql://h/db?ssl-mode=REQUIRED").unwrap().unwrap();
+        assert!(required.accept_invalid_certs());
+        let verify_ca = tls_of("mysql://h/db?ssl-mode=VERIFY_CA&ssl-ca=/ca.pem")
+            .unwrap()
+            .unwrap();
+        assert!(!verify_ca.accept_invalid_certs() && verify_ca.skip_domain_validation());
+        assert_eq!(verify_ca.root_certs().len(), 1);
+        let verify_identity = tls_of("mysql://h/db?sslmode=verify_identity&sslca=/ca.pem")
+            .unwrap()
+            .unwrap();
+        assert!(!verify_identity.skip_domain_validation());
+    }
+
+    #[test]
+    fn a_tls_mode_without_its_ca_or_unknown_is_named() {
+        let missing = tls_of("mysql://h/db?ssl-mode=VERIFY_IDENTITY").unwrap_err();
+        assert!(missing.contains("needs ssl-ca="), "{missing}");
+        let unknown = tls_of("mysql://h/db?ssl-mode=SOMETIMES").unwrap_err();
+        assert!(
+            unknown.contains("ssl-mode=SOMETIMES is not one of"),
+            "{unknown}"
+        );
     }
 }
