@@ -8,7 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::scenarios::StoreNats;
+use common::scenarios::StoreSink;
+use common::sinks::Nats;
 use common::{PgScenario, Producer, Scenario, nats_sink_section, unique_tag};
 use ferry_core::testing::services;
 
@@ -36,7 +37,9 @@ impl PgNats {
     }
 }
 
-impl StoreNats for PgNats {
+impl StoreSink for PgNats {
+    type Sink = Nats;
+
     async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
         let tag = unique_tag();
         Self::with_sink(
@@ -63,7 +66,9 @@ common::scenarios::scenario_tests!(PgNats);
 /// the partition keys from the bodies.
 struct PgNatsStructured(PgNats);
 
-impl StoreNats for PgNatsStructured {
+impl StoreSink for PgNatsStructured {
+    type Sink = Nats;
+
     async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
         let tag = unique_tag();
         let sink = format!(

@@ -3,28 +3,37 @@
 //! `scripts/services.sh`, `FERRY_TEST_MYSQL_BINLOG_URL`) into the real NATS JetStream:
 //! round trip with a rolled-back transaction, kill -9 at random points while producers
 //! commit out of sequence order, a paused relay fenced, SIGTERM, a standby taking over the
-//! capture lock, and the lag in `ferry status`.
+//! capture lock, and the lag in `ferry status`. The kill -9, paused relay and standby
+//! scenarios also run into the transactional Kafka (module `kafka`, feature `kafka`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use common::log_capture::{self, LogStoreNats};
-use common::scenarios::StoreNats;
-use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
+use std::marker::PhantomData;
+
+use common::log_capture::{self, LogStore};
+use common::scenarios::StoreSink;
+use common::sinks::{Nats, TestSink};
+use common::{FAST_RELAY, Producer, Scenario, outbox_section, unique_tag};
 use ferry::NewMessage;
 use ferry::mysql::MyOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
 use ferry_core::testing::services;
 use uuid::Uuid;
 
-/// A MariaDB outbox streamed from the binlog to a NATS stream, both named after the
-/// scenario's tag.
-struct MyLogNats {
+/// A MariaDB outbox streamed from the binlog to sink `K`, both named after the scenario's
+/// tag.
+struct MyLog<K> {
     scenario: Scenario,
     outbox: MyOutbox,
+    sink: PhantomData<K>,
 }
 
-impl StoreNats for MyLogNats {
+type MyLogNats = MyLog<Nats>;
+
+impl<K: TestSink> StoreSink for MyLog<K> {
+    type Sink = K;
+
     async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
         let tag = unique_tag();
         let url = services::mysql_binlog_url();
@@ -33,7 +42,7 @@ impl StoreNats for MyLogNats {
             &[
                 &format!("[store]\ntype = \"mysql\"\nurl = \"{url}\"\n"),
                 &outbox_section(&tag, partitions, extra_outbox),
-                &nats_sink_section(&tag, duplicate_window_secs),
+                &K::section(&tag, duplicate_window_secs),
                 FAST_RELAY,
                 "[capture]\nmode = \"log\"\nheartbeat_interval_ms = 500\n",
             ],
@@ -44,7 +53,11 @@ impl StoreNats for MyLogNats {
             ..StoreSettings::default()
         };
         let outbox = MyOutbox::connect(&url, 6, settings).await.unwrap();
-        Self { scenario, outbox }
+        Self {
+            scenario,
+            outbox,
+            sink: PhantomData,
+        }
     }
 
     fn scenario(&self) -> &Scenario {
@@ -56,7 +69,7 @@ impl StoreNats for MyLogNats {
     }
 }
 
-impl LogStoreNats for MyLogNats {
+impl<K: TestSink> LogStore for MyLog<K> {
     async fn enqueue_rolled_back(&self, message: NewMessage) -> Uuid {
         let mut tx = self.outbox.pool().begin().await.unwrap();
         let id = self.outbox.enqueue(&mut tx, message).await.unwrap().id;
@@ -94,4 +107,32 @@ async fn a_second_relay_waits_as_a_standby_and_takes_over_when_the_first_is_kill
         "streamed by another relay",
     )
     .await;
+}
+
+/// The scenarios whose checks hold for any sink, into Kafka: its transactions (and the
+/// producer epochs fencing a previous owner) keep every message once in the topic.
+#[cfg(feature = "kafka")]
+mod kafka {
+    use super::common::sinks::Kafka;
+    use super::{MyLog, common, log_capture};
+
+    type MyLogKafka = MyLog<Kafka>;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn g2_g3_g4_kill_nine_while_streaming_loses_and_duplicates_nothing() {
+        common::scenarios::kill_nine_at_random_points::<MyLogKafka>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn g5_a_paused_streaming_relay_is_fenced() {
+        common::scenarios::paused_zombie_relay_is_fenced::<MyLogKafka>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_relay_waits_as_a_standby_and_takes_over_when_the_first_is_killed() {
+        log_capture::a_standby_takes_over_when_the_streaming_relay_is_killed::<MyLogKafka>(
+            "streamed by another relay",
+        )
+        .await;
+    }
 }

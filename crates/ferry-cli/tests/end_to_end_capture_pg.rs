@@ -4,31 +4,36 @@
 //! JetStream: round trip, a rolled-back transaction, kill -9 at random points while
 //! producers commit out of sequence order, a standby taking over the slot, a paused relay
 //! fenced, SIGTERM, heartbeats moving an idle slot on, and the slot's lag in `ferry status`.
+//! The kill -9, paused relay and standby scenarios also run into the transactional Kafka
+//! (module `kafka`, feature `kafka`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::marker::PhantomData;
 use std::time::Duration;
 
-use common::log_capture::{self, LogStoreNats, STREAMING};
-use common::scenarios::StoreNats;
-use common::{
-    FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, pg_outbox_at, unique_tag,
-};
+use common::log_capture::{self, LogStore, STREAMING};
+use common::scenarios::StoreSink;
+use common::sinks::{Nats, TestSink};
+use common::{FAST_RELAY, Producer, Scenario, outbox_section, pg_outbox_at, unique_tag};
 use ferry::NewMessage;
 use ferry::postgres::PgOutbox;
 use ferry_core::testing::services;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// A PostgreSQL outbox streamed by log capture to a NATS stream, both named after the
+/// A PostgreSQL outbox streamed by log capture to sink `K`, both named after the
 /// scenario's tag; its slot and publication are `e<tag>_outbox`.
-struct PgLogNats {
+struct PgLog<K> {
     scenario: Scenario,
     outbox: PgOutbox,
+    sink: PhantomData<K>,
 }
 
-impl PgLogNats {
+type PgLogNats = PgLog<Nats>;
+
+impl<K> PgLog<K> {
     fn slot(&self) -> String {
         format!("e{}_outbox", self.scenario.tag)
     }
@@ -49,7 +54,9 @@ impl PgLogNats {
     }
 }
 
-impl StoreNats for PgLogNats {
+impl<K: TestSink> StoreSink for PgLog<K> {
+    type Sink = K;
+
     async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
         let tag = unique_tag();
         let url = services::postgres_logical_url();
@@ -58,13 +65,17 @@ impl StoreNats for PgLogNats {
             &[
                 &format!("[store]\ntype = \"postgres\"\nurl = \"{url}\"\n"),
                 &outbox_section(&tag, partitions, extra_outbox),
-                &nats_sink_section(&tag, duplicate_window_secs),
+                &K::section(&tag, duplicate_window_secs),
                 FAST_RELAY,
                 "[capture]\nmode = \"log\"\nheartbeat_interval_ms = 500\n",
             ],
         );
         let outbox = pg_outbox_at(&url, &tag).await;
-        Self { scenario, outbox }
+        Self {
+            scenario,
+            outbox,
+            sink: PhantomData,
+        }
     }
 
     fn scenario(&self) -> &Scenario {
@@ -93,7 +104,7 @@ impl StoreNats for PgLogNats {
     }
 }
 
-impl LogStoreNats for PgLogNats {
+impl<K: TestSink> LogStore for PgLog<K> {
     async fn enqueue_rolled_back(&self, message: NewMessage) -> Uuid {
         let mut tx = self.pool().begin().await.unwrap();
         let id = self.outbox.enqueue(&mut tx, message).await.unwrap().id;
@@ -154,4 +165,32 @@ async fn heartbeats_move_the_slot_on_while_the_outbox_is_idle() {
     }
     assert!(relay.terminate(Duration::from_secs(15)).success());
     e2e.cleanup().await;
+}
+
+/// The scenarios whose checks hold for any sink, into Kafka: its transactions (and the
+/// producer epochs fencing a previous owner) keep every message once in the topic.
+#[cfg(feature = "kafka")]
+mod kafka {
+    use super::common::sinks::Kafka;
+    use super::{PgLog, common, log_capture};
+
+    type PgLogKafka = PgLog<Kafka>;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn g2_g3_g4_kill_nine_while_streaming_loses_and_duplicates_nothing() {
+        common::scenarios::kill_nine_at_random_points::<PgLogKafka>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn g5_a_paused_streaming_relay_is_fenced() {
+        common::scenarios::paused_zombie_relay_is_fenced::<PgLogKafka>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_relay_waits_as_a_standby_and_takes_over_when_the_first_is_killed() {
+        log_capture::a_standby_takes_over_when_the_streaming_relay_is_killed::<PgLogKafka>(
+            "is active",
+        )
+        .await;
+    }
 }

@@ -25,28 +25,11 @@ use nix::unistd::Pid;
 use uuid::Uuid;
 
 use common::{
-    FAST_RELAY, PgScenario, Report, kill_nine_repeatedly, outbox_section, pg_store_section,
-    read_kafka_topic, unique_tag,
+    FAST_RELAY, PgScenario, Report, kafka_sink_section, kill_nine_repeatedly, outbox_section,
+    pg_store_section, read_kafka_topic, unique_tag,
 };
 use ferry::kafka::KafkaSinkConfig;
 use ferry_core::testing::services;
-
-/// `[sink]` for Kafka at `brokers`, into topics `e<tag>.<aggregate_type>` with
-/// transactional ids `e<tag>-p<N>`.
-fn kafka_sink_section(tag: &str, brokers: &str) -> String {
-    format!(
-        r#"[sink]
-type = "kafka"
-brokers = "{brokers}"
-topic_template = "e{tag}.{{aggregate_type}}"
-transactional_id_prefix = "e{tag}"
-topic_partitions = 4
-timeout_secs = 10
-transaction_timeout_secs = 10
-reconcile_margin_secs = 5
-"#
-    )
-}
 
 /// A PostgreSQL outbox relayed to Kafka; the producers write aggregate type `account`.
 struct PgKafka {

@@ -8,7 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::scenarios::StoreNats;
+use common::scenarios::StoreSink;
+use common::sinks::Nats;
 use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
 use ferry::mysql::MyOutbox;
 use ferry::sql::{StoreSettings, TablePrefix};
@@ -20,7 +21,9 @@ struct MyNats {
     outbox: MyOutbox,
 }
 
-impl StoreNats for MyNats {
+impl StoreSink for MyNats {
+    type Sink = Nats;
+
     async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
         let tag = unique_tag();
         let scenario = Scenario::new(

@@ -10,7 +10,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::scenarios::StoreNats;
+use common::scenarios::StoreSink;
+use common::sinks::Nats;
 use common::{FAST_RELAY, Producer, Scenario, nats_sink_section, outbox_section, unique_tag};
 use ferry::NewMessage;
 use ferry::redis_store::{KeyPrefix, RedisOutbox, RedisSettings};
@@ -35,7 +36,9 @@ struct RedisNats {
     outbox: RedisOutbox,
 }
 
-impl StoreNats for RedisNats {
+impl StoreSink for RedisNats {
+    type Sink = Nats;
+
     async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self {
         let tag = unique_tag();
         let scenario = Scenario::new(

@@ -1,5 +1,6 @@
 //! The log capture scenarios (`capture.mode = "log"`) of every store that has a log the
-//! relay streams: a round trip with a rolled-back transaction, and a standby taking over.
+//! relay streams, against any sink: a round trip with a rolled-back transaction, and a
+//! standby taking over.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -8,22 +9,20 @@ use ferry::NewMessage;
 use uuid::Uuid;
 
 use super::Producer;
-use super::scenarios::StoreNats;
+use super::scenarios::StoreSink;
 
 /// What the relay logs once it streams.
 pub const STREAMING: &str = "the table is drained; streaming";
 
 /// A store relayed in log mode.
-pub trait LogStoreNats: StoreNats {
+pub trait LogStore: StoreSink {
     /// Enqueues `message` in a transaction that is then rolled back; returns its id.
     async fn enqueue_rolled_back(&self, message: NewMessage) -> Uuid;
 }
 
 /// A row committed before streaming (the drain's), a rolled-back transaction never
 /// published, then committed producers; `ferry status` prints each of `lag_texts`.
-pub async fn round_trip_never_publishes_a_rolled_back_transaction<S: LogStoreNats>(
-    lag_texts: &[&str],
-) {
+pub async fn round_trip_never_publishes_a_rolled_back_transaction<S: LogStore>(lag_texts: &[&str]) {
     let e2e = S::new(4, 120, "").await;
     let mut produced: HashSet<_> = e2e
         .outbox()
@@ -63,9 +62,7 @@ pub async fn round_trip_never_publishes_a_rolled_back_transaction<S: LogStoreNat
 
 /// A second relay waits as a standby (its log says `held_text`) and streams once the first
 /// is killed; nothing is lost, duplicated or reordered after the inbox.
-pub async fn a_standby_takes_over_when_the_streaming_relay_is_killed<S: LogStoreNats>(
-    held_text: &str,
-) {
+pub async fn a_standby_takes_over_when_the_streaming_relay_is_killed<S: LogStore>(held_text: &str) {
     let e2e = S::new(4, 1, "").await;
     let first = e2e.scenario().relay("relay-a");
     first.wait_for_log(STREAMING, Duration::from_secs(20)).await;

@@ -9,6 +9,7 @@ pub mod browser;
 pub mod log_capture;
 pub mod scenarios;
 pub mod service;
+pub mod sinks;
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -100,6 +101,23 @@ duplicate_window_secs = {duplicate_window_secs}
 
 pub fn nats_stream(tag: &str) -> String {
     format!("E2E_{tag}")
+}
+
+/// `[sink]` for Kafka at `brokers`, into topics `e<tag>.<aggregate_type>` with
+/// transactional ids `e<tag>-p<N>`.
+pub fn kafka_sink_section(tag: &str, brokers: &str) -> String {
+    format!(
+        r#"[sink]
+type = "kafka"
+brokers = "{brokers}"
+topic_template = "e{tag}.{{aggregate_type}}"
+transactional_id_prefix = "e{tag}"
+topic_partitions = 4
+timeout_secs = 10
+transaction_timeout_secs = 10
+reconcile_margin_secs = 5
+"#
+    )
 }
 
 /// One isolated scenario: a temporary directory with its `ferry.toml`, migrated.

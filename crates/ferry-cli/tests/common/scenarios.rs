@@ -1,8 +1,9 @@
 //! The end-to-end scenarios every outbox store runs with real `ferry relay` processes and
-//! the real NATS JetStream: kill -9 at random points, two relays sharing and rebalancing, a
-//! paused zombie relay, graceful shutdown, a message the broker rejects, a replay of a
-//! lost stream. A store's test
-//! binary implements [`StoreNats`] and calls each scenario from a `#[tokio::test]`.
+//! a real broker: kill -9 at random points, two relays sharing and rebalancing, a paused
+//! zombie relay, graceful shutdown, a message the broker rejects, a replay of a lost
+//! stream. A store's test binary implements [`StoreSink`] for the sinks it runs against
+//! ([`super::sinks`]) and calls each scenario from a `#[tokio::test]`; the scenarios that
+//! rest on what only NATS does ask for `StoreSink<Sink = Nats>`.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -13,16 +14,17 @@ use uuid::Uuid;
 
 use ferry::NewMessage;
 
-use super::{
-    Producer, Report, Scenario, delete_nats_stream, kill_nine_repeatedly, nats_stream, produce,
-    read_nats_stream,
-};
+use super::sinks::{Nats, TestSink};
+use super::{Producer, Report, Scenario, kill_nine_repeatedly, produce};
 
-/// An outbox in one store, relayed to a NATS stream, both named after the scenario's tag.
+/// An outbox in one store, relayed to a [`TestSink`], both named after the scenario's tag.
 #[allow(async_fn_in_trait)]
-pub trait StoreNats: Sized {
+pub trait StoreSink: Sized {
+    type Sink: TestSink;
+
     /// A migrated outbox of `partitions` partitions (plus `extra_outbox` lines in its
-    /// `[outbox]` section) and a fresh stream with this duplicate window.
+    /// `[outbox]` section), relayed to a fresh stream or topic; `duplicate_window_secs` is
+    /// the broker's de-duplication window where it has one.
     async fn new(partitions: u32, duplicate_window_secs: u64, extra_outbox: &str) -> Self;
 
     fn scenario(&self) -> &Scenario;
@@ -62,22 +64,19 @@ pub trait StoreNats: Sized {
     /// Removes what `new` made in the store, if the store keeps it apart from other tests.
     async fn remove_outbox(&self) {}
 
-    /// Reads the stream from the start and checks it against `produced`.
+    /// Reads the stream or topic from the start and checks it against `produced`.
     async fn check_stream(&self, produced: &HashSet<Uuid>) -> Report {
-        Report::of(
-            read_nats_stream(&nats_stream(&self.scenario().tag)).await,
-            produced,
-        )
+        Report::of(Self::Sink::read(&self.scenario().tag).await, produced)
     }
 
     async fn cleanup(self) {
-        delete_nats_stream(&nats_stream(&self.scenario().tag)).await;
+        Self::Sink::remove(&self.scenario().tag).await;
         self.remove_outbox().await;
     }
 }
 
 /// G2, G3, G4: six kill -9s while 22,000 messages flow lose and duplicate nothing.
-pub async fn kill_nine_at_random_points<S: StoreNats>() {
+pub async fn kill_nine_at_random_points<S: StoreSink>() {
     // A 1 s duplicate window is shorter than every takeover here (lease TTL 2 s): only
     // reconciliation by message id keeps re-sends out of the stream.
     let e2e = S::new(8, 1, "").await;
@@ -99,7 +98,7 @@ pub async fn kill_nine_at_random_points<S: StoreNats>() {
 }
 
 /// Two relays share the partitions fairly, and one takes all again when the other leaves.
-pub async fn relays_share_partitions_fairly_and_rebalance<S: StoreNats>() {
+pub async fn relays_share_partitions_fairly_and_rebalance<S: StoreSink>() {
     let e2e = S::new(8, 120, "").await;
     let scenario = e2e.scenario();
     let a = scenario.relay("relay-a");
@@ -119,13 +118,13 @@ pub async fn relays_share_partitions_fairly_and_rebalance<S: StoreNats>() {
 }
 
 /// G5: a relay paused past its lease finds its leases gone when it resumes; order holds.
-pub async fn paused_zombie_relay_is_fenced<S: StoreNats>() {
+pub async fn paused_zombie_relay_is_fenced<S: StoreSink>() {
     zombie_is_fenced(S::new(8, 120, "").await).await;
 }
 
 /// Relay a is paused past its lease while b takes its partitions over, then resumes: the
 /// stream stays perfect and a finds its leases gone.
-pub async fn zombie_is_fenced<S: StoreNats>(e2e: S) {
+pub async fn zombie_is_fenced<S: StoreSink>(e2e: S) {
     let scenario = e2e.scenario();
     let a = scenario.relay("relay-a");
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -152,7 +151,7 @@ pub async fn zombie_is_fenced<S: StoreNats>(e2e: S) {
 }
 
 /// SIGTERM lets the relay finish, release every lease and exit 0.
-pub async fn sigterm_finishes_and_releases_leases<S: StoreNats>() {
+pub async fn sigterm_finishes_and_releases_leases<S: StoreSink>() {
     let e2e = S::new(4, 120, "").await;
     let scenario = e2e.scenario();
     let relay = scenario.relay("relay");
@@ -173,7 +172,7 @@ pub async fn sigterm_finishes_and_releases_leases<S: StoreNats>() {
 
 /// A message the broker rejects for good blocks its partition, with the reason in `ferry
 /// status`, and nothing after it is sent.
-pub async fn rejected_message_blocks_its_partition<S: StoreNats>() {
+pub async fn rejected_message_blocks_its_partition<S: StoreSink<Sink = Nats>>() {
     // The outbox accepts 2 MiB; NATS's default max_payload is 1 MiB.
     let e2e = S::new(1, 120, "max_payload_bytes = 2097152").await;
     let big = e2e.enqueue_oversized_then_small().await;
@@ -192,14 +191,14 @@ pub async fn rejected_message_blocks_its_partition<S: StoreNats>() {
 
 /// The broker loses the stream after the relay published everything; `ferry replay --all`
 /// restores it from the messages the store kept: each once, every aggregate in order.
-pub async fn replay_restores_a_lost_stream<S: StoreNats>() {
+pub async fn replay_restores_a_lost_stream<S: StoreSink<Sink = Nats>>() {
     let e2e = S::new(4, 120, "retention_secs = 3600").await;
     let scenario = e2e.scenario();
     let relay = scenario.relay("relay");
     let produced = e2e.produce(20, 10, 2).await.unwrap();
     scenario.wait_drained(Duration::from_secs(60)).await;
     assert!(relay.terminate(Duration::from_secs(15)).success());
-    delete_nats_stream(&nats_stream(&scenario.tag)).await;
+    Nats::remove(&scenario.tag).await;
 
     let progress = scenario.dir.path().join("replay.json");
     let output = scenario.ferry(&[
@@ -226,7 +225,8 @@ pub async fn replay_restores_a_lost_stream<S: StoreNats>() {
     e2e.cleanup().await;
 }
 
-/// One `#[tokio::test]` per scenario above, for the [`StoreNats`] implementation `$store`.
+/// One `#[tokio::test]` per scenario above, for the [`StoreSink`] implementation `$store`
+/// (relayed to NATS).
 #[allow(unused_macros)]
 macro_rules! scenario_tests {
     ($store:ty) => {
