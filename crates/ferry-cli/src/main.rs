@@ -54,11 +54,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show each partition's owner, epoch, backlog, oldest unpublished age and blocked reason.
+    /// Show each partition's owner, epoch, backlog, oldest unpublished age and blocked
+    /// reason, and in log capture mode how far the capture is behind the log.
     Status {
         #[arg(long, short)]
         config: PathBuf,
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table: `{"partitions": [...], "capture": {"lag_bytes",
+        /// "oldest_unpublished_age_secs"}}`, `capture` null in poll mode.
         #[arg(long)]
         json: bool,
     },
@@ -132,15 +134,19 @@ async fn run(command: Command, telemetry: &Telemetry) -> anyhow::Result<()> {
             let mut status = store.outbox().status().await?;
             show_external_owners(&config, &store, &mut status).await;
             let capture = match wiring::open_capture(&config, &store)? {
-                Some(capture) => Some(capture.lag().await?),
+                Some(capture) => Some(CaptureLagReport::new(&capture.lag().await?, &status)),
                 None => None,
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                let report = StatusReport {
+                    partitions: &status,
+                    capture,
+                };
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print_status(&status);
-                if let Some(lag) = capture {
-                    print_capture_lag(&lag, &status);
+                if let Some(capture) = capture {
+                    capture.print();
                 }
             }
             Ok(())
@@ -183,18 +189,44 @@ async fn show_external_owners(
     }
 }
 
-/// The log capture's slot: how much log the database keeps for it, and how old the oldest
-/// message it has not confirmed can be (every unpublished one is unconfirmed).
-fn print_capture_lag(lag: &ferry::CaptureLag, status: &[ferry::PartitionStatus]) {
-    let oldest = status
-        .iter()
-        .filter_map(|p| p.oldest_unpublished_age_secs)
-        .fold(0.0, f64::max);
-    match lag.bytes {
-        Some(bytes) => println!(
-            "log capture: {bytes} bytes of log behind the server's, oldest unpublished {oldest:.1} s"
-        ),
-        None => println!("log capture: not set up (run `ferry migrate`)"),
+/// `ferry status --json`.
+#[derive(serde::Serialize)]
+struct StatusReport<'a> {
+    partitions: &'a [ferry::PartitionStatus],
+    /// `null` in poll mode.
+    capture: Option<CaptureLagReport>,
+}
+
+/// The log capture's lag, as `ferry status` prints it and `--json` carries it.
+#[derive(serde::Serialize)]
+struct CaptureLagReport {
+    /// Log bytes the database keeps past the confirmed position; `None` while the slot
+    /// (or the binlog origin) is not set up.
+    lag_bytes: Option<u64>,
+    /// Age of the oldest unpublished message, 0 when none: the confirmed position is not
+    /// past it, so the log is at least this far behind.
+    oldest_unpublished_age_secs: f64,
+}
+
+impl CaptureLagReport {
+    fn new(lag: &ferry::CaptureLag, status: &[ferry::PartitionStatus]) -> Self {
+        Self {
+            lag_bytes: lag.bytes,
+            oldest_unpublished_age_secs: status
+                .iter()
+                .filter_map(|p| p.oldest_unpublished_age_secs)
+                .fold(0.0, f64::max),
+        }
+    }
+
+    fn print(&self) {
+        match self.lag_bytes {
+            Some(bytes) => println!(
+                "log capture: {bytes} bytes of log behind the server's, oldest unpublished {:.1} s",
+                self.oldest_unpublished_age_secs
+            ),
+            None => println!("log capture: not set up (run `ferry migrate`)"),
+        }
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use ferry::NewMessage;
 use uuid::Uuid;
 
-use super::Producer;
 use super::scenarios::StoreSink;
+use super::{Producer, Scenario};
 
 /// What the relay logs once it streams.
 pub const STREAMING: &str = "the table is drained; streaming";
@@ -21,7 +21,9 @@ pub trait LogStore: StoreSink {
 }
 
 /// A row committed before streaming (the drain's), a rolled-back transaction never
-/// published, then committed producers; `ferry status` prints each of `lag_texts`.
+/// published, then committed producers; `ferry status` prints each of `lag_texts`, and
+/// `ferry status --json` carries the lag: behind while the first row waits, none of it
+/// unpublished once drained.
 pub async fn round_trip_never_publishes_a_rolled_back_transaction<S: LogStore>(lag_texts: &[&str]) {
     let e2e = S::new(4, 120, "").await;
     let mut produced: HashSet<_> = e2e
@@ -35,6 +37,8 @@ pub async fn round_trip_never_publishes_a_rolled_back_transaction<S: LogStore>(l
         .await
         .into_iter()
         .collect();
+    let waiting = capture_lag(e2e.scenario());
+    assert!(waiting.0 > 0 && waiting.1 > 0.0, "{waiting:?}");
     let relay = e2e.scenario().relay("relay");
     relay.wait_for_log(STREAMING, Duration::from_secs(20)).await;
     let rolled_back = e2e
@@ -56,8 +60,23 @@ pub async fn round_trip_never_publishes_a_rolled_back_transaction<S: LogStore>(l
     for lag_text in lag_texts {
         assert!(text.contains(lag_text), "{text}");
     }
+    assert_eq!(capture_lag(e2e.scenario()).1, 0.0);
     assert!(relay.terminate(Duration::from_secs(15)).success());
     e2e.cleanup().await;
+}
+
+/// The capture's lag in `ferry status --json`: log bytes behind, and the age of the oldest
+/// unpublished message.
+fn capture_lag(scenario: &Scenario) -> (u64, f64) {
+    let report = scenario.status_report();
+    let capture = &report["capture"];
+    match (
+        capture["lag_bytes"].as_u64(),
+        capture["oldest_unpublished_age_secs"].as_f64(),
+    ) {
+        (Some(bytes), Some(secs)) => (bytes, secs),
+        _ => panic!("no capture lag in ferry status --json: {report}"),
+    }
 }
 
 /// A second relay waits as a standby (its log says `held_text`) and streams once the first

@@ -199,6 +199,11 @@ impl Scenario {
 
     /// `ferry status --json`: one object per partition.
     pub fn status(&self) -> Vec<serde_json::Value> {
+        serde_json::from_value(self.status_report()["partitions"].take()).unwrap()
+    }
+
+    /// The whole of `ferry status --json`: `partitions`, and `capture` (null in poll mode).
+    pub fn status_report(&self) -> serde_json::Value {
         let output = self.ferry(&["status", "--json"]);
         assert!(
             output.status.success(),
