@@ -76,6 +76,33 @@ impl<K: TestSink> LogStore for MyLog<K> {
         tx.rollback().await.unwrap();
         id
     }
+
+    fn server_port(&self) -> u16 {
+        url::Url::parse(&services::mysql_binlog_url())
+            .unwrap()
+            .port()
+            .unwrap_or(3306)
+    }
+
+    async fn end_connections(&self, ports: &[u16]) {
+        let hosts: Vec<String> = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE FIND_IN_SET(HOST, ?)",
+        )
+        .bind(hosts.join(","))
+        .fetch_all(self.outbox.pool())
+        .await
+        .unwrap();
+        for id in ids {
+            // The connection may have ended by itself meanwhile.
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("KILL CONNECTION {id}")))
+                .execute(self.outbox.pool())
+                .await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,4 +162,9 @@ mod kafka {
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_ending_the_relays_connections_loses_and_duplicates_nothing() {
+    log_capture::the_database_ending_the_relays_connections_loses_nothing::<MyLogNats>().await;
 }

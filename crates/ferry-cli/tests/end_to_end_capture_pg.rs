@@ -111,6 +111,25 @@ impl<K: TestSink> LogStore for PgLog<K> {
         tx.rollback().await.unwrap();
         id
     }
+
+    fn server_port(&self) -> u16 {
+        url::Url::parse(&services::postgres_logical_url())
+            .unwrap()
+            .port()
+            .unwrap_or(5432)
+    }
+
+    async fn end_connections(&self, ports: &[u16]) {
+        let ports: Vec<i32> = ports.iter().map(|&port| i32::from(port)).collect();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE client_addr = '127.0.0.1' AND client_port = ANY($1)",
+        )
+        .bind(ports)
+        .execute(self.pool())
+        .await
+        .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,4 +212,9 @@ mod kafka {
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_ending_the_relays_connections_loses_and_duplicates_nothing() {
+    log_capture::the_database_ending_the_relays_connections_loses_nothing::<PgLogNats>().await;
 }

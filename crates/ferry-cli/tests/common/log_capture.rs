@@ -18,6 +18,12 @@ pub const STREAMING: &str = "the table is drained; streaming";
 pub trait LogStore: StoreSink {
     /// Enqueues `message` in a transaction that is then rolled back; returns its id.
     async fn enqueue_rolled_back(&self, message: NewMessage) -> Uuid;
+
+    /// The database server's port on this host.
+    fn server_port(&self) -> u16;
+
+    /// Has the server end the connections coming from these local ports of this host.
+    async fn end_connections(&self, ports: &[u16]);
 }
 
 /// A row committed before streaming (the drain's), a rolled-back transaction never
@@ -101,5 +107,35 @@ pub async fn a_standby_takes_over_when_the_streaming_relay_is_killed<S: LogStore
     let report = e2e.check_stream(&produced).await;
     report.assert_perfect_after_inbox();
     assert!(second.terminate(Duration::from_secs(15)).success());
+    e2e.cleanup().await;
+}
+
+/// The database ends every connection of the streaming relay (as its restart does) three
+/// times while producers commit: the relay connects again and streams on from the
+/// confirmed position; nothing is lost, duplicated or reordered after the inbox.
+pub async fn the_database_ending_the_relays_connections_loses_nothing<S: LogStore>() {
+    let e2e = S::new(4, 120, "").await;
+    let relay = e2e.scenario().relay("relay");
+    relay.wait_for_log(STREAMING, Duration::from_secs(20)).await;
+    let producing = e2e.produce(40, 30, 2);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let ports = relay.ports_to(e2e.server_port());
+        assert!(
+            !ports.is_empty(),
+            "the relay holds no connection to the database"
+        );
+        e2e.end_connections(&ports).await;
+    }
+    let produced = producing.await.unwrap();
+    e2e.scenario().wait_drained(Duration::from_secs(60)).await;
+    let report = e2e.check_stream(&produced).await;
+    report.assert_perfect_after_inbox();
+    let logs = relay.logs();
+    assert!(
+        logs.matches(STREAMING).count() >= 2,
+        "streamed again: {logs}"
+    );
+    assert!(relay.terminate(Duration::from_secs(15)).success());
     e2e.cleanup().await;
 }

@@ -295,6 +295,39 @@ impl Relay {
         Pid::from_raw(self.child.id() as i32)
     }
 
+    /// The local ports of the relay's TCP connections to `server_port` on this host (read
+    /// from /proc: its socket descriptors, matched with the kernel's TCP table), so a test
+    /// can have the server end exactly these connections.
+    pub fn ports_to(&self, server_port: u16) -> Vec<u16> {
+        let pid = self.child.id();
+        let sockets: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter_map(|target| {
+                let target = target.to_string_lossy().into_owned();
+                Some(
+                    target
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .to_owned(),
+                )
+            })
+            .collect();
+        let port_of =
+            |address: &str| u16::from_str_radix(address.rsplit_once(':').unwrap().1, 16).unwrap();
+        let mut ports = Vec::new();
+        for table in ["tcp", "tcp6"] {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+            for line in text.lines().skip(1) {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if port_of(fields[2]) == server_port && sockets.contains(fields[9]) {
+                    ports.push(port_of(fields[1]));
+                }
+            }
+        }
+        ports
+    }
+
     pub fn signal(&self, signal: Signal) {
         kill(self.pid(), signal).unwrap();
     }
