@@ -15,21 +15,45 @@
 # also prints the drain rate of each M messages marked (read from the relay's
 # ferry_relay_marked_total on 127.0.0.1:${METRICS_PORT:-9469}), and the outbox's table and
 # index sizes and pg_stat_user_tables row before and after the drain (issue 16 §4).
+# RELAY_ALONE_PORT (default 5432): the PostgreSQL's port (127.0.0.1:5434 is the one with
+# wal_level = logical); its CPU is that cluster's postmaster and backends only.
+# RELAY_ALONE_PER_TX=K writes the messages in transactions of K (default: all in one).
+# RELAY_ALONE_FILL=during (for capture.mode = "log"): starts the relay first, waits until it
+# streams, then writes the messages, so that they reach it through the log; a backlog
+# written before the relay starts is published by the log relay's poll-path drain
+# (crates/ferry-core/src/relay/capture.rs). The rate is then counted from the last commit
+# when everything was one transaction, else from the first write. The relay's log goes to
+# /tmp/relay-alone.log. The slot and publication of the run's prefix are dropped at the end.
 set -euo pipefail
 cfg=$1
 n=$2
 bin=${FERRY_BIN:-$(dirname "$0")/../target/release/ferry}
 prefix=ra_$(date +%s)_
 db=${RELAY_ALONE_DB:-test}
+port=${RELAY_ALONE_PORT:-5432}
+fill=${RELAY_ALONE_FILL:-before}
+per_tx=${RELAY_ALONE_PER_TX:-$n}
 export FERRY_OUTBOX__TABLE_PREFIX=$prefix FERRY_LOG=${FERRY_LOG:-error}
-export FERRY_STORE__URL=postgres://postgres@127.0.0.1:5432/$db
-sql() { psql -q -h 127.0.0.1 -U postgres -d "$db" "$@"; }
+export FERRY_STORE__URL=postgres://postgres@127.0.0.1:$port/$db
+sql() { psql -q -h 127.0.0.1 -p "$port" -U postgres -d "$db" "$@"; }
 # CPU ticks of the processes named $1, with their reaped children's (the postmaster's
 # cutime/cstime keep the time of backends that exited between the two samples).
 ticks() {
   local total=0 pid used
   for pid in $(pgrep -x "$1"); do
     used=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + used))
+  done
+  echo "$total"
+}
+# The same for one PostgreSQL cluster: its postmaster (with its reaped backends) and the
+# backends alive now.
+pg_ticks() {
+  local postmaster total used child
+  postmaster=$(head -1 "$(sql -tA -c 'SHOW data_directory')/postmaster.pid")
+  total=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$postmaster/stat")
+  for child in $(pgrep -P "$postmaster"); do
+    used=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$child/stat" 2>/dev/null || echo 0)
     total=$((total + used))
   done
   echo "$total"
@@ -57,7 +81,13 @@ with socket.create_connection(("127.0.0.1", 4222), timeout=10) as s:
         reply += chunk
 PY
 fi
-sql -c "SELECT count(*) FROM generate_series(1, $n) g, LATERAL ${prefix}enqueue_bytes('bench', (g % 10000)::text, 'bench.event', convert_to(repeat('x', 200), 'UTF8'))" >/dev/null
+# The SQL producer: N messages over 10,000 aggregates, in transactions of per_tx.
+fill_outbox() {
+  sql -c "DO \$\$BEGIN FOR i IN 0..($n - 1) / $per_tx LOOP PERFORM count(*) FROM generate_series(i * $per_tx + 1, least((i + 1) * $per_tx, $n)) g, LATERAL ${prefix}enqueue_bytes('bench', (g % 10000)::text, 'bench.event', convert_to(repeat('x', 200), 'UTF8')); COMMIT; END LOOP; END\$\$" >/dev/null
+}
+if [ "$fill" = before ]; then
+  fill_outbox
+fi
 
 # The outbox's sizes and what (auto)vacuum and analyze did to it so far.
 table_report() {
@@ -73,11 +103,33 @@ fi
 # The backend that wrote the backlog is reaped by the postmaster (its CPU joining the
 # postmaster's cutime) shortly after psql exits: let that happen before the first sample.
 sleep 1
-pg0=$(ticks postgres) nats0=$(ticks nats-server) redis0=$(ticks redis-server)
+if [ "$fill" = during ]; then
+  FERRY_LOG=info "$bin" relay --config "$cfg" >/tmp/relay-alone.log 2>&1 &
+  relay=$!
+  until grep -q "the table is drained; streaming" /tmp/relay-alone.log; do
+    kill -0 "$relay" || { cat /tmp/relay-alone.log; exit 1; }
+    sleep 0.2
+  done
+fi
+pg0=$(pg_ticks) nats0=$(ticks nats-server) redis0=$(ticks redis-server)
+relay0=0
+if [ "$fill" = during ]; then relay0=$(awk '{print $14 + $15}' "/proc/$relay/stat"); fi
 stat0=$(head -1 /proc/stat)
 start=$(date +%s.%N)
-"$bin" relay --config "$cfg" &
-relay=$!
+if [ "$fill" = during ]; then
+  fill_outbox
+  committed=$(date +%s.%N)
+  echo "written: $n messages in transactions of $per_tx, $(python3 -c "import sys; s, e, n = map(float, sys.argv[1:]); print(f'{e - s:.2f} s, {n / (e - s):,.0f} msg/s')" "$start" "$committed" "$n")"
+  # One transaction reaches the relay only at its commit: count (time and CPU) from there.
+  if [ "$per_tx" -ge "$n" ]; then
+    start=$committed stat0=$(head -1 /proc/stat)
+    pg0=$(pg_ticks) nats0=$(ticks nats-server) redis0=$(ticks redis-server)
+    relay0=$(awk '{print $14 + $15}' "/proc/$relay/stat")
+  fi
+else
+  "$bin" relay --config "$cfg" &
+  relay=$!
+fi
 if [ -n "${PROGRESS_EVERY:-}" ]; then
   (
     step=$PROGRESS_EVERY next=$PROGRESS_EVERY last_t=$start last_n=0
@@ -103,8 +155,8 @@ until [ "$(sql -tA -c "$pending")" = 0 ]; do sleep 0.5; done
 end=$(date +%s.%N)
 stat1=$(head -1 /proc/stat)
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$relay/status")
-relay_ticks=$(awk '{print $14 + $15}' "/proc/$relay/stat")
-pg=$(($(ticks postgres) - pg0)) nats=$(($(ticks nats-server) - nats0)) redis=$(($(ticks redis-server) - redis0))
+relay_ticks=$(($(awk '{print $14 + $15}' "/proc/$relay/stat") - relay0))
+pg=$(($(pg_ticks) - pg0)) nats=$(($(ticks nats-server) - nats0)) redis=$(($(ticks redis-server) - redis0))
 kill "$relay"
 wait "$relay" || true
 wait
@@ -114,6 +166,14 @@ if [ -n "${PROGRESS_EVERY:-}" ]; then
   table_report
 fi
 sql -c "DO \$\$DECLARE t record; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE tablename LIKE '${prefix}%' LOOP EXECUTE 'DROP TABLE ' || t.tablename || ' CASCADE'; END LOOP; END\$\$" >/dev/null
+# Log capture's publication and slot (a slot left behind pins the server's WAL); the
+# slot stays active until the relay's walsender has exited.
+sql -c "SET client_min_messages = warning; DROP PUBLICATION IF EXISTS ${prefix}outbox"
+for _ in $(seq 50); do
+  [ "$(sql -tA -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '${prefix}outbox'")" = 0 ] && break
+  sql -tA -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '${prefix}outbox' AND NOT active" >/dev/null
+  sleep 0.2
+done
 python3 - "$cfg" "$n" "$start" "$end" "$hwm" "$relay_ticks" "$pg" "$nats" "$redis" "$idle" <<'PY'
 import sys
 cfg, n, start, end, hwm, relay, pg, nats, redis, idle = sys.argv[1:]

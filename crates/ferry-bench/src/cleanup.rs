@@ -45,7 +45,44 @@ async fn drop_postgres(pool: &sqlx::PgPool, prefix: &str) -> anyhow::Result<()> 
         .await?;
     }
     tx.commit().await?;
-    Ok(())
+    drop_postgres_capture(pool, prefix).await
+}
+
+/// Drops the publications and logical replication slots of `capture.mode = "log"` whose
+/// names start with `prefix`: a slot left behind would pin the server's WAL. A slot is
+/// still active for a moment after its relay stopped (its walsender exits afterwards).
+async fn drop_postgres_capture(pool: &sqlx::PgPool, prefix: &str) -> anyhow::Result<()> {
+    let publications: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I', pubname) FROM pg_publication WHERE starts_with(pubname, $1)",
+    )
+    .bind(prefix)
+    .fetch_all(pool)
+    .await?;
+    for publication in publications {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP PUBLICATION IF EXISTS {publication}"
+        )))
+        .execute(pool)
+        .await?;
+    }
+    let slots = "SELECT slot_name::text, active FROM pg_replication_slots \
+                 WHERE database = current_database() AND starts_with(slot_name::text, $1)";
+    for _ in 0..50 {
+        let found: Vec<(String, bool)> = sqlx::query_as(slots).bind(prefix).fetch_all(pool).await?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        for (slot, active) in found {
+            if !active {
+                sqlx::query("SELECT pg_drop_replication_slot($1)")
+                    .bind(&slot)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("a replication slot named {prefix}* stayed active for 10 s; drop it by hand")
 }
 
 /// Drops every table, procedure and function of the current database whose name starts

@@ -274,7 +274,10 @@ async fn open_relays(
         let sink = wiring::open_sink(&config.sink).await?;
         let mut relay_config = config.relay_config();
         relay_config.relay_id = format!("{}-bench{index}", relay_config.relay_id);
-        let relay = Relay::new(store.outbox(), store.leases(), sink, relay_config);
+        let mut relay = Relay::new(store.outbox(), store.leases(), sink, relay_config);
+        if let Some(capture) = wiring::log_capture(config, &store)? {
+            relay = relay.with_log_capture(capture);
+        }
         stats.push(relay.stats());
         relays.push(relay);
     }

@@ -158,6 +158,10 @@ impl Target {
         };
         let store = wiring::Store::open(config).await?;
         store.migrate(config.outbox.partitions).await?;
+        // `capture.mode = "log"`: the publication and slot `ferry migrate` would create.
+        if let Some(capture) = wiring::open_capture(config, &store)? {
+            capture.setup().await?;
+        }
         let prefix = match &config.store {
             StoreConfig::Redis { key_prefix, .. } => key_prefix.clone(),
             StoreConfig::Postgres { .. }
