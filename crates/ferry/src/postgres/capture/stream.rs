@@ -11,7 +11,9 @@ use tokio::time::{Instant, sleep, timeout_at};
 use ferry_core::{CaptureLag, CapturedTransaction, LogPosition, LogStream, Message, StoreError};
 
 use super::pgoutput::{Decoded, Decoder};
-use super::{HEARTBEAT_PREFIX, current_wal_insert_lsn, replication_error, slot_lag_bytes};
+use super::{
+    HEARTBEAT_PREFIX, current_wal_insert_lsn, replication_error, slot_lag_bytes, unavailable,
+};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -44,7 +46,7 @@ impl PgLogStream {
             .bind(HEARTBEAT_PREFIX)
             .execute(&self.pool)
             .await
-            .map_err(|err| StoreError::Unavailable(Box::new(err)))?;
+            .map_err(unavailable)?;
         self.last_heartbeat = Instant::now();
         Ok(())
     }
@@ -158,7 +160,7 @@ pub(super) async fn wait_until_visible(pool: &PgPool, xid: u32) -> Result<(), St
             .bind(i64::from(xid))
             .fetch_one(pool)
             .await
-            .map_err(|err| StoreError::Unavailable(Box::new(err)))?;
+            .map_err(unavailable)?;
         if visible {
             return Ok(());
         }
