@@ -27,7 +27,14 @@ use crate::report::rate;
 #[derive(Debug)]
 pub(crate) enum ProducerStore {
     Postgres(PgOutbox),
-    Sqlite(Arc<SqliteOutbox>),
+    /// SQLite has one writer at a time and its busy handler is not fair: producers that
+    /// begin again right after committing can keep one of them waiting past the busy
+    /// timeout. They take turns through `writer` (first come, first served) instead, as an
+    /// application with several writing tasks on one SQLite file would.
+    Sqlite {
+        outbox: Arc<SqliteOutbox>,
+        writer: tokio::sync::Mutex<()>,
+    },
     Mysql(MyOutbox),
     /// One multiplexed connection shared by every producer, as in an application.
     Redis(RedisOutbox),
@@ -51,7 +58,10 @@ impl ProducerStore {
             // One connection or file for all: the relay's own opening (and TLS settings).
             StoreConfig::Sqlite { .. } | StoreConfig::Redis { .. } => {
                 match wiring::Store::open(config).await? {
-                    wiring::Store::Sqlite(outbox) => Self::Sqlite(outbox),
+                    wiring::Store::Sqlite(outbox) => Self::Sqlite {
+                        outbox,
+                        writer: tokio::sync::Mutex::new(()),
+                    },
                     wiring::Store::Redis(outbox) => Self::Redis(Arc::unwrap_or_clone(outbox)),
                     wiring::Store::Postgres(_) | wiring::Store::Mysql(_) => {
                         anyhow::bail!("a sqlite or redis store config opened another store")
@@ -73,7 +83,8 @@ impl ProducerStore {
                 }
                 tx.commit().await.context("COMMIT")?;
             }
-            Self::Sqlite(outbox) => {
+            Self::Sqlite { outbox, writer } => {
+                let _turn = writer.lock().await;
                 let mut tx = outbox
                     .pool()
                     .begin_with("BEGIN IMMEDIATE")
