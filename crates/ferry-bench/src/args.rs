@@ -24,7 +24,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(8..))]
     pub(crate) payload_bytes: u64,
     /// drain: produce everything, then time the relays emptying the outbox.
-    /// live: produce at --rate while relaying, and measure commit-to-consume latency.
+    /// live: produce at --rate while relaying, and measure the latency from commit to the
+    /// broker's ack and to the consumer.
     #[arg(long, value_enum, default_value_t = Mode::Drain)]
     pub(crate) mode: Mode,
     /// Live mode: messages per second over all producers; the run lasts about

@@ -124,12 +124,37 @@ impl Checker {
     }
 }
 
-/// Commit-to-consume latency in live mode, in microseconds.
+/// Live mode's two latencies from each message's commit: to the broker's ack, as the relay
+/// received it (the figure the latency bars are set on), and to the bench's consumer
+/// receiving it (which adds the broker's delivery to a consumer).
+#[derive(Debug)]
+pub(crate) struct Latencies {
+    pub(crate) to_ack: Latency,
+    pub(crate) to_consume: Latency,
+}
+
+impl Latencies {
+    pub(crate) fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            to_ack: Latency::new()?,
+            to_consume: Latency::new()?,
+        })
+    }
+
+    /// Called right after `commit()` returned for `ids`.
+    pub(crate) fn committed(&self, ids: &[Uuid], at: Instant) {
+        self.to_ack.committed(ids, at);
+        self.to_consume.committed(ids, at);
+    }
+}
+
+/// The latency from commit to one later instant, in microseconds.
 #[derive(Debug)]
 pub(crate) struct Latency {
     pending: Mutex<HashMap<Uuid, Seen>>,
     histogram: Mutex<Histogram<u64>>,
-    /// Messages consumed before their producer's `commit()` had returned.
+    /// Messages that reached the later instant before their producer's `commit()` had
+    /// returned.
     early: AtomicU64,
 }
 
@@ -137,7 +162,8 @@ pub(crate) struct Latency {
 #[derive(Debug, Clone, Copy)]
 enum Seen {
     Committed(Instant),
-    /// Consumed before its producer's `commit()` returned: its latency counts as zero.
+    /// Received (acked, consumed) before its producer's `commit()` returned: its latency
+    /// counts as zero.
     Received,
 }
 
@@ -174,7 +200,7 @@ impl Latency {
         }
     }
 
-    /// Called when a message is consumed for the first time.
+    /// Called when a message is received (acked, consumed) for the first time.
     pub(crate) fn received(&self, id: Uuid, at: Instant) {
         let committed = {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);

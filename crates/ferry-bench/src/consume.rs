@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use tokio_util::sync::CancellationToken;
 
-use crate::check::{Checker, Latency, Verdict};
+use crate::check::{Checker, Latencies, Verdict};
 use crate::decoded::Decoded;
 use crate::reader::Reader;
 use crate::target::SinkTarget;
@@ -58,7 +58,7 @@ pub(crate) struct Consumer {
     reader: Reader,
     checker: Checker,
     consumed: Arc<Consumed>,
-    latency: Option<Arc<Latency>>,
+    latency: Option<Arc<Latencies>>,
     first_error: Option<String>,
 }
 
@@ -75,7 +75,7 @@ impl Consumer {
     pub(crate) async fn open(
         target: &SinkTarget,
         checker: Checker,
-        latency: Option<Arc<Latency>>,
+        latency: Option<Arc<Latencies>>,
         consumed: Arc<Consumed>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
@@ -147,7 +147,7 @@ impl Consumer {
         );
         if verdict == Verdict::New {
             if let Some(latency) = &self.latency {
-                latency.received(message.id, at);
+                latency.to_consume.received(message.id, at);
             }
             self.consumed.record(at);
         }

@@ -5,11 +5,13 @@
 //! - **drain**: all messages are committed first, with no relay running; then the relays
 //!   start and the clock runs until the consumer has received every message.
 //! - **live**: relays and consumer run first; producers commit at a paced rate and each
-//!   message's commit-to-consume latency goes into a histogram.
+//!   message's latencies from its commit to the broker's ack (as the relay got it) and to
+//!   the consumer go into histograms.
 //! - **--baseline** (drain, PostgreSQL → NATS): the consumer waits until the relays have
 //!   emptied the outbox; then a naive poller drains a backlog of the same size
 //!   ([`baseline`]) and the report prints ferry's drain rate over the poller's.
 
+mod ack_clock;
 mod args;
 mod baseline;
 mod check;

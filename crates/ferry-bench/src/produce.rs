@@ -19,7 +19,7 @@ use ferry_cli::config::{Config, StoreConfig};
 use ferry_cli::wiring;
 
 use crate::args::{BenchArgs, Mode};
-use crate::check::Latency;
+use crate::check::Latencies;
 use crate::plan::{AGGREGATE_TYPE, EVENT_TYPE, Plan};
 use crate::report::rate;
 
@@ -127,8 +127,8 @@ pub(crate) struct Production {
     pub(crate) produced: AtomicU64,
     /// Transactions committed so far.
     pub(crate) transactions: AtomicU64,
-    /// Live mode: commit instants for the latency.
-    pub(crate) latency: Option<Arc<Latency>>,
+    /// Live mode: commit instants for the latencies.
+    pub(crate) latency: Option<Arc<Latencies>>,
 }
 
 impl Production {
@@ -137,7 +137,7 @@ impl Production {
     pub(crate) async fn open(
         args: &BenchArgs,
         config: &Config,
-        latency: Option<Arc<Latency>>,
+        latency: Option<Arc<Latencies>>,
     ) -> anyhow::Result<Self> {
         let live = args.mode == Mode::Live;
         Ok(Self {

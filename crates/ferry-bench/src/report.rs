@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ferry::RelayStats;
 
-use crate::check::Latency;
+use crate::check::{Latencies, Latency};
 use crate::consume::ConsumerReport;
 use crate::produce::Production;
 use crate::running::{Outcome, Running, Until};
@@ -71,7 +71,7 @@ pub(crate) fn print_live(
     production: &Production,
     started: Instant,
     run: &Running,
-    latency: Option<&Latency>,
+    latency: Option<&Latencies>,
     outcome: Outcome,
 ) {
     let produced = production.produced.load(Ordering::Relaxed);
@@ -100,10 +100,19 @@ pub(crate) fn print_live(
         ),
     }
     let Some(latency) = latency else { return };
+    print_latency(
+        "commit -> broker ack (the relay's)",
+        "were acked",
+        &latency.to_ack,
+    );
+    print_latency("commit -> consume", "arrived", &latency.to_consume);
+}
+
+fn print_latency(what: &str, reached: &str, latency: &Latency) {
     let h = latency.histogram();
     let ms = |micros: u64| micros as f64 / 1000.0;
     println!(
-        "latency commit -> consume (n={}): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        "latency {what} (n={}): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
         h.len(),
         ms(h.value_at_quantile(0.50)),
         ms(h.value_at_quantile(0.90)),
@@ -113,7 +122,7 @@ pub(crate) fn print_live(
     );
     if latency.early() > 0 {
         println!(
-            "latency: {} message(s) arrived before their commit() returned (counted as 0)",
+            "latency {what}: {} message(s) {reached} before their commit() returned (counted as 0)",
             latency.early()
         );
     }

@@ -11,9 +11,10 @@ use ferry::{Relay, RelayStats};
 use ferry_cli::config::{Config, StoreConfig};
 use ferry_cli::wiring;
 
+use crate::ack_clock::AckClock;
 use crate::args::{BenchArgs, Mode};
 use crate::baseline;
-use crate::check::{Checker, Latency};
+use crate::check::{Checker, Latencies};
 use crate::consume::{Consumed, Consumer};
 use crate::isolate;
 use crate::produce::{self, Production};
@@ -115,7 +116,7 @@ async fn execute(
         target.describe_store()
     );
     let latency = if live {
-        Some(Arc::new(Latency::new()?))
+        Some(Arc::new(Latencies::new()?))
     } else {
         None
     };
@@ -154,7 +155,7 @@ async fn execute(
         };
         crate::kafka::print_raw_ceiling(kafka_config, &load).await?;
     }
-    let (ready, stats) = open_relays(config, args.relays).await?;
+    let (ready, stats) = open_relays(config, args.relays, latency.as_ref()).await?;
     let consumed = Arc::new(Consumed::new());
     let open_consumer = || {
         Consumer::open(
@@ -262,16 +263,24 @@ async fn execute(
 }
 
 /// Opens a store and a sink per relay (their own pools and connections, as separate
-/// processes would have); opening the first sink creates the bench stream.
+/// processes would have); opening the first sink creates the bench stream. With
+/// `latencies` (live mode), the sinks record when each message was acked.
 async fn open_relays(
     config: &Config,
     count: u32,
+    latencies: Option<&Arc<Latencies>>,
 ) -> anyhow::Result<(Vec<Relay>, Vec<Arc<RelayStats>>)> {
     let mut relays = Vec::new();
     let mut stats = Vec::new();
     for index in 0..count {
         let store = wiring::Store::open(config).await?;
-        let sink = wiring::open_sink(&config.sink).await?;
+        let mut sink = wiring::open_sink(&config.sink).await?;
+        if let Some(latencies) = latencies {
+            sink = Arc::new(AckClock {
+                sink,
+                latencies: Arc::clone(latencies),
+            });
+        }
         let mut relay_config = config.relay_config();
         relay_config.relay_id = format!("{}-bench{index}", relay_config.relay_id);
         let mut relay = Relay::new(store.outbox(), store.leases(), sink, relay_config);

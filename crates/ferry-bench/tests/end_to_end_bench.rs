@@ -97,6 +97,30 @@ fn sqlite_to_file_drain_is_consistent() {
 }
 
 #[test]
+fn a_live_run_times_every_message_to_the_ack_and_to_the_consumer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "[store]\ntype = \"sqlite\"\npath = \"{db}\"\n\
+         [outbox]\npartitions = 4\n\
+         [sink]\ntype = \"file\"\npath = \"{events}\"\n",
+        db = dir.path().join("outbox.db").display(),
+        events = dir.path().join("events.jsonl").display(),
+    );
+    let stdout = bench(
+        dir.path(),
+        &config,
+        &["--mode", "live", "--rate", "10000"],
+        1,
+    );
+    for what in ["commit -> broker ack (the relay's)", "commit -> consume"] {
+        assert!(
+            stdout.contains(&format!("latency {what} (n={MESSAGES}): p50 ")),
+            "no {what} latency over every message:\n{stdout}"
+        );
+    }
+}
+
+#[test]
 fn postgres_to_nats_drain_and_baseline_are_consistent() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = format!(
