@@ -12,8 +12,9 @@
 # PERF_SECS (default 3) seconds, RELAY_ALONE_DB (default test): the database of the
 # PostgreSQL at 127.0.0.1 (user postgres) that psql and the relay use, whatever the
 # config's store URL says. Tables are dropped afterwards. PROGRESS_EVERY=M (e.g. 1000000)
-# also prints the drain rate of each M messages marked (read from the relay's
-# ferry_relay_marked_total on 127.0.0.1:${METRICS_PORT:-9469}), and the outbox's table and
+# also prints the drain rate of each M messages marked (the outbox's deleted plus updated
+# rows in pg_stat_user_tables: a /metrics scrape of the relay reads the backlog's status,
+# a scan of a 10M-row outbox on the relay's own pool), and the outbox's table and
 # index sizes and pg_stat_user_tables row before and after the drain (issue 16 §4).
 # RELAY_ALONE_PORT (default 5432): the PostgreSQL's port (127.0.0.1:5434 is the one with
 # wal_level = logical); its CPU is that cluster's postmaster and backends only.
@@ -97,7 +98,6 @@ table_report() {
 if [ -n "${PROGRESS_EVERY:-}" ]; then
   echo "before the drain:"
   table_report
-  export FERRY_METRICS__LISTEN=127.0.0.1:${METRICS_PORT:-9469}
 fi
 
 # The backend that wrote the backlog is reaped by the postmaster (its CPU joining the
@@ -134,7 +134,7 @@ if [ -n "${PROGRESS_EVERY:-}" ]; then
   (
     step=$PROGRESS_EVERY next=$PROGRESS_EVERY last_t=$start last_n=0
     while [ "$next" -le "$n" ] && kill -0 "$relay" 2>/dev/null; do
-      marked=$(curl -s "http://$FERRY_METRICS__LISTEN/metrics" | awk '/^ferry_relay_marked_total/ {print $2}')
+      marked=$(sql -tA -c "SELECT n_tup_del + n_tup_upd FROM pg_stat_user_tables WHERE relname = '${prefix}outbox'")
       now=$(date +%s.%N)
       if [ -n "$marked" ] && [ "${marked%.*}" -ge "$next" ]; then
         python3 -c "import sys; n, t, ln, lt, s = map(float, sys.argv[1:]); print(f'progress: {int(n):,} marked at {t - s:.1f} s, {(n - ln) / (t - lt):,.0f} msg/s since {int(ln):,}')" "${marked%.*}" "$now" "$last_n" "$last_t" "$start"

@@ -83,6 +83,8 @@ struct Targets {
     dashboard: OnceLock<Router>,
     /// Whether `/dashboard` is a dashboard not mounted yet (503) or none (404).
     dashboard_enabled: bool,
+    /// Held while the outbox status is read for `/metrics` (see [`Endpoints::render`]).
+    status_read: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The running endpoints, or nothing when `[metrics] listen` is not set (then every
@@ -168,14 +170,29 @@ struct Endpoints {
 
 #[async_trait]
 impl MetricsSource for Endpoints {
+    /// Reads the outbox gauges first, unless an earlier scrape's read is still running:
+    /// on a large backlog the status is a scan of the table, which goes on in the database
+    /// after a scrape gives up waiting, and reads started by every scrape would pile up
+    /// and starve the relay's own queries. One read at a time; a scrape that waits more
+    /// than [`CHECK_TIMEOUT`] shows the gauges of the last read that completed.
     async fn render(&self) -> String {
-        if let Some(store) = self.targets.store.get() {
-            match timeout(CHECK_TIMEOUT, store.status()).await {
-                Ok(Ok(status)) => record_outbox_status(&status),
-                Ok(Err(err)) => {
-                    warn!(error = %ErrorChain(&err), "metrics: cannot read the outbox status")
+        if let Some(store) = self.targets.store.get()
+            && let Ok(reading) = Arc::clone(&self.targets.status_read).try_lock_owned()
+        {
+            let store = Arc::clone(store);
+            let read = tokio::spawn(async move {
+                let _reading = reading;
+                match store.status().await {
+                    Ok(status) => record_outbox_status(&status),
+                    Err(err) => {
+                        warn!(error = %ErrorChain(&err), "metrics: cannot read the outbox status")
+                    }
                 }
-                Err(_) => warn!("metrics: the outbox status took too long to read"),
+            });
+            if timeout(CHECK_TIMEOUT, read).await.is_err() {
+                warn!(
+                    "metrics: the outbox status takes long to read (a large backlog?); this scrape shows the last gauges read, and none starts another read until it ends"
+                );
             }
         }
         self.handle.render()

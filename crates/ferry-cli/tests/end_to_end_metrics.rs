@@ -1,5 +1,6 @@
 //! `ferry relay` seen from outside, with `[metrics] listen` set: the Prometheus metrics
-//! scraped over HTTP agree with what reached the real NATS JetStream, and `/readyz` follows
+//! scraped over HTTP agree with what reached the real NATS JetStream, scrapes of a status
+//! that is slow to read do not pile reads up in PostgreSQL, and `/readyz` follows
 //! the broker (a NATS server of the test's own, killed and restarted; the shared one stays
 //! up for the other tests).
 #![allow(clippy::unwrap_used)]
@@ -93,8 +94,9 @@ fn sum_labelled(text: &str, name: &str) -> (usize, f64) {
     (values.len(), values.iter().sum())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn scraped_metrics_agree_with_what_the_relay_published() {
+/// A relay of a PostgreSQL outbox of its own into NATS, with `[metrics] listen` set, once
+/// its `/readyz` answers 200.
+async fn ready_relay() -> (String, PgScenario, Relay, Endpoints) {
     let tag = unique_tag();
     let port = free_port();
     let pg = PgScenario::from_sections(
@@ -113,6 +115,12 @@ async fn scraped_metrics_agree_with_what_the_relay_published() {
     endpoints
         .wait_ready(200, Duration::from_secs(30), &relay)
         .await;
+    (tag, pg, relay, endpoints)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scraped_metrics_agree_with_what_the_relay_published() {
+    let (tag, pg, relay, endpoints) = ready_relay().await;
     let (status, body) = endpoints.get("/healthz").await.unwrap();
     assert_eq!(status, 200, "{body}");
 
@@ -159,6 +167,71 @@ async fn scraped_metrics_agree_with_what_the_relay_published() {
             "{gauge}:\n{text}"
         );
     }
+    assert!(relay.terminate(Duration::from_secs(15)).success());
+    delete_nats_stream(&nats_stream(&tag)).await;
+}
+
+/// The relay's `/metrics` reads of the outbox status waiting in PostgreSQL.
+async fn status_reads_waiting(pool: &sqlx::PgPool, outbox_table: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE query LIKE 'SELECT l.partition_no,%' AND query LIKE '%' || $1 || '%' \
+         AND state = 'active'",
+    )
+    .bind(outbox_table)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scrapes_of_a_slow_status_do_not_pile_up_reads_in_the_database() {
+    let (tag, pg, relay, endpoints) = ready_relay().await;
+    let pool = pg.outbox.pool();
+    let outbox_table = format!("e{tag}_outbox");
+    // The status read waits behind this lock as a scan of a huge backlog would take time.
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {outbox_table} IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let (status, text) = endpoints.get("/metrics").await.expect("metrics served");
+        assert_eq!(
+            status, 200,
+            "a scrape answers while the status cannot be read"
+        );
+        assert!(text.contains("ferry_relay_published_total"), "{text}");
+    }
+    assert_eq!(
+        status_reads_waiting(pool, &outbox_table).await,
+        1,
+        "three scrapes, one status read in the database"
+    );
+    lock.rollback().await.unwrap();
+
+    let produced = pg.produce(10, 5, 1).await.unwrap();
+    pg.scenario.wait_drained(Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_reads_waiting(pool, &outbox_table).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the held read ends with the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = endpoints.scrape().await;
+    assert_eq!(
+        value(&text, "ferry_relay_published_total"),
+        produced.len() as f64
+    );
+    assert_eq!(
+        sum_labelled(&text, "ferry_outbox_backlog"),
+        (PARTITIONS as usize, 0.0),
+        "the gauges are read again once the status answers:\n{text}"
+    );
     assert!(relay.terminate(Duration::from_secs(15)).success());
     delete_nats_stream(&nats_stream(&tag)).await;
 }
