@@ -3,7 +3,8 @@
 //! logical` of `scripts/services.sh`, `FERRY_TEST_PG_LOGICAL_URL`) into the real NATS
 //! JetStream: round trip, a rolled-back transaction, kill -9 at random points while
 //! producers commit out of sequence order, a standby taking over the slot, a paused relay
-//! fenced, SIGTERM, heartbeats moving an idle slot on, and the slot's lag in `ferry status`.
+//! fenced, SIGTERM, heartbeats moving an idle slot on, the slot's lag in `ferry status`,
+//! and a relay killed in the middle of a large transaction.
 //! The kill -9, paused relay and standby scenarios also run into the transactional Kafka
 //! (module `kafka`, feature `kafka`).
 #![allow(clippy::unwrap_used)]
@@ -217,4 +218,12 @@ mod kafka {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_ending_the_relays_connections_loses_and_duplicates_nothing() {
     log_capture::the_database_ending_the_relays_connections_loses_nothing::<PgLogNats>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_in_the_middle_of_a_large_transaction_resumes_without_loss() {
+    log_capture::a_relay_killed_in_the_middle_of_a_large_transaction_resumes_without_loss::<
+        PgLogNats,
+    >()
+    .await;
 }

@@ -5,9 +5,11 @@
 //! The relay ([`crate::relay`], `capture` mode "log") owns the log exclusively (a
 //! replication slot, a lock), holds the leases of every partition so that its marks are
 //! fenced as in poll mode, drains what the table holds by the poll path, then publishes
-//! each captured transaction's messages per partition in log order and marks them by id.
-//! Only then does it [`confirm`](LogStream::confirm) the transaction's end, so the
-//! database keeps the log of everything not yet acknowledged by the broker and marked.
+//! each captured transaction's messages per partition in log order, piece by piece as the
+//! stream hands them out, and marks them by id. Only once every piece of a transaction is
+//! acknowledged and marked does it [`confirm`](LogStream::confirm) the transaction's end,
+//! so the database keeps the log of everything not yet acknowledged by the broker and
+//! marked.
 
 use std::fmt;
 use std::time::Duration;
@@ -29,20 +31,32 @@ impl fmt::Display for LogPosition {
     }
 }
 
-/// One committed transaction's outbox inserts, in insert order; or, with no messages, a
-/// heartbeat (or a transaction that touched the outbox with no insert), whose end the relay
-/// confirms like any other so that an idle outbox does not pin the log.
+/// A piece of one committed transaction's outbox inserts, in insert order: at most the
+/// `max_messages` the stream was opened with, so that neither the stream nor the relay
+/// ever holds a whole large transaction. A transaction comes as one or more pieces in a
+/// row, the last one carrying its [`end`](Self::end); a transaction without inserts (a
+/// heartbeat, or one that touched the outbox with no insert) is one empty last piece,
+/// whose end the relay confirms like any other so that an idle outbox does not pin the
+/// log. Streams hand out committed transactions only, so every piece is committed data.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CapturedTransaction {
-    pub end: LogPosition,
+pub struct CapturedPiece {
+    /// Where the transaction ends in the log, on its last piece; `None` on the pieces
+    /// before, whose transaction the relay may confirm only once the last one came. It is
+    /// where the next stream starts once confirmed, so a stream may hand out an earlier
+    /// point, the same for several transactions, when starting after the transaction's own
+    /// end would skip something it has read but not handed out yet (MariaDB: an XA
+    /// transaction prepared and not committed). The transactions a restarted stream then
+    /// reads again ended before its drain: they come `maybe_published`, and only what the
+    /// store still holds unpublished of them is published.
+    pub end: Option<LogPosition>,
     pub messages: Vec<Message>,
-    /// The transaction ended before [`LogStream::mark_drained`] was called: its messages
-    /// may already be published and marked (by the drain, or by a relay before a crash),
-    /// so the relay publishes only those the store still holds unpublished
-    /// ([`crate::OutboxStore::unpublished`]). The stream hands such a transaction out only
-    /// once that check can see its rows (a database may stream a commit before it makes
-    /// the rows visible to other sessions), so no unpublished row is taken for a
-    /// published one.
+    /// The transaction ended before [`LogStream::mark_drained`] was called (the same for
+    /// each of its pieces): its messages may already be published and marked (by the
+    /// drain, or by a relay before a crash), so the relay publishes only those the store
+    /// still holds unpublished ([`crate::OutboxStore::unpublished`]). The stream hands
+    /// such a piece out only once that check can see its rows (a database may stream a
+    /// commit before it makes the rows visible to other sessions), so no unpublished row
+    /// is taken for a published one.
     pub maybe_published: bool,
 }
 
@@ -63,32 +77,33 @@ pub struct CaptureLag {
 /// standby and tries again.
 #[async_trait]
 pub trait LogCapture: Send + Sync + 'static {
-    /// Opens the stream after the last confirmed position.
-    async fn start(&self) -> Result<Box<dyn LogStream>, StoreError>;
+    /// Opens the stream after the last confirmed position, handing transactions out in
+    /// pieces of at most `max_messages` (at least 1) messages.
+    async fn start(&self, max_messages: usize) -> Result<Box<dyn LogStream>, StoreError>;
 
     /// How far the log's confirmed position is behind the database's, without streaming
     /// (for `ferry status` and a standby's metrics).
     async fn lag(&self) -> Result<CaptureLag, StoreError>;
 }
 
-/// An open stream of committed transactions touching the outbox. Dropping it gives the log
-/// up (the slot or lock is released), unconfirmed transactions are sent again to the next
-/// stream.
+/// An open stream of committed transactions touching the outbox, in pieces. Dropping it
+/// gives the log up (the slot or lock is released), unconfirmed transactions are sent
+/// again, whole, to the next stream.
 ///
 /// Contract: the stream keeps its connection alive between calls (keepalives, heartbeats)
-/// however long the relay takes to call `next` again; unread transactions wait in a bounded
+/// however long the relay takes to call `next` again; unread pieces wait in a bounded
 /// buffer, so a relay that stops reading backpressures the database's sender, never
 /// buffers without bound. It never acknowledges a position by itself.
 #[async_trait]
 pub trait LogStream: Send {
-    /// The next committed transaction touching the outbox (or heartbeat), in commit order;
-    /// `Ok(None)` when nothing came within `idle`, so the relay can check its leases and
-    /// stop. An error ends the stream: the relay drops it and starts another.
-    async fn next(&mut self, idle: Duration) -> Result<Option<CapturedTransaction>, StoreError>;
+    /// The next piece of the committed transactions touching the outbox (or heartbeats), in
+    /// commit order; `Ok(None)` when nothing came within `idle`, so the relay can check its
+    /// leases and stop. An error ends the stream: the relay drops it and starts another.
+    async fn next(&mut self, idle: Duration) -> Result<Option<CapturedPiece>, StoreError>;
 
     /// Called once the relay has published what the outbox table held (the drain): every
     /// transaction that ended before this call is flagged
-    /// [`maybe_published`](CapturedTransaction::maybe_published), later ones are not.
+    /// [`maybe_published`](CapturedPiece::maybe_published), later ones are not.
     async fn mark_drained(&mut self) -> Result<(), StoreError>;
 
     /// Every transaction up to and including `end` is acknowledged by the broker and

@@ -25,7 +25,7 @@ pub use admin::{
     BlockedPartition, Cleaned, CleanupBounds, OutboxAdmin, ParkedMessage, ParkedQuery,
     RetainedFilter, RetainedSummary, parse_time_or_ago,
 };
-pub use capture::{CaptureLag, CapturedTransaction, LogCapture, LogPosition, LogStream};
+pub use capture::{CaptureLag, CapturedPiece, LogCapture, LogPosition, LogStream};
 pub use cloudevents::{ReceivedMessage, Source};
 pub use error::{ErrorChain, StoreError, error_chain};
 pub use inbox::{Admission, Decision, Inbox, ProcessError, Processed};

@@ -1,6 +1,7 @@
 //! The log capture scenarios (`capture.mode = "log"`) of every store that has a log the
-//! relay streams, against any sink: a round trip with a rolled-back transaction, and a
-//! standby taking over.
+//! relay streams, against any sink: a round trip with a rolled-back transaction, a standby
+//! taking over, the server ending the relay's connections; and into NATS, a relay killed in
+//! the middle of a large transaction.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use ferry::NewMessage;
 use uuid::Uuid;
 
 use super::scenarios::StoreSink;
+use super::sinks::Nats;
 use super::{Producer, Scenario};
 
 /// What the relay logs once it streams.
@@ -138,4 +140,86 @@ pub async fn the_database_ending_the_relays_connections_loses_nothing<S: LogStor
     );
     assert!(relay.terminate(Duration::from_secs(15)).success());
     e2e.cleanup().await;
+}
+
+/// A relay killed (-9) in the middle of a large transaction resumes from the end before it:
+/// one transaction of 6,000 small messages (30 of the relay's batches) with a 1.5 MB one
+/// (over NATS's 1 MiB limit) after the first 2,000 blocks the large one's partition, so the
+/// relay stops reading the log there with the transaction partly published in every
+/// partition and not confirmed. It is killed, an operator skips the rejected message, and
+/// the next relay publishes the rest: nothing lost, duplicated or reordered.
+pub async fn a_relay_killed_in_the_middle_of_a_large_transaction_resumes_without_loss<
+    S: LogStore + StoreSink<Sink = Nats>,
+>() {
+    let e2e = S::new(4, 120, "max_payload_bytes = 2097152").await;
+    let first = e2e.scenario().relay("relay-a");
+    first.wait_for_log(STREAMING, Duration::from_secs(20)).await;
+    let mut transaction: Vec<NewMessage> = (0..6000)
+        .map(|n| NewMessage::new("order", (n % 40).to_string(), "order.placed", "{}"))
+        .collect();
+    transaction.insert(
+        2000,
+        NewMessage::new("blob", "1", "blob.stored", vec![b'x'; 1_500_000]),
+    );
+    let ids = e2e.outbox().commit(transaction).await;
+    let rejected = ids[2000];
+    let mut produced: HashSet<Uuid> = ids.into_iter().collect();
+    wait_until(
+        e2e.scenario(),
+        &first,
+        "a partition is blocked",
+        |scenario| {
+            scenario
+                .status()
+                .iter()
+                .any(|partition| !partition["blocked_reason"].is_null())
+        },
+    )
+    .await;
+    wait_until(
+        e2e.scenario(),
+        &first,
+        "what precedes the rejected message is published",
+        |scenario| scenario.backlog() <= 6001 - 2000,
+    )
+    .await;
+    first.kill_nine();
+
+    let skipped = e2e.scenario().ferry(&[
+        "skip",
+        "--message",
+        &rejected.to_string(),
+        "--reason",
+        "over the broker's limit",
+    ]);
+    assert!(
+        skipped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&skipped.stderr)
+    );
+    produced.remove(&rejected);
+    let second = e2e.scenario().relay("relay-b");
+    e2e.scenario().wait_drained(Duration::from_secs(60)).await;
+    let report = e2e.check_stream(&produced).await;
+    report.assert_perfect(produced.len());
+    assert!(second.terminate(Duration::from_secs(15)).success());
+    e2e.cleanup().await;
+}
+
+/// Waits until `condition` holds of the scenario (read with `ferry status`).
+async fn wait_until(
+    scenario: &Scenario,
+    relay: &super::Relay,
+    what: &str,
+    condition: impl Fn(&Scenario) -> bool,
+) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !condition(scenario) {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "not within 60 s: {what}\n{}",
+            relay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

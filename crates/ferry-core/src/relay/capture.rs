@@ -12,15 +12,18 @@
 //! 3. tells the stream it drained ([`LogStream::mark_drained`]); the transactions that
 //!    ended before come flagged `maybe_published`, and only their ids the store still holds
 //!    unpublished go out, so a re-sent transaction is not published twice;
-//! 4. streams: each transaction's messages go to their partitions' feeds, in log order; one
+//! 4. streams: the stream hands each transaction out in pieces of at most `batch_size`
+//!    messages, and each piece's messages go to their partitions' feeds, in log order; one
 //!    worker per partition publishes and marks them as in poll mode (partitions in
 //!    parallel), and the stream's confirmed position is the end of the last transaction
-//!    whose messages, and all earlier ones', are acked and marked.
+//!    whose every piece, and all earlier transactions', are acked and marked.
 //!
 //! Order: enqueue serialises an aggregate's writers, so its commit order is its version
 //! order; the log delivers transactions in commit order, and a partition's feed keeps it,
 //! so no message overtakes an earlier one of its key. A full feed (a blocked partition, a
-//! slow broker) stops the reading of the log, never grows without bound.
+//! slow broker) stops the reading of the log, never grows without bound: as feeds are
+//! bounded in messages and pieces in size, the relay's memory does not grow with the size
+//! of a transaction.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -34,18 +37,16 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::deadline::LeaseDeadline;
-use super::feed::{CapturedFeed, Portion};
+use super::feed::{FeedSender, Portion, feed};
 use super::retry::{Failed, Interrupted, Retry, wait};
 use super::worker::{Source, Worker};
 use super::{OnPermanentFailure, Relay, RelayError};
-use crate::capture::{CapturedTransaction, LogCapture, LogPosition, LogStream};
+use crate::capture::{CapturedPiece, LogCapture, LogPosition, LogStream};
 use crate::error::{ErrorChain, StoreError};
 use crate::lease::Lease;
 use crate::message::Message;
 use crate::store::Wakers;
 
-/// Portions a partition's feed holds before the dispatcher waits for its worker.
-const FEED_PORTIONS: usize = 256;
 /// How often the confirmed position is sent while transactions complete.
 const CONFIRM_EVERY: Duration = Duration::from_millis(500);
 /// How often the stream's lag is read for the metrics.
@@ -85,7 +86,7 @@ impl Relay {
         let mut backoff = self.config.backoff();
         let mut standby = false;
         while !shutdown.is_cancelled() {
-            let delay = match capture.start().await {
+            let delay = match capture.start(self.piece_messages()).await {
                 Ok(stream) => {
                     info!(relay = %self.config.relay_id, "log capture: streaming the log");
                     standby = false;
@@ -126,6 +127,12 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// The most messages of a transaction the stream hands out at once: a batch, so that
+    /// a piece's share of a partition is never more than one.
+    fn piece_messages(&self) -> usize {
+        self.config.batch_size.max(1)
     }
 
     /// One session on an open stream; gives the leases up (clean if everything published
@@ -351,16 +358,13 @@ impl Session<'_> {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mut feeds = Vec::with_capacity(leases.len());
         let mut workers = Vec::with_capacity(leases.len());
+        // A batch waits in each feed while the worker publishes the one before: the relay
+        // holds a few batches per partition, whatever the size of a transaction.
+        let feed_capacity = self.relay.piece_messages();
         for lease in leases {
-            let (tx, rx) = mpsc::channel(FEED_PORTIONS);
-            feeds.push(tx);
-            let worker = self.worker(
-                lease,
-                Source::Captured(tokio::sync::Mutex::new(CapturedFeed::new(
-                    rx,
-                    done_tx.clone(),
-                ))),
-            );
+            let (sender, receiver) = feed(feed_capacity, done_tx.clone());
+            feeds.push(sender);
+            let worker = self.worker(lease, Source::Captured(tokio::sync::Mutex::new(receiver)));
             let lost = self.lost.clone();
             workers.push(tokio::spawn(async move {
                 let outcome = worker.relay_partition().await;
@@ -466,7 +470,7 @@ impl Session<'_> {
 struct Dispatcher<'s, 'r> {
     session: &'s Session<'r>,
     stream: Box<dyn LogStream>,
-    feeds: Vec<mpsc::Sender<Portion>>,
+    feeds: Vec<FeedSender>,
     done: mpsc::UnboundedReceiver<u64>,
     pending: Confirmations,
     last_confirm: Instant,
@@ -482,8 +486,8 @@ impl Dispatcher<'_, '_> {
                 Ok(next) => next,
                 Err(err) => return Some(err),
             };
-            if let Some(transaction) = next
-                && let Err(ended) = self.dispatch(transaction).await
+            if let Some(piece) = next
+                && let Err(ended) = self.dispatch(piece).await
             {
                 return ended;
             }
@@ -516,18 +520,16 @@ impl Dispatcher<'_, '_> {
         Ok(())
     }
 
-    /// Hands the transaction's messages (those still unpublished, if it may have been
-    /// published) to their partitions' feeds, waiting while a feed is full (and confirming
-    /// meanwhile what completes). `Err(None)` if stopped, `Err(Some)` if the stream failed.
-    async fn dispatch(
-        &mut self,
-        transaction: CapturedTransaction,
-    ) -> Result<(), Option<StoreError>> {
-        let CapturedTransaction {
+    /// Hands the piece's messages (those still unpublished, if its transaction may have
+    /// been published) to their partitions' feeds, waiting while a feed is full (and
+    /// confirming meanwhile what completes). `Err(None)` if stopped, `Err(Some)` if the
+    /// stream failed.
+    async fn dispatch(&mut self, piece: CapturedPiece) -> Result<(), Option<StoreError>> {
+        let CapturedPiece {
             end,
             messages,
             maybe_published,
-        } = transaction;
+        } = piece;
         let mut by_partition: Vec<(u32, Vec<Message>)> = Vec::new();
         for message in messages {
             match by_partition
@@ -557,14 +559,14 @@ impl Dispatcher<'_, '_> {
             }
             by_partition.retain(|(_, share)| !share.is_empty());
         }
-        let ordinal = self.pending.push(end, by_partition.len());
+        let ordinal = self.pending.add_piece(by_partition.len(), end);
         for (partition, messages) in by_partition {
             let feed = self.feeds[partition as usize].clone();
             let portion = Portion { ordinal, messages };
             loop {
                 tokio::select! {
-                    permit = feed.reserve() => {
-                        permit.map_err(|_| None)?.send(portion);
+                    room = feed.reserve(portion.messages.len()) => {
+                        room.and_then(|room| room.send(portion)).map_err(|_closed| None)?;
                         break;
                     }
                     Some(ordinal) = self.done.recv() => {
@@ -580,22 +582,40 @@ impl Dispatcher<'_, '_> {
     }
 }
 
-/// The transactions dispatched and not yet confirmed, in stream order, each with how many
-/// partitions' portions are still unacknowledged.
+/// The transactions dispatched and not yet confirmed, in stream order.
 #[derive(Debug, Default)]
 struct Confirmations {
     /// The ordinal of the front transaction.
     front: u64,
-    waiting: VecDeque<(LogPosition, usize)>,
+    waiting: VecDeque<Unconfirmed>,
     /// The end of the last transaction that completed with every earlier one.
     confirmable: Option<LogPosition>,
 }
 
+/// A dispatched transaction not yet confirmed.
+#[derive(Debug)]
+struct Unconfirmed {
+    /// Its end, once its last piece came.
+    end: Option<LogPosition>,
+    /// Its pieces' portions (one per partition a piece has messages for) not yet acked
+    /// and marked.
+    portions_left: usize,
+}
+
 impl Confirmations {
-    /// Adds a transaction with `portions` portions; returns its ordinal.
-    fn push(&mut self, end: LogPosition, portions: usize) -> u64 {
-        let ordinal = self.front + self.waiting.len() as u64;
-        self.waiting.push_back((end, portions));
+    /// Adds a piece of `portions` portions to the transaction still arriving (a new one if
+    /// the last ended); `end` on its last piece. Returns the transaction's ordinal.
+    fn add_piece(&mut self, portions: usize, end: Option<LogPosition>) -> u64 {
+        if self.waiting.back().is_none_or(|last| last.end.is_some()) {
+            self.waiting.push_back(Unconfirmed {
+                end: None,
+                portions_left: 0,
+            });
+        }
+        let ordinal = self.front + self.waiting.len() as u64 - 1;
+        let arriving = self.waiting.back_mut().expect("pushed if absent");
+        arriving.portions_left += portions;
+        arriving.end = end;
         self.settle_front();
         ordinal
     }
@@ -603,18 +623,23 @@ impl Confirmations {
     /// One portion of transaction `ordinal` is acked and marked.
     fn complete(&mut self, ordinal: u64) {
         if let Some(index) = ordinal.checked_sub(self.front)
-            && let Some((_, left)) = self.waiting.get_mut(index as usize)
+            && let Some(transaction) = self.waiting.get_mut(index as usize)
         {
-            *left = left.saturating_sub(1);
+            transaction.portions_left = transaction.portions_left.saturating_sub(1);
         }
         self.settle_front();
     }
 
+    /// Moves past the front transactions that ended and completed.
     fn settle_front(&mut self) {
-        while let Some((_, 0)) = self.waiting.front() {
-            let (end, _) = self.waiting.pop_front().expect("front exists");
+        while let Some(Unconfirmed {
+            end: Some(_),
+            portions_left: 0,
+        }) = self.waiting.front()
+        {
+            let done = self.waiting.pop_front().expect("front exists");
             self.front += 1;
-            self.confirmable = Some(end);
+            self.confirmable = done.end;
         }
     }
 
@@ -635,8 +660,8 @@ mod confirmations_tests {
     #[test]
     fn confirms_only_past_transactions_whose_predecessors_completed() {
         let mut pending = Confirmations::default();
-        let first = pending.push(at(1), 2);
-        let second = pending.push(at(2), 1);
+        let first = pending.add_piece(2, Some(at(1)));
+        let second = pending.add_piece(1, Some(at(2)));
         pending.complete(second);
         assert_eq!(
             pending.take_confirmable(),
@@ -651,11 +676,56 @@ mod confirmations_tests {
         );
         pending.complete(first);
         assert_eq!(pending.take_confirmable(), Some(at(2)));
-        pending.push(at(3), 0);
+        pending.add_piece(0, Some(at(3)));
         assert_eq!(
             pending.take_confirmable(),
             Some(at(3)),
             "a heartbeat confirms at once"
+        );
+    }
+
+    #[test]
+    fn a_transaction_in_pieces_is_confirmed_once_its_last_piece_and_every_portion_completed() {
+        let mut pending = Confirmations::default();
+        let before = pending.add_piece(1, Some(at(1)));
+        let large = pending.add_piece(2, None);
+        assert_eq!(pending.add_piece(1, None), large, "one transaction");
+        pending.complete(large);
+        pending.complete(large);
+        pending.complete(large);
+        assert_eq!(
+            pending.take_confirmable(),
+            None,
+            "every portion so far is done, but more pieces may come; and the one before is not"
+        );
+        pending.complete(before);
+        assert_eq!(pending.take_confirmable(), Some(at(1)));
+        assert_eq!(
+            pending.add_piece(0, None),
+            large,
+            "a piece whose messages were all published before"
+        );
+        assert_eq!(pending.add_piece(2, Some(at(2))), large, "its last piece");
+        let after = pending.add_piece(1, Some(at(3)));
+        assert_ne!(after, large, "a new transaction after the end");
+        pending.complete(after);
+        pending.complete(large);
+        assert_eq!(
+            pending.take_confirmable(),
+            None,
+            "a portion of the last piece is left"
+        );
+        pending.complete(large);
+        assert_eq!(
+            pending.take_confirmable(),
+            Some(at(3)),
+            "the large transaction and the one after it"
+        );
+        pending.complete(large);
+        assert_eq!(
+            pending.take_confirmable(),
+            None,
+            "a stray completion moves nothing"
         );
     }
 }

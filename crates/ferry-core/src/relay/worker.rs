@@ -422,10 +422,10 @@ impl Worker {
     ) -> Result<(), Interrupted> {
         let mut marked = self.mark(ids, checkpoint).await?;
         let give_up = Instant::now() + CAPTURED_ROWS_PATIENCE;
-        let mut delay = Duration::from_millis(1);
+        // Rows become visible within moments of their commit: retry soon, then less often.
+        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(100));
         while marked < ids.len() as u64 && Instant::now() < give_up {
-            wait(delay, None, Some(&self.deadline)).await?;
-            delay = (delay * 2).min(Duration::from_millis(100));
+            wait(backoff.next_delay(), None, Some(&self.deadline)).await?;
             marked += self.mark(ids, checkpoint).await?;
         }
         if marked < ids.len() as u64 {

@@ -1,6 +1,7 @@
 //! Log capture mode against the in-memory log: the drain before streaming, no message
 //! published twice from a re-sent transaction, per-partition log order, confirmations only
-//! past acked and marked transactions, backpressure behind a blocked partition, and one
+//! past acked and marked transactions, backpressure behind a blocked partition, a large
+//! transaction in pieces (bounded read-ahead, a stream cut in its middle), and one
 //! streaming relay at a time.
 
 use std::collections::HashMap;
@@ -207,9 +208,9 @@ async fn a_blocked_partition_holds_the_confirmed_position_and_backpressures_the_
     );
     assert!(!store.is_published(behind[0].id), "nothing overtakes it");
     assert!(
-        log.read() < 300,
+        log.messages_read() < 300,
         "the stream is read no further than the full feed and the batch in hand: {} of 402",
-        log.read()
+        log.messages_read()
     );
 
     eventually("the rejection passes and the rest follows", || {
@@ -268,5 +269,132 @@ async fn a_relay_that_lost_its_leases_gives_the_log_up_and_streams_again_once_it
     log.commit(vec![later.clone()]);
     eventually("the new session publishes", || store.is_published(later.id)).await;
     assert!(relay.stats.leases_lost.load(Ordering::Relaxed) >= 1);
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_message_transactions_behind_a_slow_sink_are_published_in_full_batches() {
+    let fixture = Fixture::new(1);
+    let Fixture { store, log, sink } = &fixture;
+    let mut config = config("a");
+    config.batch_size = 1000;
+    // A sink whose cost is per batch (a Kafka transaction): the transactions committed
+    // while one batch is in flight must go out together, as polling would fetch them.
+    sink.set_ack_delay(Duration::from_secs(1));
+    let relay = fixture.streaming(config).await;
+    let messages: Vec<Message> = (0..1500).map(|i| enqueue(store, &i.to_string())).collect();
+    for message in &messages {
+        log.commit(vec![message.clone()]);
+    }
+    let last = messages.last().expect("messages").id;
+    eventually("the last message is published", || store.is_published(last)).await;
+    assert!(messages.iter().all(|m| store.is_published(m.id)));
+    let sizes: Vec<usize> = sink.batches(0).iter().map(Vec::len).collect();
+    assert_eq!(
+        sizes.iter().max(),
+        Some(&1000),
+        "batches of batch_size while the sink is slow: {sizes:?}"
+    );
+    relay.stop().await;
+}
+
+/// One transaction of `len` messages of ten aggregates, committed to the log.
+fn commit_large_transaction(store: &MemoryStore, log: &MemoryLog, len: usize) -> Vec<Message> {
+    let transaction: Vec<Message> = (0..len)
+        .map(|i| enqueue(store, &(i % 10).to_string()))
+        .collect();
+    log.commit(transaction.clone());
+    transaction
+}
+
+/// Each partition's acked ids are its messages of `all`, in order.
+fn assert_acked_in_log_order(sink: &ScriptedSink, all: &[Message], partitions: u32) {
+    for partition in 0..partitions {
+        let acked = sink.acked(partition);
+        let in_log_order: Vec<Uuid> = all
+            .iter()
+            .filter(|m| m.partition == partition)
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(acked, in_log_order, "partition {partition}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_large_transaction_streams_in_pieces_and_the_relay_reads_only_a_few_batches_ahead() {
+    let fixture = Fixture::new(1);
+    let Fixture { store, log, sink } = &fixture;
+    let mut config = config("a");
+    config.batch_size = 10;
+    let relay = fixture.streaming(config).await;
+    let transaction = commit_large_transaction(store, log, 1000);
+    sink.script(transaction[500].id, [Outcome::Permanent; 8]);
+    eventually("the partition is blocked", || {
+        store.blocked_reason(0).is_some()
+    })
+    .await;
+    sleep(Duration::from_millis(600)).await;
+    // The blocked batch (500..510), a full feed (a batch), the piece waiting for room.
+    assert!(
+        log.messages_read() <= 530,
+        "the stream is read no further than the feed holds: {} of 1000",
+        log.messages_read()
+    );
+    assert_eq!(log.confirmed(), 0, "not confirmed before its last piece");
+
+    eventually("the rejection passes and the rest follows", || {
+        transaction.iter().all(|m| store.is_published(m.id)) && log.confirmed() == 1
+    })
+    .await;
+    let acks = acks(sink);
+    assert!(
+        transaction.iter().all(|m| acks[&m.id] == 1),
+        "each message once"
+    );
+    assert_acked_in_log_order(sink, &transaction, 1);
+    assert!(
+        sink.batches(0).iter().all(|batch| batch.len() <= 10),
+        "no batch above batch_size"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_cut_in_the_middle_of_a_transaction_resumes_from_the_previous_end_and_skips_nothing()
+ {
+    let fixture = Fixture::new(2);
+    let Fixture { store, log, sink } = &fixture;
+    let mut config = config("a");
+    config.batch_size = 10;
+    sink.set_ack_delay(Duration::from_millis(20));
+    let relay = fixture.streaming(config).await;
+    let before = commit_large_transaction(store, log, 5);
+    let transaction = commit_large_transaction(store, log, 1000);
+    eventually("part of the transaction is published", || {
+        transaction
+            .iter()
+            .filter(|m| store.is_published(m.id))
+            .count()
+            >= 200
+    })
+    .await;
+    log.cut_stream();
+    eventually("a new stream is started", || log.streams_started() == 2).await;
+    assert!(
+        log.confirmed() <= 1,
+        "the cut transaction was not confirmed: {}",
+        log.confirmed()
+    );
+    eventually("everything is published and confirmed", || {
+        transaction.iter().all(|m| store.is_published(m.id)) && log.confirmed() == 2
+    })
+    .await;
+    let acks = acks(sink);
+    let all: Vec<Message> = before.into_iter().chain(transaction).collect();
+    assert!(
+        all.iter().all(|m| acks[&m.id] == 1),
+        "each message once: the new session's drain publishes the rest, and skips it from the re-sent transaction"
+    );
+    assert_acked_in_log_order(sink, &all, 2);
     relay.stop().await;
 }

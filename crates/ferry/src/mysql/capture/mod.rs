@@ -221,7 +221,7 @@ fn percent_decoded(text: &str) -> String {
 
 #[async_trait::async_trait]
 impl LogCapture for MyLogCapture {
-    async fn start(&self) -> Result<Box<dyn LogStream>, StoreError> {
+    async fn start(&self, max_messages: usize) -> Result<Box<dyn LogStream>, StoreError> {
         let capture = &self.capture;
         let mut control = capture.control_connection().await?;
         let checksummed = capture.check_prerequisites(&mut control).await?;
@@ -237,6 +237,7 @@ impl LogCapture for MyLogCapture {
             binlog,
             confirmed,
             checksummed,
+            max_messages,
         )))
     }
 

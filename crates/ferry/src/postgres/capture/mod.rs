@@ -182,7 +182,7 @@ impl PgCapture {
 
 #[async_trait]
 impl LogCapture for PgCapture {
-    async fn start(&self) -> Result<Box<dyn LogStream>, StoreError> {
+    async fn start(&self, max_messages: usize) -> Result<Box<dyn LogStream>, StoreError> {
         let slot = &self.settings.slot;
         let mut client = ReplicationClient::connect_gated(self.replication.clone())
             .await
@@ -200,10 +200,10 @@ impl LogCapture for PgCapture {
             decoder: Decoder::new(&self.table),
             pool: self.pool.clone(),
             slot: slot.clone(),
+            max_messages,
             heartbeat_interval: self.settings.heartbeat_interval,
             last_heartbeat: Instant::now(),
-            open: Vec::new(),
-            open_xid: 0,
+            open: None,
             drained_at: None,
             unconfirmed: VecDeque::new(),
         }))

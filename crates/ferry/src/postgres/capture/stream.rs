@@ -1,4 +1,11 @@
 //! [`PgLogStream`]: one replication session on the outbox's slot.
+//!
+//! The session asks for pgoutput protocol version 1 (`pgwire-replication` sends
+//! `proto_version '1'` and no `streaming` option, which needs version 2): the server
+//! decodes a transaction's changes once its commit record is written and sends them only
+//! then, Begin … Commit. So every insert the stream reads belongs to a committed
+//! transaction, and the stream hands them out in pieces as they arrive, before the Commit
+//! message, without ever holding a whole transaction.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -8,7 +15,8 @@ use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationEvent};
 use sqlx::PgPool;
 use tokio::time::{Instant, sleep, timeout_at};
 
-use ferry_core::{CaptureLag, CapturedTransaction, LogPosition, LogStream, Message, StoreError};
+use ferry_core::backoff::Backoff;
+use ferry_core::{CaptureLag, CapturedPiece, LogPosition, LogStream, Message, StoreError};
 
 use super::pgoutput::{Decoded, Decoder};
 use super::{
@@ -18,18 +26,18 @@ use super::{
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-/// An open replication stream of the outbox's inserts, transaction by transaction.
+/// An open replication stream of the outbox's inserts, in pieces of transactions.
 pub(super) struct PgLogStream {
     pub(super) client: ReplicationClient,
     pub(super) decoder: Decoder,
     pub(super) pool: PgPool,
     pub(super) slot: String,
+    /// The most inserts a piece holds.
+    pub(super) max_messages: usize,
     pub(super) heartbeat_interval: Duration,
     pub(super) last_heartbeat: Instant,
-    /// The inserts of the transaction being received, once its Begin came.
-    pub(super) open: Vec<Message>,
-    /// The id of the transaction being received.
-    pub(super) open_xid: u32,
+    /// The transaction being received, once its Begin came.
+    pub(super) open: Option<OpenTransaction>,
     /// Where the log ended when the relay said it drained the table.
     pub(super) drained_at: Option<Lsn>,
     /// The transactions handed out and not yet confirmed: end and commit time (µs since
@@ -37,7 +45,53 @@ pub(super) struct PgLogStream {
     pub(super) unconfirmed: VecDeque<(Lsn, i64)>,
 }
 
+/// A transaction whose Begin came and whose Commit has not.
+pub(super) struct OpenTransaction {
+    xid: u32,
+    /// Known at Begin: see [`PgLogStream::begin`].
+    maybe_published: bool,
+    /// Whether a new snapshot sees it: awaited once, before its first piece of a maybe
+    /// published transaction goes out.
+    visible: bool,
+    /// Its inserts not yet handed out: fewer than a piece.
+    messages: Vec<Message>,
+}
+
 impl PgLogStream {
+    /// Opens the transaction a Begin message announces. Whether it ended before the drain
+    /// is known from the Begin already: `final_lsn` is where its commit record starts, and
+    /// the server reserves a record's WAL whole, so a commit record starting before the
+    /// WAL insert position read at [`LogStream::mark_drained`] also ends at or before it
+    /// (and one starting at or after it ends after it).
+    fn begin(&mut self, xid: u32, final_lsn: Lsn) {
+        self.open = Some(OpenTransaction {
+            xid,
+            maybe_published: self.drained_at.is_none_or(|drained| final_lsn < drained),
+            visible: false,
+            messages: Vec::new(),
+        });
+    }
+
+    /// A piece of the open transaction, of what it holds: its last if `end` is given.
+    /// A piece of a transaction that may already be published waits until the transaction
+    /// is visible, so that the relay's check of which of its rows are unpublished sees them.
+    async fn piece(&mut self, end: Option<Lsn>) -> Result<CapturedPiece, StoreError> {
+        let open = open_transaction(&mut self.open)?;
+        if open.maybe_published && !open.visible && !open.messages.is_empty() {
+            wait_until_visible(&self.pool, open.xid).await?;
+            open.visible = true;
+        }
+        let piece = CapturedPiece {
+            end: end.map(|end| LogPosition(end.to_string())),
+            messages: std::mem::take(&mut open.messages),
+            maybe_published: open.maybe_published,
+        };
+        if end.is_some() {
+            self.open = None;
+        }
+        Ok(piece)
+    }
+
     /// Emits a transactional logical message: it comes back as an empty transaction,
     /// whose confirmation moves the slot on while the outbox is idle (other tables' and
     /// databases' WAL would otherwise stay pinned behind the last outbox transaction).
@@ -54,7 +108,7 @@ impl PgLogStream {
 
 #[async_trait]
 impl LogStream for PgLogStream {
-    async fn next(&mut self, idle: Duration) -> Result<Option<CapturedTransaction>, StoreError> {
+    async fn next(&mut self, idle: Duration) -> Result<Option<CapturedPiece>, StoreError> {
         let deadline = Instant::now() + idle;
         loop {
             if self.last_heartbeat.elapsed() >= self.heartbeat_interval {
@@ -72,17 +126,20 @@ impl LogStream for PgLogStream {
                         format!("the replication stream of slot {} ended", self.slot).into(),
                     ));
                 }
-                Some(ReplicationEvent::Begin { xid, .. }) => {
-                    self.open.clear();
-                    self.open_xid = xid;
-                }
+                Some(ReplicationEvent::Begin { xid, final_lsn, .. }) => self.begin(xid, final_lsn),
                 Some(ReplicationEvent::XLogData { data, .. }) => {
                     match self
                         .decoder
                         .decode(&data)
                         .map_err(|err| StoreError::Other(Box::new(err)))?
                     {
-                        Decoded::Insert(message) => self.open.push(*message),
+                        Decoded::Insert(message) => {
+                            let open = open_transaction(&mut self.open)?;
+                            open.messages.push(*message);
+                            if open.messages.len() >= self.max_messages {
+                                return self.piece(None).await.map(Some);
+                            }
+                        }
                         Decoded::Other => {}
                     }
                 }
@@ -91,16 +148,9 @@ impl LogStream for PgLogStream {
                     commit_time_micros,
                     ..
                 }) => {
-                    let maybe_published = self.drained_at.is_none_or(|drained| end_lsn <= drained);
-                    if maybe_published && !self.open.is_empty() {
-                        wait_until_visible(&self.pool, self.open_xid).await?;
-                    }
+                    let last = self.piece(Some(end_lsn)).await?;
                     self.unconfirmed.push_back((end_lsn, commit_time_micros));
-                    return Ok(Some(CapturedTransaction {
-                        end: LogPosition(end_lsn.to_string()),
-                        messages: std::mem::take(&mut self.open),
-                        maybe_published,
-                    }));
+                    return Ok(Some(last));
                 }
                 Some(ReplicationEvent::StoppedAt { reached }) => {
                     return Err(StoreError::Unavailable(
@@ -148,13 +198,22 @@ impl LogStream for PgLogStream {
     }
 }
 
+/// The transaction a change or a Commit belongs to: the one whose Begin came.
+fn open_transaction(
+    open: &mut Option<OpenTransaction>,
+) -> Result<&mut OpenTransaction, StoreError> {
+    open.as_mut().ok_or_else(|| {
+        StoreError::Other("pgoutput: a change or Commit outside a transaction (no Begin)".into())
+    })
+}
+
 /// Waits until transaction `xid` is visible to new snapshots. Its commit is streamed once
 /// the commit record is flushed, which is before the committing session leaves the
 /// server's list of running transactions; the relay checks a maybe-published
 /// transaction's rows against the table at once, and must not take rows it cannot see yet
 /// for published ones.
 pub(super) async fn wait_until_visible(pool: &PgPool, xid: u32) -> Result<(), StoreError> {
-    let mut delay = Duration::from_millis(1);
+    let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
     loop {
         let visible: bool = sqlx::query_scalar(include_str!("visible.sql"))
             .bind(i64::from(xid))
@@ -164,8 +223,7 @@ pub(super) async fn wait_until_visible(pool: &PgPool, xid: u32) -> Result<(), St
         if visible {
             return Ok(());
         }
-        sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(50));
+        sleep(backoff.next_delay()).await;
     }
 }
 
