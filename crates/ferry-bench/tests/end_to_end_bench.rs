@@ -106,10 +106,14 @@ fn a_live_run_times_every_message_to_the_ack_and_to_the_consumer() {
         db = dir.path().join("outbox.db").display(),
         events = dir.path().join("events.jsonl").display(),
     );
+    // Below what SQLite commits here (~1,800 msg/s in 500-message transactions, in CI):
+    // producers that saturate its one writer starve the relay's lease renewals (SQLite's
+    // busy handler is not fair), the relay loses its leases, and the file sink, which has
+    // no de-duplication, gets the unmarked batches again.
     let stdout = bench(
         dir.path(),
         &config,
-        &["--mode", "live", "--rate", "10000"],
+        &["--mode", "live", "--rate", "1000"],
         1,
     );
     for what in ["commit -> broker ack (the relay's)", "commit -> consume"] {
