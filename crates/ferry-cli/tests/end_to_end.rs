@@ -146,6 +146,59 @@ async fn relay_waits_for_an_unreachable_broker_or_database_and_bad_config_is_ref
     e2e.cleanup().await;
 }
 
+/// Whether the scenario's outbox table has its notify trigger.
+async fn has_notify_trigger(e2e: &PgNats) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2)",
+    )
+    .bind(format!("e{}_outbox", e2e.scenario().tag))
+    .bind(format!("e{}_outbox_notify", e2e.scenario().tag))
+    .fetch_one(e2e.pg.outbox.pool())
+    .await
+    .unwrap()
+}
+
+/// `outbox.wake = "poll"`: `ferry migrate` leaves the table without its notify trigger, and
+/// the relay finds every row by polling, in order, once; a relay configured to be notified
+/// on that table says it is not, and `ferry migrate` with its config puts the trigger back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_notifications_polls_every_row_out() {
+    let e2e = PgNats::new(4, 120, "wake = \"poll\"").await;
+    assert!(!has_notify_trigger(&e2e).await, "migrated with wake = poll");
+    let relay = e2e.scenario().relay("poll");
+    let produced = e2e.produce(40, 5, 2).await.unwrap();
+    e2e.scenario().wait_drained(Duration::from_secs(60)).await;
+    e2e.check_stream(&produced)
+        .await
+        .assert_perfect(produced.len());
+    assert!(relay.terminate(Duration::from_secs(10)).success());
+    assert!(
+        !e2e.scenario().logs("poll").contains("notify trigger"),
+        "{}",
+        e2e.scenario().logs("poll")
+    );
+
+    let notify = e2e
+        .scenario()
+        .config_variant("notify", "wake = \"poll\"", "wake = \"notify\"");
+    let relay = e2e.scenario().relay_with_config("notify", &notify);
+    relay
+        .wait_for_log("has no notify trigger", Duration::from_secs(20))
+        .await;
+    assert!(relay.terminate(Duration::from_secs(10)).success());
+    let migrated = std::process::Command::new(common::ferry_bin())
+        .args(["migrate", "--config"])
+        .arg(&notify)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    assert!(
+        has_notify_trigger(&e2e).await,
+        "migrated with wake = notify"
+    );
+    e2e.cleanup().await;
+}
+
 #[test]
 fn demo_runs_on_embedded_sqlite() {
     let dir = tempfile::tempdir().unwrap();

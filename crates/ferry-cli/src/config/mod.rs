@@ -22,7 +22,7 @@ use figment::providers::{Format, Toml};
 use serde::Deserialize;
 
 use ferry::redis_store::{KeyPrefix, RedisSettings};
-use ferry::sql::{StoreSettings, TablePrefix};
+use ferry::sql::{StoreSettings, TablePrefix, Wake};
 use ferry_service::{DashboardConfig, ServiceConfig, TokenConfig, Tokens};
 
 pub use capture::{CaptureMode, CaptureSection};
@@ -97,6 +97,7 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         self.outbox.validate()?;
+        self.outbox.validate_wake(&self.store)?;
         self.relay.validate()?;
         self.metrics.validate()?;
         self.store.validate()?;
@@ -175,7 +176,18 @@ impl Config {
             max_payload_bytes: self.outbox.max_payload_bytes,
             retention: Duration::from_secs(self.outbox.retention_secs),
             external_leases: self.leases.is_external(),
+            wake: self.wake(),
         }
+    }
+
+    /// `outbox.wake`, or its default: no notifications in log mode, where the relay
+    /// streams the log and never listens (the trigger would only slow producers down).
+    pub fn wake(&self) -> Wake {
+        self.outbox.wake.unwrap_or(if self.capture.is_log() {
+            Wake::Poll
+        } else {
+            Wake::Notify
+        })
     }
 
     /// The Redis store's settings: its key prefix and the shared `[outbox]` settings.
@@ -189,6 +201,11 @@ impl Config {
     }
 
     pub fn relay_config(&self) -> ferry::RelayConfig {
-        self.relay.relay_config(self.leases.is_external())
+        // In log mode the interval is how long the stream may stay silent: not a poll.
+        let polled_postgres = matches!(self.store, StoreConfig::Postgres { .. })
+            && !self.capture.is_log()
+            && self.wake() == Wake::Poll;
+        self.relay
+            .relay_config(self.leases.is_external(), polled_postgres)
     }
 }

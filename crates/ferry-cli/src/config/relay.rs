@@ -5,6 +5,13 @@ use std::time::Duration;
 use anyhow::bail;
 use serde::Deserialize;
 
+/// `relay.poll_interval_ms` unless set.
+const DEFAULT_POLL_INTERVAL_MS: u64 = 1000;
+/// `relay.poll_interval_ms` unless set, on PostgreSQL with `outbox.wake = "poll"`: whoever
+/// turns the notifications off for producers' sake still expects rows within moments, and
+/// an idle partition's poll there is one index probe.
+const POLLED_POSTGRES_POLL_INTERVAL_MS: u64 = 100;
+
 /// How the relay runs; see `ferry_core::RelayConfig` for what each setting does.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -16,8 +23,10 @@ pub struct RelaySection {
     /// Defaults to 10.
     pub lease_ttl_secs: u64,
     /// How often an idle partition is looked at again when no wake-up comes: the pick-up
-    /// latency on stores without notifications (SQLite, MySQL). Defaults to 1000.
-    pub poll_interval_ms: u64,
+    /// latency on stores without notifications (SQLite, MySQL, PostgreSQL with
+    /// `outbox.wake = "poll"`). Defaults to 1000; 100 on PostgreSQL with
+    /// `outbox.wake = "poll"`, whose relay has nothing else to find rows by.
+    pub poll_interval_ms: Option<u64>,
     /// Defaults to 100.
     pub retry_initial_ms: u64,
     /// Defaults to 30000.
@@ -47,7 +56,7 @@ impl Default for RelaySection {
             relay_id: None,
             batch_size: 1000,
             lease_ttl_secs: 10,
-            poll_interval_ms: 1000,
+            poll_interval_ms: None,
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
             shutdown_timeout_secs: 10,
@@ -71,7 +80,7 @@ impl RelaySection {
                 self.lease_ttl_secs
             );
         }
-        if self.poll_interval_ms == 0 || self.retry_initial_ms == 0 {
+        if self.poll_interval_ms == Some(0) || self.retry_initial_ms == 0 {
             bail!("relay.poll_interval_ms and relay.retry_initial_ms must be at least 1");
         }
         if self.retry_max_ms < self.retry_initial_ms {
@@ -92,13 +101,24 @@ impl RelaySection {
         Ok(())
     }
 
-    /// The relay's settings; `external_leases` when `[leases]` is outside the store.
-    pub(super) fn relay_config(&self, external_leases: bool) -> ferry::RelayConfig {
+    /// The relay's settings; `external_leases` when `[leases]` is outside the store,
+    /// `polled_postgres` when the store is PostgreSQL with `outbox.wake = "poll"`.
+    pub(super) fn relay_config(
+        &self,
+        external_leases: bool,
+        polled_postgres: bool,
+    ) -> ferry::RelayConfig {
         let mut config =
             ferry::RelayConfig::new(self.relay_id.clone().unwrap_or_else(default_relay_id));
         config.batch_size = self.batch_size;
         config.lease_ttl = Duration::from_secs(self.lease_ttl_secs);
-        config.poll_interval = Duration::from_millis(self.poll_interval_ms);
+        let default_poll_ms = if polled_postgres {
+            POLLED_POSTGRES_POLL_INTERVAL_MS
+        } else {
+            DEFAULT_POLL_INTERVAL_MS
+        };
+        config.poll_interval =
+            Duration::from_millis(self.poll_interval_ms.unwrap_or(default_poll_ms));
         config.retry_initial = Duration::from_millis(self.retry_initial_ms);
         config.retry_max = Duration::from_millis(self.retry_max_ms);
         config.shutdown_timeout = Duration::from_secs(self.shutdown_timeout_secs);

@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use ferry::redis_store::KeyPrefix;
-use ferry::sql::TablePrefix;
+use ferry::sql::{TablePrefix, Wake};
 
 /// Why `[service]` is refused on other stores.
 pub const SERVICE_STORES: &str = "the reliable message service ([service]) keeps its messages in PostgreSQL or SQLite: set store.type = \"postgres\" or \"sqlite\", or remove the [service] section";
@@ -95,6 +95,13 @@ pub struct OutboxConfig {
     pub retention_secs: u64,
     /// Largest payload accepted by `enqueue`. Defaults to 1048576 (1 MiB).
     pub max_payload_bytes: usize,
+    /// PostgreSQL: how the relay learns of committed rows. `"notify"`: a trigger notifies
+    /// it at every producing statement (the lowest latency, but PostgreSQL serialises
+    /// notifying commits, which caps producers of small transactions); `"poll"`: no
+    /// trigger, the relay polls every `relay.poll_interval_ms` (default 100 then). `ferry
+    /// migrate` creates or drops the trigger to match. Defaults to `"notify"`, or `"poll"`
+    /// with `capture.mode = "log"` (the stream needs no notification).
+    pub wake: Option<Wake>,
 }
 
 impl Default for OutboxConfig {
@@ -104,6 +111,7 @@ impl Default for OutboxConfig {
             partitions: 16,
             retention_secs: 0,
             max_payload_bytes: 1024 * 1024,
+            wake: None,
         }
     }
 }
@@ -120,6 +128,16 @@ impl OutboxConfig {
         }
         if self.max_payload_bytes == 0 {
             bail!("outbox.max_payload_bytes must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// `outbox.wake` is PostgreSQL's: refused by name elsewhere, where nothing notifies.
+    pub(super) fn validate_wake(&self, store: &StoreConfig) -> anyhow::Result<()> {
+        if self.wake.is_some() && !matches!(store, StoreConfig::Postgres { .. }) {
+            bail!(
+                "outbox.wake applies to PostgreSQL (LISTEN/NOTIFY) only; the relays of other stores poll every relay.poll_interval_ms: remove outbox.wake"
+            );
         }
         Ok(())
     }

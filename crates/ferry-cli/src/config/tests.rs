@@ -396,3 +396,45 @@ fn deploy_configs_parse() {
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     assert!(config.service.is_some_and(|s| !s.run_relay));
 }
+
+#[test]
+fn wake_is_postgres_only_and_defaults_by_capture_mode() {
+    const PG: &str =
+        "[store]\ntype = \"postgres\"\nurl = \"postgres://h/db\"\n[sink]\ntype = \"stdout\"\n";
+    let poll_ms = |config: &Config| config.relay_config().poll_interval.as_millis();
+    let config = Config::from_toml(PG).expect("valid");
+    assert_eq!(config.store_settings().wake, Wake::Notify);
+    assert_eq!(poll_ms(&config), 1000);
+    let config = Config::from_toml(&format!("{PG}[outbox]\nwake = \"poll\"\n")).expect("valid");
+    assert_eq!(config.store_settings().wake, Wake::Poll);
+    assert_eq!(poll_ms(&config), 100, "polling alone looks more often");
+    let config = Config::from_toml(&format!(
+        "{PG}[outbox]\nwake = \"poll\"\n[relay]\npoll_interval_ms = 20\n"
+    ))
+    .expect("valid");
+    assert_eq!(poll_ms(&config), 20, "an explicit interval wins");
+    let config = Config::from_toml(&format!("{PG}[capture]\nmode = \"log\"\n")).expect("valid");
+    assert_eq!(
+        config.store_settings().wake,
+        Wake::Poll,
+        "log mode never listens"
+    );
+    assert_eq!(poll_ms(&config), 1000, "log mode's interval is not a poll");
+    let config = Config::from_toml(&format!(
+        "{PG}[outbox]\nwake = \"notify\"\n[capture]\nmode = \"log\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(config.store_settings().wake, Wake::Notify);
+    let err = error_of(&format!("{PG}[outbox]\nwake = \"listen\"\n"));
+    assert!(err.contains("notify") && err.contains("poll"), "{err}");
+    let err = error_of(&format!("{MINIMAL}[outbox]\nwake = \"poll\"\n"));
+    assert!(
+        err.contains("outbox.wake") && err.contains("PostgreSQL"),
+        "{err}"
+    );
+    assert_eq!(
+        poll_ms(&Config::from_toml(MINIMAL).expect("valid")),
+        1000,
+        "SQLite keeps its interval"
+    );
+}

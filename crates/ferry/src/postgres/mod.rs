@@ -3,8 +3,8 @@
 //!
 //! `ferry migrate` also installs `{prefix}enqueue` / `{prefix}enqueue_bytes`, the function
 //! [`PgOutbox::enqueue`] calls, so that producers in any language write the outbox exactly
-//! as the Rust API does, and a trigger that notifies the relay once per producing statement
-//! and partition.
+//! as the Rust API does, and, with `outbox.wake = "notify"` (the default), a trigger that
+//! notifies the relay once per producing statement and partition.
 
 #[cfg(feature = "postgres-capture")]
 pub mod capture;
@@ -19,8 +19,8 @@ use uuid::Uuid;
 use ferry_core::{StoreError, Wakers};
 
 use crate::sql::{
-    Dialect, Driver, Enqueue, Fault, InboxQueries, Placeholders, Queries, QueryResult, SqlInbox,
-    SqlOutbox, SqlQuery, store_error,
+    Dialect, Driver, Enqueue, Fault, InboxQueries, NotifyTrigger, Placeholders, Queries,
+    QueryResult, SqlInbox, SqlOutbox, SqlQuery, store_error,
 };
 
 /// An outbox in PostgreSQL. Cheap to clone; share one per process.
@@ -66,6 +66,12 @@ impl Dialect for PgDialect {
     const BEGIN_WRITE: Option<&'static str> =
         Some("BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'");
     const MIGRATION_LOCK: Option<&'static str> = Some(include_str!("queries/migration_lock.sql"));
+    /// The first migration creates the trigger and its function `{p}notify()`.
+    const NOTIFY_TRIGGER: Option<NotifyTrigger> = Some(NotifyTrigger {
+        present: include_str!("queries/notify_trigger_present.sql"),
+        create: include_str!("queries/notify_trigger_create.sql"),
+        drop: include_str!("queries/notify_trigger_drop.sql"),
+    });
     const INBOX: InboxQueries = InboxQueries::Routine(include_str!("queries/inbox_admit.sql"));
 
     fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {

@@ -12,6 +12,7 @@ use ferry_core::{StoreError, Wakers};
 
 use super::driver::{Driver, SqlQuery};
 use super::statement::Placeholders;
+use super::wake::NotifyTrigger;
 
 /// The options a driver connects with.
 pub type ConnectOptions<D> = <<<D as Dialect>::Db as Database>::Connection as Connection>::Options;
@@ -266,6 +267,9 @@ pub trait Dialect: std::fmt::Debug + Send + Sync + 'static {
     /// until the migration's transaction or connection ends. None where the write
     /// transaction itself is that lock.
     const MIGRATION_LOCK: Option<&'static str> = None;
+    /// The trigger that notifies the relay of committed rows, where the database can
+    /// notify: `migrate` makes its presence follow [`StoreSettings::wake`](super::StoreSettings::wake).
+    const NOTIFY_TRIGGER: Option<NotifyTrigger> = None;
     const INBOX: InboxQueries;
 
     /// Parses a connection URL (`postgres://…`, `mysql://…`, `sqlite://…`) into the options

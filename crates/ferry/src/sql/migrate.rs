@@ -84,6 +84,8 @@ impl<D: Dialect> SqlOutbox<D> {
     /// another count later is refused before anything changes. Where DDL is transactional
     /// (PostgreSQL, SQLite) a failure leaves the previous version intact; elsewhere
     /// (MySQL) every statement is idempotent and a run cut short is completed by the next.
+    /// Where the database notifies, the notify trigger is created or dropped to follow
+    /// [`StoreSettings::wake`](super::StoreSettings::wake).
     pub async fn migrate(&self, partitions: u32) -> Result<(), StoreError> {
         check_partitions(partitions)?;
         let count = partitions.to_string();
@@ -117,6 +119,9 @@ impl<D: Dialect> SqlOutbox<D> {
             .leases_create
             .execute::<D>(&mut tx, &[partitions.into()])
             .await?;
+        if let Some(trigger) = &self.statements.notify_trigger {
+            trigger.follow::<D>(&mut tx, self.settings().wake).await?;
+        }
         tx.commit().await.map_err(store_error::<D>)?;
         // A count cached before is this one: it came from this database, checked above.
         let _ = self.partitions.set(partitions);

@@ -14,6 +14,7 @@
 //! - `inbox`: [`SqlInbox`], the consumer inbox.
 //! - `migrate`: versioned schemas in `<prefix>meta`, for ferry's tables and others'.
 //! - `row`, `error`: rows as the core's types; driver errors as [`StoreError`]s.
+//! - `wake`: [`Wake`], notified or polling, and the notify trigger `migrate` keeps in line.
 
 mod admin;
 mod dialect;
@@ -28,6 +29,7 @@ mod statement;
 #[cfg(test)]
 pub(crate) mod statement_arity;
 mod store;
+mod wake;
 
 use std::time::Duration;
 
@@ -41,6 +43,7 @@ pub use inbox::SqlInbox;
 pub use migrate::Schema;
 pub use outbox::{Connection, SqlOutbox};
 pub use statement::{Arg, IdListStatement, Placeholders, Statement};
+pub use wake::{NotifyTrigger, Wake};
 
 /// A validated table-name prefix (`ferry_` by default): every ferry table is
 /// `<prefix><name>`, so several outboxes can share one database.
@@ -103,6 +106,11 @@ pub struct StoreSettings {
     /// ([`OutboxStore::adopt`](ferry_core::OutboxStore::adopt)): marks then check the
     /// adopted epoch and owner instead of the store's own lease expiry. Defaults to false.
     pub external_leases: bool,
+    /// How the relay learns of committed rows (PostgreSQL; other databases poll): each
+    /// `migrate` creates or drops the notify trigger to match. With [`Wake::Poll`], set
+    /// `RelayConfig::poll_interval` to the pick-up delay wanted (e.g. 100 ms). Defaults to
+    /// [`Wake::Notify`].
+    pub wake: Wake,
 }
 
 impl Default for StoreSettings {
@@ -112,6 +120,7 @@ impl Default for StoreSettings {
             max_payload_bytes: 1024 * 1024,
             retention: Duration::ZERO,
             external_leases: false,
+            wake: Wake::Notify,
         }
     }
 }

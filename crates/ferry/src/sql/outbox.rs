@@ -18,6 +18,7 @@ use super::driver::RowExt;
 use super::error::{connect_error, corrupt, store_error};
 use super::migrate::{self, PARTITIONS_KEY};
 use super::statement::{Arg, IdListStatement, Statement};
+use super::wake::NotifyTriggerStatements;
 use super::{StoreSettings, TablePrefix};
 
 /// A connection of dialect `D` (of a pool or inside a transaction: pass `&mut *tx`).
@@ -39,6 +40,7 @@ pub(crate) struct Statements {
     pub(crate) meta_read: Statement,
     pub(crate) meta_write: Statement,
     pub(crate) migration_lock: Option<Statement>,
+    pub(crate) notify_trigger: Option<NotifyTriggerStatements>,
     pub(crate) leases_create: Statement,
     /// The routine call, or the insert after `version_bump`.
     pub(crate) enqueue: Statement,
@@ -101,6 +103,8 @@ impl Statements {
             meta_read: r(q.meta_read),
             meta_write: r(q.meta_write),
             migration_lock: D::MIGRATION_LOCK.map(r),
+            notify_trigger: D::NOTIFY_TRIGGER
+                .map(|trigger| NotifyTriggerStatements::new(trigger, r)),
             leases_create: r(q.leases_create),
             enqueue,
             version_bump,

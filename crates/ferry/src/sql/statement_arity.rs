@@ -81,6 +81,13 @@ pub(crate) fn check<D: Dialect>() {
             .into_iter()
             .filter_map(|(name, text, arity)| text.map(|text| (name, text, arity))),
     );
+    if let Some(trigger) = D::NOTIFY_TRIGGER {
+        statements.extend([
+            ("notify_trigger_present", trigger.present, 0),
+            ("notify_trigger_create", trigger.create, 0),
+            ("notify_trigger_drop", trigger.drop, 0),
+        ]);
+    }
     let prefix = TablePrefix::default();
     for fence in [
         "epoch = $2 AND owner = $3 AND expires_at > {now}",

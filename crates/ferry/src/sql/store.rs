@@ -15,6 +15,7 @@ use super::error::store_error;
 use super::outbox::SqlOutbox;
 use super::row::{self, stored_checkpoint};
 use super::statement::Arg;
+use super::wake::{Wake, warn_if_unlike};
 
 #[async_trait]
 impl<D: Dialect> OutboxStore for SqlOutbox<D> {
@@ -245,13 +246,20 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
         Ok(checkpoint.and_then(|c| u64::try_from(c).ok()))
     }
 
+    /// Listens where the database notifies and `wake` is [`Wake::Notify`]; otherwise the
+    /// relay's polls find the rows. A table migrated with the other setting is warned of.
     async fn watch(&self, wakers: &Wakers) -> Result<(), StoreError> {
-        D::watch(
-            self.pool(),
-            &self.table_prefix().render("{p}outbox"),
-            wakers,
-        )
-        .await
+        let table = self.table_prefix().render("{p}outbox");
+        let wake = self.settings().wake;
+        if let Some(trigger) = &self.statements.notify_trigger {
+            let mut conn = self.acquire().await?;
+            let present = trigger.present::<D>(&mut conn).await?;
+            warn_if_unlike(wake, present, &table);
+        }
+        match wake {
+            Wake::Notify => D::watch(self.pool(), &table, wakers).await,
+            Wake::Poll => std::future::pending().await,
+        }
     }
 
     async fn status(&self) -> Result<Vec<PartitionStatus>, StoreError> {

@@ -2,14 +2,16 @@
 //! a fetch that reads only a partition's head, and write transactions the server ends.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::postgres::{PgDialect, PgOutbox};
-use ferry::sql::StoreSettings;
-use ferry::{LeaseStore, OutboxStore};
+use ferry::sql::{StoreSettings, Wake};
+use ferry::{LeaseStore, OutboxStore, Wakers};
 use ferry_core::testing::services;
+use tokio::time::timeout;
 
-use crate::harness::{TestDialect, TestOutbox};
+use crate::harness::{TestDialect, TestOutbox, order_event};
 use crate::scenarios::servers::{
     enqueue_routine_matches_the_rust_api, enqueue_routine_takes_the_trace_context,
 };
@@ -164,4 +166,104 @@ async fn a_relay_paused_inside_a_write_transaction_does_not_keep_its_partition()
         paused.commit().await.is_err(),
         "the server should have ended the paused transaction"
     );
+}
+
+/// The notify trigger's oid, if the outbox table has it.
+async fn notify_trigger(outbox: &PgOutbox) -> Option<u32> {
+    let oid: Option<sqlx::postgres::types::Oid> = sqlx::query_scalar(
+        "SELECT oid FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2",
+    )
+    .bind(outbox.table_prefix().render("{p}outbox"))
+    .bind(outbox.table_prefix().render("{p}outbox_notify"))
+    .fetch_optional(outbox.pool())
+    .await
+    .unwrap();
+    oid.map(|oid| oid.0)
+}
+
+/// Commits one message of aggregate `id`; returns its partition.
+async fn commit_one(outbox: &PgOutbox, id: &str) -> u32 {
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let enqueued = outbox
+        .enqueue(&mut tx, order_event(id, "order.created"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    enqueued.partition
+}
+
+/// `outbox.wake`: every `migrate` makes the notify trigger follow the setting, leaving the
+/// table alone when it already does; commits wake a listening relay only while the trigger
+/// is there, and a store set to poll never listens (its relay's polls find the rows).
+#[tokio::test]
+async fn the_notify_trigger_follows_wake_at_every_migrate() {
+    const SILENCE: Duration = Duration::from_millis(700);
+    const PATIENCE: Duration = Duration::from_secs(10);
+    let notified = TestOutbox::<PgDialect>::new(4).await;
+    let created = notify_trigger(&notified)
+        .await
+        .expect("migrated with notify");
+    notified.migrate(4).await.unwrap();
+    assert_eq!(
+        notify_trigger(&notified).await,
+        Some(created),
+        "an unchanged setting leaves the trigger as it was"
+    );
+    let polled = notified
+        .open(StoreSettings {
+            table_prefix: notified.table_prefix().clone(),
+            wake: Wake::Poll,
+            ..StoreSettings::default()
+        })
+        .await;
+
+    let listening = Arc::new(Wakers::new(4));
+    let listener = {
+        let (store, wakers) = (notified.clone(), Arc::clone(&listening));
+        tokio::spawn(async move { store.watch(&wakers).await })
+    };
+    for partition in 0..4 {
+        timeout(PATIENCE, listening.wait(partition))
+            .await
+            .expect("the listener wakes every partition once it listens");
+    }
+    let partition = commit_one(&notified, "1").await;
+    timeout(PATIENCE, listening.wait(partition))
+        .await
+        .expect("a commit notifies while the trigger is there");
+
+    polled.migrate(4).await.unwrap();
+    assert_eq!(notify_trigger(&polled).await, None, "wake = poll drops it");
+    polled.migrate(4).await.unwrap();
+    assert_eq!(notify_trigger(&polled).await, None);
+    let polling = Arc::new(Wakers::new(4));
+    let poller = {
+        let (store, wakers) = (polled.clone(), Arc::clone(&polling));
+        tokio::spawn(async move { store.watch(&wakers).await })
+    };
+    let partition = commit_one(&polled, "2").await;
+    assert!(
+        timeout(SILENCE, listening.wait(partition)).await.is_err(),
+        "no notification without the trigger"
+    );
+    assert!(
+        timeout(SILENCE, polling.wait(partition)).await.is_err(),
+        "a store set to poll does not listen"
+    );
+    assert!(
+        !poller.is_finished(),
+        "a polled store's watch waits forever"
+    );
+
+    notified.migrate(4).await.unwrap();
+    assert!(
+        notify_trigger(&notified).await.is_some(),
+        "wake = notify creates it again"
+    );
+    let partition = commit_one(&notified, "3").await;
+    timeout(PATIENCE, listening.wait(partition))
+        .await
+        .expect("commits notify again");
+    listener.abort();
+    poller.abort();
 }

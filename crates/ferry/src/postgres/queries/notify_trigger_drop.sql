@@ -1,0 +1,1 @@
+DROP TRIGGER IF EXISTS {p}outbox_notify ON {p}outbox
