@@ -1,8 +1,8 @@
 //! How the relay learns that rows were committed: notified by the database (PostgreSQL's
 //! LISTEN/NOTIFY, through a trigger on the outbox table) or by polling alone. The trigger
 //! is not free: PostgreSQL serialises the commits of notifying transactions, so producers
-//! of one-message transactions commit several times faster without it (BENCHMARKS.md
-//! section 12). `migrate` makes the trigger's presence follow [`Wake`].
+//! of one-message transactions commit about twice as fast without it (BENCHMARKS.md
+//! sections 12 and 14). `migrate` makes the trigger's presence follow [`Wake`].
 
 use serde::Deserialize;
 use tracing::{info, warn};
