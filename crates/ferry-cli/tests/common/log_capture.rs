@@ -1,17 +1,18 @@
 //! The log capture scenarios (`capture.mode = "log"`) of every store that has a log the
 //! relay streams, against any sink: a round trip with a rolled-back transaction, a standby
-//! taking over, the server ending the relay's connections; and into NATS, a relay killed in
+//! taking over (both relays ready all along), the server ending the relay's connections; and into NATS, a relay killed in
 //! the middle of a large transaction.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use ferry::NewMessage;
 use uuid::Uuid;
 
 use super::scenarios::StoreSink;
 use super::sinks::Nats;
-use super::{Producer, Scenario};
+use super::{Producer, Relay, Scenario, free_port};
 
 /// What the relay logs once it streams.
 pub const STREAMING: &str = "the table is drained; streaming";
@@ -87,23 +88,65 @@ fn capture_lag(scenario: &Scenario) -> (u64, f64) {
     }
 }
 
+/// The scenario's config with `[metrics] listen` on a port of its own, as `<name>.toml`:
+/// the file and the port.
+fn with_health_port(scenario: &Scenario, name: &str) -> (PathBuf, u16) {
+    let port = free_port();
+    let text = std::fs::read_to_string(&scenario.config).unwrap()
+        + &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let path = scenario.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    (path, port)
+}
+
+/// Waits until `GET /readyz` on `port` answers 200, failing with its last answer.
+async fn wait_ready(port: u16, relay: &Relay) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = match http
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+        {
+            Ok(response) => (response.status().as_u16(), response.text().await.unwrap()),
+            Err(err) => (0, err.to_string()),
+        };
+        if answer.0 == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered 200: {answer:?}\n{}",
+            relay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A second relay waits as a standby (its log says `held_text`) and streams once the first
-/// is killed; nothing is lost, duplicated or reordered after the inbox.
+/// is killed; nothing is lost, duplicated or reordered after the inbox. Both answer
+/// `/readyz` with 200 all along: the streaming relay, and the standby, ready to take over.
 pub async fn a_standby_takes_over_when_the_streaming_relay_is_killed<S: LogStore>(held_text: &str) {
     let e2e = S::new(4, 1, "").await;
-    let first = e2e.scenario().relay("relay-a");
+    let (config_a, port_a) = with_health_port(e2e.scenario(), "relay-a");
+    let first = e2e.scenario().relay_with_config("relay-a", &config_a);
     first.wait_for_log(STREAMING, Duration::from_secs(20)).await;
-    let second = e2e.scenario().relay("relay-b");
+    wait_ready(port_a, &first).await;
+    let (config_b, port_b) = with_health_port(e2e.scenario(), "relay-b");
+    let second = e2e.scenario().relay_with_config("relay-b", &config_b);
     second
         .wait_for_log("standby", Duration::from_secs(20))
         .await;
     assert!(second.logs().contains(held_text), "{}", second.logs());
+    wait_ready(port_b, &second).await;
     let producing = e2e.produce(40, 30, 2);
     tokio::time::sleep(Duration::from_millis(700)).await;
     first.kill_nine();
     second
         .wait_for_log(STREAMING, Duration::from_secs(30))
         .await;
+    wait_ready(port_b, &second).await;
     let produced = producing.await.unwrap();
     e2e.scenario().wait_drained(Duration::from_secs(60)).await;
     let report = e2e.check_stream(&produced).await;

@@ -38,6 +38,7 @@ use uuid::Uuid;
 
 use super::deadline::LeaseDeadline;
 use super::feed::{FeedSender, Portion, feed};
+use super::metrics::Instruments;
 use super::retry::{Failed, Interrupted, Retry, wait};
 use super::worker::{Source, Worker};
 use super::{OnPermanentFailure, Relay, RelayError};
@@ -113,6 +114,15 @@ impl Relay {
                         info!(relay = %self.config.relay_id, %why, "log capture: standby, another relay streams the log");
                         standby = true;
                     }
+                    // A standby is ready to take over while it reaches the lease store.
+                    let reached = self
+                        .leases
+                        .heartbeat(&self.config.relay_id, self.config.lease_ttl)
+                        .await;
+                    if let Err(err) = &reached {
+                        warn!(error = %ErrorChain(err), "log capture: standby cannot reach the lease store");
+                    }
+                    self.instruments.lease_round(reached.is_ok());
                     self.config.lease_ttl / 3
                 }
                 Err(err) if err.is_retryable() => {
@@ -149,6 +159,7 @@ impl Relay {
         let lost = CancellationToken::new();
         let keeper = tokio::spawn(keep_leases(
             Arc::clone(&self.leases),
+            Arc::clone(&self.instruments),
             self.config.relay_id.clone(),
             self.config.lease_ttl,
             leases.clone(),
@@ -217,7 +228,9 @@ impl Relay {
                 let granted = self.leases.acquire(relay, wanted, ttl).await?;
                 Ok::<_, StoreError>(granted)
             };
-            match round.await {
+            let round = round.await;
+            self.instruments.lease_round(round.is_ok());
+            match round {
                 Ok(granted) => {
                     for lease in &granted {
                         info!(partition = lease.partition, epoch = lease.epoch, takeover = ?lease.takeover, "partition acquired");
@@ -250,10 +263,11 @@ impl Relay {
     }
 }
 
-/// Renews every lease each third of the TTL; the first round that does not renew them all
-/// expires the deadline and fires `lost`.
+/// Renews every lease each third of the TTL, reporting each round to the readiness check;
+/// the first round that does not renew them all expires the deadline and fires `lost`.
 async fn keep_leases(
     leases: Arc<dyn crate::lease::LeaseStore>,
+    instruments: Arc<Instruments>,
     relay: String,
     ttl: Duration,
     held: Vec<Lease>,
@@ -264,10 +278,13 @@ async fn keep_leases(
         sleep(ttl / 3).await;
         let valid_until = Instant::now() + ttl;
         if let Err(err) = leases.heartbeat(&relay, ttl).await {
+            instruments.lease_round(false);
             warn!(error = %ErrorChain(&err), "lease heartbeat failed; streaming stops when the leases run out");
             continue;
         }
-        match leases.renew(&held, ttl).await {
+        let renewed = leases.renew(&held, ttl).await;
+        instruments.lease_round(renewed.is_ok());
+        match renewed {
             Ok(renewed) if renewed.len() == held.len() => deadline.extend_to(valid_until),
             Ok(_) => {
                 warn!(
