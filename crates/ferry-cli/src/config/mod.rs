@@ -205,7 +205,12 @@ impl Config {
         let polled_postgres = matches!(self.store, StoreConfig::Postgres { .. })
             && !self.capture.is_log()
             && self.wake() == Wake::Poll;
+        let default_poll_interval = if polled_postgres {
+            relay::POLLED_POSTGRES_POLL_INTERVAL
+        } else {
+            relay::DEFAULT_POLL_INTERVAL
+        };
         self.relay
-            .relay_config(self.leases.is_external(), polled_postgres)
+            .relay_config(self.leases.is_external(), default_poll_interval)
     }
 }

@@ -6,11 +6,11 @@ use anyhow::bail;
 use serde::Deserialize;
 
 /// `relay.poll_interval_ms` unless set.
-const DEFAULT_POLL_INTERVAL_MS: u64 = 1000;
+pub(super) const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(1000);
 /// `relay.poll_interval_ms` unless set, on PostgreSQL with `outbox.wake = "poll"`: whoever
 /// turns the notifications off for producers' sake still expects rows within moments, and
 /// an idle partition's poll there is one index probe.
-const POLLED_POSTGRES_POLL_INTERVAL_MS: u64 = 100;
+pub(super) const POLLED_POSTGRES_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How the relay runs; see `ferry_core::RelayConfig` for what each setting does.
 #[derive(Debug, Deserialize)]
@@ -101,24 +101,20 @@ impl RelaySection {
         Ok(())
     }
 
-    /// The relay's settings; `external_leases` when `[leases]` is outside the store,
-    /// `polled_postgres` when the store is PostgreSQL with `outbox.wake = "poll"`.
+    /// The relay's settings; `external_leases` when `[leases]` is outside the store;
+    /// `default_poll_interval` where `poll_interval_ms` is not set.
     pub(super) fn relay_config(
         &self,
         external_leases: bool,
-        polled_postgres: bool,
+        default_poll_interval: Duration,
     ) -> ferry::RelayConfig {
         let mut config =
             ferry::RelayConfig::new(self.relay_id.clone().unwrap_or_else(default_relay_id));
         config.batch_size = self.batch_size;
         config.lease_ttl = Duration::from_secs(self.lease_ttl_secs);
-        let default_poll_ms = if polled_postgres {
-            POLLED_POSTGRES_POLL_INTERVAL_MS
-        } else {
-            DEFAULT_POLL_INTERVAL_MS
-        };
-        config.poll_interval =
-            Duration::from_millis(self.poll_interval_ms.unwrap_or(default_poll_ms));
+        config.poll_interval = self
+            .poll_interval_ms
+            .map_or(default_poll_interval, Duration::from_millis);
         config.retry_initial = Duration::from_millis(self.retry_initial_ms);
         config.retry_max = Duration::from_millis(self.retry_max_ms);
         config.shutdown_timeout = Duration::from_secs(self.shutdown_timeout_secs);
