@@ -60,6 +60,12 @@ pub use reconcile::{RECONCILE_DEDUP_MARGIN, RECONCILE_SCAN_THRESHOLD};
 use subject::SubjectTemplate;
 pub use wire::decode_message;
 
+/// How long `check` waits for the stream's answer. A request sent just as the connection
+/// drops, before the client has noticed, waits for the client's own request timeout (10 s);
+/// answering sooner keeps the answer named (the readiness check gives up after 5 s with
+/// a bare "no answer").
+const CHECK_WITHIN: Duration = Duration::from_secs(3);
+
 /// Publishes to a NATS JetStream stream; see the module docs.
 pub struct NatsSink {
     client: Client,
@@ -228,17 +234,20 @@ impl Sink for NatsSink {
                 self.servers
             )));
         }
-        self.jetstream
-            .get_stream(&self.stream)
-            .await
-            .map(drop)
-            .map_err(|err| {
-                SinkError::retryable(format!(
-                    "nats at {} does not answer for stream {}",
-                    self.servers, self.stream
-                ))
-                .with_source(err)
-            })
+        match tokio::time::timeout(CHECK_WITHIN, self.jetstream.get_stream(&self.stream)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(SinkError::retryable(format!(
+                "nats at {} does not answer for stream {}",
+                self.servers, self.stream
+            ))
+            .with_source(err)),
+            Err(_) => Err(SinkError::retryable(format!(
+                "nats at {} does not answer for stream {} within {} s",
+                self.servers,
+                self.stream,
+                CHECK_WITHIN.as_secs()
+            ))),
+        }
     }
 
     async fn shutdown(&self) {
