@@ -42,6 +42,12 @@ pub(crate) struct BenchArgs {
     /// is read back and checked afterwards.
     #[arg(long)]
     pub(crate) baseline: bool,
+    /// Drain mode: start the consumer only once the relays have emptied the outbox, so
+    /// that the drain is the relays' alone, and print the CPU each process on the machine
+    /// spent per message during it (this process's relays, the database, the broker).
+    /// Implied by --baseline.
+    #[arg(long)]
+    pub(crate) relay_alone: bool,
     /// Keep the bench's tables and stream or file afterwards (for inspection).
     #[arg(long)]
     pub(crate) keep: bool,

@@ -17,6 +17,7 @@ mod baseline;
 mod check;
 mod cleanup;
 mod consume;
+mod cpu;
 mod decoded;
 mod isolate;
 #[cfg(feature = "kafka")]

@@ -16,6 +16,7 @@ use crate::args::{BenchArgs, Mode};
 use crate::baseline;
 use crate::check::{Checker, Latencies};
 use crate::consume::{Consumed, Consumer};
+use crate::cpu::CpuSample;
 use crate::isolate;
 use crate::produce::{self, Production};
 use crate::report::{print_check, print_drain, print_live, print_memory, print_relay_counters};
@@ -24,6 +25,12 @@ use crate::target::Target;
 
 /// Runs the bench as `args` say, and removes what it made unless `--keep`.
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.relay_alone && args.mode == Mode::Live {
+        bail!(
+            "--relay-alone measures a drain: use it with --mode drain (live mode's consumer \
+             must run while the producers commit)"
+        );
+    }
     let mut config = Config::load(&args.config)?;
     if args.producers > args.aggregates {
         bail!(
@@ -179,6 +186,7 @@ async fn execute(
     let relay_stop = stop.child_token();
 
     let mut drained = None;
+    let mut cpu_report = Vec::new();
     let (relay_results, report) = if live {
         let consumer = open_consumer().await?;
         run.consumer = Some(tokio::spawn(consumer.run(finish.clone(), stop.clone())));
@@ -212,9 +220,9 @@ async fn execute(
             .map(|p| p.backlog)
             .sum();
         println!("outbox backlog before the relay starts: {backlog}");
-        // With --baseline the consumer starts only once the outbox is empty, as the
-        // baseline's does: both rates are then the drain alone.
-        let until = if args.baseline {
+        // With --relay-alone (and --baseline, whose poller runs alone too) the consumer
+        // starts only once the outbox is empty: the rate is then the drain alone.
+        let until = if args.baseline || args.relay_alone {
             Until::Drained
         } else {
             run.consumer = Some(tokio::spawn(
@@ -222,6 +230,7 @@ async fn execute(
             ));
             Until::Consumed
         };
+        let cpu_at_start = CpuSample::take();
         let relay_started = Instant::now();
         relays.extend(
             ready
@@ -229,6 +238,13 @@ async fn execute(
                 .map(|r| tokio::spawn(r.run(relay_stop.clone()))),
         );
         let outcome = run.wait(args.messages, until, relays).await?;
+        // Read before the consumer starts, so that the figures are the drain's alone.
+        if until == Until::Drained && outcome.marked_all.is_some() {
+            cpu_report = match (cpu_at_start, CpuSample::take()) {
+                (Some(start), Some(end)) => end.report_since(&start, args.messages),
+                _ => vec!["cpu during the drain: not measured (no Linux /proc)".to_owned()],
+            };
+        }
         if until == Until::Drained {
             run.consumer = Some(tokio::spawn(
                 open_consumer().await?.run(finish.clone(), stop.clone()),
@@ -236,6 +252,9 @@ async fn execute(
         }
         let finished = run.finish(&relay_stop, relays, &finish).await?;
         let rate = print_drain(args.messages, relay_started, &run, outcome, until);
+        for line in &cpu_report {
+            println!("{line}");
+        }
         drained = rate.filter(|_| until == Until::Drained);
         finished
     };

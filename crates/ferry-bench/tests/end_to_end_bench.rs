@@ -93,7 +93,33 @@ fn sqlite_to_file_drain_is_consistent() {
         db = dir.path().join("outbox.db").display(),
         events = dir.path().join("events.jsonl").display(),
     );
-    bench(dir.path(), &config, &[], 1);
+    let stdout = bench(dir.path(), &config, &["--relay-alone"], 1);
+    assert!(
+        stdout.contains("relay drained (relay start -> all "),
+        "{stdout}"
+    );
+    // SQLite is embedded: its work is the bench process's.
+    for part in [
+        "cpu during the drain (",
+        "  this process (the relays): ",
+        "  box idle: ",
+    ] {
+        assert!(stdout.contains(part), "no {part:?} line:\n{stdout}");
+    }
+}
+
+#[test]
+fn relay_alone_is_refused_in_live_mode() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
+        .args(["--config", "unread.toml", "--mode", "live", "--relay-alone"])
+        .output()
+        .expect("run ferry-bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("--relay-alone measures a drain"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -136,6 +162,7 @@ fn postgres_to_nats_drain_and_baseline_are_consistent() {
     );
     let stdout = bench(dir.path(), &config, &["--baseline"], 2);
     assert!(stdout.contains("ratio: ferry "), "{stdout}");
+    assert!(stdout.contains("  this process (the relays): "), "{stdout}");
 }
 
 #[test]
