@@ -45,7 +45,8 @@ pub(crate) struct BenchArgs {
     /// Drain mode: start the consumer only once the relays have emptied the outbox, so
     /// that the drain is the relays' alone, and print the CPU each process on the machine
     /// spent per message during it (this process's relays, the database, the broker).
-    /// Implied by --baseline.
+    /// Implied by --baseline. Not for MQTT, whose broker keeps nothing for a subscriber
+    /// that connects later.
     #[arg(long)]
     pub(crate) relay_alone: bool,
     /// Keep the bench's tables and stream or file afterwards (for inspection).

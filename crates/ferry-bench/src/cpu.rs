@@ -4,20 +4,24 @@
 //! share the machine with the bench, so "this process" is the relays' share (and an
 //! embedded store's, SQLite), and the rest are the servers'.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::time::Instant;
 
 /// A group's share of the box below which it is left out of the report.
 const REPORTED_SHARE: f64 = 0.005;
 
+/// The group of every kernel thread (`kworker/0:1-events` and the like change their name
+/// with the work they do, so they are not told apart).
+const KERNEL_THREADS: &str = "kernel threads";
+
 /// CPU times read from `/proc` at one instant, in clock ticks.
 pub(crate) struct CpuSample {
     at: Instant,
-    /// Per command name: user + system time of its processes, with the time of their
-    /// children that exited and were waited for (PostgreSQL's backends, once reaped, count
-    /// in the postmaster's).
-    by_command: BTreeMap<String, u64>,
+    /// Every other process by pid: its group and its user + system time, with the time of
+    /// its children that exited and were waited for (PostgreSQL's backends, once reaped,
+    /// count in the postmaster's).
+    processes: HashMap<u32, (String, u64)>,
     /// This process's own user + system time.
     own: u64,
     /// The box's idle and iowait time, all CPUs.
@@ -27,14 +31,14 @@ pub(crate) struct CpuSample {
 impl CpuSample {
     /// Reads the CPU times now; `None` where `/proc` is not Linux's.
     pub(crate) fn take() -> Option<Self> {
-        let own_pid = std::process::id().to_string();
-        let mut by_command = BTreeMap::new();
+        let own_pid = std::process::id();
+        let mut processes = HashMap::new();
         let mut own = None;
         for entry in fs::read_dir("/proc").ok()?.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name
+            let Some(pid) = entry
+                .file_name()
                 .to_str()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|n| n.parse::<u32>().ok())
             else {
                 continue;
             };
@@ -47,17 +51,40 @@ impl CpuSample {
             };
             if pid == own_pid {
                 own = Some(times.user + times.system);
-            } else {
-                *by_command.entry(times.command).or_insert(0) +=
-                    times.user + times.system + times.children_user + times.children_system;
+                continue;
             }
+            // Kernel threads are kthreadd (pid 2) and its children.
+            let group = if pid == 2 || times.parent == 2 {
+                KERNEL_THREADS.to_owned()
+            } else {
+                times.command
+            };
+            let used = times.user + times.system + times.children_user + times.children_system;
+            processes.insert(pid, (group, used));
         }
         Some(Self {
             at: Instant::now(),
-            by_command,
+            processes,
             own: own?,
             idle: box_idle(&fs::read_to_string("/proc/stat").ok()?)?,
         })
+    }
+
+    /// Ticks each group used between `start` and this sample. A process that exited in
+    /// between is taken off its group at what it had used by `start`: what it used in all
+    /// shows in its parent's children time once reaped (else it is lost, as it is to `top`).
+    fn used_since<'a>(&'a self, start: &'a Self) -> BTreeMap<&'a str, i64> {
+        let mut used: BTreeMap<&str, i64> = BTreeMap::new();
+        for (pid, (group, ticks)) in &self.processes {
+            let before = start.processes.get(pid).map_or(0, |(_, ticks)| *ticks);
+            *used.entry(group).or_default() += ticks_delta(*ticks, before);
+        }
+        for (pid, (group, ticks)) in &start.processes {
+            if !self.processes.contains_key(pid) {
+                *used.entry(group).or_default() -= ticks_delta(*ticks, 0);
+            }
+        }
+        used
     }
 
     /// What each part spent between `start` and this sample, per message of `messages`:
@@ -69,12 +96,9 @@ impl CpuSample {
         let box_seconds = wall.as_secs_f64() * cpus as f64;
         let seconds = |ticks: u64| ticks as f64 / ticks_per_second;
         let mut parts: Vec<(String, f64)> = self
-            .by_command
-            .iter()
-            .map(|(command, &ticks)| {
-                let before = start.by_command.get(command).copied().unwrap_or(0);
-                (command.clone(), seconds(ticks.saturating_sub(before)))
-            })
+            .used_since(start)
+            .into_iter()
+            .map(|(group, ticks)| (group.to_owned(), seconds(ticks.max(0) as u64)))
             .filter(|(_, used)| *used >= box_seconds * REPORTED_SHARE)
             .collect();
         parts.push((
@@ -108,6 +132,11 @@ impl CpuSample {
     }
 }
 
+/// `after - before` as a signed figure (a pid reused by a new process can go backwards).
+fn ticks_delta(after: u64, before: u64) -> i64 {
+    i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX)
+}
+
 /// Messages per second the machine could carry at `used` CPU-s for `messages`.
 fn ceiling(used: f64, messages: u64, cpus: usize) -> f64 {
     if used <= 0.0 {
@@ -120,6 +149,7 @@ fn ceiling(used: f64, messages: u64, cpus: usize) -> f64 {
 #[derive(Debug, PartialEq)]
 struct ProcessTimes {
     command: String,
+    parent: u32,
     user: u64,
     system: u64,
     children_user: u64,
@@ -133,11 +163,14 @@ impl ProcessTimes {
         let open = stat.find('(')?;
         let close = stat.rfind(')')?;
         let command = stat.get(open + 1..close)?.to_owned();
-        // After the command: field 3 (state) onwards; utime is field 14.
-        let mut fields = stat.get(close + 1..)?.split_whitespace().skip(11);
+        // After the command: field 3 (state), 4 (parent pid), …, 14 (utime).
+        let mut fields = stat.get(close + 1..)?.split_whitespace().skip(1);
+        let parent = fields.next()?.parse::<u32>().ok()?;
+        let mut fields = fields.skip(9);
         let mut next = || fields.next()?.parse::<u64>().ok();
         Some(Self {
             command,
+            parent,
             user: next()?,
             system: next()?,
             children_user: next()?,
@@ -167,6 +200,7 @@ mod tests {
             ProcessTimes::parse(stat),
             Some(ProcessTimes {
                 command: "tokio (x) 1".to_owned(),
+                parent: 1,
                 user: 150,
                 system: 25,
                 children_user: 7,
@@ -174,6 +208,39 @@ mod tests {
             })
         );
         assert_eq!(ProcessTimes::parse("4242 (cut"), None);
+    }
+
+    fn sample(processes: &[(u32, &str, u64)]) -> CpuSample {
+        CpuSample {
+            at: Instant::now(),
+            processes: processes
+                .iter()
+                .map(|(pid, group, ticks)| (*pid, ((*group).to_owned(), *ticks)))
+                .collect(),
+            own: 0,
+            idle: 0,
+        }
+    }
+
+    #[test]
+    fn exited_new_and_renamed_processes_count_once() {
+        // A backend (11) exits and is reaped: its 55 ticks land in the postmaster's
+        // children time, of which 50 were used before the start. A server starts (30).
+        let start = sample(&[
+            (10, "postgres", 100),
+            (11, "postgres", 50),
+            (20, KERNEL_THREADS, 5),
+        ]);
+        let end = sample(&[
+            (10, "postgres", 160),
+            (20, KERNEL_THREADS, 7),
+            (30, "nats-server", 40),
+        ]);
+        let used = end.used_since(&start);
+        assert_eq!(
+            used.into_iter().collect::<Vec<_>>(),
+            [("kernel threads", 2), ("nats-server", 40), ("postgres", 10)]
+        );
     }
 
     #[test]

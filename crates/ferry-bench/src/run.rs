@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail};
 use tokio_util::sync::CancellationToken;
 
 use ferry::{Relay, RelayStats};
-use ferry_cli::config::{Config, StoreConfig};
+use ferry_cli::config::{Config, SinkConfig, StoreConfig};
 use ferry_cli::wiring;
 
 use crate::ack_clock::AckClock;
@@ -50,6 +50,13 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.baseline {
         baseline::check_supported(&args, &config)?;
+    }
+    if args.relay_alone && matches!(config.sink, SinkConfig::Mqtt(_)) {
+        bail!(
+            "--relay-alone cannot check an MQTT drain: the broker keeps nothing for a \
+             subscriber that connects after the messages were published, so the bench's \
+             consumer must run during the drain (drop --relay-alone)"
+        );
     }
     let tag = format!("{:08x}", rand::random::<u32>());
     isolate::isolate(&mut config, &tag)?;

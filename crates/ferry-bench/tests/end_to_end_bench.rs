@@ -109,6 +109,31 @@ fn sqlite_to_file_drain_is_consistent() {
 }
 
 #[test]
+fn relay_alone_is_refused_for_mqtt() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bench.toml");
+    std::fs::write(
+        &path,
+        "[store]\ntype = \"sqlite\"\npath = \"unused.db\"\n\
+         [sink]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1:1883\"\n",
+    )
+    .expect("write the config");
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--relay-alone")
+        .current_dir(dir.path())
+        .output()
+        .expect("run ferry-bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("--relay-alone cannot check an MQTT drain"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn relay_alone_is_refused_in_live_mode() {
     let output = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
         .args(["--config", "unread.toml", "--mode", "live", "--relay-alone"])
