@@ -25,6 +25,9 @@
 # (crates/ferry-core/src/relay/capture.rs). The rate is then counted from the last commit
 # when everything was one transaction, else from the first write. The relay's log goes to
 # /tmp/relay-alone.log. The slot and publication of the run's prefix are dropped at the end.
+# RELAY_ALONE_NAIVE=1 runs crates/ferry-bench/naive_poller.py (issue 16's naive Python
+# poller, with the venv's Python: FERRY_TEST_PYTHON, default /opt/ferry-venv/bin/python)
+# on the same backlog instead of `ferry relay` ("relay" below is then the poller).
 set -euo pipefail
 cfg=$1
 n=$2
@@ -126,6 +129,10 @@ if [ "$fill" = during ]; then
     pg0=$(pg_ticks) nats0=$(ticks nats-server) redis0=$(ticks redis-server)
     relay0=$(awk '{print $14 + $15}' "/proc/$relay/stat")
   fi
+elif [ -n "${RELAY_ALONE_NAIVE:-}" ]; then
+  "${FERRY_TEST_PYTHON:-/opt/ferry-venv/bin/python}" "$(dirname "$0")/../crates/ferry-bench/naive_poller.py" \
+    --pg-url "$FERRY_STORE__URL" --table "${prefix}outbox" --stream "$stream" &
+  relay=$!
 else
   "$bin" relay --config "$cfg" &
   relay=$!
