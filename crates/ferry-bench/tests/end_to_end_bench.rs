@@ -108,25 +108,27 @@ fn sqlite_to_file_drain_is_consistent() {
     }
 }
 
+/// Runs the bench in `dir` with `args`; asserts that it failed, and returns what it said.
+fn refused(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run ferry-bench");
+    assert!(!output.status.success(), "ferry-bench {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn relay_alone_is_refused_for_mqtt() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("bench.toml");
     std::fs::write(
-        &path,
+        dir.path().join("bench.toml"),
         "[store]\ntype = \"sqlite\"\npath = \"unused.db\"\n\
          [sink]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1:1883\"\n",
     )
     .expect("write the config");
-    let output = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
-        .arg("--config")
-        .arg(&path)
-        .arg("--relay-alone")
-        .current_dir(dir.path())
-        .output()
-        .expect("run ferry-bench");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let stderr = refused(dir.path(), &["--config", "bench.toml", "--relay-alone"]);
     assert!(
         stderr.contains("--relay-alone cannot check an MQTT drain"),
         "{stderr}"
@@ -135,12 +137,9 @@ fn relay_alone_is_refused_for_mqtt() {
 
 #[test]
 fn relay_alone_is_refused_in_live_mode() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
-        .args(["--config", "unread.toml", "--mode", "live", "--relay-alone"])
-        .output()
-        .expect("run ferry-bench");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = ["--config", "unread.toml", "--mode", "live", "--relay-alone"];
+    let stderr = refused(dir.path(), &args);
     assert!(
         stderr.contains("--relay-alone measures a drain"),
         "{stderr}"
