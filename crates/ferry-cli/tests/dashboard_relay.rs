@@ -28,7 +28,7 @@ fn sections(tag: &str, receiver_port: u16, port: u16) -> Vec<String> {
         common::outbox_section(tag, 4, "retention_secs = 3600"),
         format!("[sink]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{receiver_port}/events\"\n"),
         "[relay]\npoll_interval_ms = 100\nretry_initial_ms = 50\nretry_max_ms = 1000\n".into(),
-        format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        common::health::metrics_section(port),
         format!(
             r#"[dashboard]
 enabled = true

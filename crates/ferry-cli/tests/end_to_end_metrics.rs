@@ -11,71 +11,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::health::{Endpoints, metrics_section};
 use common::{
     FAST_RELAY, PgScenario, Relay, delete_nats_stream, free_port, nats_sink_section, nats_stream,
     outbox_section, pg_store_section, read_nats_stream, unique_tag, wait_listening,
 };
 
 const PARTITIONS: u32 = 4;
-
-fn metrics_section(port: u16) -> String {
-    format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
-}
-
-/// The relay's endpoints on `port`.
-struct Endpoints {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Endpoints {
-    fn new(port: u16) -> Self {
-        Self {
-            base: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
-        }
-    }
-
-    /// The status and body of `GET path`, or `None` while nothing listens.
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.text().await.unwrap()))
-    }
-
-    async fn scrape(&self) -> String {
-        let (status, text) = self.get("/metrics").await.expect("metrics served");
-        assert_eq!(status, 200, "{text}");
-        text
-    }
-
-    /// Waits until `/readyz` answers `status`; returns its body.
-    async fn wait_ready(&self, status: u16, within: Duration, relay: &Relay) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let answer = self.get("/readyz").await;
-            if let Some((got, body)) = &answer
-                && *got == status
-            {
-                return body.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz did not answer {status} within {within:?} (last: {answer:?}):\n{}",
-                relay.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
 
 /// The value of the series written exactly `series` (name and labels) in `text`.
 fn value(text: &str, series: &str) -> f64 {

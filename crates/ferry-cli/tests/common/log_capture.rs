@@ -5,11 +5,12 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry::NewMessage;
 use uuid::Uuid;
 
+use super::health::{Endpoints, metrics_section};
 use super::scenarios::StoreSink;
 use super::sinks::Nats;
 use super::{Producer, Relay, Scenario, free_port};
@@ -92,36 +93,17 @@ fn capture_lag(scenario: &Scenario) -> (u64, f64) {
 /// the file and the port.
 fn with_health_port(scenario: &Scenario, name: &str) -> (PathBuf, u16) {
     let port = free_port();
-    let text = std::fs::read_to_string(&scenario.config).unwrap()
-        + &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let text = std::fs::read_to_string(&scenario.config).unwrap() + "\n" + &metrics_section(port);
     let path = scenario.dir.path().join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     (path, port)
 }
 
-/// Waits until `GET /readyz` on `port` answers 200, failing with its last answer.
+/// Waits until `GET /readyz` on `port` answers 200.
 async fn wait_ready(port: u16, relay: &Relay) {
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let answer = match http
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-        {
-            Ok(response) => (response.status().as_u16(), response.text().await.unwrap()),
-            Err(err) => (0, err.to_string()),
-        };
-        if answer.0 == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never answered 200: {answer:?}\n{}",
-            relay.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    Endpoints::new(port)
+        .wait_ready(200, Duration::from_secs(20), relay)
+        .await;
 }
 
 /// A second relay waits as a standby (its log says `held_text`) and streams once the first

@@ -6,6 +6,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod browser;
+pub mod health;
 pub mod log_capture;
 pub mod scenarios;
 pub mod service;
