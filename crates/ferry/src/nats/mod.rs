@@ -224,8 +224,8 @@ impl Sink for NatsSink {
         self.reconcile_tail(request).await
     }
 
-    /// The client's connection state, then one stream info request (bounded by
-    /// `ack_timeout`): the server answers and JetStream holds the stream.
+    /// The client's connection state, then one stream info request answered within
+    /// [`CHECK_WITHIN`]: the server answers and JetStream holds the stream.
     async fn check(&self) -> Result<(), SinkError> {
         let state = self.client.connection_state();
         if state != async_nats::connection::State::Connected {
@@ -234,17 +234,18 @@ impl Sink for NatsSink {
                 self.servers
             )));
         }
-        match tokio::time::timeout(CHECK_WITHIN, self.jetstream.get_stream(&self.stream)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(SinkError::retryable(format!(
+        let unanswered = || {
+            format!(
                 "nats at {} does not answer for stream {}",
                 self.servers, self.stream
-            ))
-            .with_source(err)),
+            )
+        };
+        match tokio::time::timeout(CHECK_WITHIN, self.jetstream.get_stream(&self.stream)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(SinkError::retryable(unanswered()).with_source(err)),
             Err(_) => Err(SinkError::retryable(format!(
-                "nats at {} does not answer for stream {} within {} s",
-                self.servers,
-                self.stream,
+                "{} within {} s",
+                unanswered(),
                 CHECK_WITHIN.as_secs()
             ))),
         }
