@@ -21,11 +21,13 @@ pub(crate) struct CpuSample {
     /// Every other process by pid: its group and its user + system time, with the time of
     /// its children that exited and were waited for (PostgreSQL's backends, once reaped,
     /// count in the postmaster's).
-    processes: HashMap<u32, (String, u64)>,
+    processes: HashMap<u32, (String, i64)>,
     /// This process's own user + system time.
-    own: u64,
-    /// The box's idle and iowait time, all CPUs.
-    idle: u64,
+    own: i64,
+    /// The box's CPUs, as `/proc/stat` lists them.
+    cpus: usize,
+    /// Their idle and iowait time.
+    idle: i64,
 }
 
 impl CpuSample {
@@ -62,26 +64,29 @@ impl CpuSample {
             let used = times.user + times.system + times.children_user + times.children_system;
             processes.insert(pid, (group, used));
         }
+        let (cpus, idle) = box_cpus(&fs::read_to_string("/proc/stat").ok()?)?;
         Some(Self {
             at: Instant::now(),
             processes,
             own: own?,
-            idle: box_idle(&fs::read_to_string("/proc/stat").ok()?)?,
+            cpus,
+            idle,
         })
     }
 
     /// Ticks each group used between `start` and this sample. A process that exited in
     /// between is taken off its group at what it had used by `start`: what it used in all
     /// shows in its parent's children time once reaped (else it is lost, as it is to `top`).
+    /// A pid reused by a new process can make a group's figure go down.
     fn used_since<'a>(&'a self, start: &'a Self) -> BTreeMap<&'a str, i64> {
         let mut used: BTreeMap<&str, i64> = BTreeMap::new();
         for (pid, (group, ticks)) in &self.processes {
             let before = start.processes.get(pid).map_or(0, |(_, ticks)| *ticks);
-            *used.entry(group).or_default() += ticks_delta(*ticks, before);
+            *used.entry(group).or_default() += ticks - before;
         }
         for (pid, (group, ticks)) in &start.processes {
             if !self.processes.contains_key(pid) {
-                *used.entry(group).or_default() -= ticks_delta(*ticks, 0);
+                *used.entry(group).or_default() -= ticks;
             }
         }
         used
@@ -92,18 +97,18 @@ impl CpuSample {
     pub(crate) fn report_since(&self, start: &Self, messages: u64) -> Vec<String> {
         let ticks_per_second = rustix::param::clock_ticks_per_second() as f64;
         let wall = self.at.saturating_duration_since(start.at);
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let cpus = self.cpus;
         let box_seconds = wall.as_secs_f64() * cpus as f64;
-        let seconds = |ticks: u64| ticks as f64 / ticks_per_second;
+        let seconds = |ticks: i64| ticks.max(0) as f64 / ticks_per_second;
         let mut parts: Vec<(String, f64)> = self
             .used_since(start)
             .into_iter()
-            .map(|(group, ticks)| (group.to_owned(), seconds(ticks.max(0) as u64)))
+            .map(|(group, ticks)| (group.to_owned(), seconds(ticks)))
             .filter(|(_, used)| *used >= box_seconds * REPORTED_SHARE)
             .collect();
         parts.push((
             "this process (the relays)".to_owned(),
-            seconds(self.own.saturating_sub(start.own)),
+            seconds(self.own - start.own),
         ));
         parts.sort_by(|a, b| b.1.total_cmp(&a.1));
         let per_message = |used: f64| used * 1e6 / messages.max(1) as f64;
@@ -120,7 +125,7 @@ impl CpuSample {
                 per_message(*used)
             )
         }));
-        let idle = seconds(self.idle.saturating_sub(start.idle));
+        let idle = seconds(self.idle - start.idle);
         let busy: f64 = parts.iter().map(|(_, used)| used).sum();
         lines.push(format!(
             "  box idle: {idle:.2} CPU-s; the parts above: {:.2} µs per message in all, a \
@@ -130,11 +135,6 @@ impl CpuSample {
         ));
         lines
     }
-}
-
-/// `after - before` as a signed figure (a pid reused by a new process can go backwards).
-fn ticks_delta(after: u64, before: u64) -> i64 {
-    i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX)
 }
 
 /// Messages per second the machine could carry at `used` CPU-s for `messages`.
@@ -150,10 +150,10 @@ fn ceiling(used: f64, messages: u64, cpus: usize) -> f64 {
 struct ProcessTimes {
     command: String,
     parent: u32,
-    user: u64,
-    system: u64,
-    children_user: u64,
-    children_system: u64,
+    user: i64,
+    system: i64,
+    children_user: i64,
+    children_system: i64,
 }
 
 impl ProcessTimes {
@@ -167,7 +167,7 @@ impl ProcessTimes {
         let mut fields = stat.get(close + 1..)?.split_whitespace().skip(1);
         let parent = fields.next()?.parse::<u32>().ok()?;
         let mut fields = fields.skip(9);
-        let mut next = || fields.next()?.parse::<u64>().ok();
+        let mut next = || fields.next()?.parse::<i64>().ok();
         Some(Self {
             command,
             parent,
@@ -179,13 +179,18 @@ impl ProcessTimes {
     }
 }
 
-/// Idle plus iowait ticks of all CPUs, from the `cpu` line of `/proc/stat`.
-fn box_idle(stat: &str) -> Option<u64> {
+/// The CPUs the `cpuN` lines of `/proc/stat` list, and the idle plus iowait ticks of all
+/// of them from its `cpu` line.
+fn box_cpus(stat: &str) -> Option<(usize, i64)> {
     let line = stat.lines().find(|line| line.starts_with("cpu "))?;
     let mut fields = line.split_whitespace().skip(4);
-    let idle = fields.next()?.parse::<u64>().ok()?;
-    let iowait = fields.next()?.parse::<u64>().ok()?;
-    Some(idle + iowait)
+    let idle = fields.next()?.parse::<i64>().ok()?;
+    let iowait = fields.next()?.parse::<i64>().ok()?;
+    let cpus = stat
+        .lines()
+        .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
+        .count();
+    Some((cpus.max(1), idle + iowait))
 }
 
 #[cfg(test)]
@@ -210,7 +215,7 @@ mod tests {
         assert_eq!(ProcessTimes::parse("4242 (cut"), None);
     }
 
-    fn sample(processes: &[(u32, &str, u64)]) -> CpuSample {
+    fn sample(processes: &[(u32, &str, i64)]) -> CpuSample {
         CpuSample {
             at: Instant::now(),
             processes: processes
@@ -218,6 +223,7 @@ mod tests {
                 .map(|(pid, group, ticks)| (*pid, ((*group).to_owned(), *ticks)))
                 .collect(),
             own: 0,
+            cpus: 1,
             idle: 0,
         }
     }
@@ -244,9 +250,9 @@ mod tests {
     }
 
     #[test]
-    fn box_idle_adds_iowait() {
+    fn box_cpus_counts_cpus_and_adds_iowait() {
         let stat = "cpu  100 5 50 1000 20 0 3 0 0 0\ncpu0 50 2 25 500 10 0 1 0 0 0\n";
-        assert_eq!(box_idle(stat), Some(1020));
+        assert_eq!(box_cpus(stat), Some((1, 1020)));
     }
 
     #[test]
@@ -262,7 +268,9 @@ mod tests {
             assert!(spin > 0);
             let sample = CpuSample::take().expect("this test runs on Linux");
             let ticks = rustix::param::clock_ticks_per_second();
-            if sample.own - start.own >= ticks / 5 || Instant::now() > give_up {
+            if u64::try_from(sample.own - start.own).unwrap_or(0) >= ticks / 5
+                || Instant::now() > give_up
+            {
                 break sample;
             }
         };

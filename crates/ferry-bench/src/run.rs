@@ -193,7 +193,6 @@ async fn execute(
     let relay_stop = stop.child_token();
 
     let mut drained = None;
-    let mut cpu_report = Vec::new();
     let (relay_results, report) = if live {
         let consumer = open_consumer().await?;
         run.consumer = Some(tokio::spawn(consumer.run(finish.clone(), stop.clone())));
@@ -245,14 +244,15 @@ async fn execute(
                 .map(|r| tokio::spawn(r.run(relay_stop.clone()))),
         );
         let outcome = run.wait(args.messages, until, relays).await?;
-        // Read before the consumer starts, so that the figures are the drain's alone.
-        if until == Until::Drained && outcome.marked_all.is_some() {
-            cpu_report = match (cpu_at_start, CpuSample::take()) {
-                (Some(start), Some(end)) => end.report_since(&start, args.messages),
-                _ => vec!["cpu during the drain: not measured (no Linux /proc)".to_owned()],
-            };
-        }
+        let mut cpu_report = Vec::new();
         if until == Until::Drained {
+            // Read before the consumer starts, so that the figures are the drain's alone.
+            if outcome.marked_all.is_some() {
+                cpu_report = match (cpu_at_start, CpuSample::take()) {
+                    (Some(start), Some(end)) => end.report_since(&start, args.messages),
+                    _ => vec!["cpu during the drain: not measured (no Linux /proc)".to_owned()],
+                };
+            }
             run.consumer = Some(tokio::spawn(
                 open_consumer().await?.run(finish.clone(), stop.clone()),
             ));
