@@ -503,10 +503,14 @@ impl Dispatcher<'_, '_> {
                 Ok(next) => next,
                 Err(err) => return Some(err),
             };
-            if let Some(piece) = next
-                && let Err(ended) = self.dispatch(piece).await
-            {
-                return ended;
+            if let Some(piece) = next {
+                let pieces = match self.with_replayed_behind(piece).await {
+                    Ok(pieces) => pieces,
+                    Err(err) => return Some(err),
+                };
+                if let Err(ended) = self.dispatch(pieces).await {
+                    return ended;
+                }
             }
             while let Ok(ordinal) = self.done.try_recv() {
                 self.pending.complete(ordinal);
@@ -537,16 +541,57 @@ impl Dispatcher<'_, '_> {
         Ok(())
     }
 
-    /// Hands the piece's messages (those still unpublished, if its transaction may have
-    /// been published) to their partitions' feeds, waiting while a feed is full (and
-    /// confirming meanwhile what completes). `Err(None)` if stopped, `Err(Some)` if the
-    /// stream failed.
-    async fn dispatch(&mut self, piece: CapturedPiece) -> Result<(), Option<StoreError>> {
-        let CapturedPiece {
-            end,
-            messages,
-            maybe_published,
-        } = piece;
+    /// `first` and, if its transaction ended before the drain, the pieces the stream has
+    /// ready behind it, up to a piece of a later transaction or a batch's worth: a relay
+    /// restarted under a load of small transactions re-reads thousands that ended before
+    /// its drain, and checking them one query per transaction (not per batch) is slower
+    /// than they were committed, so it would never catch up with the log.
+    async fn with_replayed_behind(
+        &mut self,
+        first: CapturedPiece,
+    ) -> Result<Vec<CapturedPiece>, StoreError> {
+        let limit = self.session.relay.piece_messages();
+        let mut messages = first.messages.len();
+        let mut pieces = vec![first];
+        while pieces.last().is_some_and(|piece| piece.maybe_published)
+            && messages < limit
+            && pieces.len() < limit
+        {
+            let Some(piece) = self.stream.next(Duration::ZERO).await? else {
+                break;
+            };
+            messages += piece.messages.len();
+            pieces.push(piece);
+        }
+        Ok(pieces)
+    }
+
+    /// Hands the pieces' messages (those still unpublished, of transactions that may have
+    /// been published) to their partitions' feeds, in order, waiting while a feed is full
+    /// (and confirming meanwhile what completes). `Err(None)` if stopped, `Err(Some)` if
+    /// the stream failed.
+    async fn dispatch(&mut self, pieces: Vec<CapturedPiece>) -> Result<(), Option<StoreError>> {
+        let mut shares: Vec<Shares> = pieces
+            .into_iter()
+            .map(|piece| Shares {
+                by_partition: self.by_partition(piece.messages),
+                end: piece.end,
+                maybe_published: piece.maybe_published,
+            })
+            .collect();
+        keep_unpublished(self.session, &mut shares).await?;
+        for Shares {
+            by_partition, end, ..
+        } in shares
+        {
+            self.send(by_partition, end).await?;
+        }
+        Ok(())
+    }
+
+    /// A piece's messages by partition, in order; those of a partition out of range stay in
+    /// the outbox.
+    fn by_partition(&self, messages: Vec<Message>) -> Vec<(u32, Vec<Message>)> {
         let mut by_partition: Vec<(u32, Vec<Message>)> = Vec::new();
         for message in messages {
             match by_partition
@@ -564,18 +609,15 @@ impl Dispatcher<'_, '_> {
             }
             known
         });
-        if maybe_published {
-            for (partition, share) in &mut by_partition {
-                let ids: Vec<Uuid> = share.iter().map(|message| message.id).collect();
-                let unpublished: HashSet<Uuid> =
-                    match self.session.unpublished(*partition, &ids).await {
-                        Ok(unpublished) => unpublished.into_iter().collect(),
-                        Err(_stopped) => return Err(None),
-                    };
-                share.retain(|message| unpublished.contains(&message.id));
-            }
-            by_partition.retain(|(_, share)| !share.is_empty());
-        }
+        by_partition
+    }
+
+    /// Sends one piece's shares to their feeds.
+    async fn send(
+        &mut self,
+        by_partition: Vec<(u32, Vec<Message>)>,
+        end: Option<LogPosition>,
+    ) -> Result<(), Option<StoreError>> {
         let ordinal = self.pending.add_piece(by_partition.len(), end);
         for (partition, messages) in by_partition {
             let feed = self.feeds[partition as usize].clone();
@@ -597,6 +639,48 @@ impl Dispatcher<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// Keeps, of the pieces whose transaction may have been published, only the messages
+/// the store still holds unpublished: one check per partition for all of them.
+/// `Err(None)` if stopped.
+async fn keep_unpublished(
+    session: &Session<'_>,
+    shares: &mut [Shares],
+) -> Result<(), Option<StoreError>> {
+    let mut ids_by_partition: Vec<(u32, Vec<Uuid>)> = Vec::new();
+    for (partition, share) in shares
+        .iter()
+        .filter(|shares| shares.maybe_published)
+        .flat_map(|shares| &shares.by_partition)
+    {
+        let ids = share.iter().map(|message| message.id);
+        match ids_by_partition.iter_mut().find(|(p, _)| p == partition) {
+            Some((_, known)) => known.extend(ids),
+            None => ids_by_partition.push((*partition, ids.collect())),
+        }
+    }
+    let mut unpublished: HashSet<Uuid> = HashSet::new();
+    for (partition, ids) in ids_by_partition {
+        match session.unpublished(partition, &ids).await {
+            Ok(still) => unpublished.extend(still),
+            Err(_stopped) => return Err(None),
+        }
+    }
+    for shares in shares.iter_mut().filter(|shares| shares.maybe_published) {
+        for (_, share) in &mut shares.by_partition {
+            share.retain(|message| unpublished.contains(&message.id));
+        }
+        shares.by_partition.retain(|(_, share)| !share.is_empty());
+    }
+    Ok(())
+}
+
+/// A piece's messages by partition, its transaction's end on its last piece.
+struct Shares {
+    by_partition: Vec<(u32, Vec<Message>)>,
+    end: Option<LogPosition>,
+    maybe_published: bool,
 }
 
 /// The transactions dispatched and not yet confirmed, in stream order.

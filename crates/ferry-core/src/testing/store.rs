@@ -50,6 +50,8 @@ struct State {
     outbox_unavailable: bool,
     leases_unavailable: bool,
     marks: Vec<MarkAttempt>,
+    /// How many `unpublished` calls were made.
+    unpublished_checks: usize,
     releases: Vec<Release>,
     /// Every reason `set_blocked` recorded, by partition.
     blocked_reasons: HashMap<u32, Vec<Option<String>>>,
@@ -131,6 +133,7 @@ impl MemoryStore {
                 outbox_unavailable: false,
                 leases_unavailable: false,
                 marks: Vec::new(),
+                unpublished_checks: 0,
                 releases: Vec::new(),
                 blocked_reasons: HashMap::new(),
                 parked: BTreeMap::new(),
@@ -229,6 +232,11 @@ impl MemoryStore {
     /// Every `mark_published` call so far, in order.
     pub fn marks(&self) -> Vec<MarkAttempt> {
         self.lock().marks.clone()
+    }
+
+    /// How many `unpublished` calls were made so far.
+    pub fn unpublished_checks(&self) -> usize {
+        self.lock().unpublished_checks
     }
 
     /// Every `release` call so far, in order.
@@ -383,7 +391,8 @@ impl OutboxStore for MemoryStore {
     }
 
     async fn unpublished(&self, partition: u32, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
-        let state = self.outbox()?;
+        let mut state = self.outbox()?;
+        state.unpublished_checks += 1;
         Ok(state
             .rows
             .values()

@@ -151,6 +151,44 @@ async fn drains_rows_the_log_does_not_hold_and_skips_re_sent_ones_already_publis
 }
 
 #[tokio::test(start_paused = true)]
+async fn transactions_re_sent_after_the_drain_are_checked_a_batch_at_a_time() {
+    let fixture = Fixture::new(4);
+    let Fixture { store, log, sink } = &fixture;
+    // A relay that crashed under a load of one-message transactions: thousands in the
+    // table and in the log after its last confirmation.
+    let resent: Vec<Message> = (0..2000)
+        .map(|i| {
+            let message = enqueue(store, &i.to_string());
+            log.commit(vec![message.clone()]);
+            message
+        })
+        .collect();
+    let mut config = config("a");
+    config.batch_size = 100;
+    let relay = fixture.streaming(config).await;
+    let after = enqueue(store, "after");
+    log.commit(vec![after.clone()]);
+    eventually("everything is published and confirmed", || {
+        store.is_published(after.id) && log.confirmed() == 2001
+    })
+    .await;
+
+    let acks = acks(sink);
+    assert!(
+        resent.iter().chain([&after]).all(|m| acks[&m.id] == 1),
+        "each message once"
+    );
+    // Batches of 100: 2000 re-sent transactions are 20 checks per partition at
+    // most, where one per transaction would be 2000.
+    let checks = store.unpublished_checks();
+    assert!(
+        checks <= 4 * 20,
+        "{checks} checks of the re-sent transactions"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_row_streamed_before_it_is_visible_is_marked_once_it_is() {
     let fixture = Fixture::new(1);
     let Fixture { store, log, sink } = &fixture;

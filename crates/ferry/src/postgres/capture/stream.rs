@@ -40,6 +40,8 @@ pub(super) struct PgLogStream {
     pub(super) open: Option<OpenTransaction>,
     /// Where the log ended when the relay said it drained the table.
     pub(super) drained_at: Option<Lsn>,
+    /// What the last visibility check learnt had ended.
+    pub(super) ended_below: EndedBelow,
     /// The transactions handed out and not yet confirmed: end and commit time (µs since
     /// 2000-01-01), for the lag in seconds.
     pub(super) unconfirmed: VecDeque<(Lsn, i64)>,
@@ -78,7 +80,7 @@ impl PgLogStream {
     async fn piece(&mut self, end: Option<Lsn>) -> Result<CapturedPiece, StoreError> {
         let open = open_transaction(&mut self.open)?;
         if open.maybe_published && !open.visible && !open.messages.is_empty() {
-            wait_until_visible(&self.pool, open.xid).await?;
+            wait_until_visible(&self.pool, open.xid, &mut self.ended_below).await?;
             open.visible = true;
         }
         let piece = CapturedPiece {
@@ -207,19 +209,55 @@ fn open_transaction(
     })
 }
 
+/// Every transaction with an id below a snapshot's xmin had ended when the snapshot was
+/// taken. Kept from the last visibility check, so that the transactions a restarted stream
+/// reads again, long committed, need no query each: one per transaction would be slower
+/// than small transactions are committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct EndedBelow {
+    xmin: u64,
+    xmax: u64,
+}
+
+impl EndedBelow {
+    /// Whether transaction `xid` (its low 32 bits, as the protocol sends it) had ended: the
+    /// 64-bit id it stands for is the one among the 2^31 before xmax with those bits (as in
+    /// `visible.sql`), and it is below xmin. The default covers nothing.
+    fn covers(self, xid: u32) -> bool {
+        // xmax's low 32 bits against xid's.
+        let distance = (self.xmax as u32).wrapping_sub(xid);
+        distance > 0
+            && distance < 1 << 31
+            && self
+                .xmax
+                .checked_sub(u64::from(distance))
+                .is_some_and(|full| full < self.xmin)
+    }
+}
+
 /// Waits until transaction `xid` is visible to new snapshots. Its commit is streamed once
 /// the commit record is flushed, which is before the committing session leaves the
 /// server's list of running transactions; the relay checks a maybe-published
 /// transaction's rows against the table at once, and must not take rows it cannot see yet
-/// for published ones.
-pub(super) async fn wait_until_visible(pool: &PgPool, xid: u32) -> Result<(), StoreError> {
+/// for published ones. No query when `ended` already covers it; each query updates it.
+pub(super) async fn wait_until_visible(
+    pool: &PgPool,
+    xid: u32,
+    ended: &mut EndedBelow,
+) -> Result<(), StoreError> {
+    if ended.covers(xid) {
+        return Ok(());
+    }
     let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
     loop {
-        let visible: bool = sqlx::query_scalar(include_str!("visible.sql"))
+        let (visible, xmin, xmax): (bool, i64, i64) = sqlx::query_as(include_str!("visible.sql"))
             .bind(i64::from(xid))
             .fetch_one(pool)
             .await
             .map_err(unavailable)?;
+        if let (Ok(xmin), Ok(xmax)) = (u64::try_from(xmin), u64::try_from(xmax)) {
+            *ended = EndedBelow { xmin, xmax };
+        }
         if visible {
             return Ok(());
         }
@@ -240,7 +278,32 @@ mod tests {
     use sqlx::PgPool;
     use tokio::time::timeout;
 
-    use super::wait_until_visible;
+    use super::{EndedBelow, wait_until_visible};
+
+    #[test]
+    fn ended_below_covers_the_ids_below_xmin_and_none_at_or_past_it() {
+        let ended = EndedBelow {
+            xmin: 100,
+            xmax: 105,
+        };
+        assert!(ended.covers(99));
+        assert!(!ended.covers(100), "xmin itself may be running");
+        assert!(!ended.covers(104));
+        assert!(!ended.covers(105), "xmax has not started");
+        assert!(!ended.covers(4000), "a later id");
+        assert!(!EndedBelow::default().covers(5), "nothing known");
+        // Past a wraparound of the 32-bit ids: xmin and xmax in the second epoch.
+        let wrapped = EndedBelow {
+            xmin: (1 << 32) + 10,
+            xmax: (1 << 32) + 20,
+        };
+        assert!(wrapped.covers(5), "id 2^32 + 5");
+        assert!(
+            wrapped.covers(u32::MAX),
+            "id 2^32 - 1, before the wraparound"
+        );
+        assert!(!wrapped.covers(15), "id 2^32 + 15: at or past xmin");
+    }
 
     #[tokio::test]
     async fn a_transaction_is_awaited_until_it_completes() {
@@ -253,7 +316,7 @@ mod tests {
         let xid = u32::try_from(xid).expect("32 bits");
         let waiting = tokio::spawn({
             let pool = pool.clone();
-            async move { wait_until_visible(&pool, xid).await }
+            async move { wait_until_visible(&pool, xid, &mut EndedBelow::default()).await }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiting.is_finished(), "still running: not visible");
@@ -266,7 +329,7 @@ mod tests {
         let committed_long_ago = xid - 1;
         timeout(
             Duration::from_secs(5),
-            wait_until_visible(&pool, committed_long_ago),
+            wait_until_visible(&pool, committed_long_ago, &mut EndedBelow::default()),
         )
         .await
         .expect("an earlier transaction is visible at once")
