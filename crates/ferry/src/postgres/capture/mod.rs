@@ -22,7 +22,7 @@ use tracing::info;
 use ferry_core::{CaptureLag, LogCapture, LogStream, StoreError};
 
 use self::pgoutput::Decoder;
-use self::stream::{EndedBelow, PgLogStream, slot_in_use};
+use self::stream::{PgLogStream, Snapshot, slot_in_use};
 use super::PgOutbox;
 
 /// The prefix of the relay's heartbeat messages (`pg_logical_emit_message`).
@@ -205,7 +205,7 @@ impl LogCapture for PgCapture {
             last_heartbeat: Instant::now(),
             open: None,
             drained_at: None,
-            ended_below: EndedBelow::default(),
+            snapshot: Snapshot::default(),
             unconfirmed: VecDeque::new(),
         }))
     }

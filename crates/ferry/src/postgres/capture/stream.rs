@@ -40,8 +40,8 @@ pub(super) struct PgLogStream {
     pub(super) open: Option<OpenTransaction>,
     /// Where the log ended when the relay said it drained the table.
     pub(super) drained_at: Option<Lsn>,
-    /// What the last visibility check learnt had ended.
-    pub(super) ended_below: EndedBelow,
+    /// The last snapshot a visibility check read.
+    pub(super) snapshot: Snapshot,
     /// The transactions handed out and not yet confirmed: end and commit time (µs since
     /// 2000-01-01), for the lag in seconds.
     pub(super) unconfirmed: VecDeque<(Lsn, i64)>,
@@ -80,7 +80,7 @@ impl PgLogStream {
     async fn piece(&mut self, end: Option<Lsn>) -> Result<CapturedPiece, StoreError> {
         let open = open_transaction(&mut self.open)?;
         if open.maybe_published && !open.visible && !open.messages.is_empty() {
-            wait_until_visible(&self.pool, open.xid, &mut self.ended_below).await?;
+            wait_until_visible(&self.pool, open.xid, &mut self.snapshot).await?;
             open.visible = true;
         }
         let piece = CapturedPiece {
@@ -209,21 +209,23 @@ fn open_transaction(
     })
 }
 
-/// Every transaction with an id below a snapshot's xmin had ended when the snapshot was
-/// taken. Kept from the last visibility check, so that the transactions a restarted stream
-/// reads again, long committed, need no query each: one per transaction would be slower
-/// than small transactions are committed.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub(super) struct EndedBelow {
-    xmin: u64,
+/// A snapshot of the server's transactions (`pg_current_snapshot`): every id below its
+/// xmax that is not among the running ones had completed when it was taken. The stream
+/// keeps the last one it read, so that the transactions a restarted stream reads again,
+/// long committed, need no query each (one per transaction is slower than small
+/// transactions are committed), even while a long transaction holds the server's xmin back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Snapshot {
     xmax: u64,
+    running: Vec<u64>,
 }
 
-impl EndedBelow {
-    /// Whether transaction `xid` (its low 32 bits, as the protocol sends it) had ended: the
-    /// 64-bit id it stands for is the one among the 2^31 before xmax with those bits (as in
-    /// `visible.sql`), and it is below xmin. The default covers nothing.
-    fn covers(self, xid: u32) -> bool {
+impl Snapshot {
+    /// Whether transaction `xid` (its low 32 bits, as the protocol sends it) had completed:
+    /// the 64-bit id it stands for is the one among the 2^31 before xmax with those bits,
+    /// and it was not running. Ids at or past xmax had not started; the default snapshot
+    /// shows nothing completed.
+    fn shows_completed(&self, xid: u32) -> bool {
         // xmax's low 32 bits against xid's.
         let distance = (self.xmax as u32).wrapping_sub(xid);
         distance > 0
@@ -231,7 +233,7 @@ impl EndedBelow {
             && self
                 .xmax
                 .checked_sub(u64::from(distance))
-                .is_some_and(|full| full < self.xmin)
+                .is_some_and(|full| !self.running.contains(&full))
     }
 }
 
@@ -239,30 +241,33 @@ impl EndedBelow {
 /// the commit record is flushed, which is before the committing session leaves the
 /// server's list of running transactions; the relay checks a maybe-published
 /// transaction's rows against the table at once, and must not take rows it cannot see yet
-/// for published ones. No query when `ended` already covers it; each query updates it.
+/// for published ones. No query when `snapshot` shows it completed already; a query
+/// replaces it with the current one.
 pub(super) async fn wait_until_visible(
     pool: &PgPool,
     xid: u32,
-    ended: &mut EndedBelow,
+    snapshot: &mut Snapshot,
 ) -> Result<(), StoreError> {
-    if ended.covers(xid) {
-        return Ok(());
-    }
     let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
-    loop {
-        let (visible, xmin, xmax): (bool, i64, i64) = sqlx::query_as(include_str!("visible.sql"))
-            .bind(i64::from(xid))
+    while !snapshot.shows_completed(xid) {
+        if *snapshot != Snapshot::default() {
+            sleep(backoff.next_delay()).await;
+        }
+        let (xmax, running): (i64, Vec<i64>) = sqlx::query_as(include_str!("visible.sql"))
             .fetch_one(pool)
             .await
             .map_err(unavailable)?;
-        if let (Ok(xmin), Ok(xmax)) = (u64::try_from(xmin), u64::try_from(xmax)) {
-            *ended = EndedBelow { xmin, xmax };
-        }
-        if visible {
-            return Ok(());
-        }
-        sleep(backoff.next_delay()).await;
+        let as_id = |id: i64| {
+            u64::try_from(id).map_err(|_| {
+                StoreError::Other(format!("pg_current_snapshot gave a negative id {id}").into())
+            })
+        };
+        *snapshot = Snapshot {
+            xmax: as_id(xmax)?,
+            running: running.into_iter().map(as_id).collect::<Result<_, _>>()?,
+        };
     }
+    Ok(())
 }
 
 /// Whether a replication error says the slot is streamed by another session.
@@ -278,31 +283,36 @@ mod tests {
     use sqlx::PgPool;
     use tokio::time::timeout;
 
-    use super::{EndedBelow, wait_until_visible};
+    use super::{Snapshot, wait_until_visible};
 
     #[test]
-    fn ended_below_covers_the_ids_below_xmin_and_none_at_or_past_it() {
-        let ended = EndedBelow {
-            xmin: 100,
+    fn a_snapshot_shows_completed_the_ids_before_its_xmax_that_were_not_running() {
+        let snapshot = Snapshot {
             xmax: 105,
+            running: vec![100, 103],
         };
-        assert!(ended.covers(99));
-        assert!(!ended.covers(100), "xmin itself may be running");
-        assert!(!ended.covers(104));
-        assert!(!ended.covers(105), "xmax has not started");
-        assert!(!ended.covers(4000), "a later id");
-        assert!(!EndedBelow::default().covers(5), "nothing known");
-        // Past a wraparound of the 32-bit ids: xmin and xmax in the second epoch.
-        let wrapped = EndedBelow {
-            xmin: (1 << 32) + 10,
-            xmax: (1 << 32) + 20,
-        };
-        assert!(wrapped.covers(5), "id 2^32 + 5");
+        assert!(snapshot.shows_completed(99));
+        assert!(!snapshot.shows_completed(100), "running");
+        assert!(snapshot.shows_completed(101), "above a running one");
+        assert!(!snapshot.shows_completed(103), "running");
+        assert!(snapshot.shows_completed(104));
+        assert!(!snapshot.shows_completed(105), "xmax had not started");
+        assert!(!snapshot.shows_completed(4000), "a later id");
         assert!(
-            wrapped.covers(u32::MAX),
+            !Snapshot::default().shows_completed(5),
+            "no snapshot read yet"
+        );
+        // Past a wraparound of the 32-bit ids: xmax in the second epoch.
+        let wrapped = Snapshot {
+            xmax: (1 << 32) + 20,
+            running: vec![(1 << 32) + 15],
+        };
+        assert!(wrapped.shows_completed(5), "id 2^32 + 5");
+        assert!(
+            wrapped.shows_completed(u32::MAX),
             "id 2^32 - 1, before the wraparound"
         );
-        assert!(!wrapped.covers(15), "id 2^32 + 15: at or past xmin");
+        assert!(!wrapped.shows_completed(15), "id 2^32 + 15 was running");
     }
 
     #[tokio::test]
@@ -314,9 +324,26 @@ mod tests {
             .await
             .expect("its id");
         let xid = u32::try_from(xid).expect("32 bits");
+        // A later transaction completes, so that snapshots list the running one among
+        // their running ids (below their xmax) rather than leave it past their xmax.
+        sqlx::query("SELECT txid_current()")
+            .execute(&pool)
+            .await
+            .expect("a later transaction");
+        // An earlier transaction: visible at once, and the snapshot read for it, kept as
+        // the stream keeps it, has the running one among its running ids.
+        let mut kept = Snapshot::default();
+        let committed_long_ago = xid - 1;
+        timeout(
+            Duration::from_secs(5),
+            wait_until_visible(&pool, committed_long_ago, &mut kept),
+        )
+        .await
+        .expect("an earlier transaction is visible at once")
+        .expect("no error");
         let waiting = tokio::spawn({
             let pool = pool.clone();
-            async move { wait_until_visible(&pool, xid, &mut EndedBelow::default()).await }
+            async move { wait_until_visible(&pool, xid, &mut kept).await }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiting.is_finished(), "still running: not visible");
@@ -326,13 +353,5 @@ mod tests {
             .expect("visible once committed")
             .expect("no panic")
             .expect("no error");
-        let committed_long_ago = xid - 1;
-        timeout(
-            Duration::from_secs(5),
-            wait_until_visible(&pool, committed_long_ago, &mut EndedBelow::default()),
-        )
-        .await
-        .expect("an earlier transaction is visible at once")
-        .expect("no error");
     }
 }
