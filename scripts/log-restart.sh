@@ -22,6 +22,7 @@
 # stream of the run's fresh prefix are dropped at the end. The relay's log goes to
 # /tmp/log-restart-relay.log.
 set -euo pipefail
+. "$(dirname "$0")/lib/drop-prefix.sh"
 mode=${1:?usage: log-restart.sh replay|restart}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${FERRY_BIN:-$root/target/release/ferry}
@@ -66,13 +67,7 @@ cleanup() {
     kill "$relay_pid" 2>/dev/null || true
     wait "$relay_pid" 2>/dev/null || true
   fi
-  sql "DO \$\$DECLARE t record; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE tablename LIKE '${prefix}%' LOOP EXECUTE 'DROP TABLE ' || t.tablename || ' CASCADE'; END LOOP; END\$\$" >/dev/null
-  sql "SET client_min_messages = warning; DROP PUBLICATION IF EXISTS ${prefix}outbox" >/dev/null
-  for _ in $(seq 50); do
-    [ "$(sql "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '${prefix}outbox'")" = 0 ] && break
-    sql "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '${prefix}outbox' AND NOT active" >/dev/null
-    sleep 0.2
-  done
+  drop_prefix 5434 "$db" "$prefix"
   "${FERRY_TEST_PYTHON:-/opt/ferry-venv/bin/python}" - "$stream" <<'PY' || true
 import asyncio, sys
 import nats

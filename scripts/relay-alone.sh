@@ -29,6 +29,7 @@
 # poller, with the venv's Python: FERRY_TEST_PYTHON, default /opt/ferry-venv/bin/python)
 # on the same backlog instead of `ferry relay` ("relay" below is then the poller).
 set -euo pipefail
+. "$(dirname "$0")/lib/drop-prefix.sh"
 cfg=$1
 n=$2
 bin=${FERRY_BIN:-$(dirname "$0")/../target/release/ferry}
@@ -172,15 +173,7 @@ if [ -n "${PROGRESS_EVERY:-}" ]; then
   echo "after the drain:"
   table_report
 fi
-sql -c "DO \$\$DECLARE t record; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE tablename LIKE '${prefix}%' LOOP EXECUTE 'DROP TABLE ' || t.tablename || ' CASCADE'; END LOOP; END\$\$" >/dev/null
-# Log capture's publication and slot (a slot left behind pins the server's WAL); the
-# slot stays active until the relay's walsender has exited.
-sql -c "SET client_min_messages = warning; DROP PUBLICATION IF EXISTS ${prefix}outbox"
-for _ in $(seq 50); do
-  [ "$(sql -tA -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '${prefix}outbox'")" = 0 ] && break
-  sql -tA -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '${prefix}outbox' AND NOT active" >/dev/null
-  sleep 0.2
-done
+drop_prefix "$port" "$db" "$prefix"
 python3 - "$cfg" "$n" "$start" "$end" "$hwm" "$relay_ticks" "$pg" "$nats" "$redis" "$idle" <<'PY'
 import sys
 cfg, n, start, end, hwm, relay, pg, nats, redis, idle = sys.argv[1:]
