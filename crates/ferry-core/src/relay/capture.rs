@@ -592,16 +592,11 @@ impl Dispatcher<'_, '_> {
     /// A piece's messages by partition, in order; those of a partition out of range stay in
     /// the outbox.
     fn by_partition(&self, messages: Vec<Message>) -> Vec<(u32, Vec<Message>)> {
-        let mut by_partition: Vec<(u32, Vec<Message>)> = Vec::new();
-        for message in messages {
-            match by_partition
-                .iter_mut()
-                .find(|(p, _)| *p == message.partition)
-            {
-                Some((_, share)) => share.push(message),
-                None => by_partition.push((message.partition, vec![message])),
-            }
-        }
+        let mut by_partition = group_by_partition(
+            messages
+                .into_iter()
+                .map(|message| (message.partition, message)),
+        );
         by_partition.retain(|(partition, _)| {
             let known = (*partition as usize) < self.feeds.len();
             if !known {
@@ -648,18 +643,13 @@ async fn keep_unpublished(
     session: &Session<'_>,
     shares: &mut [Shares],
 ) -> Result<(), Option<StoreError>> {
-    let mut ids_by_partition: Vec<(u32, Vec<Uuid>)> = Vec::new();
-    for (partition, share) in shares
-        .iter()
-        .filter(|shares| shares.maybe_published)
-        .flat_map(|shares| &shares.by_partition)
-    {
-        let ids = share.iter().map(|message| message.id);
-        match ids_by_partition.iter_mut().find(|(p, _)| p == partition) {
-            Some((_, known)) => known.extend(ids),
-            None => ids_by_partition.push((*partition, ids.collect())),
-        }
-    }
+    let ids_by_partition = group_by_partition(
+        shares
+            .iter()
+            .filter(|shares| shares.maybe_published)
+            .flat_map(|shares| &shares.by_partition)
+            .flat_map(|(partition, share)| share.iter().map(|message| (*partition, message.id))),
+    );
     let mut unpublished: HashSet<Uuid> = HashSet::new();
     for (partition, ids) in ids_by_partition {
         match session.unpublished(partition, &ids).await {
@@ -674,6 +664,19 @@ async fn keep_unpublished(
         shares.by_partition.retain(|(_, share)| !share.is_empty());
     }
     Ok(())
+}
+
+/// `items` grouped by their partition, each group and the groups in first-seen order (a
+/// relay's partitions are few, so a list beats a map here).
+fn group_by_partition<T>(items: impl IntoIterator<Item = (u32, T)>) -> Vec<(u32, Vec<T>)> {
+    let mut groups: Vec<(u32, Vec<T>)> = Vec::new();
+    for (partition, item) in items {
+        match groups.iter_mut().find(|(p, _)| *p == partition) {
+            Some((_, group)) => group.push(item),
+            None => groups.push((partition, vec![item])),
+        }
+    }
+    groups
 }
 
 /// A piece's messages by partition, its transaction's end on its last piece.

@@ -214,7 +214,7 @@ fn open_transaction(
 /// keeps the last one it read, so that the transactions a restarted stream reads again,
 /// long committed, need no query each (one per transaction is slower than small
 /// transactions are committed), even while a long transaction holds the server's xmin back.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub(super) struct Snapshot {
     xmax: u64,
     running: Vec<u64>,
@@ -249,25 +249,33 @@ pub(super) async fn wait_until_visible(
     snapshot: &mut Snapshot,
 ) -> Result<(), StoreError> {
     let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
-    while !snapshot.shows_completed(xid) {
-        if *snapshot != Snapshot::default() {
-            sleep(backoff.next_delay()).await;
-        }
-        let (xmax, running): (i64, Vec<i64>) = sqlx::query_as(include_str!("visible.sql"))
-            .fetch_one(pool)
-            .await
-            .map_err(unavailable)?;
-        let as_id = |id: i64| {
-            u64::try_from(id).map_err(|_| {
-                StoreError::Other(format!("pg_current_snapshot gave a negative id {id}").into())
-            })
-        };
-        *snapshot = Snapshot {
-            xmax: as_id(xmax)?,
-            running: running.into_iter().map(as_id).collect::<Result<_, _>>()?,
-        };
+    if snapshot.shows_completed(xid) {
+        return Ok(());
     }
-    Ok(())
+    loop {
+        *snapshot = current_snapshot(pool).await?;
+        if snapshot.shows_completed(xid) {
+            return Ok(());
+        }
+        sleep(backoff.next_delay()).await;
+    }
+}
+
+/// The server's snapshot now (`visible.sql`).
+async fn current_snapshot(pool: &PgPool) -> Result<Snapshot, StoreError> {
+    let (xmax, running): (i64, Vec<i64>) = sqlx::query_as(include_str!("visible.sql"))
+        .fetch_one(pool)
+        .await
+        .map_err(unavailable)?;
+    let as_id = |id: i64| {
+        u64::try_from(id).map_err(|_| {
+            StoreError::Other(format!("pg_current_snapshot gave a negative id {id}").into())
+        })
+    };
+    Ok(Snapshot {
+        xmax: as_id(xmax)?,
+        running: running.into_iter().map(as_id).collect::<Result<_, _>>()?,
+    })
 }
 
 /// Whether a replication error says the slot is streamed by another session.
