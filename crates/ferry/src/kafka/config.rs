@@ -56,6 +56,16 @@ const CONTROLLED: [(&str, &str); 13] = [
     ),
 ];
 
+/// librdkafka properties ferry changes from librdkafka's defaults, each with why; the
+/// `librdkafka` table overrides them.
+const DEFAULTS: [(&str, &str); 1] = [
+    // KIP-714 client telemetry: on, every broker connection of every client keeps six
+    // latency histograms (~17 KiB each) whether or not the cluster ever asks for them;
+    // the relay reports its own metrics. Off takes ~3 MiB off a relay owning 16
+    // partitions (BENCHMARKS.md section 18).
+    ("enable.metrics.push", "false"),
+];
+
 /// Settings of the Kafka sink. Every key is optional; the defaults are:
 ///
 /// - `brokers = "127.0.0.1:9092"`: bootstrap brokers, `host:port` separated by commas.
@@ -90,8 +100,9 @@ const CONTROLLED: [(&str, &str); 13] = [
 ///   `sasl_password`: with SASL, required (the password may come from
 ///   `FERRY_SINK__SASL_PASSWORD`); never printed.
 /// - `[sink.librdkafka]`: extra librdkafka properties for every client ferry makes
-///   (producers, topic admin, reconciliation reader), e.g. `"compression.type" = "lz4"`.
-///   Properties that exactly-once delivery depends on are refused with the key to use.
+///   (producers, topic admin, reconciliation reader), e.g. `"compression.type" = "snappy"`.
+///   Properties that exactly-once delivery depends on are refused with the key to use;
+///   ferry's own defaults (`enable.metrics.push = "false"`) can be overridden here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSinkConfig {
@@ -174,7 +185,8 @@ pub(crate) struct Checked {
     pub(crate) timeout: Duration,
     pub(crate) reconcile_margin: Duration,
     pub(crate) delivery_window: usize,
-    /// Properties every client gets: brokers and the user's librdkafka settings.
+    /// Properties every client gets: brokers, ferry's defaults and the user's librdkafka
+    /// settings.
     pub(crate) base: ClientConfig,
 }
 
@@ -260,6 +272,9 @@ impl KafkaSinkConfig {
             ));
         }
         let mut base = ClientConfig::new();
+        for (key, value) in DEFAULTS {
+            base.set(key, value);
+        }
         for (key, value) in &self.librdkafka {
             if let Some((_, instead)) = CONTROLLED
                 .iter()
@@ -450,6 +465,19 @@ mod tests {
             assert_eq!(err.key, "librdkafka");
             assert!(err.reason.contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn ferry_defaults_apply_unless_the_table_overrides_them() {
+        let defaults = KafkaSinkConfig::default().client_config().expect("valid");
+        assert_eq!(defaults.get("enable.metrics.push"), Some("false"));
+        let overridden = KafkaSinkConfig {
+            librdkafka: [("enable.metrics.push".to_owned(), "true".to_owned())].into(),
+            ..KafkaSinkConfig::default()
+        }
+        .client_config()
+        .expect("valid");
+        assert_eq!(overridden.get("enable.metrics.push"), Some("true"));
     }
 
     #[test]
