@@ -59,10 +59,10 @@ const CONTROLLED: [(&str, &str); 13] = [
 /// librdkafka properties ferry changes from librdkafka's defaults, each with why; the
 /// `librdkafka` table overrides them.
 const DEFAULTS: [(&str, &str); 1] = [
-    // KIP-714 client telemetry: on, every broker connection of every client keeps six
-    // latency histograms (~17 KiB each) whether or not the cluster ever asks for them;
-    // the relay reports its own metrics. Off takes ~3 MiB off a relay owning 16
-    // partitions (BENCHMARKS.md section 18).
+    // KIP-714 client telemetry: on, every broker of every client (the broker connections
+    // and librdkafka's internal one) keeps six latency histograms (~17 KiB each) whether
+    // or not the cluster ever asks for them; the relay reports its own metrics. Off
+    // takes ~3 MiB off a relay owning 16 partitions (BENCHMARKS.md section 18).
     ("enable.metrics.push", "false"),
 ];
 
