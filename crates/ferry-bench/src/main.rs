@@ -56,8 +56,11 @@ struct Cli {
     args: args::BenchArgs,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    ferry_cli::runtime::run(async_main())
+}
+
+async fn async_main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The bench prints its own story; info logs would drown it.
     ferry_cli::telemetry::init_logging(cli.log_json, "warn");

@@ -19,7 +19,8 @@ use ferry_cli::wiring;
 /// per message (headers, rows, acks) across worker threads, and glibc's consolidation of
 /// freed chunks took about a third of the relay's CPU (BENCHMARKS.md section 6). It is
 /// built with one arena (`.cargo/config.toml`), which keeps the peak 4-9 MiB lower
-/// (section 17).
+/// (section 17), serves librdkafka's malloc too, and keeps thread caches on the runtime's
+/// threads only (`ferry_cli::runtime`, section 19).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -88,8 +89,11 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    ferry_cli::runtime::run(async_main())
+}
+
+async fn async_main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; info logs would drown it.
     let default_level = if matches!(cli.command, Command::Demo(_)) {
@@ -264,7 +268,37 @@ mod tests {
         assert_eq!(
             arenas, 1,
             "jemalloc was built without JEMALLOC_SYS_WITH_MALLOC_CONF=narenas:1 \
-             (.cargo/config.toml), or _RJEM_MALLOC_CONF overrides it"
+             (.cargo/config.toml), or MALLOC_CONF overrides it"
         );
+    }
+
+    fn thread_cache_enabled() -> bool {
+        use tikv_jemalloc_ctl::{Access, AsName};
+        ferry_cli::runtime::THREAD_CACHE
+            .name()
+            .read()
+            .expect("jemalloc answers")
+    }
+
+    /// Threads the runtime did not start (librdkafka's) keep no cache: a 16-partition Kafka
+    /// relay's peak is ~6 MiB higher when they do. The runtime's own threads, where the
+    /// relay allocates, keep theirs.
+    #[test]
+    fn only_the_runtimes_threads_keep_a_thread_cache() {
+        assert!(
+            !std::thread::spawn(thread_cache_enabled).join().unwrap(),
+            "a thread the runtime did not start keeps a jemalloc thread cache: \
+             JEMALLOC_SYS_WITH_MALLOC_CONF lost tcache:false (.cargo/config.toml), or \
+             MALLOC_CONF overrides it"
+        );
+        let runtime = ferry_cli::runtime::build().expect("the runtime starts");
+        assert!(thread_cache_enabled(), "the thread that built the runtime");
+        let (worker, blocking) = runtime.block_on(async {
+            let worker = tokio::spawn(async { thread_cache_enabled() });
+            let blocking = tokio::task::spawn_blocking(thread_cache_enabled);
+            (worker.await.unwrap(), blocking.await.unwrap())
+        });
+        assert!(worker, "a worker thread");
+        assert!(blocking, "a blocking-pool thread");
     }
 }
