@@ -70,6 +70,7 @@ macro_rules! every_server_passes {
         scenario_tests!($dialect:
             servers::unreachable_server_is_a_retryable_error_naming_the_address,
             servers::g2_a_late_commit_with_a_lower_sequence_is_still_published,
+            servers::connections_send_without_waiting_for_acks,
         );
     };
 }
