@@ -6,7 +6,9 @@
 //! owned partition, which allocate little but would each keep a cache of freed blocks of
 //! their own; the runtime's threads, where the relay's allocations happen, turn theirs
 //! back on: a 16-partition Kafka relay peaks 5-7 MiB lower at the same CPU (BENCHMARKS.md
-//! section 19).
+//! section 19). Small caches for every thread instead would cost the NATS relay's runtime
+//! threads ~12% of their CPU (section 20); the SQLite store's worker threads, which sqlx
+//! starts, pay ~6% for having none.
 
 use std::future::Future;
 use std::io;
