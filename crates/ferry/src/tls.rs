@@ -38,9 +38,11 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
     Ok(pem)
 }
 
-/// A Redis client for `url`; with `ca_file`, `url` must be `rediss://` and the server's
-/// certificate is checked against that CA instead of the webpki roots. The error never
-/// holds the URL, which may hold a password.
+/// A Redis client for `url` whose connections send without Nagle's delay (redis-rs leaves
+/// TCP_NODELAY off: a command written while an earlier one is unacknowledged would wait for
+/// the server's delayed ACK, BENCHMARKS.md section 20). With `ca_file`, `url` must be
+/// `rediss://` and the server's certificate is checked against that CA instead of the
+/// webpki roots. The error never holds the URL, which may hold a password.
 #[cfg(any(
     feature = "redis-store",
     feature = "redis-lease",
@@ -52,7 +54,8 @@ pub fn redis_client(
 ) -> Result<redis::Client, String> {
     let info = url
         .into_connection_info()
-        .map_err(|err| format!("invalid Redis url: {err}"))?;
+        .map_err(|err| format!("invalid Redis url: {err}"))?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     let Some(ca_file) = ca_file else {
         return redis::Client::open(info).map_err(|err| format!("invalid Redis url: {err}"));
     };

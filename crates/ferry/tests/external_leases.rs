@@ -638,8 +638,22 @@ for_each_backend!(
 );
 
 #[cfg(feature = "redis-lease")]
+#[path = "support/nodelay.rs"]
+mod nodelay;
+
+#[cfg(feature = "redis-lease")]
 mod redis_only {
     use super::*;
+
+    /// The leases' connection sends at once: redis-rs leaves TCP_NODELAY off unless told.
+    #[tokio::test]
+    async fn the_connection_sends_without_waiting_for_acks() {
+        let _leases = ferry::redis_lease::RedisLeases::connect(&services::redis_url(), "x:", 1, 0)
+            .await
+            .unwrap();
+        let url = services::redis_url();
+        super::nodelay::assert_connections_send_at_once(&url, 1, "redis-rs (TcpSettings)");
+    }
 
     /// Without the floor, a Redis that lost its counter restarts epochs low: the outbox
     /// refuses them (safe, not live); a backend that keeps running raises its counter

@@ -25,6 +25,8 @@ use ferry::{Message, NewMessage, OutboxStore, ReceivedMessage, Relay, RelayConfi
 use ferry_core::testing::services;
 
 mod common;
+#[path = "support/nodelay.rs"]
+mod nodelay;
 
 use common::order_message as message;
 
@@ -51,6 +53,15 @@ fn sink_config(host: &str, port: u16, prefix: &str) -> MqttSinkConfig {
         connect_timeout_secs: 3,
         ..MqttSinkConfig::default()
     }
+}
+
+/// The sink's connection sends at once: rumqttc leaves TCP_NODELAY off unless told.
+#[tokio::test]
+async fn the_connection_sends_without_waiting_for_acks() -> Result {
+    let (host, port) = shared_broker();
+    let _sink = MqttSink::connect(&sink_config(&host, port, &tag())).await?;
+    nodelay::assert_connections_send_at_once(&services::mqtt_url(), 1, "rumqttc (NetworkOptions)");
+    Ok(())
 }
 
 /// A subscriber to `filter` with a persistent session (clean start off, one hour expiry),

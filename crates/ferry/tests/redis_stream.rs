@@ -9,6 +9,9 @@ mod rebuilt;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
+#[path = "support/nodelay.rs"]
+mod nodelay;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -95,6 +98,16 @@ async fn delete_streams(url: &str, prefix: &str) -> Result {
     if !keys.is_empty() {
         let _: () = connection.del(keys).await?;
     }
+    Ok(())
+}
+
+/// The sink's connection sends at once: redis-rs leaves TCP_NODELAY off unless told.
+#[tokio::test]
+async fn the_connection_sends_without_waiting_for_acks() -> Result {
+    let (config, _) = unique_config();
+    let sink = RedisStreamSink::connect(&config).await?;
+    sink.check().await?;
+    nodelay::assert_connections_send_at_once(&services::redis_url(), 1, "redis-rs (TcpSettings)");
     Ok(())
 }
 

@@ -98,9 +98,8 @@ impl RedisLeases {
         partitions: u32,
         epoch_floor: i64,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|err| {
-            StoreError::Other(format!("invalid Redis url for leases: {err}").into())
-        })?;
+        let client = crate::tls::redis_client(url, None)
+            .map_err(|err| StoreError::Other(format!("leases: {err}").into()))?;
         Self::connect_client(client, key_prefix, partitions, epoch_floor).await
     }
 

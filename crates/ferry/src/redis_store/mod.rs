@@ -89,8 +89,8 @@ impl std::fmt::Debug for RedisOutbox {
 impl RedisOutbox {
     /// Connects to `url`; see [`connect`].
     pub async fn connect(url: &str, settings: RedisSettings) -> Result<Self, StoreError> {
-        let client = Client::open(url)
-            .map_err(|e| StoreError::Other(format!("invalid Redis url: {e}").into()))?;
+        let client =
+            crate::tls::redis_client(url, None).map_err(|e| StoreError::Other(e.into()))?;
         Self::connect_client(client, settings).await
     }
 

@@ -5,6 +5,8 @@
 #![cfg(all(feature = "redis-store", feature = "file"))]
 #![allow(clippy::unwrap_used)]
 
+#[path = "../support/nodelay.rs"]
+mod nodelay;
 mod operations;
 #[path = "../shared/operations.rs"]
 mod shared_operations;
@@ -61,6 +63,14 @@ async fn outbox() -> RedisOutbox {
 
 async fn cleanup(outbox: &RedisOutbox) {
     outbox.remove().await.unwrap();
+}
+
+/// The store's connection sends at once: redis-rs leaves TCP_NODELAY off unless told.
+#[tokio::test]
+async fn the_connection_sends_without_waiting_for_acks() {
+    let outbox = outbox().await;
+    nodelay::assert_connections_send_at_once(&services::redis_url(), 1, "redis-rs (TcpSettings)");
+    cleanup(&outbox).await;
 }
 
 fn order_event(id: &str, event: &str) -> NewMessage {

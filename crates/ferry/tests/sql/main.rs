@@ -76,6 +76,8 @@ macro_rules! every_server_passes {
 }
 
 mod harness;
+#[path = "../support/nodelay.rs"]
+mod nodelay;
 mod scenarios;
 #[path = "../shared/operations.rs"]
 mod shared_operations;

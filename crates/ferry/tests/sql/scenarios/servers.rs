@@ -30,68 +30,16 @@ pub(crate) async fn unreachable_server_is_a_retryable_error_naming_the_address<D
     assert!(text.contains(&expected), "{text}");
 }
 
-/// Every connection to the server sends at once (TCP_NODELAY). Without it, a statement
-/// written in more than one piece (over TLS, anything larger than one 16 KiB record: a
-/// 20 KB payload, a mark of a thousand ids) waits for the server's delayed ACK, ~40 ms
-/// (sqlx 0.9.0 dropped the option; BENCHMARKS.md section 20).
+/// Every connection to the server sends at once (TCP_NODELAY): sqlx 0.9.0 left Nagle's
+/// algorithm on, and over TLS a 20 KB payload or a mark of a thousand ids waited ~40 ms.
 pub(crate) async fn connections_send_without_waiting_for_acks<D: TestDialect>() {
     let outbox = TestOutbox::<D>::new(1).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(outbox.pool().acquire().await.unwrap());
     }
-    let port = server_port(&D::database_url(tempfile::tempdir().unwrap().path()));
-    let nodelay = tcp_nodelay_of_connections_to(port);
-    assert!(
-        nodelay.len() >= held.len(),
-        "found {} connections to port {port}, expected at least {}",
-        nodelay.len(),
-        held.len()
-    );
-    assert!(
-        nodelay.iter().all(|&on| on),
-        "connections to port {port} with Nagle's algorithm on: {nodelay:?} (TCP_NODELAY per \
-         connection); sqlx must set TCP_NODELAY (it does from 0.9.1)"
-    );
-}
-
-/// The port of a server URL (`scheme://user@host:port/database`).
-fn server_port(url: &str) -> u16 {
-    let (_, port_and_path) = url.rsplit_once(':').unwrap();
-    let port: String = port_and_path
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    port.parse().unwrap()
-}
-
-/// Whether TCP_NODELAY is on, for each socket of this process connected to `port`: read
-/// through a duplicate of each descriptor in `/proc/self/fd` (`pidfd_getfd`).
-fn tcp_nodelay_of_connections_to(port: u16) -> Vec<bool> {
-    use rustix::net::{getpeername, sockopt};
-    use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
-    let this_process = pidfd_open(getpid(), PidfdFlags::empty()).unwrap();
-    let mut nodelay = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
-        let entry = entry.unwrap();
-        let is_socket = std::fs::read_link(entry.path())
-            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-        let Some(number) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        // The descriptor may have closed since the directory was read.
-        let Ok(socket) = pidfd_getfd(&this_process, number, PidfdGetfdFlags::empty()) else {
-            continue;
-        };
-        let peer = match getpeername(&socket) {
-            Ok(Some(peer)) if is_socket => std::net::SocketAddr::try_from(peer).ok(),
-            _ => None,
-        };
-        if peer.is_some_and(|peer| peer.port() == port) {
-            nodelay.push(sockopt::tcp_nodelay(&socket).unwrap());
-        }
-    }
-    nodelay
+    let url = D::database_url(tempfile::tempdir().unwrap().path());
+    crate::nodelay::assert_connections_send_at_once(&url, held.len(), "sqlx (0.9.1 or later)");
 }
 
 /// G2: a transaction that took a lower sequence and commits after a higher one was
