@@ -118,7 +118,7 @@ impl MqttSink {
             .set_outgoing_inflight_upper_limit(in_flight_limit)
             .set_request_channel_capacity(config.max_in_flight);
         // Each publish goes out at once instead of waiting, behind Nagle's algorithm, for the
-        // broker's ack of the previous segment (BENCHMARKS.md section 20).
+        // broker's TCP acknowledgement of the previous segment (BENCHMARKS.md section 20).
         let mut network = options.network_options();
         network.set_tcp_nodelay(true);
         options.set_network_options(network);

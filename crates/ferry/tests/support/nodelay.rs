@@ -43,7 +43,8 @@ fn tcp_nodelay_of_connections_to(port: u16) -> Vec<bool> {
         let Ok(entry) = entry else { continue };
         let is_socket = std::fs::read_link(entry.path())
             .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-        let Some(number) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+        let number = entry.file_name().to_str().and_then(|n| n.parse().ok());
+        let Some(number) = number.filter(|_| is_socket) else {
             continue;
         };
         // The descriptor may have closed since the directory was read.
@@ -51,7 +52,7 @@ fn tcp_nodelay_of_connections_to(port: u16) -> Vec<bool> {
             continue;
         };
         let peer = match getpeername(&socket) {
-            Ok(Some(peer)) if is_socket => std::net::SocketAddr::try_from(peer).ok(),
+            Ok(Some(peer)) => std::net::SocketAddr::try_from(peer).ok(),
             _ => None,
         };
         if peer.is_some_and(|peer| peer.port() == port) {
