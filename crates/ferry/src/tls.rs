@@ -54,8 +54,9 @@ pub fn redis_client(
 ) -> Result<redis::Client, String> {
     let info = url
         .into_connection_info()
-        .map_err(|err| format!("invalid Redis url: {err}"))?
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        .map_err(|err| format!("invalid Redis url: {err}"))?;
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    let info = info.set_tcp_settings(tcp);
     let Some(ca_file) = ca_file else {
         return redis::Client::open(info).map_err(|err| format!("invalid Redis url: {err}"));
     };
