@@ -118,8 +118,10 @@ impl Target {
                 let timeouts = redis::AsyncConnectionConfig::new()
                     .set_response_timeout(Some(Duration::from_secs(redis.response_timeout_secs)))
                     .set_connection_timeout(Some(Duration::from_secs(redis.response_timeout_secs)));
-                let connection = redis::Client::open(url)
-                    .context("invalid sink.url")?
+                // The sink's own client: its CA, and TCP_NODELAY (commit -> consume).
+                let connection = ferry::tls::redis_client(url, redis.tls_ca_file.as_deref())
+                    .map_err(anyhow::Error::msg)
+                    .context("sink.url")?
                     .get_multiplexed_async_connection_with_config(&timeouts)
                     .await
                     .context("connecting to Redis (sink.url)")?;

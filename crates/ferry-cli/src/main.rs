@@ -102,7 +102,6 @@ async fn async_main() -> std::process::ExitCode {
         "info"
     };
     let telemetry = init_logging(cli.log_json, default_level);
-    ferry::tls::install_ring_provider();
     match run(cli.command, &telemetry).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

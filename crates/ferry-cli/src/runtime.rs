@@ -1,4 +1,5 @@
-//! The tokio runtime of both binaries, with jemalloc's thread caches on its threads only.
+//! The start of both binaries: their tokio runtime, with jemalloc's thread caches on its
+//! threads only, and their rustls crypto provider.
 //!
 //! jemalloc is the allocator of the whole process, C libraries included (the
 //! `unprefixed_malloc_on_supported_platforms` feature), with one arena and thread caches
@@ -14,8 +15,11 @@ use std::future::Future;
 use std::io;
 use std::process::ExitCode;
 
-/// Runs a binary's main future on [`build`]'s runtime.
+/// Runs a binary's main future on [`build`]'s runtime, with ring as the process's rustls
+/// provider (`ferry::tls::install_ring_provider`: without it the first TLS connection
+/// panics).
 pub fn run(main: impl Future<Output = ExitCode>) -> ExitCode {
+    ferry::tls::install_ring_provider();
     match build() {
         Ok(runtime) => runtime.block_on(main),
         Err(err) => {

@@ -15,7 +15,7 @@ use ferry_core::ErrorChain;
 /// pgwire-replication links aws-lc-rs beside the ring every other client uses, and rustls
 /// then cannot pick a provider by itself (it panics at the first TLS connection): a
 /// process built with that feature calls this once before it opens any TLS connection
-/// (the `ferry` binary does at start). Idempotent.
+/// (both binaries do at start, in `ferry_cli::runtime::run`). Idempotent.
 #[cfg(feature = "postgres-capture")]
 pub fn install_ring_provider() {
     // Err only when a provider is installed already, which is what is wanted.
