@@ -168,7 +168,11 @@ while echo "$pending" >&"$probe_in" && read -r head <&"$probe_out" && [ "$head" 
 done
 end=$(date +%s.%N)
 exec {probe_in}>&-
-[ "$head" = 0 ] || { echo "the probe's psql session ended before the outbox was empty" >&2; exit 1; }
+[ "$head" = 0 ] || {
+  kill "$relay"
+  echo "the probe's psql session ended before the outbox was empty" >&2
+  exit 1
+}
 stat1=$(head -1 /proc/stat)
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$relay/status")
 relay_ticks=$(($(awk '{print $14 + $15}' "/proc/$relay/stat") - relay0))
