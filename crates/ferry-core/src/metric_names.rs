@@ -19,6 +19,9 @@ pub const RELAY_PARKED: &str = "ferry_relay_parked_total";
 pub const RELAY_LEASES_ACQUIRED: &str = "ferry_relay_leases_acquired_total";
 /// Counter: leases lost or fenced while owned (not those released).
 pub const RELAY_LEASES_LOST: &str = "ferry_relay_leases_lost_total";
+/// Counter: partition workers that panicked (a bug, in ferry or a driver); each one's
+/// partition is released unclean and taken over.
+pub const RELAY_WORKER_PANICS: &str = "ferry_relay_worker_panics_total";
 /// Gauge: partitions this relay owns now.
 pub const RELAY_OWNED_PARTITIONS: &str = "ferry_relay_owned_partitions";
 /// Histogram: seconds from a message's `created_at` (its commit, on the store's clock) to

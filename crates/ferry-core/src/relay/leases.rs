@@ -2,13 +2,15 @@
 //! the relay's fair share and acquires free partitions up to it, with one worker per
 //! partition held; and, at shutdown, the workers' stop.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures::FutureExt as _;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::Relay;
 use super::deadline::LeaseDeadline;
@@ -48,7 +50,7 @@ impl Relay {
     /// One lease round: heartbeat, renew what we hold, give up the excess over our fair
     /// share, take free partitions up to it.
     pub(super) async fn maintain_leases(&self, workers: &mut Workers) {
-        workers.by_partition.retain(|_, w| !w.join.is_finished());
+        self.reap_finished(workers).await;
         // The store's expiry of whatever this round renews or grants is never earlier.
         let valid_until = Instant::now() + self.config.lease_ttl;
         let live = self.heartbeat().await;
@@ -76,6 +78,42 @@ impl Relay {
             .filter(|w| !w.join.is_finished())
             .count();
         self.instruments.owned(owned);
+    }
+
+    /// Drops the handles of the workers that ended. One that panicked (a bug, in ferry or
+    /// a driver) closed and released nothing: its partition is closed in the sink and its
+    /// lease released unclean here, so that it is taken over in this round, reconciling
+    /// whatever its batch in flight published, rather than standing still until the lease
+    /// expires.
+    async fn reap_finished(&self, workers: &mut Workers) {
+        let ended: Vec<u32> = workers
+            .by_partition
+            .iter()
+            .filter(|(_, w)| w.join.is_finished())
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in ended {
+            let Some(worker) = workers.by_partition.remove(&partition) else {
+                continue;
+            };
+            let Some(Err(err)) = worker.join.now_or_never() else {
+                continue;
+            };
+            let Ok(panic) = err.try_into_panic() else {
+                continue;
+            };
+            error!(
+                partition,
+                epoch = worker.lease.epoch,
+                panic = panic_message(panic.as_ref()),
+                "partition worker panicked; releasing its lease for a takeover"
+            );
+            self.instruments.worker_panicked();
+            self.sink.close_partition(partition).await;
+            if let Err(err) = self.leases.release(&worker.lease, false).await {
+                warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
+            }
+        }
     }
 
     /// Tells the lease store this relay is alive; returns how many relays are, or `None`
@@ -185,6 +223,15 @@ impl Relay {
             }
         }
     }
+}
+
+/// The text a panic carried: `panic!`'s message, when it was a string.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
 }
 
 /// Stops the workers of the highest-numbered partitions beyond `fair_share`; each releases

@@ -20,7 +20,7 @@ use crate::metric_names::{
     CLASS_TRANSIENT, OUTBOX_BACKLOG, OUTBOX_BLOCKED, OUTBOX_OLDEST_UNPUBLISHED_AGE,
     RELAY_ACK_LATENCY, RELAY_BATCH_SIZE, RELAY_LEASES_ACQUIRED, RELAY_LEASES_LOST, RELAY_MARKED,
     RELAY_OWNED_PARTITIONS, RELAY_PARKED, RELAY_PUBLISH_FAILURES, RELAY_PUBLISHED,
-    RELAY_RECONCILED,
+    RELAY_RECONCILED, RELAY_WORKER_PANICS,
 };
 use crate::sink::{Delivery, SinkError};
 use crate::store::PartitionStatus;
@@ -36,6 +36,7 @@ pub(super) struct Instruments {
     parked: Counter,
     leases_acquired: Counter,
     leases_lost: Counter,
+    worker_panics: Counter,
     owned: Gauge,
     ack_latency: Histogram,
     batch_size: Histogram,
@@ -81,6 +82,7 @@ impl Instruments {
             parked: counter!(RELAY_PARKED),
             leases_acquired: counter!(RELAY_LEASES_ACQUIRED),
             leases_lost: counter!(RELAY_LEASES_LOST),
+            worker_panics: counter!(RELAY_WORKER_PANICS),
             owned: gauge!(RELAY_OWNED_PARTITIONS),
             ack_latency: histogram!(RELAY_ACK_LATENCY),
             batch_size: histogram!(RELAY_BATCH_SIZE),
@@ -144,6 +146,11 @@ impl Instruments {
     pub(super) fn lease_lost(&self) {
         self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
         self.leases_lost.increment(1);
+    }
+
+    pub(super) fn worker_panicked(&self) {
+        self.stats.worker_panics.fetch_add(1, Ordering::Relaxed);
+        self.worker_panics.increment(1);
     }
 
     /// Whether this relay streams the log (log capture mode) or waits as a standby.
@@ -217,6 +224,10 @@ fn describe() {
     describe_counter!(RELAY_PARKED, "messages parked by the park-aggregate policy");
     describe_counter!(RELAY_LEASES_ACQUIRED, "partition leases granted");
     describe_counter!(RELAY_LEASES_LOST, "leases lost or fenced while owned");
+    describe_counter!(
+        RELAY_WORKER_PANICS,
+        "partition workers that panicked; each partition is released unclean and taken over"
+    );
     describe_gauge!(RELAY_OWNED_PARTITIONS, "partitions this relay owns");
     describe_gauge!(
         CAPTURE_STREAMING,

@@ -109,6 +109,8 @@ pub struct RelayStats {
     pub publish_failures: AtomicU64,
     /// Leases lost or fenced while owned.
     pub leases_lost: AtomicU64,
+    /// Partition workers that panicked.
+    pub worker_panics: AtomicU64,
     /// Messages found already in the broker when taking a partition over.
     pub reconciled: AtomicU64,
     /// Messages parked by the `park-aggregate` policy.

@@ -22,6 +22,9 @@ pub enum Outcome {
     Permanent,
     /// [`SinkError::fenced`].
     Fenced,
+    /// The sink panics, as a driver with a bug might, after the messages before it in the
+    /// batch were acked.
+    Panic,
 }
 
 /// What the sink was asked to do, in call order.
@@ -155,6 +158,7 @@ impl Sink for ScriptedSink {
         let Some(partition) = batch.first().map(|m| m.partition) else {
             return Vec::new();
         };
+        let mut panics = false;
         let (mut outcomes, delay) = {
             let mut state = self.lock();
             state.events.push(SinkEvent::Published {
@@ -179,6 +183,10 @@ impl Sink for ScriptedSink {
                     Outcome::Transient => Err(SinkError::retryable("scripted transient failure")),
                     Outcome::Permanent => Err(SinkError::permanent("scripted rejection")),
                     Outcome::Fenced => Err(SinkError::fenced("scripted fence")),
+                    Outcome::Panic => {
+                        panics = true;
+                        break;
+                    }
                 });
                 if outcome != Outcome::Ack {
                     break;
@@ -186,6 +194,7 @@ impl Sink for ScriptedSink {
             }
             (outcomes, state.ack_delay)
         };
+        assert!(!panics, "scripted panic");
         report_unsent(&mut outcomes, batch.len());
         if !delay.is_zero() {
             sleep(delay).await;

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep};
 
-use super::{config, enqueue, eventually, ids, marked_under, start};
+use super::{TTL, config, enqueue, eventually, first_release, ids, marked_under, start};
 use crate::message::Message;
 use crate::testing::{MemoryStore, Outcome, ScriptedSink, SinkEvent};
 
@@ -132,5 +132,38 @@ async fn an_unreachable_store_is_waited_for() {
 
     store.set_outbox_unavailable(false);
     eventually("published", || store.is_published(message.id)).await;
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_worker_releases_its_partition_for_a_takeover_at_once() {
+    let store = Arc::new(MemoryStore::new(1));
+    let sink = Arc::new(ScriptedSink::new());
+    let messages: Vec<Message> = (1..=2).map(|i| enqueue(&store, &i.to_string())).collect();
+    sink.script(messages[1].id, [Outcome::Panic]);
+    let started = Instant::now();
+    let relay = start(&store, &sink, config("a"));
+    eventually("every message is published", || {
+        messages.iter().all(|m| store.is_published(m.id))
+    })
+    .await;
+
+    assert!(
+        started.elapsed() < TTL,
+        "taken over after {:?}, not before the lease expired",
+        started.elapsed()
+    );
+    assert_eq!(store.releases()[0], first_release(false));
+    assert!(
+        sink.events()
+            .iter()
+            .any(|event| matches!(event, SinkEvent::Reconciled { partition: 0, .. })),
+        "the takeover reconciles what the panicked batch may have published"
+    );
+    assert!(
+        sink.overlapping_opens().is_empty(),
+        "closed before reopened"
+    );
+    assert_eq!(relay.stats.worker_panics.load(Ordering::Relaxed), 1);
     relay.stop().await;
 }
