@@ -8,8 +8,9 @@
 #   scripts/relay-alone.sh examples/postgres-nats.toml 1000000
 #
 # Environment: FERRY_BIN (default target/release/ferry), FERRY_* config overrides passed to
-# the relay, PERF=1 to record `perf record -g` of the relay into /tmp/perf.data for
-# PERF_SECS (default 3) seconds, RELAY_ALONE_DB (default test): the database of the
+# the relay, PERF=1 to record `perf record` of the relay into /tmp/perf.data for
+# PERF_SECS (default 3) seconds with PERF_CALL_GRAPH (default fp; dwarf for release builds,
+# which have no frame pointers), RELAY_ALONE_DB (default test): the database of the
 # PostgreSQL at 127.0.0.1 (user postgres) that psql and the relay use, whatever the
 # config's store URL says. Tables are dropped afterwards. PROGRESS_EVERY=M (e.g. 1000000)
 # also prints the drain rate of each M messages marked (the outbox's deleted plus updated
@@ -154,7 +155,7 @@ if [ -n "${PROGRESS_EVERY:-}" ]; then
   ) &
 fi
 if [ -n "${PERF:-}" ]; then
-  perf record -F 499 -g -p "$relay" -o /tmp/perf.data -- sleep "${PERF_SECS:-3}" >/dev/null 2>&1 &
+  perf record -F 499 --call-graph "${PERF_CALL_GRAPH:-fp}" -p "$relay" -o /tmp/perf.data -- sleep "${PERF_SECS:-3}" >/dev/null 2>&1 &
 fi
 # The probe walks the relay's own partial index to its first entry: a count(*) of the table
 # at each probe would cost PostgreSQL more CPU than the drain it measures. It asks one psql
