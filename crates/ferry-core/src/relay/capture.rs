@@ -40,7 +40,7 @@ use super::deadline::LeaseDeadline;
 use super::feed::{FeedSender, Portion, feed};
 use super::metrics::Instruments;
 use super::retry::{Failed, Interrupted, Retry, wait};
-use super::worker::{Source, Worker};
+use super::worker::{Source, Worker, report_panic};
 use super::{OnPermanentFailure, Relay, RelayError};
 use crate::capture::{CapturedPiece, LogCapture, LogPosition, LogStream};
 use crate::error::{ErrorChain, StoreError};
@@ -383,7 +383,12 @@ impl Session<'_> {
             feeds.push(sender);
             let worker = self.worker(lease, Source::Captured(tokio::sync::Mutex::new(receiver)));
             let lost = self.lost.clone();
+            // A worker ends only with the session (stopped, fenced, its feed closed), so
+            // its end ends the session; the guard fires while a panic unwinds too, which
+            // the dispatcher would otherwise not notice while the stream is idle.
+            let session_ends = self.stop.clone().drop_guard();
             workers.push(tokio::spawn(async move {
+                let _session_ends = session_ends;
                 let outcome = worker.relay_partition().await;
                 if matches!(
                     outcome,
@@ -414,7 +419,7 @@ impl Session<'_> {
         } = dispatcher;
         drop(feeds);
         self.stop.cancel();
-        let clean = self.join(workers).await;
+        let clean = self.join(leases, workers).await;
         if failure.is_none() {
             while let Ok(ordinal) = done.try_recv() {
                 pending.complete(ordinal);
@@ -446,14 +451,22 @@ impl Session<'_> {
             })
             .collect();
         let mut drained = true;
-        for drain in drains {
+        for (lease, drain) in leases.iter().zip(drains) {
             match drain.await {
                 Ok(Ok(clean)) => drained &= clean && !self.stop.is_cancelled(),
-                Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost)) | Err(_) => {
+                Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost)) => {
                     self.fenced();
                     drained = false;
                 }
                 Ok(Err(Interrupted::Stopped)) => drained = false,
+                Err(ended) => {
+                    // After a panic the session ends unfenced, releasing the leases
+                    // unclean; a drain cancelled from outside is taken as fenced.
+                    if !report_panic(&self.relay.instruments, lease, ended) {
+                        self.fenced();
+                    }
+                    drained = false;
+                }
             }
         }
         Ok(drained)
@@ -461,17 +474,25 @@ impl Session<'_> {
 
     /// Waits for the workers' batches in flight (up to the shutdown timeout); whether
     /// every one left nothing unmarked.
-    async fn join(&self, workers: Vec<JoinHandle<Result<bool, Interrupted>>>) -> bool {
+    async fn join(
+        &self,
+        leases: &[Lease],
+        workers: Vec<JoinHandle<Result<bool, Interrupted>>>,
+    ) -> bool {
         let give_up_at = Instant::now() + self.relay.config.shutdown_timeout;
         let mut clean = true;
-        for mut worker in workers {
+        for (lease, mut worker) in leases.iter().zip(workers) {
             match timeout_at(give_up_at, &mut worker).await {
                 Ok(Ok(Ok(worker_clean))) => clean &= worker_clean,
                 Ok(Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost))) => {
                     self.fenced();
                     clean = false;
                 }
-                Ok(_) => clean = false,
+                Ok(Ok(Err(Interrupted::Stopped))) => clean = false,
+                Ok(Err(ended)) => {
+                    report_panic(&self.relay.instruments, lease, ended);
+                    clean = false;
+                }
                 Err(_) => {
                     warn!("abandoning an in-flight batch unmarked at shutdown");
                     worker.abort();

@@ -2,7 +2,6 @@
 //! the relay's fair share and acquires free partitions up to it, with one worker per
 //! partition held; and, at shutdown, the workers' stop.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -10,11 +9,11 @@ use futures::FutureExt as _;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::Relay;
 use super::deadline::LeaseDeadline;
-use super::worker::{Source, Worker};
+use super::worker::{Source, Worker, report_panic};
 use crate::error::ErrorChain;
 use crate::lease::Lease;
 use crate::store::Wakers;
@@ -96,19 +95,12 @@ impl Relay {
             let Some(worker) = workers.by_partition.remove(&partition) else {
                 continue;
             };
-            let Some(Err(err)) = worker.join.now_or_never() else {
+            let Some(Err(ended)) = worker.join.now_or_never() else {
                 continue;
             };
-            let Ok(panic) = err.try_into_panic() else {
+            if !report_panic(&self.instruments, &worker.lease, ended) {
                 continue;
-            };
-            error!(
-                partition,
-                epoch = worker.lease.epoch,
-                panic = panic_message(panic.as_ref()),
-                "partition worker panicked; releasing its lease for a takeover"
-            );
-            self.instruments.worker_panicked();
+            }
             self.sink.close_partition(partition).await;
             if let Err(err) = self.leases.release(&worker.lease, false).await {
                 warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
@@ -223,15 +215,6 @@ impl Relay {
             }
         }
     }
-}
-
-/// The text a panic carried: `panic!`'s message, when it was a string.
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(not a string)")
 }
 
 /// Stops the workers of the highest-numbered partitions beyond `fair_share`; each releases

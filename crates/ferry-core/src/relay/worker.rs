@@ -2,9 +2,11 @@
 //! sink, reconcile after an unclean takeover, then fetch → publish → fenced mark, with
 //! backoff after failures and a blocked reason while the sink rejects a message.
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::JoinError;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, debug_span, error, info, info_span, warn};
@@ -26,6 +28,31 @@ use crate::store::{OutboxStore, Wakers};
 /// How long a captured batch's mark waits for rows the database streamed before making
 /// them visible (see [`Worker::mark_captured`]).
 const CAPTURED_ROWS_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Logs at error and counts a worker that panicked (a bug, in ferry or a driver), whose
+/// partition the caller then releases unclean; `false` if `ended` was a cancellation.
+pub(super) fn report_panic(instruments: &Instruments, lease: &Lease, ended: JoinError) -> bool {
+    let Ok(panic) = ended.try_into_panic() else {
+        return false;
+    };
+    error!(
+        partition = lease.partition,
+        epoch = lease.epoch,
+        panic = panic_message(panic.as_ref()),
+        "partition worker panicked; its lease is released unclean for a takeover"
+    );
+    instruments.worker_panicked();
+    true
+}
+
+/// The text a panic carried: `panic!`'s message, when it was a string.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
+}
 
 /// Owns one partition for the life of one lease.
 pub(super) struct Worker {

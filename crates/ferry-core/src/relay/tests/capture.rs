@@ -436,3 +436,26 @@ async fn a_stream_cut_in_the_middle_of_a_transaction_resumes_from_the_previous_e
     assert_acked_in_log_order(sink, &all, 2);
     relay.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_worker_is_reported_and_its_partition_released_unclean() {
+    let fixture = Fixture::new(1);
+    let Fixture { store, log, sink } = &fixture;
+    let relay = fixture.streaming(config("a")).await;
+    let transaction: Vec<Message> = (1..=2).map(|i| enqueue(store, &i.to_string())).collect();
+    sink.script(transaction[1].id, [Outcome::Panic]);
+    log.commit(transaction.clone());
+    eventually("the transaction is published after the panic", || {
+        transaction.iter().all(|m| store.is_published(m.id))
+    })
+    .await;
+
+    assert_eq!(relay.stats.worker_panics.load(Ordering::Relaxed), 1);
+    assert!(
+        store.releases().iter().any(|release| !release.clean),
+        "released unclean, for the next session to reconcile: {:?}",
+        store.releases()
+    );
+    assert_eq!(acks(sink)[&transaction[0].id], 1, "not published twice");
+    relay.stop().await;
+}
