@@ -40,7 +40,7 @@ use super::deadline::LeaseDeadline;
 use super::feed::{FeedSender, Portion, feed};
 use super::metrics::Instruments;
 use super::retry::{Failed, Interrupted, Retry, wait};
-use super::worker::{Source, Worker, report_panic};
+use super::worker::{Source, Worker};
 use super::{OnPermanentFailure, Relay, RelayError};
 use crate::capture::{CapturedPiece, LogCapture, LogPosition, LogStream};
 use crate::error::{ErrorChain, StoreError};
@@ -382,13 +382,8 @@ impl Session<'_> {
             let (sender, receiver) = feed(feed_capacity, done_tx.clone());
             feeds.push(sender);
             let worker = self.worker(lease, Source::Captured(tokio::sync::Mutex::new(receiver)));
-            let lost = self.lost.clone();
-            // A worker ends only with the session (stopped, fenced, its feed closed), so
-            // its end ends the session; the guard fires while a panic unwinds too, which
-            // the dispatcher would otherwise not notice while the stream is idle.
-            let session_ends = self.stop.clone().drop_guard();
+            let (lost, stop) = (self.lost.clone(), self.stop.clone());
             workers.push(tokio::spawn(async move {
-                let _session_ends = session_ends;
                 let outcome = worker.relay_partition().await;
                 if matches!(
                     outcome,
@@ -396,6 +391,10 @@ impl Session<'_> {
                 ) {
                     lost.cancel();
                 }
+                // A worker ends only with the session (stopped, fenced, its feed closed) or
+                // by a panic, which the dispatcher would not notice while the stream is
+                // idle: either way its end ends the session.
+                stop.cancel();
                 outcome
             }));
         }
@@ -419,7 +418,7 @@ impl Session<'_> {
         } = dispatcher;
         drop(feeds);
         self.stop.cancel();
-        let clean = self.join(leases, workers).await;
+        let clean = self.join(workers).await;
         if failure.is_none() {
             while let Ok(ordinal) = done.try_recv() {
                 pending.complete(ordinal);
@@ -451,22 +450,14 @@ impl Session<'_> {
             })
             .collect();
         let mut drained = true;
-        for (lease, drain) in leases.iter().zip(drains) {
+        for drain in drains {
             match drain.await {
                 Ok(Ok(clean)) => drained &= clean && !self.stop.is_cancelled(),
-                Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost)) => {
+                Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost)) | Err(_) => {
                     self.fenced();
                     drained = false;
                 }
-                Ok(Err(Interrupted::Stopped)) => drained = false,
-                Err(ended) => {
-                    // After a panic the session ends unfenced, releasing the leases
-                    // unclean; a drain cancelled from outside is taken as fenced.
-                    if !report_panic(&self.relay.instruments, lease, ended) {
-                        self.fenced();
-                    }
-                    drained = false;
-                }
+                Ok(Err(Interrupted::Stopped | Interrupted::Panicked)) => drained = false,
             }
         }
         Ok(drained)
@@ -474,25 +465,17 @@ impl Session<'_> {
 
     /// Waits for the workers' batches in flight (up to the shutdown timeout); whether
     /// every one left nothing unmarked.
-    async fn join(
-        &self,
-        leases: &[Lease],
-        workers: Vec<JoinHandle<Result<bool, Interrupted>>>,
-    ) -> bool {
+    async fn join(&self, workers: Vec<JoinHandle<Result<bool, Interrupted>>>) -> bool {
         let give_up_at = Instant::now() + self.relay.config.shutdown_timeout;
         let mut clean = true;
-        for (lease, mut worker) in leases.iter().zip(workers) {
+        for mut worker in workers {
             match timeout_at(give_up_at, &mut worker).await {
                 Ok(Ok(Ok(worker_clean))) => clean &= worker_clean,
                 Ok(Ok(Err(Interrupted::SinkFenced | Interrupted::LeaseLost))) => {
                     self.fenced();
                     clean = false;
                 }
-                Ok(Ok(Err(Interrupted::Stopped))) => clean = false,
-                Ok(Err(ended)) => {
-                    report_panic(&self.relay.instruments, lease, ended);
-                    clean = false;
-                }
+                Ok(_) => clean = false,
                 Err(_) => {
                     warn!("abandoning an in-flight batch unmarked at shutdown");
                     worker.abort();

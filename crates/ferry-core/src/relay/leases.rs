@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures::FutureExt as _;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -13,7 +12,7 @@ use tracing::{info, warn};
 
 use super::Relay;
 use super::deadline::LeaseDeadline;
-use super::worker::{Source, Worker, report_panic};
+use super::worker::{Source, Worker};
 use crate::error::ErrorChain;
 use crate::lease::Lease;
 use crate::store::Wakers;
@@ -49,7 +48,7 @@ impl Relay {
     /// One lease round: heartbeat, renew what we hold, give up the excess over our fair
     /// share, take free partitions up to it.
     pub(super) async fn maintain_leases(&self, workers: &mut Workers) {
-        self.reap_finished(workers).await;
+        workers.by_partition.retain(|_, w| !w.join.is_finished());
         // The store's expiry of whatever this round renews or grants is never earlier.
         let valid_until = Instant::now() + self.config.lease_ttl;
         let live = self.heartbeat().await;
@@ -77,35 +76,6 @@ impl Relay {
             .filter(|w| !w.join.is_finished())
             .count();
         self.instruments.owned(owned);
-    }
-
-    /// Drops the handles of the workers that ended. One that panicked (a bug, in ferry or
-    /// a driver) closed and released nothing: its partition is closed in the sink and its
-    /// lease released unclean here, so that it is taken over in this round, reconciling
-    /// whatever its batch in flight published, rather than standing still until the lease
-    /// expires.
-    async fn reap_finished(&self, workers: &mut Workers) {
-        let ended: Vec<u32> = workers
-            .by_partition
-            .iter()
-            .filter(|(_, w)| w.join.is_finished())
-            .map(|(partition, _)| *partition)
-            .collect();
-        for partition in ended {
-            let Some(worker) = workers.by_partition.remove(&partition) else {
-                continue;
-            };
-            let Some(Err(ended)) = worker.join.now_or_never() else {
-                continue;
-            };
-            if !report_panic(&self.instruments, &worker.lease, ended) {
-                continue;
-            }
-            self.sink.close_partition(partition).await;
-            if let Err(err) = self.leases.release(&worker.lease, false).await {
-                warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
-            }
-        }
     }
 
     /// Tells the lease store this relay is alive; returns how many relays are, or `None`

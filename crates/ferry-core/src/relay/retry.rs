@@ -21,6 +21,9 @@ pub(super) enum Interrupted {
     LeaseLost,
     /// The sink can no longer publish the partition under this lease.
     SinkFenced,
+    /// The worker panicked (a bug, in ferry or a driver), logged and counted where it was
+    /// caught: like a stop, it leaves the partition to be released unclean and taken over.
+    Panicked,
 }
 
 /// Why one attempt of a retried step did not succeed.

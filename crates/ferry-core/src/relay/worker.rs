@@ -3,10 +3,11 @@
 //! backoff after failures and a blocked reason while the sink rejects a message.
 
 use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinError;
+use futures::FutureExt as _;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, debug_span, error, info, info_span, warn};
@@ -28,22 +29,6 @@ use crate::store::{OutboxStore, Wakers};
 /// How long a captured batch's mark waits for rows the database streamed before making
 /// them visible (see [`Worker::mark_captured`]).
 const CAPTURED_ROWS_PATIENCE: Duration = Duration::from_secs(5);
-
-/// Logs at error and counts a worker that panicked (a bug, in ferry or a driver), whose
-/// partition the caller then releases unclean; `false` if `ended` was a cancellation.
-pub(super) fn report_panic(instruments: &Instruments, lease: &Lease, ended: JoinError) -> bool {
-    let Ok(panic) = ended.try_into_panic() else {
-        return false;
-    };
-    error!(
-        partition = lease.partition,
-        epoch = lease.epoch,
-        panic = panic_message(panic.as_ref()),
-        "partition worker panicked; its lease is released unclean for a takeover"
-    );
-    instruments.worker_panicked();
-    true
-}
 
 /// The text a panic carried: `panic!`'s message, when it was a string.
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
@@ -148,19 +133,9 @@ impl Worker {
         let partition = self.partition();
         let outcome = self.relay_partition().await;
         self.sink.close_partition(partition).await;
-        match outcome {
-            Ok(clean) => {
-                if let Err(err) = self.leases.release(&self.lease, clean).await {
-                    warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
-                } else {
-                    debug!(partition, clean, "lease released");
-                }
-            }
-            Err(Interrupted::Stopped | Interrupted::SinkFenced) => {
-                if let Err(err) = self.leases.release(&self.lease, false).await {
-                    warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
-                }
-            }
+        let clean = match outcome {
+            Ok(clean) => clean,
+            Err(Interrupted::Stopped | Interrupted::SinkFenced | Interrupted::Panicked) => false,
             Err(Interrupted::LeaseLost) => {
                 self.instruments.lease_lost();
                 info!(
@@ -168,14 +143,40 @@ impl Worker {
                     epoch = self.lease.epoch,
                     "stopped: lease no longer held"
                 );
+                return;
             }
+        };
+        if let Err(err) = self.leases.release(&self.lease, clean).await {
+            warn!(partition, error = %ErrorChain(&err), "failed to release lease; it will expire");
+        } else {
+            debug!(partition, clean, "lease released");
         }
     }
 
     /// Relays until asked to stop (or, per its source, until the partition is drained or
     /// its feed closed). `Ok(clean)` says whether every message possibly published under
-    /// this lease was marked.
+    /// this lease was marked. A panic in any step (a bug, in ferry or a driver) is logged,
+    /// counted and returned as [`Interrupted::Panicked`], so that the partition ends as after
+    /// a stop, released unclean for a takeover that reconciles, instead of with a task
+    /// that holds its lease and publishes nothing.
     pub(super) async fn relay_partition(&self) -> Result<bool, Interrupted> {
+        // The worker's state is its lease and shared handles; a sink's locks recover from
+        // poisoning, and the takeover reconciles whatever the interrupted batch published.
+        let steps = AssertUnwindSafe(self.relay_steps()).catch_unwind().await;
+        steps.unwrap_or_else(|panic| {
+            error!(
+                partition = self.partition(),
+                epoch = self.lease.epoch,
+                panic = panic_message(panic.as_ref()),
+                "partition worker panicked; its lease is released unclean for a takeover"
+            );
+            self.instruments.worker_panicked();
+            Err(Interrupted::Panicked)
+        })
+    }
+
+    /// [`Self::relay_partition`]'s steps.
+    async fn relay_steps(&self) -> Result<bool, Interrupted> {
         let takeover = self.takeover().await?;
         self.open_sink_partition().await?;
         if let Takeover::Unclean {

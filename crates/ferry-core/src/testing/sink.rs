@@ -22,8 +22,8 @@ pub enum Outcome {
     Permanent,
     /// [`SinkError::fenced`].
     Fenced,
-    /// The sink panics, as a driver with a bug might, after the messages before it in the
-    /// batch were acked.
+    /// The sink panics, as a driver with a bug might, partway through the batch: the
+    /// messages before it count as sent, their acks never delivered.
     Panic,
 }
 
