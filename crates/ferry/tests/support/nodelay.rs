@@ -10,7 +10,10 @@ use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_op
 /// `server_url` (`scheme://user@host:port/path`), each with TCP_NODELAY on. `who` names the
 /// client library, for the message.
 pub(crate) fn assert_connections_send_at_once(server_url: &str, at_least: usize, who: &str) {
-    let port = port_of(server_url);
+    let port = url::Url::parse(server_url)
+        .ok()
+        .and_then(|url| url.port())
+        .unwrap_or_else(|| panic!("{server_url:?} names no port"));
     let nodelay = tcp_nodelay_of_connections_to(port);
     assert!(
         nodelay.len() >= at_least,
@@ -22,15 +25,6 @@ pub(crate) fn assert_connections_send_at_once(server_url: &str, at_least: usize,
         "connections to port {port} with Nagle's algorithm on: {nodelay:?} (TCP_NODELAY per \
          connection): {who} must be told to set TCP_NODELAY"
     );
-}
-
-fn port_of(url: &str) -> u16 {
-    let (_, port_and_path) = url.rsplit_once(':').expect("the url has a port");
-    let port: String = port_and_path
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    port.parse().expect("the url's port is a number")
 }
 
 /// TCP_NODELAY of each socket of this process connected to `port`, read through a
